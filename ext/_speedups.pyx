@@ -1,0 +1,348 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled twin of protocols/_pyframing.py: same names, signatures and results.
+
+The hot path of the gateway: every byte from every RS-485 line goes through Scanner.feed.
+"""
+
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memmove
+
+cdef enum:
+    DLT645 = 0
+    MODBUS = 1
+
+MAX_DLT645_FRAME = 12 + 255
+MAX_MODBUS_FRAME = 256
+
+cdef unsigned short CRC_TABLE[256]
+
+
+cdef void _init_crc_table():
+    cdef int i, k
+    cdef unsigned short crc
+    for i in range(256):
+        crc = i
+        for k in range(8):
+            if crc & 1:
+                crc = (crc >> 1) ^ 0xA001
+            else:
+                crc = crc >> 1
+        CRC_TABLE[i] = crc
+
+
+_init_crc_table()
+
+
+cdef inline unsigned short _crc(const unsigned char* p, Py_ssize_t n) nogil:
+    cdef unsigned short crc = 0xFFFF
+    cdef Py_ssize_t i
+    for i in range(n):
+        crc = (crc >> 8) ^ CRC_TABLE[(crc ^ p[i]) & 0xFF]
+    return crc
+
+
+def dlt645_checksum(const unsigned char[:] data):
+    """Sum mod 256 of the bytes (DL/T 645 CS covers first 0x68 .. last data byte)."""
+    cdef unsigned int s = 0
+    cdef Py_ssize_t i
+    for i in range(data.shape[0]):
+        s += data[i]
+    return s & 0xFF
+
+
+def crc16_modbus(const unsigned char[:] data):
+    """CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF); sent low byte first."""
+    if data.shape[0] == 0:
+        return 0xFFFF
+    return _crc(&data[0], data.shape[0])
+
+
+def add_33(const unsigned char[:] data):
+    """DL/T 645 transmit offset: every data byte + 0x33 mod 256."""
+    cdef Py_ssize_t i, n = data.shape[0]
+    cdef bytearray out = bytearray(n)
+    cdef unsigned char* o = out
+    for i in range(n):
+        o[i] = <unsigned char>(data[i] + 0x33)
+    return bytes(out)
+
+
+def sub_33(const unsigned char[:] data):
+    """DL/T 645 receive offset: every data byte - 0x33 mod 256."""
+    cdef Py_ssize_t i, n = data.shape[0]
+    cdef bytearray out = bytearray(n)
+    cdef unsigned char* o = out
+    for i in range(n):
+        o[i] = <unsigned char>(data[i] - 0x33)
+    return bytes(out)
+
+
+def bcd_to_int(const unsigned char[:] data, bint signed=False):
+    """Packed BCD, low byte first, to int. With signed, bit 7 of the last byte is the sign.
+
+    Raises ValueError on a nibble above 9 (meters send FF for 'no data'; never guess).
+    """
+    cdef Py_ssize_t n = data.shape[0], i
+    cdef unsigned char b, hi, lo
+    cdef bint negative = False
+    cdef unsigned long long v = 0
+    if n > 9:
+        # beyond 18 digits: rare (never a meter value); the slow exact path
+        value = 0
+        for i in range(n - 1, -1, -1):
+            b = data[i]
+            if signed and i == n - 1:
+                negative = (b & 0x80) != 0
+                b &= 0x7F
+            hi = b >> 4
+            lo = b & 0x0F
+            if hi > 9 or lo > 9:
+                raise ValueError("not BCD: %s" % bytes(data).hex(" "))
+            value = value * 100 + hi * 10 + lo
+        return -value if negative else value
+    for i in range(n - 1, -1, -1):
+        b = data[i]
+        if signed and i == n - 1:
+            negative = (b & 0x80) != 0
+            b &= 0x7F
+        hi = b >> 4
+        lo = b & 0x0F
+        if hi > 9 or lo > 9:
+            raise ValueError("not BCD: %s" % bytes(data).hex(" "))
+        v = v * 100 + hi * 10 + lo
+    if negative:
+        return -<long long>v
+    return v
+
+
+def int_to_bcd(value, Py_ssize_t nbytes, bint signed=False):
+    """int to packed BCD of nbytes, low byte first; the sign goes to bit 7 of the last byte."""
+    negative = value < 0
+    if negative and not signed:
+        raise ValueError("negative value for an unsigned field")
+    v = -value if negative else value
+    cdef bytearray out = bytearray(nbytes)
+    cdef Py_ssize_t i
+    for i in range(nbytes):
+        v, r = divmod(v, 100)
+        out[i] = ((r // 10) << 4) | (r % 10)
+    if v or (signed and nbytes and out[nbytes - 1] & 0x80):
+        raise ValueError("%d does not fit in %d BCD bytes" % (value, nbytes))
+    if negative:
+        out[nbytes - 1] |= 0x80
+    return bytes(out)
+
+
+cdef class Scanner:
+    """Yields complete, checked frames from a byte stream that arrives in arbitrary pieces.
+
+    See protocols/_pyframing.py for the rules; this is the same algorithm over a C buffer.
+    """
+    cdef unsigned char* _buf
+    cdef Py_ssize_t _start, _end, _cap
+    cdef int _proto
+    cdef bint _requests
+    cdef readonly unsigned long long frames, bytes_discarded, preamble_bytes
+    cdef readonly unsigned long long checksum_errors, end_errors
+
+    def __cinit__(self, protocol="dlt645", requests=False):
+        if protocol == "dlt645":
+            self._proto = DLT645
+        elif protocol == "modbus":
+            self._proto = MODBUS
+        else:
+            raise ValueError("unknown protocol %r (dlt645 or modbus)" % (protocol,))
+        self._requests = bool(requests)
+        self._cap = 1024
+        self._buf = <unsigned char*>malloc(self._cap)
+        if self._buf == NULL:
+            raise MemoryError()
+        self._start = 0
+        self._end = 0
+
+    def __dealloc__(self):
+        free(self._buf)
+
+    @property
+    def protocol(self):
+        return "dlt645" if self._proto == DLT645 else "modbus"
+
+    @property
+    def pending(self):
+        return self._end - self._start
+
+    def stats(self):
+        return {
+            "frames": self.frames,
+            "bytes_discarded": self.bytes_discarded,
+            "preamble_bytes": self.preamble_bytes,
+            "checksum_errors": self.checksum_errors,
+            "end_errors": self.end_errors,
+        }
+
+    def flush(self):
+        """Drops the bytes still waiting (end of a transaction); counts and returns them."""
+        cdef Py_ssize_t n = self._end - self._start
+        self._discard(self._start, self._end)
+        self._start = 0
+        self._end = 0
+        return n
+
+    cdef inline void _discard(self, Py_ssize_t start, Py_ssize_t stop):
+        cdef Py_ssize_t k, fe = 0
+        for k in range(start, stop):
+            if self._buf[k] == 0xFE:
+                fe += 1
+        self.preamble_bytes += fe
+        self.bytes_discarded += stop - start - fe
+
+    cdef inline int _check_dlt645(self, Py_ssize_t i, Py_ssize_t end, Py_ssize_t* n):
+        cdef const unsigned char* p = self._buf + i
+        cdef Py_ssize_t avail = end - i, k, m
+        cdef unsigned int s = 0
+        if avail < 8:
+            return 0
+        if p[7] != 0x68:
+            return -1
+        if avail < 10:
+            return 0
+        m = p[9] + 12
+        n[0] = m
+        if avail < m:
+            return 0
+        for k in range(m - 2):
+            s += p[k]
+        if (s & 0xFF) != p[m - 2]:
+            return -2
+        if p[m - 1] != 0x16:
+            return -3
+        return 1
+
+    cdef inline Py_ssize_t _modbus_length(self, Py_ssize_t i, Py_ssize_t end):
+        cdef const unsigned char* p = self._buf + i
+        cdef Py_ssize_t avail = end - i
+        cdef unsigned char unit, fn, base, count
+        if avail < 2:
+            return 0
+        unit = p[0]
+        fn = p[1]
+        if unit == 0 or unit > 247:
+            return -1
+        if fn & 0x80:
+            base = fn & 0x7F
+            if (1 <= base <= 6) or base == 15 or base == 16:
+                return 5
+            return -1
+        if self._requests:
+            if 1 <= fn <= 6:
+                return 8
+            if fn == 15 or fn == 16:
+                if avail < 7:
+                    return 0
+                return 9 + p[6]
+            return -1
+        if 1 <= fn <= 4:
+            if avail < 3:
+                return 0
+            count = p[2]
+            if count == 0 or count > 250:
+                return -1
+            return 5 + count
+        if fn == 5 or fn == 6 or fn == 15 or fn == 16:
+            return 8
+        return -1
+
+    cdef inline int _check_modbus(self, Py_ssize_t i, Py_ssize_t end, Py_ssize_t* n):
+        cdef Py_ssize_t m = self._modbus_length(i, end)
+        cdef unsigned short crc
+        cdef const unsigned char* p
+        if m <= 0:
+            return <int>m
+        n[0] = m
+        if end - i < m:
+            return 0
+        p = self._buf + i
+        crc = _crc(p, m - 2)
+        if p[m - 2] != (crc & 0xFF) or p[m - 1] != (crc >> 8):
+            return -2
+        return 1
+
+    cdef inline int _check(self, Py_ssize_t i, Py_ssize_t end, Py_ssize_t* n):
+        if self._proto == DLT645:
+            return self._check_dlt645(i, end, n)
+        return self._check_modbus(i, end, n)
+
+    cdef inline Py_ssize_t _next_start(self, Py_ssize_t i, Py_ssize_t end):
+        if self._proto == DLT645:
+            while i < end and self._buf[i] != 0x68:
+                i += 1
+        return i
+
+    cdef Py_ssize_t _lookahead(self, Py_ssize_t j, Py_ssize_t end):
+        cdef Py_ssize_t n = 0
+        while j < end:
+            j = self._next_start(j, end)
+            if j >= end:
+                return -1
+            if self._check(j, end, &n) == 1:
+                return j
+            j += 1
+        return -1
+
+    cdef void _append(self, const unsigned char[:] data) except *:
+        cdef Py_ssize_t n = data.shape[0], live = self._end - self._start
+        cdef Py_ssize_t need
+        cdef unsigned char* nb
+        if n == 0:
+            return
+        if self._start > 0 and self._end + n > self._cap:
+            memmove(self._buf, self._buf + self._start, live)
+            self._start = 0
+            self._end = live
+        need = self._end + n
+        if need > self._cap:
+            while self._cap < need:
+                self._cap *= 2
+            nb = <unsigned char*>realloc(self._buf, self._cap)
+            if nb == NULL:
+                raise MemoryError()
+            self._buf = nb
+        memcpy(self._buf + self._end, &data[0], n)
+        self._end += n
+
+    def feed(self, data):
+        self._append(data)
+        cdef list out = []
+        cdef Py_ssize_t pos = self._start, end = self._end, i, j, n = 0
+        cdef int status
+        while pos < end:
+            i = self._next_start(pos, end)
+            if i > pos:
+                self._discard(pos, i)
+                pos = i
+                if i >= end:
+                    break
+            status = self._check(i, end, &n)
+            if status == 1:
+                out.append(<bytes>self._buf[i:i + n])
+                self.frames += 1
+                pos = i + n
+            elif status == 0:
+                j = self._lookahead(i + 1, end)
+                if j < 0:
+                    break
+                self._discard(i, j)
+                pos = j
+            else:
+                if status == -2:
+                    self.checksum_errors += 1
+                elif status == -3:
+                    self.end_errors += 1
+                self._discard(i, i + 1)
+                pos = i + 1
+        if pos >= end:
+            self._start = 0
+            self._end = 0
+        else:
+            self._start = pos
+        return out

@@ -1,0 +1,3 @@
+"""meter-gateway: the service on an electricity meter concentrator."""
+
+__version__ = "0.1.0"

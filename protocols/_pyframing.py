@@ -1,0 +1,256 @@
+"""Pure-Python twin of ext/_speedups.pyx: stream scanner, checksums, BCD, +0x33 offset.
+
+Same names, signatures and results as the compiled module; protocols.framing picks one.
+Keep both in step: tests/test_framing.py runs every test over both and compares them on
+random streams.
+"""
+
+DLT645 = 0
+MODBUS = 1
+
+_PROTOCOLS = {"dlt645": DLT645, "modbus": MODBUS}
+
+# Largest frames: DL/T 645 is 12 + L (L <= 255); a Modbus RTU ADU is at most 256 bytes.
+MAX_DLT645_FRAME = 12 + 255
+MAX_MODBUS_FRAME = 256
+
+
+def _crc_table():
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC_TABLE = _crc_table()
+
+
+def dlt645_checksum(data):
+    """Sum mod 256 of the bytes (DL/T 645 CS covers first 0x68 .. last data byte)."""
+    return sum(data) & 0xFF
+
+
+def crc16_modbus(data):
+    """CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF); sent low byte first."""
+    crc = 0xFFFF
+    table = _CRC_TABLE
+    for b in data:
+        crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
+    return crc
+
+
+def add_33(data):
+    """DL/T 645 transmit offset: every data byte + 0x33 mod 256."""
+    return bytes((b + 0x33) & 0xFF for b in data)
+
+
+def sub_33(data):
+    """DL/T 645 receive offset: every data byte - 0x33 mod 256."""
+    return bytes((b - 0x33) & 0xFF for b in data)
+
+
+def bcd_to_int(data, signed=False):
+    """Packed BCD, low byte first, to int. With signed, bit 7 of the last byte is the sign.
+
+    Raises ValueError on a nibble above 9 (meters send FF for 'no data'; never guess).
+    """
+    value = 0
+    n = len(data)
+    negative = False
+    for i in range(n - 1, -1, -1):
+        b = data[i]
+        if signed and i == n - 1:
+            negative = bool(b & 0x80)
+            b &= 0x7F
+        hi = b >> 4
+        lo = b & 0x0F
+        if hi > 9 or lo > 9:
+            raise ValueError("not BCD: %s" % bytes(data).hex(" "))
+        value = value * 100 + hi * 10 + lo
+    return -value if negative else value
+
+
+def int_to_bcd(value, nbytes, signed=False):
+    """int to packed BCD of nbytes, low byte first; the sign goes to bit 7 of the last byte."""
+    negative = value < 0
+    if negative and not signed:
+        raise ValueError("negative value for an unsigned field")
+    v = -value if negative else value
+    out = bytearray(nbytes)
+    for i in range(nbytes):
+        v, r = divmod(v, 100)
+        out[i] = ((r // 10) << 4) | (r % 10)
+    if v or (signed and out[-1] & 0x80):
+        raise ValueError("%d does not fit in %d BCD bytes" % (value, nbytes))
+    if negative:
+        out[-1] |= 0x80
+    return bytes(out)
+
+
+class Scanner:
+    """Yields complete, checked frames from a byte stream that arrives in arbitrary pieces.
+
+    DL/T 645: frames are found by `68 a0..a5 68` and positioned from the length byte only
+    (data bytes are +0x33 and can be 0x68 or 0x16); CS and the 0x16 end byte are checked.
+    Modbus RTU: the length comes from the function code (and byte count); the CRC is checked.
+    A candidate that fails its check costs one byte, never the valid frame after it. A
+    candidate still waiting for bytes does not hold back a complete valid frame that starts
+    inside it. Returned frames are bytes without preamble. Memory stays bounded.
+    """
+
+    def __init__(self, protocol="dlt645", requests=False):
+        try:
+            self._proto = _PROTOCOLS[protocol]
+        except KeyError:
+            raise ValueError("unknown protocol %r (dlt645 or modbus)" % (protocol,)) from None
+        self._requests = bool(requests)
+        self._buf = bytearray()
+        self.frames = 0
+        self.bytes_discarded = 0
+        self.preamble_bytes = 0
+        self.checksum_errors = 0
+        self.end_errors = 0
+
+    @property
+    def protocol(self):
+        return "dlt645" if self._proto == DLT645 else "modbus"
+
+    @property
+    def pending(self):
+        return len(self._buf)
+
+    def stats(self):
+        return {
+            "frames": self.frames,
+            "bytes_discarded": self.bytes_discarded,
+            "preamble_bytes": self.preamble_bytes,
+            "checksum_errors": self.checksum_errors,
+            "end_errors": self.end_errors,
+        }
+
+    def flush(self):
+        """Drops the bytes still waiting (end of a transaction); counts and returns them."""
+        n = len(self._buf)
+        self._discard(self._buf, 0, n)
+        del self._buf[:]
+        return n
+
+    def _discard(self, buf, start, stop):
+        if stop > start:
+            fe = buf.count(0xFE, start, stop)
+            self.preamble_bytes += fe
+            self.bytes_discarded += stop - start - fe
+
+    # -- per-protocol checks: 1 = valid frame of length n, 0 = need more bytes, -1 = not a frame
+
+    def _check_dlt645(self, buf, i, end):
+        if end - i < 8:
+            return 0, 0
+        if buf[i + 7] != 0x68:
+            return -1, 0
+        if end - i < 10:
+            return 0, 0
+        n = buf[i + 9] + 12
+        if end - i < n:
+            return 0, n
+        if sum(buf[i:i + n - 2]) & 0xFF != buf[i + n - 2]:
+            return -2, n
+        if buf[i + n - 1] != 0x16:
+            return -3, n
+        return 1, n
+
+    def _modbus_length(self, buf, i, end):
+        """Expected ADU length at i, 0 if more bytes are needed, -1 if no frame starts here."""
+        if end - i < 2:
+            return 0
+        unit = buf[i]
+        fn = buf[i + 1]
+        if unit == 0 or unit > 247:
+            return -1
+        if fn & 0x80:
+            return 5 if (fn & 0x7F) in (1, 2, 3, 4, 5, 6, 15, 16) else -1
+        if self._requests:
+            if fn in (1, 2, 3, 4, 5, 6):
+                return 8
+            if fn in (15, 16):
+                if end - i < 7:
+                    return 0
+                return 9 + buf[i + 6]
+            return -1
+        if fn in (1, 2, 3, 4):
+            if end - i < 3:
+                return 0
+            count = buf[i + 2]
+            if count == 0 or count > 250:
+                return -1
+            return 5 + count
+        if fn in (5, 6, 15, 16):
+            return 8
+        return -1
+
+    def _check_modbus(self, buf, i, end):
+        n = self._modbus_length(buf, i, end)
+        if n <= 0:
+            return n, 0
+        if end - i < n:
+            return 0, n
+        crc = crc16_modbus(buf[i:i + n - 2])
+        if buf[i + n - 2] != crc & 0xFF or buf[i + n - 1] != crc >> 8:
+            return -2, n
+        return 1, n
+
+    def _next_start(self, buf, i, end):
+        if self._proto == DLT645:
+            j = buf.find(0x68, i, end)
+            return end if j < 0 else j
+        return i
+
+    def feed(self, data):
+        buf = self._buf
+        buf += data
+        end = len(buf)
+        out = []
+        check = self._check_dlt645 if self._proto == DLT645 else self._check_modbus
+        pos = 0
+        while pos < end:
+            i = self._next_start(buf, pos, end)
+            if i > pos:
+                self._discard(buf, pos, i)
+                pos = i
+                if i >= end:
+                    break
+            status, n = check(buf, i, end)
+            if status == 1:
+                out.append(bytes(buf[i:i + n]))
+                self.frames += 1
+                pos = i + n
+            elif status == 0:
+                # Waiting for more bytes: unless a complete valid frame starts inside.
+                j = self._lookahead(buf, i + 1, end, check)
+                if j < 0:
+                    break
+                self._discard(buf, i, j)
+                pos = j
+            else:
+                if status == -2:
+                    self.checksum_errors += 1
+                elif status == -3:
+                    self.end_errors += 1
+                self._discard(buf, i, i + 1)
+                pos = i + 1
+        del buf[:pos]
+        return out
+
+    def _lookahead(self, buf, start, end, check):
+        j = start
+        while j < end:
+            j = self._next_start(buf, j, end)
+            if j >= end:
+                return -1
+            if check(buf, j, end)[0] == 1:
+                return j
+            j += 1
+        return -1
