@@ -9,6 +9,7 @@ exact: BCD numbers become Decimal with the meter's own number of decimals.
 """
 
 import datetime as _dt
+import functools
 from decimal import Decimal
 from typing import Any, List, NamedTuple, Optional
 
@@ -246,6 +247,7 @@ def _freeze_fields(di):
     return None, False
 
 
+@functools.lru_cache(maxsize=2048)  # the block lists are built once per DI
 def fields_2007(di):
     """(fields, repeating) for a 2007 DI, or (None, False) if unknown. With repeating, the
     payload holds any number (>= 1) of whole fields from the front of the list."""
@@ -297,6 +299,7 @@ _ENERGY_1997 = {
 }
 
 
+@functools.lru_cache(maxsize=2048)
 def fields_1997(di):
     fields = _ITEMS_1997.get(di)
     if fields is not None:

@@ -11,6 +11,8 @@ from protocols import dlt645 as D
 from protocols import dlt645_values as V
 from protocols.framing import Scanner
 
+pytestmark = pytest.mark.protocol
+
 H = bytes.fromhex
 ADDR = "000000123456"
 DEADLINE = dt.datetime(2025, 12, 31, 12, 0, 0)

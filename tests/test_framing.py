@@ -10,6 +10,8 @@ from protocols import _pyframing
 from protocols.dlt645 import build_frame
 from protocols.modbus import read_holding_registers, write_coil
 
+pytestmark = pytest.mark.protocol
+
 H = bytes.fromhex
 READ_REQ = H("FE FE FE FE 68 56 34 12 00 00 00 68 11 04 33 33 34 33 4E 16")
 READ_RSP = H("68 56 34 12 00 00 00 68 91 08 33 33 34 33 89 67 45 33 3A 16")

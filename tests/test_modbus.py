@@ -6,6 +6,8 @@ from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 from protocols import modbus as M
 from protocols.framing import Scanner
 
+pytestmark = pytest.mark.protocol
+
 H = bytes.fromhex
 
 

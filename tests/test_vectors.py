@@ -10,6 +10,8 @@ import pytest
 from protocols import dlt645 as D
 from protocols.framing import Scanner
 
+pytestmark = pytest.mark.protocol
+
 
 def _entries(path):
     return json.loads(path.read_text(encoding="utf-8"))
