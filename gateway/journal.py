@@ -1,0 +1,396 @@
+"""The journal: readings, events and command results, append-only, until every consumer
+has them.
+
+SQLite (standard library) in WAL mode with synchronous=FULL: an append that returned is on
+disk, through a kill or a power cut. Each stream (readings, events, results) has its own
+gap-free sequence that continues across restarts (kept in the `streams` table in the same
+transaction as the rows, never derived from what is left). Consumers (the uplink, cost
+control) each have a durable cursor per stream; rows every consumer is past are deleted.
+
+A disk quota bounds the file: past it the oldest rows go first, counted, and reported as a
+`journal.dropped` event, so the head-end sees both the count and the gap in `seq`. A full
+disk is handled the same way; a disk that fails (read-only, I/O error) raises JournalError
+with one line, and the caller keeps collecting into its bounded queue and retries.
+"""
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from decimal import Decimal
+from typing import Any, NamedTuple, Optional
+
+log = logging.getLogger(__name__)
+
+STREAMS = ("readings", "events", "results")
+
+# Reading quality flags (journal column `quality`)
+GOOD = "good"
+BACKFILLED = "backfilled"
+ESTIMATED = "estimated"
+CLOCK_UNTRUSTED = "clock_untrusted"
+QUALITIES = (GOOD, BACKFILLED, ESTIMATED, CLOCK_UNTRUSTED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS streams (name TEXT PRIMARY KEY, next_seq INTEGER NOT NULL,
+                                    dropped INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS cursors (consumer TEXT NOT NULL, stream TEXT NOT NULL,
+                                    acked INTEGER NOT NULL, PRIMARY KEY (consumer, stream));
+CREATE TABLE IF NOT EXISTS readings (seq INTEGER PRIMARY KEY, meter TEXT NOT NULL,
+                                     q TEXT NOT NULL, value TEXT NOT NULL, unit TEXT,
+                                     ts INTEGER NOT NULL, gw_ts INTEGER NOT NULL,
+                                     quality TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL,
+                                   body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL,
+                                    body TEXT NOT NULL);
+"""
+SCHEMA_VERSION = "1"
+
+
+class JournalError(Exception):
+    """The journal cannot take or give records; one line naming the file and the cause."""
+
+
+class Reading(NamedTuple):
+    meter: str
+    quantity: str
+    value: Any                 # Decimal, int, str or bool; kept exact as JSON text
+    unit: Optional[str]
+    ts: int                    # the meter's timestamp, Unix milliseconds
+    gw_ts: int                 # when the gateway took it, Unix milliseconds
+    quality: str = GOOD
+
+
+class StoredReading(NamedTuple):
+    seq: int
+    meter: str
+    quantity: str
+    value_json: str            # JSON text of the value: spliced into payloads as is
+    unit: Optional[str]
+    ts: int
+    gw_ts: int
+    quality: str
+
+    @property
+    def value(self):
+        return json.loads(self.value_json, parse_float=Decimal)
+
+
+class StoredRecord(NamedTuple):
+    seq: int
+    ts: int
+    body: dict
+
+
+def value_json(value):
+    """Exact JSON text of a reading's value (Decimal keeps the meter's precision)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("not a finite number: %s" % value)
+        text = str(value)
+        if "E" in text or "e" in text:
+            text = format(value, "f")
+        return text
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        raise TypeError("readings are exact: pass Decimal, not float (%r)" % value)
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+class Journal:
+    """One owner per file; every method is thread-safe (one connection, one lock)."""
+
+    def __init__(self, path, quota_bytes=256 * 1024 * 1024, consumers=None,
+                 on_drop=None, reserve_bytes=8 * 1024 * 1024, wal_pages=256):
+        self.path = path
+        self.quota_bytes = int(quota_bytes)
+        # free space the journal leaves on the file system for everything else (and for
+        # its own WAL): below it, the journal stops growing and drops oldest-first instead
+        self.reserve_bytes = int(reserve_bytes)
+        self._lock = threading.Lock()
+        self._on_drop = on_drop
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                       timeout=10)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")   # durable commits (power cuts)
+            self._db.execute("PRAGMA foreign_keys=OFF")
+            # a short WAL: checkpoints often, and the file is cut back after each one
+            self._db.execute("PRAGMA wal_autocheckpoint=%d" % int(wal_pages))
+            self._db.execute("PRAGMA journal_size_limit=%d" % (int(wal_pages) * 4096))
+            self._db.executescript(_SCHEMA)
+            with self._tx():
+                for s in STREAMS:
+                    self._db.execute("INSERT OR IGNORE INTO streams (name, next_seq) "
+                                     "VALUES (?, 1)", (s,))
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                                 (SCHEMA_VERSION,))
+            (schema,) = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if schema != SCHEMA_VERSION:
+                raise JournalError("%s: journal schema %s, this gateway knows %s"
+                                   % (path, schema, SCHEMA_VERSION))
+        except sqlite3.DatabaseError as exc:
+            raise JournalError("%s: cannot open the journal (%s)" % (path, exc)) from None
+        self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        for consumer, streams in (consumers or {}).items():
+            for stream in streams:
+                self.register(consumer, stream)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _tx(self):
+        return _Transaction(self._db)
+
+    def close(self):
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.DatabaseError:
+                pass
+            self._db.close()
+
+    def _fail(self, exc, what):
+        return JournalError("%s: cannot %s (%s)" % (self.path, what, exc))
+
+    def register(self, consumer, stream):
+        """A consumer starts at the oldest row still kept (or where it left off)."""
+        if stream not in STREAMS:
+            raise ValueError("unknown stream %r" % stream)
+        with self._lock, self._tx():
+            (nxt,) = self._db.execute("SELECT next_seq FROM streams WHERE name=?",
+                                      (stream,)).fetchone()
+            first = self._db.execute("SELECT MIN(seq) FROM %s" % stream).fetchone()[0]
+            start = (first - 1) if first is not None else nxt - 1
+            self._db.execute("INSERT OR IGNORE INTO cursors VALUES (?, ?, ?)",
+                             (consumer, stream, start))
+
+    # ------------------------------------------------------------ appends
+
+    def _next_seqs(self, stream, n):
+        (nxt,) = self._db.execute("SELECT next_seq FROM streams WHERE name=?",
+                                  (stream,)).fetchone()
+        self._db.execute("UPDATE streams SET next_seq=? WHERE name=?", (nxt + n, stream))
+        return nxt
+
+    def append_readings(self, readings):
+        """Append a batch in one transaction; returns (first_seq, last_seq)."""
+        rows = []
+        for r in readings:
+            if r.quality not in QUALITIES:
+                raise ValueError("unknown quality %r" % (r.quality,))
+            rows.append((r.meter, r.quantity, value_json(r.value), r.unit, int(r.ts),
+                         int(r.gw_ts), r.quality))
+        if not rows:
+            return None
+
+        def write():
+            first = self._next_seqs("readings", len(rows))
+            self._db.executemany(
+                "INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(first + i,) + row for i, row in enumerate(rows)])
+            return first, first + len(rows) - 1
+        return self._append(write)
+
+    def append_event(self, event_type, ts=None, **fields):
+        """An event ({type, meter, ...}); returns its seq."""
+        body = dict(fields, type=event_type)
+        return self._append_record("events", body, ts)
+
+    def append_result(self, body, ts=None):
+        return self._append_record("results", body, ts)
+
+    def _append_record(self, stream, body, ts):
+        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=str)
+        ts = now_ms() if ts is None else int(ts)
+
+        def write():
+            seq = self._next_seqs(stream, 1)
+            self._db.execute("INSERT INTO %s VALUES (?, ?, ?)" % stream, (seq, ts, text))
+            return seq
+        return self._append(write)
+
+    def _append(self, write):
+        with self._lock:
+            for attempt in (0, 1):
+                try:
+                    with self._tx():
+                        result = write()
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "full" in str(exc) and attempt == 0:
+                        # the disk is full: make room from the oldest rows, then retry once
+                        try:
+                            dropped = self._drop_oldest(max_rows=10000, reason="disk_full")
+                        except sqlite3.DatabaseError:
+                            dropped = 0
+                        if not dropped:
+                            raise self._fail(exc, "append") from None
+                        continue
+                    raise self._fail(exc, "append") from None
+                except sqlite3.DatabaseError as exc:
+                    raise self._fail(exc, "append") from None
+            self._enforce_quota()
+            return result
+
+    # ------------------------------------------------------------ quota
+
+    def used_bytes(self):
+        pages, free = (self._db.execute("PRAGMA page_count").fetchone()[0],
+                       self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        return (pages - free) * self._page_size
+
+    def _limit(self):
+        """Bytes of pages the journal may use now: the quota, or less when the file
+        system is running out (the file may only grow into free space above the reserve)."""
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        try:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            return self.quota_bytes, "quota"
+        room = pages * self._page_size + free - self.reserve_bytes
+        if room < self.quota_bytes:
+            return room, "disk_full"
+        return self.quota_bytes, "quota"
+
+    def _enforce_quota(self):
+        limit, reason = self._limit()
+        if self.used_bytes() <= limit:
+            return
+        try:
+            while self.used_bytes() > limit * 0.95:
+                if not self._drop_oldest(max_rows=2000, reason=reason):
+                    break
+        except sqlite3.DatabaseError as exc:
+            raise self._fail(exc, "make room") from None
+
+    def _drop_oldest(self, max_rows, reason):
+        """Delete the oldest rows (readings first: they are the bulk), count them per
+        stream and append a journal.dropped event. Returns the rows dropped."""
+        for stream in ("readings", "events", "results"):
+            row = self._db.execute("SELECT MIN(seq), MAX(seq) FROM %s" % stream).fetchone()
+            if row[0] is None:
+                continue
+            lo = row[0]
+            hi = min(row[1], lo + max_rows - 1)
+            with self._tx():
+                n = self._db.execute("DELETE FROM %s WHERE seq BETWEEN ? AND ?" % stream,
+                                     (lo, hi)).rowcount
+                self._db.execute("UPDATE streams SET dropped = dropped + ? WHERE name=?",
+                                 (n, stream))
+                body = {"type": "journal.dropped", "stream": stream, "count": n,
+                        "first_seq": lo, "last_seq": hi, "reason": reason}
+                seq = self._next_seqs("events", 1)
+                self._db.execute("INSERT INTO events VALUES (?, ?, ?)",
+                                 (seq, now_ms(), json.dumps(body, separators=(",", ":"))))
+            log.warning("journal %s: dropped %d oldest %s (seq %d..%d, %s)",
+                        self.path, n, stream, lo, hi, reason)
+            if self._on_drop:
+                self._on_drop(body)
+            return n
+        return 0
+
+    # ------------------------------------------------------------ consumers
+
+    def cursor(self, consumer, stream):
+        row = self._db.execute("SELECT acked FROM cursors WHERE consumer=? AND stream=?",
+                               (consumer, stream)).fetchone()
+        if row is None:
+            raise KeyError("consumer %r is not registered for %s" % (consumer, stream))
+        return row[0]
+
+    def read(self, consumer, stream, limit=500, after=None):
+        """Rows after the consumer's cursor (or after `after`), oldest first."""
+        with self._lock:
+            try:
+                start = self.cursor(consumer, stream) if after is None else after
+                if stream == "readings":
+                    rows = self._db.execute(
+                        "SELECT * FROM readings WHERE seq > ? ORDER BY seq LIMIT ?",
+                        (start, limit)).fetchall()
+                    return [StoredReading(*r) for r in rows]
+                rows = self._db.execute(
+                    "SELECT seq, ts, body FROM %s WHERE seq > ? ORDER BY seq LIMIT ?" % stream,
+                    (start, limit)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise self._fail(exc, "read") from None
+        return [StoredRecord(seq, ts, json.loads(body)) for seq, ts, body in rows]
+
+    def ack(self, consumer, stream, upto):
+        """The consumer has everything up to seq `upto`; durable when this returns. Rows
+        every consumer of the stream is past are deleted in the same transaction."""
+        with self._lock:
+            try:
+                with self._tx():
+                    self._db.execute("UPDATE cursors SET acked=MAX(acked, ?) "
+                                     "WHERE consumer=? AND stream=?", (upto, consumer, stream))
+                    (low,) = self._db.execute("SELECT MIN(acked) FROM cursors WHERE stream=?",
+                                              (stream,)).fetchone()
+                    if low is not None:
+                        self._db.execute("DELETE FROM %s WHERE seq <= ?" % stream, (low,))
+            except sqlite3.DatabaseError as exc:
+                raise self._fail(exc, "acknowledge") from None
+
+    # ------------------------------------------------------------ status
+
+    def stats(self):
+        """Pending rows per stream and consumer, oldest unsent, next seq, dropped, bytes."""
+        with self._lock:
+            out = {"path": self.path, "used_bytes": self.used_bytes(),
+                   "file_bytes": _file_bytes(self.path), "quota_bytes": self.quota_bytes,
+                   "streams": {}}
+            for name, nxt, dropped in self._db.execute(
+                    "SELECT name, next_seq, dropped FROM streams"):
+                lo, hi, count = self._db.execute(
+                    "SELECT MIN(seq), MAX(seq), COUNT(*) FROM %s" % name).fetchone()
+                oldest = self._db.execute("SELECT MIN(%s) FROM %s" % (
+                    "gw_ts" if name == "readings" else "ts", name)).fetchone()[0]
+                consumers = {}
+                for consumer, acked in self._db.execute(
+                        "SELECT consumer, acked FROM cursors WHERE stream=?", (name,)):
+                    consumers[consumer] = {"acked": acked, "pending": max(0, nxt - 1 - acked)}
+                out["streams"][name] = {"next_seq": nxt, "stored": count, "first_seq": lo,
+                                        "last_seq": hi, "oldest_ts": oldest,
+                                        "dropped": dropped, "consumers": consumers}
+            return out
+
+
+def _file_bytes(path):
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += os.path.getsize(path + suffix)
+        except OSError:
+            pass
+    return total
+
+
+class _Transaction:
+    def __init__(self, db):
+        self._db = db
+
+    def __enter__(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.DatabaseError:
+                pass
+        return False

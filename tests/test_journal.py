@@ -1,0 +1,156 @@
+"""The SQLite journal: durable gap-free sequences, consumers, quota, kill safety, bad disks."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from gateway.journal import (BACKFILLED, Journal, JournalError, Reading, value_json)
+
+CONSUMERS = {"uplink": ["readings", "events", "results"], "billing": ["readings"]}
+
+CHILD = r"""
+import sys, time
+from decimal import Decimal
+from gateway.journal import Journal, Reading
+j = Journal(sys.argv[1], consumers={"uplink": ["readings"]})
+nxt = j.stats()["streams"]["readings"]["next_seq"]
+print("ready", nxt, flush=True)
+while True:
+    batch = [Reading("m%d" % ((nxt + i) % 32), "energy.import.total",
+                     Decimal(nxt + i).scaleb(-2), "kWh", 1000 * (nxt + i), 1)
+             for i in range(32)]
+    first, last = j.append_readings(batch)
+    assert first == nxt, (first, nxt)
+    nxt = last + 1
+    print(last, flush=True)
+"""
+
+
+def r(meter="m1", value="1.00", q="energy.import.total", ts=1, quality="good"):
+    return Reading(meter, q, Decimal(value) if isinstance(value, str) else value, "kWh",
+                   ts, ts, quality)
+
+
+def test_sequences_consumers_and_deletion(tmp_path):
+    path = str(tmp_path / "journal.db")
+    j = Journal(path, consumers=CONSUMERS)
+    assert j.append_readings([r(value="1.00"), r(value="2.50")]) == (1, 2)
+    assert j.append_event("meter.offline", meter="m1") == 1
+    assert j.append_result({"id": "c1", "status": "done"}) == 1
+    rows = j.read("uplink", "readings")
+    assert [x.seq for x in rows] == [1, 2] and rows[1].value == Decimal("2.50")
+    assert rows[1].value_json == "2.50"
+    j.ack("uplink", "readings", 2)
+    assert j.read("uplink", "readings") == []
+    assert len(j.read("billing", "readings")) == 2      # billing has not acked: rows kept
+    j.ack("billing", "readings", 1)
+    assert j.stats()["streams"]["readings"]["stored"] == 1
+    j.close()
+    j = Journal(path, consumers=CONSUMERS)                # sequences survive restarts
+    j.ack("billing", "readings", 2)
+    assert j.stats()["streams"]["readings"]["stored"] == 0
+    assert j.append_readings([r()]) == (3, 3)             # no reuse after deletion
+    assert j.append_event("meter.online", meter="m1") == 2
+    assert j.read("uplink", "events")[0].body == {"type": "meter.offline", "meter": "m1"}
+
+
+def test_reading_fields_are_kept_exactly(tmp_path):
+    j = Journal(str(tmp_path / "j.db"), consumers=CONSUMERS)
+    j.append_readings([Reading("m9", "current.a", Decimal("-5.123"), "A", 111, 222, BACKFILLED),
+                       Reading("m9", "relay.state", "open", None, 111, 222),
+                       Reading("m9", "guarantee.state", False, None, 111, 222)])
+    a, b, c = j.read("uplink", "readings")
+    assert (a.meter, a.quantity, a.value, a.unit, a.ts, a.gw_ts, a.quality) == \
+        ("m9", "current.a", Decimal("-5.123"), "A", 111, 222, "backfilled")
+    assert b.value == "open" and c.value is False
+    with pytest.raises(TypeError):
+        j.append_readings([r(value=1.5)])                 # floats are refused: money is exact
+    with pytest.raises(ValueError):
+        j.append_readings([r(quality="nice")])
+    assert value_json(Decimal("1E+2")) == "100"
+
+
+def test_sigkill_loses_no_returned_append(tmp_path):
+    path = str(tmp_path / "journal.db")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    rng = random.Random(7)
+    kills = 0
+    reported = 0
+    for _ in range(50):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, path], stdout=subprocess.PIPE,
+                                 text=True, env=env)
+        first_line = child.stdout.readline().split()
+        assert first_line[0] == "ready", first_line
+        # the sequence continues where the committed rows end: no gap, no reuse
+        assert int(first_line[1]) >= reported + 1
+        time.sleep(rng.uniform(0.0, 0.06))
+        child.send_signal(signal.SIGKILL)
+        out = child.communicate()[0].split()
+        kills += 1
+        if out:
+            reported = int(out[-1])
+        j = Journal(path)
+        rows = j.read("uplink", "readings", limit=10 ** 9)
+        seqs = [x.seq for x in rows]
+        assert seqs == list(range(1, len(seqs) + 1))     # in order, no gap
+        assert len(seqs) >= reported                     # every returned append is there
+        for x in rows[-64:] + rows[:32]:                 # intact
+            assert x.value == Decimal(x.seq).scaleb(-2) and x.meter == "m%d" % (x.seq % 32)
+        assert j.stats()["streams"]["readings"]["next_seq"] == len(seqs) + 1
+        j.close()
+    assert kills == 50 and reported > 32
+
+
+def test_quota_drops_oldest_first_and_reports_it(tmp_path):
+    j = Journal(str(tmp_path / "j.db"), quota_bytes=256 * 1024, consumers=CONSUMERS)
+    for i in range(300):
+        j.append_readings([r(meter="m%d" % k, value=str(i)) for k in range(32)])
+    s = j.stats()
+    rs = s["streams"]["readings"]
+    assert s["used_bytes"] <= 256 * 1024
+    assert rs["dropped"] > 0 and rs["first_seq"] == rs["dropped"] + 1   # oldest went first
+    assert rs["last_seq"] == 300 * 32                                   # newest all kept
+    events = [e.body for e in j.read("uplink", "events", limit=1000)]
+    dropped = [e for e in events if e["type"] == "journal.dropped"]
+    assert sum(e["count"] for e in dropped) == rs["dropped"]
+    assert dropped[0]["first_seq"] == 1
+
+
+def _mount_tmpfs(path, size):
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a small tmpfs")
+    os.makedirs(path, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs", path],
+                         capture_output=True)
+    if res.returncode:
+        pytest.skip("cannot mount tmpfs here: %s" % res.stderr.decode().strip())
+
+
+def test_full_disk_keeps_collecting_and_read_only_disk_is_one_line(tmp_path):
+    mnt = str(tmp_path / ("small-" + uuid.uuid4().hex[:6]))
+    _mount_tmpfs(mnt, "400k")
+    try:
+        j = Journal(os.path.join(mnt, "j.db"), quota_bytes=100 * 1024 * 1024,
+                    consumers=CONSUMERS, reserve_bytes=64 * 1024, wal_pages=16)
+        for i in range(400):                     # far more than 320 KiB of readings
+            j.append_readings([r(meter="m%d" % k, value=str(i)) for k in range(32)])
+        s = j.stats()["streams"]["readings"]
+        assert s["last_seq"] == 400 * 32 and s["dropped"] > 0
+        events = [e.body for e in j.read("uplink", "events", limit=1000)]
+        assert {e["reason"] for e in events if e["type"] == "journal.dropped"} == {"disk_full"}
+        j.close()
+        subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+        with pytest.raises(JournalError) as err:
+            j = Journal(os.path.join(mnt, "j.db"), consumers=CONSUMERS)
+            j.append_readings([r()])
+        assert "\n" not in str(err.value) and "j.db" in str(err.value)
+    finally:
+        subprocess.run(["umount", "-l", mnt])
