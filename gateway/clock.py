@@ -1,0 +1,51 @@
+"""Is the gateway's own clock trustworthy? (NTP/chrony/systemd-timesyncd synchronised)
+
+The kernel knows: adjtimex() reports TIME_ERROR / STA_UNSYNC until a time daemon has
+disciplined the clock since boot. Readings taken while it is not are flagged
+`clock_untrusted`, no broadcast time sync is sent, and no cut-off is made.
+"""
+
+import ctypes
+import ctypes.util
+import os
+
+STA_UNSYNC = 0x0040
+TIME_ERROR = 5
+
+
+class _Timex(ctypes.Structure):
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long),
+                ("status", ctypes.c_int), ("constant", ctypes.c_long),
+                ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
+                ("time_sec", ctypes.c_long), ("time_usec", ctypes.c_long),
+                ("tick", ctypes.c_long), ("ppsfreq", ctypes.c_long),
+                ("jitter", ctypes.c_long), ("shift", ctypes.c_int), ("stabil", ctypes.c_long),
+                ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long),
+                ("errcnt", ctypes.c_long), ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int),
+                ("pad", ctypes.c_int * 11)]
+
+
+def system_clock_synchronised():
+    """True when the kernel says a time daemon keeps the clock in sync."""
+    if os.path.exists("/run/systemd/timesync/synchronized"):
+        return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        tx = _Timex()
+        state = libc.adjtimex(ctypes.byref(tx))
+    except (OSError, AttributeError):
+        return False
+    return state != TIME_ERROR and not tx.status & STA_UNSYNC
+
+
+class ClockPolicy:
+    """Whether to trust the gateway clock: the kernel's word, unless configured otherwise
+    (`[control] require_synced_clock = false` on boxes without NTP)."""
+
+    def __init__(self, require_synced=True, probe=system_clock_synchronised):
+        self.require_synced = require_synced
+        self._probe = probe
+
+    def trusted(self):
+        return True if not self.require_synced else bool(self._probe())

@@ -1,0 +1,407 @@
+"""Port workers: one thread owns one RS-485 line.
+
+Transactions are taken relay control first, then on-demand reads, then scheduled polls.
+Before each request the receive buffer is cleared (no stray bytes carry over), and after an
+address change the line settles for the configured pause. The answer timeout is derived from
+the wire time of the request and of the expected answer at the line's baud rate plus a
+per-meter latency budget that adapts to how the meter really answers (DL/T 645 allows
+20-500 ms before the first byte). An answer is only accepted when its address, function
+and identifier match the request; anything else on the line is counted and ignored.
+"""
+
+import concurrent.futures
+import errno
+import heapq
+import itertools
+import logging
+import select
+import threading
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import serial
+
+from protocols import dlt645 as D
+from protocols import modbus as M
+from protocols.framing import Scanner
+
+log = logging.getLogger(__name__)
+
+RELAY = 0
+ON_DEMAND = 1
+POLL = 2
+
+PREAMBLE_ALLOWANCE = 4        # meters send up to 4 FE before an answer
+MIN_BUDGET_S = 0.06
+MAX_BUDGET_S = 1.0
+INITIAL_BUDGET_S = 0.5        # DL/T 645 Td upper bound (reference 1.7)
+SLACK_S = 0.02                # scheduling and USB-adapter latency on the gateway side
+
+
+def wire_time(nbytes, baudrate, bits=11):
+    return nbytes * bits / float(baudrate)
+
+
+class PortError(Exception):
+    """A port that cannot be used; one line naming the port and device."""
+
+
+def open_error(name, device, exc):
+    """One line for why a serial device cannot be opened."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code == errno.ENOENT or "No such file" in text:
+        why = "does not exist"
+    elif code in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
+        why = "permission denied (the gateway user needs the dialout group)"
+    elif "exclusively lock" in text or code in (errno.EBUSY, errno.EAGAIN):
+        why = "is in use by another process"
+    else:
+        why = text.splitlines()[0] if text else type(exc).__name__
+    return PortError("port %s: %s %s" % (name, device, why))
+
+
+class Request:
+    """One request/answer transaction for one meter."""
+
+    __slots__ = ("meter", "protocol", "frame", "answer_len", "label", "_parsed_request")
+
+    def __init__(self, meter, protocol, frame, answer_len, label=""):
+        self.meter = meter                 # meter id (for latency budgets and logs)
+        self.protocol = protocol
+        self.frame = frame
+        self.answer_len = answer_len       # expected answer bytes, for the timeout
+        self.label = label
+        self._parsed_request = None
+
+    @property
+    def address_key(self):
+        return self.frame[5:11] if self.protocol == "dlt645" else self.frame[:1]
+
+    def accept(self, raw):
+        """The decoded answer if `raw` answers this request, else (None, why)."""
+        if self.protocol == "dlt645":
+            if self._parsed_request is None:
+                self._parsed_request = D.parse_frame(self.frame)
+            frame = D.frame_from_scanner(raw)
+            why = D.match_answer(self._parsed_request, frame)
+            if why:
+                return None, why
+            return D.decode(frame), None
+        try:
+            answer = M.decode_answer(raw)
+        except M.ModbusError as exc:
+            return None, str(exc)
+        why = M.match_answer(self.frame, answer)
+        if why:
+            return None, why
+        return answer, None
+
+
+class Result(NamedTuple):
+    ok: bool
+    answer: Any
+    error: Optional[str]
+    attempts: int
+    elapsed: float
+    frames: tuple = ()            # (sent, received) raw frames, for the audit trail
+
+
+class LatencyBudget:
+    """How long to wait for a meter's first byte: like TCP's RTO, a smoothed mean plus
+    four mean deviations of what the meter really did, within DL/T 645's limits."""
+
+    __slots__ = ("srtt", "rttvar")
+
+    def __init__(self):
+        self.srtt = None
+        self.rttvar = None
+
+    def budget(self):
+        if self.srtt is None:
+            return INITIAL_BUDGET_S
+        return min(MAX_BUDGET_S, max(MIN_BUDGET_S, self.srtt + 4 * self.rttvar + 0.01))
+
+    def observe(self, latency):
+        latency = max(0.0, latency)
+        if self.srtt is None:
+            self.srtt, self.rttvar = latency, latency / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - latency)
+            self.srtt = 0.875 * self.srtt + 0.125 * latency
+
+
+class LineStats:
+    FIELDS = ("requests", "answers", "timeouts", "retries", "foreign_frames", "errors",
+              "restarts", "reopens")
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.busy_s = 0.0
+        for f in self.FIELDS:
+            setattr(self, f, 0)
+
+    def as_dict(self, scanner):
+        d = {f: getattr(self, f) for f in self.FIELDS}
+        d["checksum_errors"] = scanner.checksum_errors + scanner.end_errors
+        d["garbage_bytes"] = scanner.bytes_discarded
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        d["utilisation"] = round(min(1.0, self.busy_s / elapsed), 4)
+        return d
+
+
+class PortWorker(threading.Thread):
+    """Owns one serial line. `transact` runs on this thread (poll jobs); `submit` queues a
+    request from any thread and returns a Future of its Result."""
+
+    def __init__(self, name, device, baudrate=2400, parity="E", bytesize=8, stopbits=1,
+                 retries=2, settle_s=0.0, protocol="dlt645", poll_source=None,
+                 serial_factory=serial.Serial):
+        super().__init__(name="port-%s" % name, daemon=True)
+        self.port_name = name
+        self.device = device
+        self.baudrate = baudrate
+        self.parity = parity
+        self.bytesize = bytesize
+        self.stopbits = stopbits
+        self.retries = retries
+        self.settle_s = settle_s
+        self.poll_source = poll_source
+        self._serial_factory = serial_factory
+        self._ser = None
+        self._queue = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._halt = threading.Event()
+        self._budgets = {}
+        self._last_address = None
+        self.scanners = {"dlt645": Scanner("dlt645"), "modbus": Scanner("modbus")}
+        self.stats = LineStats()
+        self.last_error = None
+        self._last_exception = None
+        self.heartbeat = time.monotonic()   # the supervisor's sign of life
+
+    # ---------------------------------------------------------------- public
+
+    def open(self):
+        """Open the device now (raises PortError with one line)."""
+        try:
+            self._ser = self._serial_factory(
+                self.device, self.baudrate, bytesize=self.bytesize, parity=self.parity,
+                stopbits=self.stopbits, timeout=0.1, exclusive=True)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise open_error(self.port_name, self.device, exc) from None
+
+    def close(self):
+        if self._ser is not None:
+            try:
+                self._ser.close()
+            except Exception:
+                pass
+            self._ser = None
+
+    def submit(self, request, priority=ON_DEMAND):
+        fut = concurrent.futures.Future()
+        with self._cv:
+            heapq.heappush(self._queue, (priority, next(self._seq), request, fut))
+            self._cv.notify()
+        return fut
+
+    def stop(self, timeout=5.0):
+        self._halt.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self.is_alive():
+            self.join(timeout)
+        self.close()
+        with self._cv:
+            while self._queue:
+                _, _, _, fut = heapq.heappop(self._queue)
+                fut.set_result(Result(False, None, "gateway stopping", 0, 0.0))
+
+    def line_stats(self):
+        d = self.stats.as_dict(_merged(self.scanners))
+        d.update(port=self.port_name, device=self.device, baudrate=self.baudrate,
+                 open=self._ser is not None, last_error=self.last_error)
+        return d
+
+    def budget(self, meter):
+        return self._budgets.setdefault(meter, LatencyBudget())
+
+    # ---------------------------------------------------------------- the thread
+
+    def run(self):
+        backoff = 1.0
+        while not self._halt.is_set():
+            self.heartbeat = time.monotonic()
+            if self._ser is None:
+                try:
+                    self.open()
+                    backoff = 1.0
+                    self.last_error = None
+                except PortError as exc:
+                    if str(exc) != self.last_error:
+                        log.error("%s", exc)
+                    self.last_error = str(exc)
+                    self._fail_queued(str(exc))
+                    self._halt.wait(backoff)
+                    backoff = min(60.0, backoff * 2)
+                    continue
+            try:
+                self._step()
+            except (serial.SerialException, OSError) as exc:
+                self.stats.reopens += 1
+                self.last_error = "port %s: %s" % (self.port_name, exc)
+                log.error("%s; reopening", self.last_error)
+                self.close()
+            except Exception as exc:
+                # a bug in a poll job must not stop the line: log, count, carry on
+                self.stats.errors += 1
+                key = "%s: %s" % (type(exc).__name__, exc)
+                if key != self._last_exception:
+                    log.exception("port %s: unexpected error", self.port_name)
+                else:
+                    log.error("port %s: unexpected error again (%s)", self.port_name, key)
+                self._last_exception = key
+                self._halt.wait(0.2)
+
+    def _fail_queued(self, why):
+        with self._cv:
+            while self._queue and self._queue[0][0] <= ON_DEMAND:
+                _, _, _, fut = heapq.heappop(self._queue)
+                if not fut.done():
+                    fut.set_result(Result(False, None, why, 0, 0.0))
+
+    def _step(self):
+        if self._run_queued():
+            return
+        src = self.poll_source
+        wait = 1.0
+        if src is not None:
+            job = src.next_job(self)
+            if callable(job):
+                job(self)
+                return
+            wait = job if job is not None else 1.0
+        with self._cv:
+            if not self._queue and not self._halt.is_set():
+                self._cv.wait(min(max(wait, 0.0), 1.0))
+
+    def _run_queued(self, below=POLL + 1):
+        """Runs queued requests with priority < below; True if it ran any."""
+        ran = False
+        while True:
+            with self._cv:
+                if not self._queue or self._queue[0][0] >= below:
+                    return ran
+                _, _, request, fut = heapq.heappop(self._queue)
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(self._execute(request))
+                except Exception as exc:
+                    fut.set_result(Result(False, None, "internal error: %s" % exc, 0, 0.0))
+                    raise
+            ran = True
+
+    def transact(self, request):
+        """Run one request now on this thread (poll jobs), after anything more urgent."""
+        self._run_queued(below=POLL)
+        return self._execute(request)
+
+    def broadcast(self, frame):
+        """Send a frame no meter answers (broadcast time sync); waits its wire time."""
+        ser = self._ser
+        if ser is None:
+            return False
+        ser.reset_input_buffer()
+        t = time.monotonic()
+        ser.write(frame)
+        self._last_address = None
+        time.sleep(wire_time(len(frame), self.baudrate) + SLACK_S)
+        self.stats.busy_s += time.monotonic() - t
+        return True
+
+    # ---------------------------------------------------------------- one transaction
+
+    def _execute(self, request):
+        ser = self._ser
+        if ser is None:
+            return Result(False, None, self.last_error or "port not open", 0, 0.0)
+        scanner = self.scanners[request.protocol]
+        budget = self.budget(request.meter)
+        t_start = time.monotonic()
+        if self.settle_s and self._last_address not in (None, request.address_key):
+            time.sleep(self.settle_s)
+        self._last_address = request.address_key
+        req_wire = wire_time(len(request.frame), self.baudrate)
+        ans_wire = wire_time(request.answer_len + PREAMBLE_ALLOWANCE, self.baudrate)
+        why = "no answer"
+        received = []
+        attempts = 0
+        for attempt in range(1 + self.retries):
+            attempts = attempt + 1
+            if attempt:
+                self.stats.retries += 1
+            ser.reset_input_buffer()
+            scanner.flush()
+            self.stats.requests += 1
+            t_write = time.monotonic()
+            ser.write(request.frame)
+            wait = budget.budget() * (2 if attempt else 1)
+            deadline = t_write + req_wire + wait + ans_wire + SLACK_S
+            fd = ser.fileno()
+            bad_before = scanner.checksum_errors + scanner.end_errors
+            garbled = False
+            quiet = wire_time(4, self.baudrate) + SLACK_S
+            last_rx = t_write
+            while True:
+                now = time.monotonic()
+                limit = min(deadline, last_rx + quiet) if garbled else deadline
+                if now >= limit:
+                    break
+                if not select.select([fd], [], [], limit - now)[0]:
+                    continue
+                data = ser.read(ser.in_waiting or 1)
+                if not data:
+                    continue
+                last_rx = time.monotonic()
+                frames = scanner.feed(data)
+                if not garbled and scanner.checksum_errors + scanner.end_errors > bad_before:
+                    # a garbled answer: retry once the line has gone quiet, not at the
+                    # end of the whole budget (a real answer may still follow: keep reading)
+                    garbled = True
+                    why = "garbled answer"
+                for raw in frames:
+                    answer, mismatch = request.accept(raw)
+                    if answer is None:
+                        self.stats.foreign_frames += 1
+                        why = "foreign frame: %s" % mismatch
+                        continue
+                    t_done = time.monotonic()
+                    budget.observe(t_done - t_write - req_wire - wire_time(len(raw),
+                                                                          self.baudrate))
+                    self.stats.answers += 1
+                    self.stats.busy_s += t_done - t_write
+                    received.append(raw)
+                    return Result(True, answer, None, attempts, t_done - t_start,
+                                  (request.frame, raw))
+            self.stats.timeouts += 1
+            self.stats.busy_s += time.monotonic() - t_write
+            if not garbled and why == "garbled answer":
+                why = "no answer"
+        return Result(False, None, "%s after %d attempts" % (why, attempts), attempts,
+                      time.monotonic() - t_start, (request.frame,))
+
+
+class _MergedScanner:
+    def __init__(self, scanners):
+        self.checksum_errors = sum(s.checksum_errors for s in scanners)
+        self.end_errors = sum(s.end_errors for s in scanners)
+        self.bytes_discarded = sum(s.bytes_discarded for s in scanners)
+
+
+def _merged(scanners):
+    return _MergedScanner(list(scanners.values()))
+
+
+Job = Callable[[PortWorker], None]

@@ -1,0 +1,299 @@
+"""Polling against simulated meters on pseudo-terminals: real serial I/O, real timing."""
+
+import datetime as dt
+import threading
+import time
+
+import pytest
+import serial
+
+from gateway.journal import BACKFILLED, GOOD
+from gateway.poller import LinePoller, MeterSpec
+from gateway.port import PortError, PortWorker, Request, RELAY
+from gateway.simulator import Faults, SimLine, SimMeter, make_meters
+from protocols import dlt645 as D
+
+
+class Collector:
+    def __init__(self):
+        self.readings = []
+        self.events = []
+        self.lock = threading.Lock()
+
+    def sink(self, readings):
+        with self.lock:
+            self.readings.extend(readings)
+
+    def event(self, type_, **fields):
+        with self.lock:
+            self.events.append(dict(fields, type=type_))
+
+
+def start_line(meters, baudrate=9600, specs_kw=None, offline_after=3, clock_trusted=True,
+               **line_kw):
+    line = SimLine(meters, baudrate=baudrate, **line_kw)
+    line.start()
+    col = Collector()
+    specs = [MeterSpec(m.address, "p", address=m.address, **(specs_kw or {})) for m in meters]
+    poller = LinePoller(specs, col.sink, col.event, clock_trusted=lambda: clock_trusted,
+                        offline_after=offline_after)
+    worker = PortWorker("p", line.device, baudrate=baudrate, poll_source=poller)
+    worker.start()
+    return line, worker, poller, col
+
+
+def stop(line, worker):
+    worker.stop()
+    line.stop()
+
+
+def truth_value(meter, quantity, at):
+    """What the simulated meter answered for `quantity` last before time `at`."""
+    best = None
+    for t, _di, values in list(meter.truth):
+        if t > at:
+            break
+        for v in values or ():
+            if v.quantity == quantity:
+                best = v.value
+    return best
+
+
+def test_three_lines_of_16_meters_report_exactly_what_the_meters_said():
+    setups = []
+    for n in range(3):
+        meters = make_meters(16, first_address=100 * (n + 1), prepaid=(n == 0),
+                             faults=None)
+        setups.append((meters,) + start_line(meters, baudrate=19200,
+                                             specs_kw={"interval_s": 3600,
+                                                       "instant_interval_s": 3600,
+                                                       "clock_interval_s": 0,
+                                                       "prepaid": n == 0}))
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if all(len({r.meter for r in col.readings if r.quantity == "power.active"}) == 16
+                   for _, _, _, _, col in setups):
+                break
+            time.sleep(0.2)
+    finally:
+        for meters, line, worker, _, _ in setups:
+            stop(line, worker)
+    checked = 0
+    for meters, line, worker, poller, col in setups:
+        by_addr = {m.address: m for m in meters}
+        seen = {(r.meter, r.quantity) for r in col.readings}
+        for m in meters:
+            for q in ("energy.import.total", "energy.import.t1", "energy.import.t4",
+                      "voltage.a", "current.a", "power.active", "relay.state"):
+                assert (m.address, q) in seen, (m.address, q)
+        for r in col.readings:
+            assert r.quality == GOOD
+            want = truth_value(by_addr[r.meter], r.quantity, r.gw_ts / 1000.0 + 0.001)
+            assert want == r.value, r
+            checked += 1
+        assert worker.line_stats()["timeouts"] == 0
+    assert checked >= 3 * 16 * 12
+
+
+def test_dead_meter_and_noise_do_not_hurt_other_lines_or_live_meters():
+    # clean line alone: reference cycle time
+    def cycle_time(line_meters, worker, poller, rounds=3):
+        t0 = time.time()
+        start = sum(h.reads for h in poller.health.values())
+        target = start + rounds * len(line_meters)
+        while sum(h.reads for h in poller.health.values()) < target:
+            time.sleep(0.01)
+        return (time.time() - t0) / rounds
+
+    fast = {"interval_s": 0.05, "instant_interval_s": 0, "clock_interval_s": 0}
+    clean_meters = make_meters(8, first_address=500, faults=Faults(latency_s=0.005))
+    c_line, c_worker, c_poller, c_col = start_line(clean_meters, baudrate=115200,
+                                                   specs_kw=fast)
+    try:
+        alone = cycle_time(clean_meters, c_worker, c_poller, rounds=10)
+        noisy = make_meters(8, first_address=600,
+                            faults=Faults(latency_s=0.005, corrupt_rate=0.05))
+        noisy.append(SimMeter("000000000699", faults=Faults(silent=True)))
+        n_line, n_worker, n_poller, n_col = start_line(noisy, baudrate=115200, specs_kw=fast,
+                                                       noise_rate=0.0)
+        try:
+            together = cycle_time(clean_meters, c_worker, c_poller, rounds=10)
+            deadline = time.time() + 120
+            live = [m.address for m in noisy[:8]]
+            while time.time() < deadline:
+                if sum(n_poller.health[a].reads for a in live) >= 2000:
+                    break
+                time.sleep(0.1)
+        finally:
+            stop(n_line, n_worker)
+    finally:
+        stop(c_line, c_worker)
+    reads = sum(n_poller.health[a].reads for a in live)
+    ok = sum(n_poller.health[a].reads_ok for a in live)
+    assert reads >= 2000
+    assert ok / reads >= 0.999, (ok, reads, n_worker.line_stats())
+    stats = n_worker.line_stats()
+    assert stats["checksum_errors"] > 0 and stats["retries"] > 0     # the noise was real
+    assert not n_poller.health["000000000699"].online
+    assert {"type": "meter.offline", "meter": "000000000699"}.items() <= \
+        [e for e in n_col.events if e["meter"] == "000000000699"][0].items()
+    # the dead meter is probed, not polled: it asked for only a handful of transactions
+    assert n_poller.health["000000000699"].reads <= 5
+    assert together <= alone * 1.5 + 0.01, (alone, together)
+
+
+def test_meter_goes_offline_and_comes_back_online():
+    meters = make_meters(2, first_address=700, faults=Faults(latency_s=0.005))
+    line, worker, poller, col = start_line(
+        meters, baudrate=115200, offline_after=2,
+        specs_kw={"interval_s": 0.05, "instant_interval_s": 0, "clock_interval_s": 0})
+    poller.health[meters[1].address].probe_backoff = 0.3
+    try:
+        meters[1].faults.silent = True
+        _wait(lambda: any(e["type"] == "meter.offline" for e in col.events))
+        meters[1].faults.silent = False
+        _wait(lambda: any(e["type"] == "meter.online" for e in col.events))
+    finally:
+        stop(line, worker)
+    types = [e["type"] for e in col.events if e["meter"] == meters[1].address]
+    assert types[:2] == ["meter.offline", "meter.online"]
+
+
+def _wait(cond, timeout=15):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not met in %ss" % timeout)
+
+
+def test_relay_requests_jump_the_poll_queue_and_answers_are_matched():
+    meters = make_meters(4, first_address=800, faults=Faults(latency_s=0.005))
+    line, worker, poller, col = start_line(
+        meters, baudrate=115200,
+        specs_kw={"interval_s": 0.05, "instant_interval_s": 0, "clock_interval_s": 0})
+    try:
+        target = meters[2]
+        frame = D.relay_control(target.address, D.RelayCommand.TRIP, password_level=2,
+                                password="000000", operator_code="00000001",
+                                valid_until=dt.datetime.now() + dt.timedelta(minutes=5))
+        t0 = time.time()
+        result = worker.submit(Request(target.address, "dlt645", frame, 12), RELAY).result(5)
+        elapsed = time.time() - t0
+    finally:
+        stop(line, worker)
+    assert result.ok and isinstance(result.answer, D.Ack)
+    assert target.relay_open and target.relay_log[0][1] == "open"
+    assert elapsed < 0.5
+
+
+def test_wrong_address_and_garbage_answers_are_never_taken():
+    m = SimMeter("000000000901", faults=Faults(latency_s=0.005, wrong_address_rate=1.0))
+    line = SimLine([m], baudrate=115200)
+    line.start()
+    worker = PortWorker("p", line.device, baudrate=115200, retries=1)
+    worker.start()
+    try:
+        req = Request(m.address, "dlt645", D.read_data(m.address, 0x00010000), 24)
+        result = worker.submit(req).result(5)
+    finally:
+        stop(line, worker)
+    assert not result.ok and "foreign frame" in result.error
+    assert worker.line_stats()["foreign_frames"] == 2
+
+
+def test_daily_freeze_backfill_checks_the_freeze_timestamp():
+    m = SimMeter("000000000950", faults=Faults(latency_s=0.005))
+    line = SimLine([m], baudrate=115200)
+    line.start()
+    col = Collector()
+    spec = MeterSpec(m.address, "p", address=m.address, interval_s=3600,
+                     instant_interval_s=0, clock_interval_s=3600)
+    poller = LinePoller([spec], col.sink, col.event)
+    worker = PortWorker("p", line.device, baudrate=115200)
+    worker.start()
+    try:
+        today = dt.date.today()
+        poller.health[m.address].last_freeze_day = today - dt.timedelta(days=4)
+        done = threading.Event()
+        job = lambda w: (poller._freeze(w, spec), done.set())   # noqa: E731
+        worker.poll_source = _OneJob(job)
+        assert done.wait(10)
+    finally:
+        stop(line, worker)
+    freezes = [r for r in col.readings if r.quantity == "freeze.daily.energy.import.total"]
+    days = sorted(dt.date.fromtimestamp(r.ts / 1000) for r in freezes)
+    assert days == [today - dt.timedelta(days=k) for k in (3, 2, 1, 0)]
+    for r in freezes:
+        day = dt.date.fromtimestamp(r.ts / 1000)
+        assert r.quality == (GOOD if day == today else BACKFILLED)
+        want = [total for stamp, total in _freeze_truth(m) if stamp.date() == day][0]
+        assert r.value == want
+    assert poller.health[m.address].last_freeze_day == today
+
+
+def _freeze_truth(meter):
+    return [(stamp, block[0]) for stamp, block in meter._freezes]
+
+
+class _OneJob:
+    def __init__(self, job):
+        self.job = job
+
+    def next_job(self, worker):
+        job, self.job = self.job, None
+        return job if job else 1.0
+
+
+def test_clock_drift_small_is_synced_large_raises_event():
+    small = SimMeter("000000000961", clock_offset_s=40, faults=Faults(latency_s=0.005))
+    large = SimMeter("000000000962", clock_offset_s=900, faults=Faults(latency_s=0.005))
+    line, worker, poller, col = start_line(
+        [small, large], baudrate=115200,
+        specs_kw={"interval_s": 3600, "instant_interval_s": 0, "clock_interval_s": 3600})
+    try:
+        _wait(lambda: all(h.drift_s is not None for h in poller.health.values()))
+        time.sleep(0.3)
+    finally:
+        stop(line, worker)
+    assert abs(poller.health[large.address].drift_s - 900) < 3
+    assert any(e["type"] == "meter.clock_drift" and e["meter"] == large.address
+               for e in col.events)
+    minute = dt.datetime.now().minute
+    if 5 <= minute < 55:
+        assert any(e["type"] == "meter.time_synced" for e in col.events)
+        assert abs(small.clock_offset_s) < 3          # the broadcast reached the meter
+        assert abs(large.clock_offset_s - 900) < 1    # beyond +-5 min: untouched
+
+
+def test_no_time_sync_while_the_gateway_clock_is_untrusted():
+    m = SimMeter("000000000971", clock_offset_s=40, faults=Faults(latency_s=0.005))
+    line, worker, poller, col = start_line(
+        [m], baudrate=115200, clock_trusted=False,
+        specs_kw={"interval_s": 3600, "instant_interval_s": 0, "clock_interval_s": 3600})
+    try:
+        _wait(lambda: poller.health[m.address].drift_s is not None)
+        _wait(lambda: col.readings)
+    finally:
+        stop(line, worker)
+    assert abs(m.clock_offset_s - 40) < 1
+    assert not any(e["type"] == "meter.time_synced" for e in col.events)
+    assert all(r.quality == "clock_untrusted" for r in col.readings)
+
+
+def test_port_errors_are_one_line():
+    w = PortWorker("rs485-9", "/dev/does-not-exist")
+    with pytest.raises(PortError) as err:
+        w.open()
+    assert str(err.value) == "port rs485-9: /dev/does-not-exist does not exist"
+    line = SimLine([], baudrate=9600)
+    try:
+        first = serial.Serial(line.device, 9600, exclusive=True)
+        w2 = PortWorker("rs485-1", line.device)
+        with pytest.raises(PortError, match="in use by another process"):
+            w2.open()
+        first.close()
+    finally:
+        line.stop()
