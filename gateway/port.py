@@ -325,6 +325,8 @@ class PortWorker(threading.Thread):
 
     def _execute(self, request):
         ser = self._ser
+        if self._halt.is_set():
+            return Result(False, None, "gateway stopping", 0, 0.0)
         if ser is None:
             return Result(False, None, self.last_error or "port not open", 0, 0.0)
         scanner = self.scanners[request.protocol]

@@ -297,3 +297,37 @@ def test_port_errors_are_one_line():
         first.close()
     finally:
         line.stop()
+
+
+def test_modbus_meters_through_pymodbus_server_report_what_they_said():
+    from gateway.simulator_modbus import ModbusSimLine, ModbusSimMeter
+    meters = [ModbusSimMeter(1, "eastron-sdm120", faults=Faults(latency_s=0.005)),
+              ModbusSimMeter(2, "chint-ddsu666", faults=Faults(latency_s=0.005)),
+              ModbusSimMeter(3, "eastron-sdm120", faults=Faults(silent=True))]
+    line = ModbusSimLine(meters, baudrate=38400)
+    line.start()
+    col = Collector()
+    specs = [MeterSpec("mb%d" % m.unit, "p", protocol="modbus", unit=m.unit,
+                       profile=m.profile.name, interval_s=3600, instant_interval_s=3600)
+             for m in meters]
+    poller = LinePoller(specs, col.sink, col.event, offline_after=1)
+    worker = PortWorker("p", line.device, baudrate=38400, poll_source=poller)
+    worker.start()
+    try:
+        _wait(lambda: {"mb1", "mb2"} <= {r.meter for r in col.readings
+                                          if r.quantity == "frequency"}
+              and any(e["type"] == "meter.offline" for e in col.events))
+    finally:
+        worker.stop()
+        line.stop()
+    seen = {(r.meter, r.quantity) for r in col.readings}
+    for meter in ("mb1", "mb2"):
+        for q in ("energy.import.total", "voltage.a", "current.a", "power.active",
+                  "frequency", "power.factor"):
+            assert (meter, q) in seen
+    assert ("mb2", "power.reactive") in seen
+    for r in col.readings:
+        m = meters[int(r.meter[2:]) - 1]
+        want = truth_value(m, r.quantity, r.gw_ts / 1000.0 + 0.001)
+        assert want == r.value, r
+    assert [e["meter"] for e in col.events if e["type"] == "meter.offline"] == ["mb3"]
