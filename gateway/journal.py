@@ -367,6 +367,29 @@ class Journal:
             return out
 
 
+def readonly_stats(path):
+    """Journal.stats() without writing anything (for `mgw buffer` beside a running service);
+    None if there is no journal."""
+    if not os.path.exists(path):
+        return None
+    try:
+        db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=5)
+    except sqlite3.DatabaseError as exc:
+        raise JournalError("%s: cannot open (%s)" % (path, exc)) from None
+    try:
+        j = Journal.__new__(Journal)
+        j.path = path
+        j._db = db
+        j._lock = threading.Lock()
+        j._page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        j.quota_bytes = None
+        return j.stats()
+    except sqlite3.DatabaseError as exc:
+        raise JournalError("%s: cannot read (%s)" % (path, exc)) from None
+    finally:
+        db.close()
+
+
 def _file_bytes(path):
     total = 0
     for suffix in ("", "-wal", "-shm"):

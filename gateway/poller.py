@@ -25,29 +25,18 @@ import time
 from typing import Callable, List, Optional
 
 from gateway.journal import BACKFILLED, CLOCK_UNTRUSTED, GOOD, Reading
-from gateway.port import POLL, Request
+from gateway.meterio import (ENERGY_BLOCK, ENERGY_SINGLE, INSTANT, PREPAID, SKIP_QUANTITIES,
+                             read_request)
+from gateway.port import Request
 from protocols import dlt645 as D
 from protocols import modbus as M
-from protocols.dlt645_values import payload_length
 from protocols.modbus_profiles import PROFILES, decode_block
 
 log = logging.getLogger(__name__)
 
-ENERGY_BLOCK = {2007: 0x0001FF00, 1997: 0x901F}
-ENERGY_SINGLE = {2007: [0x00010000, 0x00010100, 0x00010200, 0x00010300, 0x00010400],
-                 1997: [0x9010, 0x9011, 0x9012, 0x9013, 0x9014]}
-INSTANT = {2007: [0x0201FF00, 0x0202FF00, 0x02030000, 0x04000503],
-           1997: [0xB611, 0xB621, 0xB630]}
-PREPAID = [0x00900200, 0x00900201]
 CLOCK_DI = 0x0400010C
 FREEZE_TIME = 0x05060000
 FREEZE_IMPORT = 0x05060100
-
-# readings kept from each answer (status words are decoded into these)
-SKIP_QUANTITIES = {"status.word1", "status.word2", "status.word3", "status.word4",
-                   "status.word5", "status.word6", "status.word7", "status.word",
-                   "relay.command", "relay.prealarm", "meter.prepaid_type", "meter.clock",
-                   "meter.date", "meter.time"}
 
 SYNC_MAX_S = 300.0           # broadcast time sync corrects at most +-5 min (reference 1.7)
 
@@ -212,11 +201,7 @@ class LinePoller:
 
     def read_di(self, worker, meter, di):
         """One DL/T 645 read through the worker; (Result, message)."""
-        version = meter.version
-        plen = payload_length(di, version) or 40
-        req = Request(meter.id, "dlt645", D.read_data(meter.address, di, version),
-                      12 + (4 if version == 2007 else 2) + plen, label="%X" % di)
-        result = worker.transact(req)
+        result = worker.transact(read_request(meter, di))
         if not self._outcome(meter, result):
             return result, None
         return result, result.answer

@@ -1,0 +1,368 @@
+"""The MQTT uplink: store-and-forward from the journal to the head-end (CONTRACT.md).
+
+The journal is the outbox (paho-mqtt keeps its queue in RAM only): readings, events and
+command results are read from it in order, published at QoS 1 with a bounded number in
+flight, and the journal cursor advances only when the broker has acknowledged (PUBACK).
+After a disconnect, whatever was not acknowledged is sent again with the same `seq`.
+
+One thread owns the paho client and runs its network loop itself (client.loop), so
+callbacks only record what happened and never block; the same thread drains the journal
+between loop calls. Each connection gets a fresh client: a persistent session at the broker
+(clean start off, a session expiry for MQTT 5) keeps commands queued while the gateway was
+away. Reconnects back off exponentially with jitter. Commands are handed to a queue with
+their MQTT 5 response topic and correlation data.
+"""
+
+import datetime as _dt
+import json
+import logging
+import queue
+import random
+import socket
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway import __version__
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "uplink"
+STREAMS = ("results", "events", "readings")      # results first: commands are urgent
+
+
+def rfc3339(ms):
+    """Unix milliseconds as RFC 3339 with the gateway's UTC offset."""
+    return _dt.datetime.fromtimestamp(ms / 1000.0).astimezone().isoformat(
+        timespec="milliseconds")
+
+
+class Command:
+    """A message from {root}/commands, with what is needed to answer it."""
+
+    __slots__ = ("payload", "response_topic", "correlation_data", "received_at")
+
+    def __init__(self, payload, response_topic=None, correlation_data=None):
+        self.payload = payload
+        self.response_topic = response_topic
+        self.correlation_data = correlation_data
+        self.received_at = time.time()
+
+
+class Uplink(threading.Thread):
+    def __init__(self, cfg, gateway_id, journal, commands=None, started_at=None):
+        super().__init__(name="uplink", daemon=True)
+        self.cfg = cfg
+        self.gateway_id = gateway_id
+        self.root = "%s/%s" % (cfg.topic_root.rstrip("/"), gateway_id)
+        self.journal = journal
+        self.commands = commands if commands is not None else queue.Queue(maxsize=1000)
+        self.started_at = started_at or time.time()
+        self.v5 = cfg.mqtt_version == "5"
+        self._halt = threading.Event()
+        self._client = None
+        self._connected = False
+        self._lock = threading.Lock()
+        self._acked = []                  # mids acknowledged, recorded by on_publish
+        self._inflight = {}               # mid -> (stream, last_seq)
+        self._pending = {s: [] for s in STREAMS}   # published, in order: [last_seq, mid, acked]
+        self._sent_upto = {}
+        self._wake = threading.Event()
+        self.heartbeat = time.monotonic()
+        self.state = {"connected": False, "broker": "%s:%d" % (cfg.host, cfg.port),
+                      "last_ack": None, "last_error": None, "connects": 0,
+                      "published": 0, "acked": 0}
+        self._password = cfg.password
+        if cfg.password_file:
+            with open(cfg.password_file) as f:
+                self._password = f.read().strip()
+        for s in STREAMS:
+            journal.register(CONSUMER, s)
+
+    # ---------------------------------------------------------------- public
+
+    def stop(self, timeout=5.0):
+        self._halt.set()
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def notify(self):
+        """New rows in the journal: wake the sender."""
+        self._wake.set()
+
+    def status(self):
+        out = dict(self.state)
+        try:
+            stats = self.journal.stats()["streams"]
+            backlog = {s: stats[s]["consumers"].get(CONSUMER, {}).get("pending", 0)
+                       for s in STREAMS}
+            oldest = stats["readings"]["oldest_ts"]
+        except Exception:      # a failing disk must not break status reports
+            backlog, oldest = {}, None
+        out["backlog"] = backlog
+        out["oldest_unsent_age_s"] = round(time.time() - oldest / 1000.0, 1) \
+            if oldest and backlog.get("readings") else 0
+        return out
+
+    def publish_result_now(self):
+        self._wake.set()
+
+    # ---------------------------------------------------------------- client
+
+    def _status_payload(self, state):
+        return json.dumps({"v": 1, "state": state, "version": __version__,
+                           "since": rfc3339(int(self.started_at * 1000))},
+                          separators=(",", ":"))
+
+    def _new_client(self):
+        cfg = self.cfg
+        client_id = cfg.client_id or "mgw-%s" % self.gateway_id
+        if self.v5:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        else:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 clean_session=False, protocol=mqtt.MQTTv311,
+                                 reconnect_on_failure=False)
+        client.max_inflight_messages_set(cfg.inflight_max)
+        client.max_queued_messages_set(0)
+        if cfg.username:
+            client.username_pw_set(cfg.username, self._password)
+        if cfg.tls_ca or cfg.tls_cert:
+            client.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
+                           cert_reqs=ssl.CERT_REQUIRED)
+        client.will_set(self.root + "/status", self._status_payload("offline"), qos=1,
+                        retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = lambda *a, **k: None
+        return client
+
+    # callbacks: record and return (they run inside client.loop on this thread)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self.state["last_error"] = "broker refused the connection: %s" % reason_code
+            return
+        self._connected = True
+        self.state["connected"] = True
+        self.state["connects"] += 1
+        self.state["last_error"] = None
+        # subscribe on every connect: a reconnect may have lost the subscription
+        client.subscribe(self.root + "/commands", qos=1)
+        client.publish(self.root + "/status", self._status_payload("online"), qos=1,
+                       retain=True)
+        log.info("uplink connected to %s (%s)", self.state["broker"],
+                 "MQTT 5" if self.v5 else "MQTT 3.1.1")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._connected = False
+        self.state["connected"] = False
+        refused = "refused" in (self.state["last_error"] or "")
+        if not refused and reason_code is not None and getattr(reason_code, "is_failure",
+                                                               False):
+            self.state["last_error"] = "disconnected: %s" % reason_code
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        with self._lock:
+            self._acked.append(mid)
+
+    def _on_message(self, client, userdata, message):
+        props = getattr(message, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        cmd = Command(bytes(message.payload), response_topic, correlation)
+        try:
+            self.commands.put_nowait(cmd)
+        except queue.Full:
+            log.error("command queue full: dropping a command (it will not be acknowledged "
+                      "as executed; the head-end sees no result)")
+
+    # ---------------------------------------------------------------- the thread
+
+    def run(self):
+        backoff = 1.0
+        while not self._halt.is_set():
+            self.heartbeat = time.monotonic()
+            try:
+                self._session()
+                backoff = 1.0 if self.state["connects"] else backoff
+            except (OSError, ssl.SSLError, socket.error) as exc:
+                self.state["last_error"] = "cannot connect to %s: %s" % (
+                    self.state["broker"], getattr(exc, "strerror", None) or exc)
+            except Exception:
+                log.exception("uplink: unexpected error")
+                self.state["last_error"] = "internal error (see log)"
+            self._connected = False
+            self.state["connected"] = False
+            self._reset_inflight()
+            if self._halt.is_set():
+                break
+            if self.state["last_error"]:
+                log.warning("uplink: %s; retrying in about %.0f s", self.state["last_error"],
+                            backoff)
+            # jittered exponential back-off: thousands of boxes must not reconnect in step
+            self._halt.wait(backoff * random.uniform(0.5, 1.5))
+            backoff = min(self.cfg.reconnect_max_s, backoff * 2)
+
+    def _session(self):
+        cfg = self.cfg
+        client = self._new_client()
+        self._client = client
+        self.state["last_error"] = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = cfg.session_expiry_s
+            client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=False,
+                           properties=props)
+        else:
+            client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+        deadline = time.monotonic() + 15
+        while not self._connected and not self._halt.is_set():
+            rc = client.loop(timeout=0.2)
+            if self.state["last_error"] and "refused" in self.state["last_error"]:
+                client.disconnect()
+                return
+            if rc != mqtt.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
+                self.state["last_error"] = self.state["last_error"] or \
+                    "no CONNACK from %s" % self.state["broker"]
+                return
+        try:
+            while self._connected and not self._halt.is_set():
+                self.heartbeat = time.monotonic()
+                self._collect_acks()
+                self._send()
+                rc = client.loop(timeout=0.05 if self._has_work() else 0.25)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    self.state["last_error"] = "connection lost (%s)" % mqtt.error_string(rc)
+                    break
+            if self._halt.is_set() and self._connected:
+                self._drain(client)
+        finally:
+            try:
+                client.disconnect()
+                client.loop(timeout=0.1)
+            except Exception:
+                pass
+
+    def _drain(self, client, seconds=2.0):
+        """On a clean stop: let acknowledgements of what is in flight arrive, publish the
+        retained offline status (the Will is only for an unclean end)."""
+        end = time.monotonic() + seconds
+        while self._inflight and time.monotonic() < end:
+            client.loop(timeout=0.05)
+            self._collect_acks()
+        info = client.publish(self.root + "/status", self._status_payload("offline"), qos=1,
+                              retain=True)
+        end = time.monotonic() + 1.0
+        while not info.is_published() and time.monotonic() < end:
+            client.loop(timeout=0.05)
+
+    def _has_work(self):
+        return bool(self._inflight) or self._wake.is_set()
+
+    def _reset_inflight(self):
+        with self._lock:
+            self._acked.clear()
+        self._inflight.clear()
+        for s in STREAMS:
+            self._pending[s] = []
+        self._sent_upto.clear()
+
+    def _collect_acks(self):
+        with self._lock:
+            acked, self._acked = self._acked, []
+        for mid in acked:
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
+                continue                      # the status message, or a stale mid
+            stream, _ = entry
+            for item in self._pending[stream]:
+                if item[1] == mid:
+                    item[2] = True
+            self.state["acked"] += 1
+        for stream in STREAMS:
+            pend = self._pending[stream]
+            upto = None
+            while pend and pend[0][2]:
+                upto = pend.pop(0)[0]
+            if upto is not None:
+                self.journal.ack(CONSUMER, stream, upto)
+                self.state["last_ack"] = time.time()
+
+    def _send(self):
+        self._wake.clear()
+        for stream in STREAMS:
+            while len(self._inflight) < self.cfg.inflight_max:
+                after = self._sent_upto.get(stream)
+                if after is None:
+                    after = self.journal.cursor(CONSUMER, stream)
+                if stream == "readings":
+                    rows = self.journal.read(CONSUMER, stream, limit=self.cfg.batch_max,
+                                             after=after)
+                    if not rows:
+                        break
+                    age = time.time() - rows[0].gw_ts / 1000.0
+                    if len(rows) < self.cfg.batch_max and age < self.cfg.batch_age_s:
+                        self._wake.set()      # come back when the batch is old enough
+                        break
+                    payload = readings_payload(rows)
+                    topic = self.root + "/readings"
+                    last = rows[-1].seq
+                    props = None
+                else:
+                    rows = self.journal.read(CONSUMER, stream, limit=1, after=after)
+                    if not rows:
+                        break
+                    row = rows[0]
+                    payload, extra_topic, props = record_payload(row, stream)
+                    topic = self.root + ("/events" if stream == "events"
+                                         else "/command-results")
+                    last = row.seq
+                    if extra_topic:
+                        # MQTT 5 request/response: the result also goes where it was asked
+                        self._client.publish(extra_topic, payload, qos=1, properties=props)
+                info = self._client.publish(topic, payload, qos=1)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    return
+                self._inflight[info.mid] = (stream, last)
+                self._pending[stream].append([last, info.mid, False])
+                self._sent_upto[stream] = last
+                self.state["published"] += 1
+
+
+def readings_payload(rows):
+    """The contract's readings batch; values are spliced as the journal's exact JSON."""
+    parts = []
+    for r in rows:
+        unit = json.dumps(r.unit) if r.unit is not None else "null"
+        parts.append('{"seq":%d,"meter":%s,"ts":"%s","q":%s,"value":%s,"unit":%s,'
+                     '"gw_ts":"%s","quality":"%s"}' % (
+                         r.seq, json.dumps(r.meter, ensure_ascii=False), rfc3339(r.ts),
+                         json.dumps(r.quantity), r.value_json, unit, rfc3339(r.gw_ts),
+                         r.quality))
+    return '{"v":1,"first_seq":%d,"last_seq":%d,"readings":[%s]}' % (
+        rows[0].seq, rows[-1].seq, ",".join(parts))
+
+
+def record_payload(row, stream):
+    """(payload, response topic or None, MQTT 5 properties) of an event or a result."""
+    body = dict(row.body)
+    response_topic = body.pop("_response_topic", None)
+    correlation = body.pop("_correlation_data", None)
+    out = {"v": 1, "seq": row.seq, "ts": rfc3339(row.ts)}
+    out.update(body)
+    payload = json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+    props = None
+    if response_topic:
+        props = Properties(PacketTypes.PUBLISH)
+        if correlation is not None:
+            props.CorrelationData = bytes.fromhex(correlation)
+    return payload, response_topic if stream == "results" else None, props
