@@ -76,6 +76,7 @@ class MeterHealth:
         self.last_sync_day = None
         self.last_drift_event_day = None
         self.last_freeze_day = None
+        self.relay = None           # last relay state read ("open" / "closed")
         self.reads = 0              # transactions asked of this meter (after retries)
         self.reads_ok = 0
 
@@ -210,6 +211,9 @@ class LinePoller:
         now_ms = int(self.wall() * 1000)
         if quality is None:
             quality = GOOD if self.clock_trusted() else CLOCK_UNTRUSTED
+        for v in values:
+            if v.quantity == "relay.state":
+                self.health[meter.id].relay = v.value
         return [Reading(meter.id, v.quantity, v.value, v.unit, ts or now_ms, now_ms, quality)
                 for v in values if v.quantity not in SKIP_QUANTITIES]
 

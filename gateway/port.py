@@ -207,6 +207,10 @@ class PortWorker(threading.Thread):
             self._cv.notify()
         return fut
 
+    def submit_job(self, job, priority=ON_DEMAND):
+        """Queue a callable job(worker) run on this line's thread (a multi-step read)."""
+        return self.submit(job, priority)
+
     def stop(self, timeout=5.0):
         self._halt.set()
         with self._cv:
@@ -297,6 +301,11 @@ class PortWorker(threading.Thread):
                 _, _, request, fut = heapq.heappop(self._queue)
             if fut.set_running_or_notify_cancel():
                 try:
+                    if callable(request) and not isinstance(request, Request):
+                        request(self)
+                        fut.set_result(None)
+                        ran = True
+                        continue
                     fut.set_result(self._execute(request))
                 except Exception as exc:
                     fut.set_result(Result(False, None, "internal error: %s" % exc, 0, 0.0))

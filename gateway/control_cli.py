@@ -1,0 +1,116 @@
+"""`mgw relay`, `mgw keys gen`, `mgw command sign`: the technician's and the integrator's
+side of the command path."""
+
+import datetime as _dt
+import json
+import os
+import sys
+import time
+import uuid
+
+from gateway.cli import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, emit, find_meter,
+                         load_config)
+
+
+def main(which, args):
+    if which == "keys":
+        return keys_gen(args)
+    if which == "command":
+        return command_sign(args)
+    return relay(args)
+
+
+def keys_gen(args):
+    from gateway.signing import KeyError_, generate
+    try:
+        priv, pub, kid = generate(args.out)
+    except KeyError_ as exc:
+        raise CliError(str(exc), EXIT_FAILED) from None
+    except OSError as exc:
+        raise CliError("%s: %s" % (args.out, exc.strerror), EXIT_FAILED) from None
+    emit(args, {"private_key": priv, "public_key": pub, "kid": kid}, lambda o: print(
+        "private key: %s (keep it at the head-end, mode 0600)\npublic key:  %s (copy to "
+        "each gateway, list it in [control] public_keys)\nkey id:      %s"
+        % (o["private_key"], o["public_key"], o["kid"])))
+    return EXIT_OK
+
+
+def command_sign(args):
+    from gateway.signing import KeyError_, load_private_key, sign
+    try:
+        key = load_private_key(args.key)
+    except KeyError_ as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    params = {}
+    for item in args.param:
+        if "=" not in item:
+            raise CliError("--param %r: use KEY=VALUE" % item, EXIT_USAGE)
+        k, v = item.split("=", 1)
+        if k == "quantities":
+            v = [q for q in v.split(",") if q]
+        elif k == "on":
+            v = v.lower() in ("1", "true", "yes", "on")
+        params[k] = v
+    now = _dt.datetime.now().astimezone().replace(microsecond=0)
+    cmd = {"v": 1, "id": args.id or str(uuid.uuid4()), "meter": args.meter,
+           "action": args.cmd_action, "issued_at": now.isoformat(),
+           "expires_at": (now + _dt.timedelta(seconds=args.valid)).isoformat(),
+           "params": params}
+    print(json.dumps(sign(cmd, key), ensure_ascii=False, sort_keys=True))
+    return EXIT_OK
+
+
+def relay(args):
+    """Through the running service's spool folder (root or the gateway's group), so the
+    operation is executed by the line's owner and audited like a remote one."""
+    cfg = load_config(args)
+    meter = find_meter(cfg, args.meter)
+    if meter.protocol != "dlt645":
+        raise CliError("meter %s is a Modbus meter without a relay" % meter.id, EXIT_USAGE)
+    spool = os.path.join(cfg.gateway.data_dir, "spool")
+    status_path = os.path.join(cfg.gateway.data_dir, "status.json")
+    try:
+        with open(status_path) as f:
+            age = time.time() - json.load(f).get("written_at", 0)
+    except (OSError, ValueError):
+        age = None
+    if age is None or age > 3 * cfg.gateway.status_interval_s + 5:
+        raise CliError("the gateway service is not running (no fresh %s): start it first; "
+                       "relay operations go through it so they are audited" % status_path)
+    if not os.access(spool, os.W_OK):
+        raise CliError("%s: not writable: run as root or as a member of the gateway's group "
+                       "(%s)" % (spool, cfg.control.local_group), EXIT_FAILED)
+    action = {"cut-off": "cut_off", "restore": "restore", "status": "status"}[args.action]
+    params = {"mode": "direct"} if args.direct and action == "restore" else {}
+    rid = uuid.uuid4().hex
+    req = {"meter": meter.id, "action": action, "params": params, "operator": args.operator}
+    tmp = os.path.join(spool, ".%s.tmp" % rid)
+    with open(tmp, "w") as f:
+        json.dump(req, f)
+    os.replace(tmp, os.path.join(spool, "%s.req.json" % rid))
+    out = os.path.join(spool, "%s.res.json" % rid)
+    end = time.time() + 90
+    while time.time() < end:
+        if os.path.exists(out):
+            with open(out) as f:
+                result = json.load(f)
+            os.unlink(out)
+            break
+        time.sleep(0.2)
+    else:
+        raise CliError("no result from the service within 90 s (the request stays queued)")
+    ok = result.get("status") == "done"
+
+    def human(r):
+        if ok:
+            line = "meter %s: relay %s" % (meter.id, r.get("relay"))
+            if r.get("guarantee"):
+                line += ", under guarantee"
+            if r.get("awaiting_customer"):
+                line += " (close allowed: the customer presses the meter's button)"
+            print(line)
+        else:
+            sys.stderr.write("mgw relay: meter %s: %s: %s\n" % (meter.id, r.get("status"),
+                                                              r.get("reason")))
+    emit(args, result, human)
+    return EXIT_OK if ok else EXIT_FAILED

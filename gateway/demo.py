@@ -1,0 +1,201 @@
+"""`mgw demo`: the whole gateway on a fresh machine, no hardware, no configuration.
+
+Simulated meters on pseudo-terminals (a DL/T 645 line with a noisy meter, a dead one and a
+prepaid household running low; a Modbus line served by pymodbus), a data folder of its own,
+the uplink to a broker on 127.0.0.1:1883 if one is reachable (buffering otherwise), signing
+keys for trying commands, and a live view of lines, meters, readings, balances and relays.
+"""
+
+import collections
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+from gateway import __version__
+from gateway.config import validate
+from gateway.simulator import Faults, SimLine, SimMeter
+
+
+def _broker_reachable(host, port):
+    try:
+        socket.create_connection((host, port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def build(data_dir, broker=("127.0.0.1", 1883)):
+    """(config, simulators, keys folder) for the demo."""
+    from gateway.signing import generate
+    from gateway.simulator_modbus import ModbusSimLine, ModbusSimMeter
+    keys = os.path.join(data_dir, "keys")
+    if not os.path.exists(os.path.join(keys, "headend.pub")):
+        generate(keys)
+    meters = [SimMeter("%012d" % (1001 + i), load_kw=[1.2, 2.5, 0.8, 30.0, 1.5, 2.0][i],
+                       balance="100.00", faults=Faults(latency_s=0.04))
+              for i in range(6)]
+    meters[1].faults.drop_rate = 0.1           # a meter that misses one answer in ten
+    meters[1].faults.corrupt_rate = 0.05
+    meters[5].faults.silent = True             # a dead meter: offline, probed with back-off
+    dlt = SimLine(meters, baudrate=9600, name="demo-dlt645")
+    mb = ModbusSimLine([ModbusSimMeter(1, "eastron-sdm120"),
+                        ModbusSimMeter(2, "chint-ddsu666")], baudrate=9600,
+                       name="demo-modbus")
+    doc = {
+        "gateway": {"id": "demo-gw", "data_dir": data_dir, "status_interval_s": 2},
+        "ports": [{"name": "rs485-1", "device": dlt.device, "baudrate": 9600},
+                  {"name": "rs485-2", "device": mb.device, "baudrate": 9600, "parity": "N"}],
+        "meters": [{"id": "m%d" % (i + 1), "port": "rs485-1", "address": m.address,
+                    "interval_s": 10, "instant_interval_s": 20, "clock_interval_s": 600,
+                    "prepaid": True} for i, m in enumerate(meters)] +
+                  [{"id": "mb1", "port": "rs485-2", "protocol": "modbus", "unit": 1,
+                    "profile": "eastron-sdm120", "interval_s": 15, "instant_interval_s": 15},
+                   {"id": "mb2", "port": "rs485-2", "protocol": "modbus", "unit": 2,
+                    "profile": "chint-ddsu666", "interval_s": 15, "instant_interval_s": 15}],
+        "uplink": {"host": broker[0], "port": broker[1], "topic_root": "mgw/v1",
+                   "health_interval_s": 60},
+        "control": {"public_keys": [os.path.join(keys, "headend.pub")],
+                    "require_synced_clock": False},
+        "tariffs": {
+            "flat": {"kind": "flat", "price": "0.5283"},
+            "tou": {"kind": "tiered_tou",
+                    "prices": {"sharp": "1.0253", "peak": "0.8653", "flat": "0.5283",
+                               "valley": "0.3015"},
+                    "schedule": [{"from": "00:00", "to": "08:00", "rate": "valley"},
+                                 {"from": "08:00", "to": "11:00", "rate": "peak"},
+                                 {"from": "11:00", "to": "17:00", "rate": "flat"},
+                                 {"from": "17:00", "to": "19:00", "rate": "peak"},
+                                 {"from": "19:00", "to": "21:00", "rate": "sharp"},
+                                 {"from": "21:00", "to": "24:00", "rate": "flat"}],
+                    "ladder": [{"upto_kwh": "2760", "surcharge": "0"},
+                               {"upto_kwh": "4800", "surcharge": "0.05"},
+                               {"surcharge": "0.30"}]},
+        },
+        "accounts": [
+            {"meter": "m1", "tariff": "flat", "opening_balance": "100.00"},
+            {"meter": "m3", "tariff": "tou", "opening_balance": "50.00"},
+            # a household about to run out: warnings, then cut-off after the notice time
+            {"meter": "m4", "tariff": "flat", "opening_balance": "1.00", "alarm1": "0.80",
+             "alarm2": "0.40"},
+        ],
+        "cost_control": {"notice_s": 60, "protected_hours": [], "protected_weekends": False,
+                         "check_interval_s": 5},
+    }
+    cfg = validate(doc, "<demo>")
+    from gateway.service import config_validators
+    for v in config_validators():
+        v(cfg, cfg["_checker"])
+    chk = cfg.pop("_checker")
+    cfg.pop("_raw", None)
+    if chk.problems:
+        raise RuntimeError("demo configuration: %s" % "; ".join(chk.problems))
+    return cfg, [dlt, mb], keys
+
+
+class LiveView:
+    def __init__(self, gw, keys, out=sys.stdout):
+        self.gw = gw
+        self.keys = keys
+        self.out = out
+        self.tty = out.isatty()
+
+    def render(self):
+        gw = self.gw
+        st = gw.status()
+        lines = []
+        up = st["uplink"] or {}
+        lines.append("meter-gateway %s demo  %s  data: %s" % (
+            __version__, time.strftime("%H:%M:%S"), gw.cfg.gateway.data_dir))
+        lines.append("uplink %s: %s" % (up.get("broker"), "connected" if up.get("connected")
+                                         else "not connected, buffering (%s)" % (
+                                             up.get("last_error") or "connecting")))
+        lines.append("")
+        lines.append("%-9s %-8s %8s %8s %8s %6s %6s" % ("line", "state", "requests",
+                                                         "answers", "timeouts", "bad", "busy"))
+        for p in st["ports"]:
+            lines.append("%-9s %-8s %8d %8d %8d %6d %5.0f%%" % (
+                p["port"], "open" if p["open"] else "closed", p["requests"], p["answers"],
+                p["timeouts"], p["checksum_errors"], 100 * p["utilisation"]))
+        lines.append("")
+        lines.append("%-5s %-8s %12s %9s %-7s %10s %-9s" % (
+            "meter", "state", "energy kWh", "power kW", "relay", "balance", "account"))
+        latest = gw.sink.latest
+        accounts = st.get("accounts") or {}
+        for m in st["meters"]:
+            mid = m["id"]
+            energy = latest.get((mid, "energy.import.total"))
+            power = latest.get((mid, "power.active"))
+            acc = accounts.get(mid) or {}
+            lines.append("%-5s %-8s %12s %9s %-7s %10s %-9s" % (
+                mid, "online" if m["online"] else "OFFLINE", energy if energy is not None
+                else "-", power if power is not None else "-", m.get("relay") or "-",
+                acc.get("balance", "-"), acc.get("state", "")))
+        b = st["buffer"]
+        lines.append("")
+        lines.append("journal: %s readings, %s events waiting for the head-end; %.1f kB" % (
+            b.get("readings", "-"), b.get("events", "-"), b.get("bytes", 0) / 1000.0))
+        lines.append("recent events:")
+        for e in list(gw.sink.recent)[-6:]:
+            lines.append("  " + e)
+        lines.append("")
+        lines.append("try: mgw command sign --key %s --meter m4 --action topup "
+                     "--param amount=20.00 --param txn=T1 | mosquitto_pub -t "
+                     "mgw/v1/demo-gw/commands -s" % os.path.join(self.keys, "headend.key"))
+        lines.append("Ctrl-C stops the demo")
+        text = "\n".join(lines)
+        if self.tty:
+            self.out.write("\x1b[H\x1b[2J" + text + "\n")
+        else:
+            self.out.write(text + "\n\n")
+        self.out.flush()
+
+
+def run(args):
+    from gateway.cli import setup_logging
+    from gateway.service import Gateway, serve
+    own_dir = args.data_dir is None
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="mgw-demo-")
+    broker = ("127.0.0.1", 1883)
+    if args.broker:
+        host, _, port = args.broker.partition(":")
+        broker = (host, int(port or 1883))
+    setup_logging("warning" if not args.no_view else "info")
+    cfg, sims, keys = build(data_dir, broker)
+    for s in sims:
+        s.start()
+    if not _broker_reachable(*broker):
+        sys.stderr.write("no MQTT broker on %s:%d: readings are buffered in the journal "
+                         "until one is there\n" % broker)
+    gw = Gateway(cfg)
+    stop = threading.Event()
+    view = None if args.no_view else LiveView(gw, keys)
+
+    def ticker(gw_):
+        def loop():
+            while not stop.is_set():
+                if view:
+                    try:
+                        view.render()
+                    except Exception as exc:       # the view must never stop the demo
+                        sys.stderr.write("view: %s\n" % exc)
+                stop.wait(1.0)
+        threading.Thread(target=loop, daemon=True, name="view").start()
+        if args.seconds:
+            threading.Timer(args.seconds, stop.set).start()
+    try:
+        serve(gw, stop, on_started=ticker)
+    finally:
+        stop.set()
+        for s in sims:
+            s.stop()
+        if own_dir and not os.environ.get("MGW_DEMO_KEEP"):
+            shutil.rmtree(data_dir, ignore_errors=True)
+    print("demo stopped")
+    return 0
+
+
+__all__ = ["build", "run", "collections"]

@@ -1,0 +1,408 @@
+"""`mgw run` and `mgw demo`: the whole gateway wired from one configuration.
+
+Start-up validates the whole configuration before anything starts, opens the state file and
+the journal (refusing to start on a damaged state file), then starts one worker per line,
+the uplink and the command executor. The main thread supervises: it restarts a dead worker
+or uplink thread (counted), pings systemd's watchdog only while every thread shows signs of
+life, writes status.json for `mgw status`, and publishes a health event at the configured
+interval. SIGTERM/SIGINT stop it cleanly within a few seconds; a SIGKILL loses nothing that
+was appended to the journal.
+"""
+
+import collections
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+
+from gateway import __version__
+from gateway.clock import ClockPolicy
+from gateway.journal import Journal, JournalError
+from gateway.poller import LinePoller, MeterSpec
+from gateway.port import PortWorker
+from gateway.sdnotify import Notifier
+from gateway.state import StateError, StateStore, write_state_file
+
+log = logging.getLogger("gateway")
+
+HUNG_AFTER_S = 120.0          # a thread without a heartbeat this long is hung
+
+
+def config_validators():
+    """Validators of other modules run by `mgw config check` and `mgw run`."""
+    from gateway import costcontrol
+    return [costcontrol.validate_config]
+
+
+class ReadingSink:
+    """Readings and events into the journal. If the journal cannot take them (a failing
+    disk), they wait in a bounded queue in memory and are retried; what overflows the queue
+    is counted, and a health event says so once the disk is back."""
+
+    def __init__(self, journal, on_appended=lambda: None, max_pending=100000):
+        self.journal = journal
+        self.on_appended = on_appended
+        self._lock = threading.Lock()
+        self._pending = collections.deque()
+        self._pending_events = collections.deque(maxlen=10000)
+        self.max_pending = max_pending
+        self.lost = 0
+        self.last_error = None
+        self.latest = {}                            # (meter, quantity) -> value, for views
+        self.recent = collections.deque(maxlen=50)  # recent events, one line each
+
+    def readings(self, readings):
+        for r in readings:
+            self.latest[(r.meter, r.quantity)] = r.value
+        with self._lock:
+            self._pending.extend(readings)
+            while len(self._pending) > self.max_pending:
+                self._pending.popleft()
+                self.lost += 1
+            self._flush()
+
+    def event(self, event_type, **fields):
+        if event_type != "audit":
+            self.recent.append("%s %s %s" % (time.strftime("%H:%M:%S"), event_type, " ".join(
+                "%s=%s" % kv for kv in fields.items())))
+        with self._lock:
+            self._pending_events.append((event_type, int(time.time() * 1000), fields))
+            self._flush()
+
+    def flush(self):
+        with self._lock:
+            self._flush()
+
+    def _flush(self):
+        try:
+            while self._pending_events:
+                event_type, ts, fields = self._pending_events[0]
+                self.journal.append_event(event_type, ts=ts, **fields)
+                self._pending_events.popleft()
+            if self._pending:
+                batch = list(self._pending)
+                self.journal.append_readings(batch)
+                self._pending.clear()
+            if self.last_error:
+                log.warning("journal writable again: %d readings kept in memory were stored"
+                            "%s", 0, ", %d lost" % self.lost if self.lost else "")
+                self.last_error = None
+                self.journal.append_event("gateway.storage_recovered", lost=self.lost)
+            self.on_appended()
+        except JournalError as exc:
+            if str(exc) != self.last_error:
+                log.error("%s; keeping readings in memory (%d) and retrying", exc,
+                          len(self._pending))
+            self.last_error = str(exc)
+
+    @property
+    def pending(self):
+        return len(self._pending) + len(self._pending_events)
+
+
+class Gateway:
+    def __init__(self, cfg, clock_policy=None, notifier=None, simulators=()):
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.clock = clock_policy or ClockPolicy(cfg.control.require_synced_clock)
+        self.notifier = notifier or Notifier()
+        self.simulators = list(simulators)
+        data_dir = cfg.gateway.data_dir
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as exc:
+            raise StateError("%s: cannot create the data folder (%s)"
+                             % (data_dir, exc.strerror)) from None
+        self.state = StateStore(os.path.join(data_dir, "state.json"),
+                                recover=cfg.storage.recover_state)
+        self.journal = Journal(os.path.join(data_dir, "journal.db"),
+                               quota_bytes=cfg.storage.journal_quota_mb * 1024 * 1024,
+                               reserve_bytes=cfg.storage.reserve_mb * 1024 * 1024)
+        self.uplink = None
+        self.sink = ReadingSink(self.journal, on_appended=self._appended)
+        self.commands = queue.Queue(maxsize=1000)
+        self.workers = {}
+        self.pollers = {}
+        self.restarts = collections.Counter()
+        self._halt = threading.Event()
+        self._health_due = 0.0
+        self.executor = None
+        self.costcontrol = None
+        self._build_lines()
+
+    # ---------------------------------------------------------------- wiring
+
+    def _specs(self, port_name):
+        return [MeterSpec(m.id, m.port, protocol=m.protocol, address=m.address, unit=m.unit,
+                          profile=m.profile, interval_s=m.interval_s,
+                          instant_interval_s=m.instant_interval_s,
+                          clock_interval_s=m.clock_interval_s, version=m.version,
+                          prepaid=m.prepaid)
+                for m in self.cfg.meters if m.port == port_name]
+
+    def _build_lines(self):
+        saved = self.state.all("meters")
+        for port in self.cfg.ports:
+            poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
+                                clock_trusted=self.clock.trusted,
+                                offline_after=port.offline_after)
+            for mid, h in poller.health.items():
+                doc = saved.get(mid) or {}
+                h.online = doc.get("online", True)
+                if doc.get("last_freeze_day"):
+                    import datetime as _dt
+                    h.last_freeze_day = _dt.date.fromisoformat(doc["last_freeze_day"])
+            self.pollers[port.name] = poller
+            self.workers[port.name] = self._new_worker(port)
+
+    def _new_worker(self, port):
+        return PortWorker(port.name, port.device, baudrate=port.baudrate, parity=port.parity,
+                          bytesize=port.bytesize, stopbits=port.stopbits,
+                          retries=port.retries, settle_s=port.settle_ms / 1000.0,
+                          poll_source=self.pollers[port.name])
+
+    def _appended(self):
+        if self.uplink is not None:
+            self.uplink.notify()
+
+    def start(self):
+        if self.cfg.uplink.host:
+            from gateway.uplink import Uplink
+            self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
+                                 self.commands, self.started_at)
+        from gateway import commands as command_mod
+        self.executor = command_mod.Executor(self)
+        from gateway import costcontrol
+        self.costcontrol = costcontrol.CostControl(self)
+        for w in self.workers.values():
+            w.start()
+        if self.uplink is not None:
+            self.uplink.start()
+        self.executor.start()
+        self.costcontrol.start()
+        self.sink.event("gateway.started", version=__version__,
+                        ports=len(self.cfg.ports), meters=len(self.cfg.meters))
+        self.notifier.ready(self.summary())
+        log.info("gateway %s started: %d ports, %d meters, uplink %s",
+                 self.cfg.gateway.id, len(self.cfg.ports), len(self.cfg.meters),
+                 self.cfg.uplink.host or "none")
+
+    def port_worker(self, port_name):
+        return self.workers[port_name]
+
+    def meter(self, meter_id):
+        for m in self.cfg.meters:
+            if m.id == meter_id:
+                return m
+        return None
+
+    # ---------------------------------------------------------------- supervision
+
+    def supervise_once(self):
+        now = time.monotonic()
+        healthy = True
+        for name, w in list(self.workers.items()):
+            if not w.is_alive():
+                self.restarts[name] += 1
+                log.error("port %s: worker thread died; restarting (%d restarts)", name,
+                          self.restarts[name])
+                port = next(p for p in self.cfg.ports if p.name == name)
+                nw = self._new_worker(port)
+                nw.stats.restarts = self.restarts[name]
+                self.workers[name] = nw
+                nw.start()
+            elif now - w.heartbeat > HUNG_AFTER_S:
+                healthy = False
+                log.error("port %s: worker shows no sign of life for %.0f s", name,
+                          now - w.heartbeat)
+        if self.uplink is not None and not self.uplink.is_alive():
+            self.restarts["uplink"] += 1
+            log.error("uplink thread died; restarting (%d restarts)", self.restarts["uplink"])
+            from gateway.uplink import Uplink
+            self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
+                                 self.commands, self.started_at)
+            self.uplink.start()
+        elif self.uplink is not None and now - self.uplink.heartbeat > HUNG_AFTER_S:
+            healthy = False
+        for thread in (self.executor, self.costcontrol):
+            if thread is not None and not thread.is_alive():
+                self.restarts[thread.name] += 1
+                log.error("%s thread died; restarting", thread.name)
+                thread.restart()
+        self.sink.flush()
+        return healthy
+
+    def run_forever(self, stop_event=None):
+        stop_event = stop_event or self._halt
+        interval = self.cfg.gateway.status_interval_s
+        wd = self.notifier.watchdog_s
+        next_status = 0.0
+        while not stop_event.is_set():
+            healthy = self.supervise_once()
+            if healthy and wd:
+                self.notifier.watchdog()
+            now = time.time()
+            if now >= next_status:
+                next_status = now + interval
+                self.write_status()
+                self.notifier.status(self.summary())
+            if now >= self._health_due:
+                if self._health_due:
+                    self.sink.event("gateway.health", **self.health())
+                self._health_due = now + self.cfg.uplink.health_interval_s
+            stop_event.wait(min(1.0, wd / 3 if wd else 1.0))
+
+    def stop(self, timeout=4.0):
+        self.notifier.stopping()
+        deadline = time.monotonic() + timeout
+        for w in self.workers.values():
+            w._halt.set()
+        for t in (self.executor, self.costcontrol):
+            if t is not None:
+                t.stop()
+        for w in self.workers.values():
+            w.stop(max(0.1, deadline - time.monotonic()))
+        self.sink.event("gateway.stopped")
+        self.sink.flush()
+        self.save_meter_state()
+        if self.uplink is not None:
+            self.uplink.stop(max(0.5, deadline - time.monotonic()))
+        self.write_status(stopped=True)
+        self.journal.close()
+        self.state.close()
+
+    # ---------------------------------------------------------------- status
+
+    def save_meter_state(self):
+        """Meters' online state and freeze progress: one state write, only on change."""
+        docs = {}
+        for poller in self.pollers.values():
+            for mid, h in poller.health.items():
+                docs[mid] = {"online": h.online,
+                             "last_freeze_day": h.last_freeze_day.isoformat()
+                             if h.last_freeze_day else None}
+        current = self.state.all("meters")
+        if all(current.get(k) == v for k, v in docs.items()):
+            return
+        with self.state.batch():
+            for mid, doc in docs.items():
+                self.state.put("meters", mid, doc)
+
+    def health(self):
+        up = self.uplink.status() if self.uplink else None
+        offline = [mid for p in self.pollers.values() for mid, h in p.health.items()
+                   if not h.online]
+        return {"uplink": {k: up[k] for k in ("connected", "backlog", "oldest_unsent_age_s",
+                                              "last_ack")} if up else None,
+                "meters_offline": offline, "restarts": dict(self.restarts),
+                "memory_pending": self.sink.pending, "lost_in_memory": self.sink.lost}
+
+    def summary(self):
+        online = sum(1 for p in self.pollers.values() for h in p.health.values() if h.online)
+        total = sum(len(p.health) for p in self.pollers.values())
+        up = "uplink up" if self.uplink and self.uplink.state["connected"] else \
+            "uplink down" if self.uplink else "no uplink"
+        try:
+            pending = self.journal.stats()["streams"]["readings"]["consumers"].get(
+                "uplink", {}).get("pending", 0)
+        except JournalError:
+            pending = "?"
+        return "%d/%d meters online, %s, %s readings buffered" % (online, total, up, pending)
+
+    def status(self):
+        try:
+            jstats = self.journal.stats()
+        except JournalError:
+            jstats = None
+        meters = []
+        balances = self.costcontrol.balances() if self.costcontrol else {}
+        relays = self.costcontrol.relay_states() if self.costcontrol else {}
+        last = self._last_readings()
+        for port, poller in self.pollers.items():
+            for mid, h in poller.health.items():
+                meters.append({"id": mid, "port": port, "online": h.online,
+                               "last_reading": last.get(mid), "last_error": h.last_error,
+                               "drift_s": h.drift_s, "relay": relays.get(mid),
+                               "balance": balances.get(mid)})
+        buffer = {}
+        if jstats:
+            for s, st in jstats["streams"].items():
+                buffer[s] = st["consumers"].get("uplink", {}).get("pending", st["stored"])
+            buffer["bytes"] = jstats["file_bytes"]
+            buffer["dropped"] = {s: st["dropped"] for s, st in jstats["streams"].items()}
+        return {"v": 1, "gateway": self.cfg.gateway.id, "version": __version__,
+                "pid": os.getpid(), "started_at": self.started_at,
+                "written_at": time.time(),
+                "clock_trusted": self.clock.trusted(),
+                "uplink": self.uplink.status() if self.uplink else None,
+                "ports": [w.line_stats() for w in self.workers.values()],
+                "meters": meters, "buffer": buffer,
+                "accounts": self.costcontrol.accounts_status() if self.costcontrol else {},
+                "restarts": dict(self.restarts)}
+
+    def _last_readings(self):
+        out = {}
+        for p in self.pollers.values():
+            for mid, h in p.health.items():
+                if h.last_ok:
+                    out[mid] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(h.last_ok))
+        return out
+
+    def write_status(self, stopped=False):
+        status = self.status()
+        status["stopped"] = stopped
+        path = os.path.join(self.cfg.gateway.data_dir, "status.json")
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(status, f, default=str)
+            os.replace(tmp, path)   # no fsync: a status snapshot may be lost, never torn
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc.strerror)
+        self.save_meter_state()
+
+
+# ---------------------------------------------------------------- entry points
+
+def main(which, args):
+    from gateway.cli import CliError, EXIT_FAILED, EXIT_OK, EXIT_USAGE, load_config, \
+        setup_logging
+    if which == "demo":
+        from gateway import demo
+        return demo.run(args)
+    cfg = load_config(args, config_validators())
+    setup_logging(cfg.gateway.log_level)
+    try:
+        gw = Gateway(cfg)
+    except (StateError, JournalError) as exc:
+        raise CliError(str(exc), EXIT_USAGE if isinstance(exc, StateError) else EXIT_FAILED)
+    return serve(gw)
+
+
+def serve(gw, stop_event=None, on_started=None):
+    stop_event = stop_event or threading.Event()
+
+    def handler(signum, frame):
+        log.info("signal %d: stopping", signum)
+        stop_event.set()
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            old[s] = signal.signal(s, handler)
+    try:
+        gw.start()
+        if on_started:
+            on_started(gw)
+        gw.run_forever(stop_event)
+    finally:
+        gw.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+    log.info("gateway stopped")
+    return 0
+
+
+__all__ = ["Gateway", "main", "serve", "write_state_file"]
