@@ -157,6 +157,12 @@ def cmd_simulate(args):
     else:
         meters = make_meters(args.meters, first_address=args.first, faults=faults,
                              prepaid=True)
+
+        def on_relay(meter, state, command):
+            # every relay movement, one line: drills and tests watch this
+            print("relay %s %s %s" % (meter.address, state, command), flush=True)
+        for m in meters:
+            m.on_relay = on_relay
         line = SimLine(meters, baudrate=args.baudrate)
         names = [m.address for m in meters]
     path = args.port

@@ -41,6 +41,14 @@ MAX_TOPUP = Decimal("100000.00")
 READBACK_TRIES = 4
 
 
+def _failpoint(name):
+    """Crash here if MGW_FAILPOINT names this point: the restart-recovery tests kill the
+    process at exact steps of the command path. Inert unless the variable is set."""
+    if os.environ.get("MGW_FAILPOINT") == name:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def parse_time(value, field):
     if not isinstance(value, str):
         raise ValueError("%s must be an RFC 3339 time string" % field)
@@ -182,6 +190,11 @@ class Executor(threading.Thread):
             self.executed["rejected"] += 1
             return self._result(cmd_id, "rejected", str(exc), meta)
         known = self.state.get("commands", cmd_id)
+        if known is not None and known.get("digest") not in (None, _digest(cmd)):
+            reason = "replayed id (used before by a different command)"
+            self.audit.append("command.rejected", id=cmd_id, reason=reason, command=cmd)
+            self.executed["rejected"] += 1
+            return self._result(cmd_id, "rejected", reason, meta)
         if known is not None:
             # the same command again (QoS 1 redelivery, a head-end retry): never twice
             self.audit.append("command.duplicate", id=cmd_id, state=known.get("state"))
@@ -196,7 +209,7 @@ class Executor(threading.Thread):
             meter = self._check_meter_and_params(cmd)
             self._policy(cmd, meter)
         except Rejected as exc:
-            self._record(cmd, "rejected", meta, source="remote",
+            self._record(cmd, "rejected", meta, source="remote", digest=_digest(cmd),
                          result={"status": "rejected", "reason": str(exc)})
             self.audit.append("command.rejected", id=cmd_id, reason=str(exc), command=cmd)
             self.executed["rejected"] += 1
@@ -341,9 +354,14 @@ class Executor(threading.Thread):
     def execute(self, cmd, meter, meta=None, source="remote"):
         """Ledger first, then the meter; returns the final result body."""
         cid = cmd["id"]
-        self._record(cmd, "accepted", meta, source=source)
+        self._record(cmd, "accepted", meta, source=source, digest=_digest(cmd))
         self.audit.append("command.accepted", id=cid, source=source, command=cmd)
         self._result(cid, "accepted", None, meta, meter=meter.id, action=cmd["action"])
+        _failpoint("after_ledger")
+        return self._run_accepted(cmd, meter, meta, source)
+
+    def _run_accepted(self, cmd, meter, meta, source):
+        cid = cmd["id"]
         action = cmd["action"]
         try:
             if action in RELAY_ACTIONS:
@@ -415,6 +433,7 @@ class Executor(threading.Thread):
         # resumed by reading the meter, never by sending again
         self._record(cmd, "sent", sent_at=time.time(), relay_command=rc.name)
         res = self._ask(meter, Request(meter.id, "dlt645", frame, 12 + 2, label=rc.name))
+        _failpoint("after_send")
         self.audit.append("relay.frame", id=cmd["id"], command=rc.name, ok=res.ok,
                           error=res.error, frames=_hex(res.frames))
         if not res.ok:
@@ -607,6 +626,12 @@ class Executor(threading.Thread):
                 else:
                     status, reason, extra = "failed", "interrupted by a restart; relay %s; " \
                         "not repeated" % after.get("relay"), _state(after)
+            elif doc["state"] == "accepted" and (doc.get("expires_at") or 0) > time.time():
+                # the frame never left: safe to run it now, once (the ledger says "sent"
+                # before the frame goes)
+                self.audit.append("command.resumed", id=cid)
+                self._run_accepted(cmd, meter, meta, doc.get("source", "remote"))
+                continue
             elif doc["action"] == "topup":
                 # the top-up ledger (by txn) says whether it was applied: apply at most once
                 status, reason, extra = self._topup(cmd, meter)
@@ -664,6 +689,13 @@ def _state(after):
 
 def _hex(frames):
     return [f.hex() for f in frames or ()]
+
+
+def _digest(cmd):
+    import hashlib
+    body = json.dumps({k: v for k, v in cmd.items() if k != "sig"}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:32]
 
 
 def _epoch(value):

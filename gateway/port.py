@@ -14,7 +14,9 @@ import errno
 import heapq
 import itertools
 import logging
+import os
 import select
+import termios
 import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -185,11 +187,16 @@ class PortWorker(threading.Thread):
 
     def open(self):
         """Open the device now (raises PortError with one line)."""
+        parity = self.parity
+        if os.path.realpath(self.device).startswith("/dev/pts/"):
+            # a pseudo-terminal (the simulator) carries bytes, not bits: no parity to set,
+            # and Linux ptys refuse PARENB on a re-open
+            parity = serial.PARITY_NONE
         try:
             self._ser = self._serial_factory(
-                self.device, self.baudrate, bytesize=self.bytesize, parity=self.parity,
+                self.device, self.baudrate, bytesize=self.bytesize, parity=parity,
                 stopbits=self.stopbits, timeout=0.1, exclusive=True)
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (serial.SerialException, OSError, ValueError, termios.error) as exc:
             raise open_error(self.port_name, self.device, exc) from None
 
     def close(self):
@@ -253,7 +260,7 @@ class PortWorker(threading.Thread):
                     continue
             try:
                 self._step()
-            except (serial.SerialException, OSError) as exc:
+            except (serial.SerialException, OSError, termios.error) as exc:
                 self.stats.reopens += 1
                 self.last_error = "port %s: %s" % (self.port_name, exc)
                 log.error("%s; reopening", self.last_error)

@@ -107,6 +107,7 @@ class SimMeter:
         self.relay_command_trip = False
         self.guarantee = False
         self.relay_log = []          # (gateway time, "open"/"closed", command)
+        self.on_relay = None         # callback(meter, state, command) on every movement
         self.truth = collections.deque(maxlen=100000)   # (time, di, values)
         self.requests = 0
         self.answers = 0
@@ -287,6 +288,8 @@ class SimMeter:
         if self.relay_open != open_:
             self.relay_open = open_
             self.relay_log.append((now, "open" if open_ else "closed", cmd.name))
+            if self.on_relay:
+                self.on_relay(self, "open" if open_ else "closed", cmd.name)
 
     def press_button(self):
         """The customer presses the meter's button after 'close allowed'."""

@@ -1,0 +1,218 @@
+"""Remote cut-off and restore: authenticated, at most once, read back, audited."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gateway.audit import verify as verify_audit
+from gateway.signing import generate, load_private_key
+from gwharness import Harness
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path).start()
+    yield harness
+    harness.close()
+
+
+def test_every_bad_command_is_rejected_with_its_reason_and_moves_nothing(h, tmp_path):
+    other = load_private_key(generate(str(tmp_path / "other"))[0])
+    forged = h.command("m1", "cut_off")
+    forged["meter"] = "m2"                              # changed after signing
+    unsigned_other = h.command("m1", "cut_off", key=other)
+    unknown_kid = h.command("m1", "cut_off", key=other)
+    cases = [
+        (forged, "bad signature"),
+        (unsigned_other, "unknown key"),
+        (h.command("m1", "cut_off", issued_offset_s=-7200, valid_s=900), "expired"),
+        (h.command("m1", "cut_off", issued_offset_s=3600), "not yet valid"),
+        (h.command("m1", "cut_off", valid_s=7 * 86400), "longer than the allowed"),
+        (h.command("m9", "cut_off"), "unknown meter"),
+        (h.command("m1", "self_destruct"), "unknown action"),
+        (h.command("m1", "topup", {"amount": "5", "txn": "T1"}), "no prepaid account"),
+    ]
+    del unknown_kid
+    ids = []
+    for cmd, _ in cases:
+        h.send(cmd)
+        ids.append(cmd["id"])
+    h.send(b"{not json")
+    h.send(b"x" * 10000)
+    for cmd_id, (_, reason) in zip(ids, cases):
+        r = h.wait_result(cmd_id)
+        assert r["status"] == "rejected" and reason in r["reason"], (reason, r)
+    end = time.time() + 10
+    while time.time() < end and len([r for r in h.results() if r["id"] is None]) < 2:
+        time.sleep(0.05)
+    anon = [r["reason"] for r in h.results() if r["id"] is None]
+    assert any("malformed JSON" in a for a in anon) and any("oversized" in a for a in anon)
+    assert h.relay_moves() == []
+    assert all(r["status"] == "rejected" for r in h.results())
+
+
+def test_cut_off_then_restore_move_the_relay_and_report_the_state_read_back(h):
+    cut = h.command("m2", "cut_off")
+    h.send(cut)
+    r = h.wait_result(cut["id"])
+    assert r["status"] == "done" and r["relay"] == "open" and r["meter"] == "m2"
+    assert [x["status"] for x in h.results(cut["id"])] == ["accepted", "done"]
+    assert h.sim_meters[1].relay_open
+    restore = h.command("m2", "restore", {"mode": "direct"})
+    h.send(restore)
+    r = h.wait_result(restore["id"])
+    assert r["status"] == "done" and r["relay"] == "closed"
+    assert h.relay_moves() == [("000000000002", "open", "TRIP"),
+                               ("000000000002", "closed", "DIRECT_CLOSE")]
+
+
+def test_the_same_command_twice_is_executed_once_and_its_result_sent_again(h):
+    cut = h.command("m1", "cut_off")
+    h.send(cut)
+    h.wait_result(cut["id"])
+    h.send(cut)                                           # QoS 1 redelivery
+    end = time.time() + 10
+    while time.time() < end and len([r for r in h.results(cut["id"])
+                                     if r["status"] == "done"]) < 2:
+        time.sleep(0.05)
+    done = [r for r in h.results(cut["id"]) if r["status"] == "done"]
+    assert len(done) == 2 and done[0]["relay"] == done[1]["relay"] == "open"
+    assert len(h.relay_moves()) == 1
+    other = dict(h.command("m1", "restore"), id=cut["id"])      # same id, other command
+    from gateway.signing import sign
+    h.send(sign(other, h.key))
+    end = time.time() + 10
+    while time.time() < end and not [r for r in h.results(cut["id"])
+                                      if r["status"] == "rejected"]:
+        time.sleep(0.05)
+    assert "replayed id" in [r for r in h.results(cut["id"])
+                             if r["status"] == "rejected"][0]["reason"]
+    assert len(h.relay_moves()) == 1
+
+
+def test_a_meter_that_does_not_answer_fails_with_the_reason(h):
+    h.sim_meters[2].faults.silent = True
+    cut = h.command("m3", "cut_off")
+    h.send(cut)
+    r = h.wait_result(cut["id"], timeout=30)
+    assert r["status"] == "failed" and "no answer" in r["reason"]
+    assert h.relay_moves() == []
+
+
+def test_guarantee_blocks_cut_off_at_the_gateway_and_at_the_meter(h):
+    g = h.command("m4", "guarantee_on")
+    h.send(g)
+    r = h.wait_result(g["id"])
+    assert r["status"] == "done" and r["guarantee"] is True
+    assert h.sim_meters[3].guarantee
+    cut = h.command("m4", "cut_off")
+    h.send(cut)
+    r = h.wait_result(cut["id"])
+    assert r["status"] == "rejected" and "guarantee" in r["reason"]
+    off = h.command("m4", "guarantee_off")
+    h.send(off)
+    assert h.wait_result(off["id"])["guarantee"] is False
+    assert h.relay_moves() == []
+
+
+def test_no_cut_off_while_the_gateway_clock_is_untrusted_but_restore_goes(h):
+    h.clock_ok = False
+    cut = h.command("m1", "cut_off")
+    h.send(cut)
+    assert "not synchronised" in h.wait_result(cut["id"])["reason"]
+    h.sim_meters[0].relay_open = True
+    restore = h.command("m1", "restore", {"mode": "direct"})
+    h.send(restore)
+    assert h.wait_result(restore["id"])["status"] == "done"
+
+
+def test_read_and_the_audit_trail(h):
+    rd = h.command("m1", "read", {"quantities": ["energy.import.total", "voltage.a"]})
+    h.send(rd)
+    r = h.wait_result(rd["id"])
+    assert r["status"] == "done"
+    assert {v["q"] for v in r["values"]} >= {"energy.import.total", "voltage.a"}
+    cut = h.command("m1", "cut_off")
+    h.send(cut)
+    h.wait_result(cut["id"])
+    path = os.path.join(h.cfg.gateway.data_dir, "audit.log")
+    n, problem = verify_audit(path)
+    assert problem is None and n >= 6
+    kinds = [json.loads(line)["kind"] for line in open(path)]
+    assert "relay.before" in kinds and "relay.frame" in kinds and "relay.after" in kinds
+    frames = [json.loads(line) for line in open(path) if '"relay.frame"' in line][0]
+    assert frames["frames"][0].startswith("fefefefe68")          # the bytes that were sent
+    lines = open(path).read().splitlines()
+    tampered = lines[:2] + [lines[2].replace('"n": 3', '"n": 30')] + lines[3:]
+    open(path + ".t", "w").write("\n".join(tampered) + "\n")
+    assert verify_audit(path + ".t")[1] is not None
+
+
+CHILD = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[2] + "/tests")
+import pathlib
+from gwharness import Harness
+from gateway.service import serve
+"""
+
+
+@pytest.mark.parametrize("point", ["after_ledger", "after_send"])
+def test_sigkill_inside_the_command_path_is_resumed_exactly_once(tmp_path, point):
+    """The gateway process dies at `point`; the restarted one finishes the command from
+    its ledger: exactly one relay operation at the simulator, one final result."""
+    h = Harness(tmp_path)
+    h.start()
+    cut = h.command("m1", "cut_off")
+    h.stop()                                            # a fresh process will take over
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "gw.py"
+    script.write_text(_CHILD_GATEWAY % {"root": root, "device": h.line.device,
+                                        "data": h.cfg.gateway.data_dir,
+                                        "pub": h.key_paths[1]})
+    env = dict(os.environ, MGW_FAILPOINT=point)
+    child = subprocess.Popen([sys.executable, str(script), json.dumps(cut)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child.wait(30)
+    assert child.returncode == -signal.SIGKILL, child.stderr.read()[-2000:]
+    # restart (no failpoint): the ledger says what happened
+    h.start()
+    r = h.wait_result(cut["id"], timeout=30)
+    time.sleep(0.5)
+    finals = [x for x in h.results(cut["id"]) if x["status"] in ("done", "failed")]
+    h.close()
+    assert r["status"] == "done" and r["relay"] == "open", r
+    assert len(h.relay_moves()) == 1
+    assert len(finals) == 1
+
+
+_CHILD_GATEWAY = r'''
+import json, sys, threading
+sys.path.insert(0, %(root)r)
+from gateway.clock import ClockPolicy
+from gateway.config import validate
+from gateway.service import Gateway, config_validators, serve
+from gateway.uplink import Command
+doc = {"gateway": {"id": "gw-test", "data_dir": %(data)r, "status_interval_s": 1},
+       "ports": [{"name": "p1", "device": %(device)r, "baudrate": 115200, "retries": 1}],
+       "meters": [{"id": "m%%d" %% (i + 1), "port": "p1", "address": "%%012d" %% (i + 1),
+                   "interval_s": 10, "instant_interval_s": 0, "clock_interval_s": 0}
+                  for i in range(4)],
+       "control": {"public_keys": [%(pub)r], "require_synced_clock": False},
+       "tariffs": {"flat": {"kind": "flat", "price": "0.5000"}}, "accounts": []}
+cfg = validate(doc)
+for v in config_validators():
+    v(cfg, cfg["_checker"])
+cfg.pop("_checker"); cfg.pop("_raw")
+gw = Gateway(cfg)
+stop = threading.Event()
+def started(g):
+    g.commands.put(Command(sys.argv[1].encode()))
+serve(gw, stop, on_started=started)
+'''
