@@ -278,16 +278,26 @@ class CostControl(threading.Thread):
         self._init_accounts()
 
     def _init_accounts(self):
+        events = []
         with self.gw.state.batch():
             for mid, acc in self.accounts.items():
                 if self.gw.state.get("accounts", mid) is None:
-                    self.gw.state.put("accounts", mid, new_account_doc(acc))
+                    doc = new_account_doc(acc)
+                    if doc["state"] != "normal":
+                        # an account that opens low is warned like one that runs low
+                        doc["warned"][doc["state"]] = time.time()
+                        etype, fields = EVENT_OF_STATE[doc["state"]]
+                        events.append((etype, dict(fields, meter=mid, previous=None,
+                                                   balance=str(acc["opening_balance"]))))
+                    self.gw.state.put("accounts", mid, doc)
                 if acc.get("guarantee") and not (self.gw.state.get("guarantee", mid) or {}
                                                  ).get("on"):
                     self.gw.state.put("guarantee", mid, {"on": True, "since": time.time(),
                                                          "source": "config"})
             flags = self.gw.state.get("flags", "costcontrol") or {}
             self.breaker_tripped = bool(flags.get("breaker_tripped"))
+        for etype, fields in events:
+            self.gw.sink.event(etype, **fields)
 
     def restart(self):
         new = CostControl(self.gw)

@@ -90,7 +90,7 @@ class TimeOfUse:
         rate = table[minute]
         midnight = when.replace(hour=0, minute=0, second=0, microsecond=0) + \
             _dt.timedelta(days=1)             # seasons are looked up again each day
-        for k in range(1, 1441 - minute):
+        for k in range(1, 1440 - minute):
             if table[minute + k] != rate:
                 return when.replace(second=0, microsecond=0) + _dt.timedelta(minutes=k)
         return midnight

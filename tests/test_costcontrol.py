@@ -1,0 +1,138 @@
+"""Prepaid cost control on simulated meters: exact balances, warnings first, safe cut-off,
+prompt restore, the mass cut-off breaker."""
+
+import datetime as dt
+import time
+from decimal import Decimal
+
+from gateway import tariff as T
+from gateway.journal import Reading
+from gwharness import Harness
+
+FAST = {"notice_s": 1, "protected_hours": [], "protected_weekends": False,
+        "check_interval_s": 1}
+
+
+def wait(cond, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("not reached within %ss" % timeout)
+
+
+def events(h, type_=None):
+    h.gw.journal.register("test-ev", "events")
+    rows = h.gw.journal.read("test-ev", "events", limit=100000, after=0)
+    return [r.body for r in rows if type_ is None or r.body["type"] == type_]
+
+
+def reconcile(h, meter):
+    doc = h.gw.state.get("accounts", meter)
+    assert doc["opening_uy"] + doc["topups_uy"] - doc["charges_uy"] == doc["balance_uy"]
+    return doc
+
+
+def test_household_runs_down_is_warned_cut_off_and_restored_after_topup(tmp_path):
+    h = Harness(tmp_path, meters=2, sim_kw={"load_kw": 3600, "start_kwh": 1000},
+                accounts=[{"meter": "m1", "tariff": "flat", "opening_balance": "3.00",
+                           "alarm1": "2.00", "alarm2": "1.00", "max_kw": "20000",
+                           "restore_threshold": "1.00"}],
+                cost_control=FAST, interval_s=1).start()
+    try:
+        wait(lambda: h.sim_meters[0].relay_open, timeout=40)
+        types = [(e["type"], e.get("level")) for e in events(h) if e.get("meter") == "m1"
+                 and e["type"].startswith("balance.")]
+        assert types[:3] == [("balance.low", 1), ("balance.low", 2), ("balance.exhausted",
+                                                                      None)]
+        doc = reconcile(h, "m1")
+        assert doc["state"] == "exhausted" and doc["cut_by_costcontrol"]
+        cut = [r for r in h.results() if r.get("action") == "cut_off"
+               and r["status"] == "done"]
+        assert cut and cut[0]["relay"] == "open" and cut[0]["id"].startswith("costcontrol-")
+        topup = h.command("m1", "topup", {"amount": "20.00", "txn": "PAY-1"})
+        h.send(topup)
+        r = h.wait_result(topup["id"])
+        assert r["status"] == "done"
+        wait(lambda: not h.sim_meters[0].relay_open)         # restored at once, any hour
+        h.send(h.command("m1", "topup", {"amount": "20.00", "txn": "PAY-1"}))   # replayed txn
+        time.sleep(1.0)
+        doc = reconcile(h, "m1")
+        assert doc["topups_uy"] == T.yuan_to_micro("20.00")   # applied once
+        assert [m[1] for m in h.relay_moves()] == ["open", "closed"]
+        assert h.sim_meters[1].relay_log == []                # the neighbour never moved
+    finally:
+        h.close()
+
+
+def test_no_cut_off_inside_a_protected_window_or_under_guarantee(tmp_path):
+    now = dt.datetime.now()
+    window = "%02d:00-%02d:00" % (now.hour, (now.hour + 2) % 24)
+    h = Harness(tmp_path, meters=2,
+                accounts=[{"meter": "m1", "tariff": "flat", "opening_balance": "0.00"},
+                          {"meter": "m2", "tariff": "flat", "opening_balance": "0.00",
+                           "guarantee": True}],
+                cost_control=dict(FAST, protected_hours=[window]), interval_s=1).start()
+    try:
+        time.sleep(4)
+        assert h.relay_moves() == []
+        assert h.gw.costcontrol.protected_now() == "protected hours"
+        h.gw.costcontrol.policy["protected_ranges"] = []          # the window ends
+        wait(lambda: h.sim_meters[0].relay_open)
+        time.sleep(2)
+        assert not h.sim_meters[1].relay_open                     # guarantee holds
+    finally:
+        h.close()
+
+
+def test_mass_cut_off_breaker_holds_after_the_limit(tmp_path):
+    accounts = [{"meter": "m%d" % (i + 1), "tariff": "flat",
+                 "opening_balance": "0.00" if i < 40 else "100.00"} for i in range(48)]
+    h = Harness(tmp_path, meters=48, accounts=accounts,
+                cost_control=dict(FAST, breaker_max_count=5, breaker_max_share=0.5),
+                meter_kw={"interval_s": 3600}).start()
+    try:
+        wait(lambda: events(h, "costcontrol.breaker_tripped"), timeout=60)
+        time.sleep(3)
+        moved = {m[0] for m in h.relay_moves()}
+        assert len(moved) == 5
+        ev = events(h, "costcontrol.breaker_tripped")[0]
+        assert ev["limit"] == 5 and ev["due"] >= 35
+        rel = h.command("*", "release_breaker")
+        h.send(rel)
+        assert h.wait_result(rel["id"])["status"] == "done"
+    finally:
+        h.close()
+
+
+def test_ledger_reconciles_across_restarts_and_duplicated_readings(tmp_path):
+    h = Harness(tmp_path, meters=1,
+                accounts=[{"meter": "m1", "tariff": "flat", "opening_balance": "50.00"}],
+                cost_control=FAST, meter_kw={"interval_s": 3600})
+    h.sim_meters[0].faults.silent = True          # readings come from the test, exactly
+    h.start()
+    try:
+        base = int(time.time() * 1000)
+
+        def feed(total, k):
+            h.gw.sink.readings([Reading("m1", "energy.import.total", Decimal(total), "kWh",
+                                        base + k * 60000, base + k * 60000)])
+        feed("100.00", 0)
+        feed("101.50", 1)
+        feed("101.50", 1)                          # the same reading again
+        wait(lambda: h.gw.state.get("accounts", "m1")["charges_uy"] == 150 * 5000)
+        h.stop()
+        h.start()                                  # a restart: nothing charged twice
+        feed("102.00", 2)
+        wait(lambda: h.gw.state.get("accounts", "m1")["charges_uy"] == 200 * 5000)
+        topup = h.command("m1", "topup", {"amount": "5.55", "txn": "T-9"})
+        h.send(topup)
+        assert h.wait_result(topup["id"])["balance"] == "54.55"     # 50 - 2 kWh x 0.50 + 5.55
+        doc = reconcile(h, "m1")
+        assert doc["balance_uy"] == T.yuan_to_micro("50.00") - 200 * 5000 + \
+            T.yuan_to_micro("5.55")
+        status = h.gw.status()
+        assert status["accounts"]["m1"]["balance"] == "54.55"
+    finally:
+        h.close()
