@@ -36,6 +36,8 @@ def system_clock_synchronised():
         state = libc.adjtimex(ctypes.byref(tx))
     except (OSError, AttributeError):
         return False
+    if state < 0:
+        return False            # cannot tell (e.g. filtered by seccomp): do not trust
     return state != TIME_ERROR and not tx.status & STA_UNSYNC
 
 
