@@ -319,7 +319,8 @@ def cmd_status(args):
     except (OSError, ValueError) as exc:
         raise CliError("%s: unreadable (%s)" % (path, exc)) from None
     age = time.time() - status.get("written_at", 0)
-    status["running"] = age < 3 * cfg.gateway.status_interval_s + 5
+    status["running"] = not status.get("stopped") and \
+        age < 3 * cfg.gateway.status_interval_s + 5
     status["age_s"] = round(age, 1)
 
     def human(s):

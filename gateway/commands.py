@@ -575,7 +575,15 @@ class Executor(threading.Thread):
                 continue
             os.unlink(path)
             operator = "%s (uid %d)" % (req.get("operator"), st.st_uid)
-            if req.get("action") == "status":
+            created = req.get("created_at") if isinstance(req.get("created_at"), (int, float)) \
+                else st.st_mtime
+            if time.time() - created > 120:
+                # a technician's request left from before a restart: never act on it late
+                body = {"status": "rejected", "reason": "local request expired (older than "
+                        "2 minutes)"}
+                self.audit.append("command.rejected", source="local", operator=operator,
+                                  reason=body["reason"], request=req)
+            elif req.get("action") == "status":
                 meter = self.gw.meter(req.get("meter"))
                 if meter is None or meter.protocol != "dlt645":
                     body = {"status": "failed", "reason": "unknown or non-DL/T 645 meter"}

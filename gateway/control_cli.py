@@ -71,7 +71,8 @@ def relay(args):
     status_path = os.path.join(cfg.gateway.data_dir, "status.json")
     try:
         with open(status_path) as f:
-            age = time.time() - json.load(f).get("written_at", 0)
+            st = json.load(f)
+        age = None if st.get("stopped") else time.time() - st.get("written_at", 0)
     except (OSError, ValueError):
         age = None
     if age is None or age > 3 * cfg.gateway.status_interval_s + 5:
@@ -83,13 +84,14 @@ def relay(args):
     action = {"cut-off": "cut_off", "restore": "restore", "status": "status"}[args.action]
     params = {"mode": "direct"} if args.direct and action == "restore" else {}
     rid = uuid.uuid4().hex
-    req = {"meter": meter.id, "action": action, "params": params, "operator": args.operator}
+    req = {"meter": meter.id, "action": action, "params": params, "operator": args.operator,
+           "created_at": time.time()}
     tmp = os.path.join(spool, ".%s.tmp" % rid)
     with open(tmp, "w") as f:
         json.dump(req, f)
     os.replace(tmp, os.path.join(spool, "%s.req.json" % rid))
     out = os.path.join(spool, "%s.res.json" % rid)
-    end = time.time() + 90
+    end = time.time() + 60
     while time.time() < end:
         if os.path.exists(out):
             with open(out) as f:
@@ -98,7 +100,13 @@ def relay(args):
             break
         time.sleep(0.2)
     else:
-        raise CliError("no result from the service within 90 s (the request stays queued)")
+        try:
+            os.unlink(os.path.join(spool, "%s.req.json" % rid))
+            msg = "no result from the service within 60 s; the request was withdrawn"
+        except FileNotFoundError:
+            msg = "no result within 60 s; the service took the request: see `mgw status` " \
+                  "and the audit trail"
+        raise CliError(msg)
     ok = result.get("status") == "done"
 
     def human(r):

@@ -60,16 +60,20 @@ def mosquitto_binary():
 class Broker:
     """A Mosquitto broker on a free loopback port, stoppable and restartable."""
 
-    def __init__(self, tmp_path, extra_conf=""):
+    def __init__(self, tmp_path, extra_conf="", persistence=False):
         self.binary = mosquitto_binary()
         if self.binary is None:
             raise RuntimeError("mosquitto is not installed (scripts/test installs it)")
         self.host = "127.0.0.1"
         self.port = free_port()
         self.conf = tmp_path / ("mosquitto-%d.conf" % self.port)
+        store = tmp_path / ("mosquitto-%d-db" % self.port)
+        store.mkdir(exist_ok=True)
+        persist = "persistence true\npersistence_location %s/\nautosave_interval 1\n" % store \
+            if persistence else "persistence false\n"
         self.conf.write_text("listener %d 127.0.0.1\nallow_anonymous true\n"
-                             "persistence false\nmax_queued_messages 100000\n%s%s"
-                             % (self.port, extra_conf,
+                             "%smax_queued_messages 100000\n%s%s"
+                             % (self.port, persist, extra_conf,
                                 # as root, mosquitto drops to user mosquitto, who cannot
                                 # read the test's private temp files
                                 "user root\n" if os.geteuid() == 0 else ""))

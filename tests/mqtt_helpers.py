@@ -18,9 +18,21 @@ class HeadEnd:
         if tls:
             self.client.tls_set(**tls)
         self.client.on_message = self._on_message
+        self.subscribed = threading.Event()
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(root + "/#", qos=1)
-        self.client.connect(broker.host, broker.port)
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        if clean:
+            self.client.connect(broker.host, broker.port)
+        else:
+            # a persistent session: what arrives while the head-end is away is kept for it
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            self.client.connect(broker.host, broker.port, clean_start=False,
+                                properties=props)
         self.client.loop_start()
+        self.subscribed.wait(5)
 
     def _on_message(self, client, userdata, msg):
         try:

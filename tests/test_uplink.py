@@ -63,32 +63,34 @@ def test_readings_events_and_status_arrive_complete_and_in_order(tmp_path, broke
     head2.close()
 
 
-def test_broker_outage_collection_goes_on_and_everything_arrives(tmp_path, broker):
+def test_broker_outage_collection_goes_on_and_everything_arrives(tmp_path):
+    from conftest import Broker
+    broker = Broker(tmp_path, persistence=True).start()
     j = Journal(str(tmp_path / "j.db"))
-    head = HeadEnd(broker, clean=False)
+    head = HeadEnd(broker, clean=False)        # a head-end with a persistent session
     up = Uplink(uplink_cfg(broker, reconnect_max_s=1.0), "gw-test", j)
     up.start()
     try:
         j.append_readings(readings(20))
         up.notify()
         head.wait(lambda: len(unique_seqs(head.readings())) == 20)
-        broker.stop()
-        head.close()
-        for k in range(5):                       # collection goes on while the broker is down
+        broker.stop()                          # the backhaul goes down
+        for k in range(5):                     # collection goes on meanwhile
             j.append_readings(readings(20, 20 + 20 * k))
             time.sleep(0.1)
         assert j.stats()["streams"]["readings"]["consumers"]["uplink"]["pending"] == 100
         assert not up.status()["connected"]
         broker.start()
-        head = HeadEnd(broker, client_id="headend2")
         up.notify()
         head.wait(lambda: j.stats()["streams"]["readings"]["consumers"]["uplink"]
                   ["pending"] == 0, timeout=30)
-        head.wait(lambda: len(unique_seqs(head.readings())) == 100)
+        head.wait(lambda: len(unique_seqs(head.readings())) == 120, timeout=30)
     finally:
         up.stop()
         head.close()
-    assert unique_seqs(head.readings()) == list(range(21, 121))
+        broker.stop()
+    seqs = unique_seqs(head.readings())
+    assert seqs == list(range(1, 121))         # in order, no gap
 
 
 CHILD = r"""

@@ -1,0 +1,150 @@
+"""The technician's command line against simulated meters: real processes, real exit codes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from test_e2e import ROOT, Simulator, mgw
+
+
+def config(tmp_path, device, meters=4, extra=""):
+    lines = ['[gateway]', 'id = "gw-cli"', 'data_dir = "%s"' % (tmp_path / "data"), '',
+             '[[ports]]', 'name = "rs485-1"', 'device = "%s"' % device, 'baudrate = 19200',
+             'retries = 1', '']
+    for i in range(meters):
+        lines += ['[[meters]]', 'id = "m%d"' % (i + 1), 'port = "rs485-1"',
+                  'address = "%012d"' % (i + 1), '']
+    path = tmp_path / "gw.toml"
+    path.write_text("\n".join(lines) + extra)
+    return str(path)
+
+
+def run(*args, timeout=120):
+    p = mgw(*args)
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+@pytest.fixture
+def sim(tmp_path):
+    s = Simulator(tmp_path)
+    yield s
+    s.stop()
+
+
+def test_config_check_ok_and_json(tmp_path, sim):
+    code, out, err = run("config", "check", "--config", config(tmp_path, sim.link), "--json")
+    assert code == 0, err
+    assert json.loads(out)["meters"] == 4
+
+
+def test_read_a_meter_now(tmp_path, sim):
+    cfg = config(tmp_path, sim.link)
+    code, out, err = run("read", "--meter", "m3", "--config", cfg, "--json")
+    assert code == 0, err
+    values = {v["q"]: v["value"] for v in json.loads(out)["values"]}
+    assert values["energy.import.total"] > 0 and "voltage.a" in values
+    assert values["relay.state"] == "closed"
+    code, out, err = run("read", "--meter", "m3", "--config", cfg, "energy.import.t2")
+    assert code == 0 and "energy.import.t2" in out and "kWh" in out
+    code, out, err = run("read", "--meter", "m3", "--config", cfg, "no.such")
+    assert code == 2 and "unknown quantity" in err and "Traceback" not in err
+    code, out, err = run("read", "--meter", "m9", "--config", cfg)
+    assert code == 2 and "no meter 'm9'" in err
+
+
+def test_read_a_silent_meter_fails_with_one_line(tmp_path, sim):
+    path = tmp_path / "gw.toml"
+    cfg = config(tmp_path, sim.link, meters=4)
+    text = path.read_text().replace('address = "000000000004"', 'address = "000000000099"')
+    path.write_text(text)
+    code, out, err = run("read", "--meter", "m4", "--config", cfg, "energy")
+    assert code == 1 and "did not answer" in err and "Traceback" not in err
+
+
+def test_port_errors_are_one_line(tmp_path, sim):
+    cfg = config(tmp_path, "/dev/ttyNOPE")
+    code, out, err = run("read", "--meter", "m1", "--config", cfg)
+    assert code == 1
+    assert err.strip() == "mgw read: port rs485-1: /dev/ttyNOPE does not exist"
+    # the line is busy: another process holds it
+    import serial
+    holder = serial.Serial(os.path.realpath(sim.link), 19200, exclusive=True)
+    try:
+        code, out, err = run("read", "--meter", "m1", "--config", config(tmp_path, sim.link))
+        assert code == 1 and "in use by another process" in err
+    finally:
+        holder.close()
+
+
+def test_scan_finds_every_meter_by_wildcard_search(tmp_path, sim):
+    cfg = config(tmp_path, sim.link, meters=2)
+    code, out, err = run("scan", "--port", "rs485-1", "--config", cfg, "--json", timeout=300)
+    assert code == 0, err
+    found = json.loads(out)["found"]
+    assert [f["address"] for f in found] == ["%012d" % i for i in range(1, 5)]
+    assert [f["configured_as"] for f in found] == ["m1", "m2", None, None]
+
+
+def test_keys_and_signed_commands_verify(tmp_path):
+    code, out, err = run("keys", "gen", "--out", str(tmp_path / "k"), "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert oct(os.stat(info["private_key"]).st_mode & 0o777) == "0o600"
+    code, out, err = run("keys", "gen", "--out", str(tmp_path / "k"))
+    assert code == 1 and "refusing to overwrite" in err
+    code, out, err = run("command", "sign", "--key", info["private_key"], "--meter", "m1",
+                         "--action", "topup", "--param", "amount=50.00", "--param", "txn=T7")
+    assert code == 0
+    cmd = json.loads(out)
+    assert cmd["params"] == {"amount": "50.00", "txn": "T7"} and cmd["v"] == 1
+    sys.path.insert(0, ROOT)
+    from gateway.signing import load_public_key, verify
+    assert verify(cmd, [load_public_key(info["public_key"])]) is None
+    cmd["params"]["amount"] = "5000.00"
+    assert verify(cmd, [load_public_key(info["public_key"])]) == "bad signature"
+
+
+def test_status_and_buffer_without_a_service(tmp_path):
+    cfg = config(tmp_path, "/dev/null")
+    code, out, err = run("status", "--config", cfg)
+    assert code == 1 and "has not run" in err
+    code, out, err = run("buffer", "--config", cfg)
+    assert code == 1 and "no journal yet" in err
+
+
+def test_help_for_every_command():
+    for cmd in ("run", "demo", "simulate", "config", "scan", "read", "relay", "status",
+                "buffer", "keys", "command"):
+        code, out, err = run(cmd, "--help")
+        assert code == 0 and "--config" in out and "--json" in out
+
+
+def test_relay_by_a_technician_goes_through_the_service_and_is_audited(tmp_path, sim):
+    cfg = config(tmp_path, sim.link, extra='\n[control]\nrequire_synced_clock = false\n')
+    gw = mgw("run", "--config", cfg)
+    try:
+        import time
+        end = time.time() + 20
+        while time.time() < end and not os.path.exists(tmp_path / "data" / "status.json"):
+            time.sleep(0.1)
+        code, out, err = run("relay", "--meter", "m1", "cut-off", "--config", cfg)
+        assert code == 0, err
+        assert out.strip() == "meter m1: relay open"
+        code, out, err = run("relay", "--meter", "m1", "status", "--config", cfg, "--json")
+        assert code == 0 and json.loads(out)["relay"] == "open"
+        code, out, err = run("relay", "--meter", "m1", "restore", "--config", cfg)
+        assert code == 0 and "relay closed" in out
+        assert [l for l in sim.relays() if "000000000001" in l] == [
+            "relay 000000000001 open TRIP", "relay 000000000001 closed CLOSE_ALLOWED"]
+        audit = (tmp_path / "data" / "audit.log").read_text()
+        assert '"source": "local"' in audit and "uid" in audit
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(10)
+    code, out, err = run("relay", "--meter", "m1", "status", "--config", cfg)
+    assert code == 1 and "not running" in err
