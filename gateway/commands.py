@@ -365,7 +365,9 @@ class Executor(threading.Thread):
         action = cmd["action"]
         try:
             if action in RELAY_ACTIONS:
-                status, reason, extra = self._relay(cmd, meter)
+                # the whole operation is one job on the line: its transactions follow each
+                # other without a poll in between
+                status, reason, extra = self._on_line(meter, lambda: self._relay(cmd, meter))
             elif action == "topup":
                 status, reason, extra = self._topup(cmd, meter)
             elif action == "read":
@@ -388,7 +390,26 @@ class Executor(threading.Thread):
 
     def _ask(self, meter, request, priority=RELAY, timeout=30):
         worker = self.gw.port_worker(meter.port)
+        if threading.current_thread() is worker:
+            return worker.transact(request)
         return worker.submit(request, priority).result(timeout)
+
+    def _on_line(self, meter, fn, priority=RELAY, timeout=120):
+        """Run fn on the meter's line thread (as one job) and return what it returns."""
+        worker = self.gw.port_worker(meter.port)
+        box = {}
+
+        def job(w):
+            try:
+                box["value"] = fn()
+            except Exception as exc:             # reported as a failed command
+                box["error"] = exc
+        worker.submit_job(job, priority).result(timeout)
+        if "error" in box:
+            raise box["error"]
+        if "value" not in box:
+            return "failed", "the line did not run the command (port error or stopping)", {}
+        return box["value"]
 
     def read_relay(self, meter, priority=RELAY):
         """(status dict or None, error, frames) from status word 3."""

@@ -239,7 +239,7 @@ class Uplink(threading.Thread):
                 self.heartbeat = time.monotonic()
                 self._collect_acks()
                 self._send()
-                rc = client.loop(timeout=0.05 if self._has_work() else 0.25)
+                rc = client.loop(timeout=0.02 if self._has_work() else 0.05)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     self.state["last_error"] = "connection lost (%s)" % mqtt.error_string(rc)
                     break

@@ -1,0 +1,92 @@
+"""Command benchmark: time from publishing a signed cut-off (or restore) to its `done`
+result, at 2400 baud, with the line busy polling 32 meters, next to the wire-time minimum
+of the transactions the command needs (status read, relay frame, status read back).
+
+The gateway runs in this process on simulated meters behind a pseudo-terminal; commands go
+through a real Mosquitto broker both ways. Run: python bench/control.py. Prints figures only.
+"""
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from bench.uplink import start_broker  # noqa: E402
+from gwharness import Harness  # noqa: E402
+from mqtt_helpers import HeadEnd  # noqa: E402
+from protocols import dlt645 as D  # noqa: E402
+
+BAUD = 2400
+LATENCY_S = 0.03
+
+
+def wire(n):
+    return n * 11 / BAUD
+
+
+def minimum():
+    status_req = len(D.read_data("000000000001", 0x04000503))
+    status_ans = 4 + 12 + 4 + 2
+    relay_req = 4 + 12 + 16
+    relay_ans = 4 + 12
+    return (2 * (wire(status_req + status_ans) + LATENCY_S) +
+            wire(relay_req + relay_ans) + LATENCY_S)
+
+
+class _Broker:
+    def __init__(self, port):
+        self.host, self.port = "127.0.0.1", port
+
+
+def main():
+    folder = tempfile.mkdtemp(prefix="mgw-bench-control-")
+    proc, port = start_broker(folder)
+    broker = _Broker(port)
+    from pathlib import Path
+    h = Harness(Path(folder), broker=broker, meters=32, baudrate=BAUD,
+                meter_kw={"instant_interval_s": 0}, interval_s=1)
+    for m in h.sim_meters:
+        m.faults.latency_s = LATENCY_S
+    h.cfg.control["require_synced_clock"] = False
+    h.start()
+    head = HeadEnd(broker, root="mgw/v1/gw-test")
+    try:
+        time.sleep(3)                                   # the line is busy polling
+        busy = h.gw.workers["p1"].line_stats()["utilisation"]
+        times = []
+        for i in range(6):
+            action = "cut_off" if i % 2 == 0 else "restore"
+            params = {} if action == "cut_off" else {"mode": "direct"}
+            cmd = h.command("m%d" % (5 + i // 2), action, params)
+            t0 = time.perf_counter()
+            head.publish("commands", json.dumps(cmd))
+            head.wait(lambda: any(r.get("id") == cmd["id"] and r["status"] in ("done",
+                                                                              "failed")
+                                  for r in head.topic("command-results")), timeout=30)
+            times.append(time.perf_counter() - t0)
+            res = [r for r in head.topic("command-results") if r.get("id") == cmd["id"]][-1]
+            assert res["status"] == "done", res
+        mn = minimum()
+        print("meter-gateway command benchmark: %d baud, 32 meters polled continuously "
+              "(line %.0f%% busy), meter latency %d ms" % (BAUD, 100 * busy,
+                                                           LATENCY_S * 1000))
+        print("\n  wire-time minimum of the command's 3 transactions: %.3f s" % mn)
+        print("  publish -> done, median of %d: %.3f s (min %.3f, max %.3f)" % (
+            len(times), statistics.median(times), min(times), max(times)))
+        print("  overhead over the minimum: %.3f s (includes finishing the poll transaction "
+              "on the line and two broker hops)" % (statistics.median(times) - mn))
+    finally:
+        head.close()
+        h.close()
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()
