@@ -6,14 +6,8 @@ DL/T 645 through protocols.framing.Scanner, so both protocols have one scanner, 
 timeout policy and one set of line statistics.
 """
 
+import functools
 from typing import NamedTuple, Optional, Tuple
-
-from pymodbus.pdu import DecodePDU
-from pymodbus.pdu.bit_message import ReadCoilsRequest, WriteSingleCoilRequest
-from pymodbus.pdu.register_message import (ReadHoldingRegistersRequest,
-                                           ReadInputRegistersRequest,
-                                           WriteMultipleRegistersRequest,
-                                           WriteSingleRegisterRequest)
 
 from protocols.framing import crc16_modbus
 
@@ -24,8 +18,16 @@ EXCEPTION_NAMES = {
     11: "gateway_target_failed_to_respond",
 }
 
-_client_decoder = DecodePDU(is_server=False)
-_server_decoder = DecodePDU(is_server=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdu():
+    """pymodbus, imported on first use: a gateway without Modbus meters does not carry it
+    (about 9 MB resident on a box that has 256 MB)."""
+    import pymodbus.pdu as pdu
+    from pymodbus.pdu import bit_message, register_message
+    return (pdu.DecodePDU(is_server=False), pdu.DecodePDU(is_server=True), bit_message,
+            register_message)
 
 
 class ModbusError(ValueError):
@@ -62,34 +64,37 @@ def _check_range(address, count, most):
 
 def read_holding_registers(unit, address, count):
     _check_range(address, count, 125)
-    return _adu(unit, ReadHoldingRegistersRequest(address=address, count=count, dev_id=unit))
+    return _adu(unit, _pdu()[3].ReadHoldingRegistersRequest(address=address, count=count,
+                                                             dev_id=unit))
 
 
 def read_input_registers(unit, address, count):
     _check_range(address, count, 125)
-    return _adu(unit, ReadInputRegistersRequest(address=address, count=count, dev_id=unit))
+    return _adu(unit, _pdu()[3].ReadInputRegistersRequest(address=address, count=count,
+                                                           dev_id=unit))
 
 
 def read_coils(unit, address, count):
     _check_range(address, count, 2000)
-    return _adu(unit, ReadCoilsRequest(address=address, count=count, dev_id=unit))
+    return _adu(unit, _pdu()[2].ReadCoilsRequest(address=address, count=count, dev_id=unit))
 
 
 def write_coil(unit, address, on):
     _check_range(address, 1, 1)
-    return _adu(unit, WriteSingleCoilRequest(address=address, bits=[bool(on)], dev_id=unit))
+    return _adu(unit, _pdu()[2].WriteSingleCoilRequest(address=address, bits=[bool(on)],
+                                                        dev_id=unit))
 
 
 def write_register(unit, address, value):
     _check_range(address, 1, 1)
-    return _adu(unit, WriteSingleRegisterRequest(address=address, registers=[value],
-                                                 dev_id=unit))
+    return _adu(unit, _pdu()[3].WriteSingleRegisterRequest(address=address, registers=[value],
+                                                            dev_id=unit))
 
 
 def write_registers(unit, address, values):
     _check_range(address, len(values), 123)
-    return _adu(unit, WriteMultipleRegistersRequest(address=address, registers=list(values),
-                                                    dev_id=unit))
+    return _adu(unit, _pdu()[3].WriteMultipleRegistersRequest(
+        address=address, registers=list(values), dev_id=unit))
 
 
 def _check_crc(adu):
@@ -110,7 +115,7 @@ def decode_answer(adu):
             raise ModbusError("exception answer of %d bytes" % len(adu))
         return Answer(unit, fn & 0x7F, (), (), adu[2], None)
     try:
-        pdu = _client_decoder.decode(adu[1:-2])
+        pdu = _pdu()[0].decode(adu[1:-2])
     except Exception as exc:  # pymodbus raises several types for malformed PDUs
         raise ModbusError("undecodable PDU for function %d: %s" % (fn, exc)) from None
     if pdu is None:
@@ -123,7 +128,7 @@ def decode_request(adu):
     """(unit, pdu) from a request ADU: the meter side, for simulators and scans."""
     adu = bytes(adu)
     _check_crc(adu)
-    pdu = _server_decoder.decode(adu[1:-2])
+    pdu = _pdu()[1].decode(adu[1:-2])
     if pdu is None:
         raise ModbusError("undecodable request for function %d" % adu[1])
     return adu[0], pdu
