@@ -349,8 +349,37 @@ def cmd_status(args):
     return EXIT_OK
 
 
-def cmd_not_yet(args):
-    raise CliError("mgw %s: not available in this version yet" % args.command, EXIT_USAGE)
+def cmd_completion(args):
+    """A bash completion script, made from the parser itself so it never goes stale."""
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0]
+    cases = []
+    for name, p in sub.choices.items():
+        opts = sorted({o for a in p._actions for o in a.option_strings})
+        choices = sorted({c for a in p._actions if not a.option_strings and a.choices
+                          for c in a.choices})
+        cases.append('        %s) words="%s";;' % (name, " ".join(opts + choices)))
+    print(_COMPLETION % {"commands": " ".join(sub.choices), "cases": "\n".join(cases)})
+    return EXIT_OK
+
+
+_COMPLETION = """# bash completion for mgw: mgw completion bash > /etc/bash_completion.d/mgw
+_mgw() {
+    local cur=${COMP_WORDS[COMP_CWORD]} words
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "%(commands)s --help --version" -- "$cur"))
+        return
+    fi
+    case "${COMP_WORDS[COMP_CWORD-1]}" in
+        --config|--out|--key|--port|--data-dir) COMPREPLY=($(compgen -f -- "$cur")); return;;
+    esac
+    case "${COMP_WORDS[1]}" in
+%(cases)s
+        *) words="";;
+    esac
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+}
+complete -F _mgw mgw"""
 
 
 # ---------------------------------------------------------------- parser
@@ -445,6 +474,10 @@ def build_parser():
                    help="command parameter (repeat), e.g. amount=50.00 txn=T1")
     p.add_argument("--valid", type=int, default=900, help="seconds the command is valid")
     p.add_argument("--id", help="command id (default: a random UUID)")
+    p = sub.add_parser("completion", help="print a bash completion script",
+                       description="mgw completion bash > /etc/bash_completion.d/mgw")
+    p.add_argument("shell", choices=("bash",))
+    p.set_defaults(func=cmd_completion, json=False)
     return parser
 
 

@@ -398,6 +398,13 @@ class SimLine(threading.Thread):
         delay = wire_time(request_bytes, self.baudrate) + meter.faults.latency_s
         if meter.faults.late_s:
             delay += meter.faults.late_s
+        if self.noise_rate and self.rng.random() < self.noise_rate:
+            # line noise: a burst of garbage on the bus before the answer
+            out = bytes(self.rng.getrandbits(8) for _ in range(self.rng.randint(1, 16))) + \
+                b"\xFE\xFE\xFE\xFE" + out
+            self.stats["noise_bursts"] += 1
+            self._send(out, t_rx + delay)
+            return
         self._send(b"\xFE\xFE\xFE\xFE" + out, t_rx + delay)
 
     def _damage(self, meter, ans):

@@ -148,3 +148,13 @@ def test_relay_by_a_technician_goes_through_the_service_and_is_audited(tmp_path,
         gw.wait(10)
     code, out, err = run("relay", "--meter", "m1", "status", "--config", cfg)
     assert code == 1 and "not running" in err
+
+
+def test_bash_completion_is_valid_and_knows_the_commands(tmp_path):
+    code, out, err = run("completion", "bash")
+    assert code == 0 and "complete -F _mgw mgw" in out
+    script = tmp_path / "c.sh"
+    script.write_text(out)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    for word in ("scan", "relay", "cut-off", "--meter", "--protocol"):
+        assert word in out

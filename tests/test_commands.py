@@ -216,3 +216,26 @@ def started(g):
     g.commands.put(Command(sys.argv[1].encode()))
 serve(gw, stop, on_started=started)
 '''
+
+
+def test_secured_meters_get_the_master_stations_payload_unchanged(tmp_path):
+    h = Harness(tmp_path, meter_kw={"secured": True}).start()
+    try:
+        cut = h.command("m1", "cut_off")
+        h.send(cut)
+        r = h.wait_result(cut["id"])
+        assert r["status"] == "rejected" and "secured level" in r["reason"]
+        payload = "98" + "00" * 7 + "ab" * 24                  # level 98: ciphertext + MAC
+        cut = h.command("m1", "cut_off", {"payload": payload})
+        h.send(cut)
+        r = h.wait_result(cut["id"])
+        # the simulated meter has no ESAM key: it refuses, and nothing moved
+        assert r["status"] == "failed" and "meter refused" in r["reason"]
+        audit = open(os.path.join(h.cfg.gateway.data_dir, "audit.log")).read()
+        sent = [json.loads(line) for line in audit.splitlines() if '"relay.frame"' in line]
+        from protocols import dlt645 as D
+        frame = D.parse_frame(bytes.fromhex(sent[-1]["frames"][0]))
+        assert frame.data.hex() == payload                      # forwarded unchanged
+        assert h.relay_moves() == []
+    finally:
+        h.close()

@@ -116,7 +116,7 @@ def test_dead_meter_and_noise_do_not_hurt_other_lines_or_live_meters():
                             faults=Faults(latency_s=0.005, corrupt_rate=0.05))
         noisy.append(SimMeter("000000000699", faults=Faults(silent=True)))
         n_line, n_worker, n_poller, n_col = start_line(noisy, baudrate=115200, specs_kw=fast,
-                                                       noise_rate=0.0)
+                                                       noise_rate=0.05)
         try:
             together = cycle_time(clean_meters, c_worker, c_poller, rounds=10)
             deadline = time.time() + 120
@@ -135,6 +135,7 @@ def test_dead_meter_and_noise_do_not_hurt_other_lines_or_live_meters():
     assert ok / reads >= 0.999, (ok, reads, n_worker.line_stats())
     stats = n_worker.line_stats()
     assert stats["checksum_errors"] > 0 and stats["retries"] > 0     # the noise was real
+    assert stats["garbage_bytes"] > 0 and n_line.stats["noise_bursts"] > 50
     assert not n_poller.health["000000000699"].online
     assert {"type": "meter.offline", "meter": "000000000699"}.items() <= \
         [e for e in n_col.events if e["meter"] == "000000000699"][0].items()

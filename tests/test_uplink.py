@@ -234,3 +234,52 @@ def test_wrong_password_gives_a_clear_error_and_retries(tmp_path):
         up.stop()
     finally:
         b.stop()
+
+
+def test_mqtt_311_by_configuration(tmp_path, broker):
+    j = Journal(str(tmp_path / "j.db"))
+    head = HeadEnd(broker)
+    up = Uplink(uplink_cfg(broker, mqtt_version="3.1.1"), "gw-test", j)
+    up.start()
+    try:
+        j.append_readings(readings(30))
+        up.notify()
+        head.wait(lambda: len(unique_seqs(head.readings())) == 30)
+        assert up.status()["connected"] and not up.v5
+    finally:
+        up.stop()
+        head.close()
+
+
+def test_commands_are_handed_over_with_response_topic_and_correlation(tmp_path, broker):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    j = Journal(str(tmp_path / "j.db"))
+    head = HeadEnd(broker)
+    up = Uplink(uplink_cfg(broker), "gw-test", j)
+    up.start()
+    try:
+        head.wait(lambda: up.status()["connected"])
+        time.sleep(0.3)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "headend/replies/42"
+        props.CorrelationData = b"\x01\x02corr"
+        head.client.subscribe("headend/replies/#", qos=1)
+        head.publish("commands", b'{"v":1}', properties=props)
+        cmd = up.commands.get(timeout=10)
+        assert cmd.payload == b'{"v":1}' and cmd.response_topic == "headend/replies/42"
+        assert cmd.correlation_data == b"\x01\x02corr"
+        # a result recorded for it goes to the contract topic and to the response topic
+        j.append_result({"id": "c-1", "status": "rejected", "reason": "test",
+                         "_response_topic": cmd.response_topic,
+                         "_correlation_data": cmd.correlation_data.hex()})
+        up.notify()
+        head.wait(lambda: any(t == "headend/replies/42" for t, _, _, _ in head.messages))
+        reply = [(p, pr) for t, p, _, pr in head.messages if t == "headend/replies/42"][0]
+        assert reply[0]["id"] == "c-1" and reply[1].CorrelationData == b"\x01\x02corr"
+        contract = head.topic("command-results")
+        assert contract and contract[0]["status"] == "rejected"
+        assert "_response_topic" not in contract[0]
+    finally:
+        up.stop()
+        head.close()
