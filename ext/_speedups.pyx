@@ -7,6 +7,8 @@ The hot path of the gateway: every byte from every RS-485 line goes through Scan
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove
 
+from protocols._pyframing import bcd_to_int as _py_bcd_to_int
+
 cdef enum:
     DLT645 = 0
     MODBUS = 1
@@ -87,19 +89,8 @@ def bcd_to_int(const unsigned char[:] data, bint signed=False):
     cdef bint negative = False
     cdef unsigned long long v = 0
     if n > 9:
-        # beyond 18 digits: rare (never a meter value); the slow exact path
-        value = 0
-        for i in range(n - 1, -1, -1):
-            b = data[i]
-            if signed and i == n - 1:
-                negative = (b & 0x80) != 0
-                b &= 0x7F
-            hi = b >> 4
-            lo = b & 0x0F
-            if hi > 9 or lo > 9:
-                raise ValueError("not BCD: %s" % bytes(data).hex(" "))
-            value = value * 100 + hi * 10 + lo
-        return -value if negative else value
+        # beyond 18 digits (never a meter value): the twin's arbitrary-precision path
+        return _py_bcd_to_int(bytes(data), signed)
     for i in range(n - 1, -1, -1):
         b = data[i]
         if signed and i == n - 1:

@@ -511,17 +511,16 @@ class CostControl(threading.Thread):
         self.gw.sink.event("costcontrol.breaker_released")
 
     def _cut(self, meter, doc):
-        result = self.gw.executor.local(meter, "cut_off", source="costcontrol",
-                                        reason="balance exhausted")
-        if result and result.get("status") == "done":
-            doc = self.gw.state.get("accounts", meter)
-            doc["cut_by_costcontrol"] = True
-            self.gw.state.put("accounts", meter, doc)
+        self._operate(meter, "cut_off", "balance exhausted", cut=True)
 
     def _restore(self, meter, doc):
-        result = self.gw.executor.local(meter, "restore", source="costcontrol",
-                                        reason="balance above the restore threshold")
+        self._operate(meter, "restore", "balance above the restore threshold", cut=False)
+
+    def _operate(self, meter, action, reason, cut):
+        """Through the command path (ledger, read-back, audit, result); the account
+        remembers that cost control cut it, so only those are restored automatically."""
+        result = self.gw.executor.local(meter, action, source="costcontrol", reason=reason)
         if result and result.get("status") == "done":
             doc = self.gw.state.get("accounts", meter)
-            doc["cut_by_costcontrol"] = False
+            doc["cut_by_costcontrol"] = cut
             self.gw.state.put("accounts", meter, doc)

@@ -425,22 +425,28 @@ class SimLine(threading.Thread):
         return bytes(ans)
 
     def _send(self, data, t_start):
-        """Byte i is complete on the wire at t_start + (i + 1) * byte time."""
-        bt = wire_time(1, self.baudrate)
-        sent = 0
-        while sent < len(data) and not self._halt.is_set():
-            now = time.time()
-            due = int((now - t_start) / bt)
-            if due > sent:
-                n = min(due, len(data))
-                try:
-                    os.write(self._master, data[sent:n])
-                except OSError:
-                    return
-                self.stats["tx_bytes"] += n - sent
-                sent = n
-            else:
-                time.sleep(max(0.0, t_start + (sent + 1) * bt - now))
+        self.stats["tx_bytes"] += pace_write(self._master, data, t_start, self.baudrate,
+                                             self._halt)
+
+
+def pace_write(fd, data, t_start, baudrate, halt):
+    """Writes data so that byte i is complete on the wire at t_start + (i + 1) byte times,
+    as a meter's UART sends it. Returns the bytes written."""
+    bt = wire_time(1, baudrate)
+    sent = 0
+    while sent < len(data) and not halt.is_set():
+        now = time.time()
+        due = int((now - t_start) / bt)
+        if due > sent:
+            n = min(due, len(data))
+            try:
+                os.write(fd, data[sent:n])
+            except OSError:
+                return sent
+            sent = n
+        else:
+            time.sleep(max(0.0, t_start + (sent + 1) * bt - now))
+    return sent
 
 
 def make_meters(n, first_address=1, faults=None, **kwargs):

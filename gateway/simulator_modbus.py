@@ -21,7 +21,7 @@ import tty
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from gateway.simulator import Faults, SimMeter, wire_time
+from gateway.simulator import Faults, SimMeter, pace_write, wire_time
 from protocols.framing import Scanner
 from protocols.modbus_profiles import PROFILES, decode_block, float32_registers
 
@@ -209,14 +209,4 @@ class ModbusSimLine(threading.Thread):
         return bytes(out)
 
     def _send(self, data, t_start):
-        bt = wire_time(1, self.baudrate)
-        sent = 0
-        while sent < len(data) and not self._halt.is_set():
-            now = time.time()
-            due = int((now - t_start) / bt)
-            if due > sent:
-                n = min(due, len(data))
-                os.write(self._gm, data[sent:n])
-                sent = n
-            else:
-                time.sleep(max(0.0, t_start + (sent + 1) * bt - now))
+        pace_write(self._gm, data, t_start, self.baudrate, self._halt)
