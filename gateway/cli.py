@@ -309,7 +309,7 @@ def _fmt_ms(ms):
 
 def cmd_status(args):
     cfg = load_config(args)
-    path = os.path.join(cfg.gateway.data_dir, "status.json")
+    path = os.path.join(cfg.gateway.status_dir or cfg.gateway.data_dir, "status.json")
     try:
         with open(path) as f:
             status = json.load(f)

@@ -158,6 +158,8 @@ def validate(doc, path="<config>"):
         log_level=chk.take(g, "log_level", "gateway", str, "info",
                            choices=("debug", "info", "warning", "error")),
         status_interval_s=chk.take(g, "status_interval_s", "gateway", float, 5.0, minimum=1),
+        # status.json is rewritten every few seconds: keep it off the flash (/run is tmpfs)
+        status_dir=chk.take(g, "status_dir", "gateway", str, None),
     )
     chk.unknown(g, set(gw), "gateway")
     if gw.id is not None and not _ID.match(gw.id):

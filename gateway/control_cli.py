@@ -68,7 +68,7 @@ def relay(args):
     if meter.protocol != "dlt645":
         raise CliError("meter %s is a Modbus meter without a relay" % meter.id, EXIT_USAGE)
     spool = os.path.join(cfg.gateway.data_dir, "spool")
-    status_path = os.path.join(cfg.gateway.data_dir, "status.json")
+    status_path = os.path.join(cfg.gateway.status_dir or cfg.gateway.data_dir, "status.json")
     try:
         with open(status_path) as f:
             st = json.load(f)

@@ -82,13 +82,15 @@ class ReadingSink:
                 event_type, ts, fields = self._pending_events[0]
                 self.journal.append_event(event_type, ts=ts, **fields)
                 self._pending_events.popleft()
+            stored = 0
             if self._pending:
                 batch = list(self._pending)
                 self.journal.append_readings(batch)
                 self._pending.clear()
+                stored = len(batch)
             if self.last_error:
                 log.warning("journal writable again: %d readings kept in memory were stored"
-                            "%s", 0, ", %d lost" % self.lost if self.lost else "")
+                            "%s", stored, ", %d lost" % self.lost if self.lost else "")
                 self.last_error = None
                 self.journal.append_event("gateway.storage_recovered", lost=self.lost)
             self.on_appended()
@@ -113,6 +115,8 @@ class Gateway:
         data_dir = cfg.gateway.data_dir
         try:
             os.makedirs(data_dir, exist_ok=True)
+            if cfg.gateway.status_dir:
+                os.makedirs(cfg.gateway.status_dir, exist_ok=True)
         except OSError as exc:
             raise StateError("%s: cannot create the data folder (%s)"
                              % (data_dir, exc.strerror)) from None
@@ -354,7 +358,8 @@ class Gateway:
     def write_status(self, stopped=False):
         status = self.status()
         status["stopped"] = stopped
-        path = os.path.join(self.cfg.gateway.data_dir, "status.json")
+        path = os.path.join(self.cfg.gateway.status_dir or self.cfg.gateway.data_dir,
+                            "status.json")
         tmp = path + ".tmp"
         try:
             with open(tmp, "w") as f:
