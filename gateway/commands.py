@@ -32,7 +32,7 @@ from protocols import dlt645 as D
 log = logging.getLogger(__name__)
 
 ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
-           "sync_time", "release_breaker", "weather_hold")
+           "sync_time", "release_breaker", "weather_hold", "account_update")
 # gateway-wide actions (an extension of the contract, docs/mqtt.md): meter is "*"
 GATEWAY_ACTIONS = ("release_breaker", "weather_hold")
 RELAY_ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off")
@@ -290,6 +290,12 @@ class Executor(threading.Thread):
                 raise Rejected("topup needs params.txn, the payment's transaction id")
             if self.gw.costcontrol is None or not self.gw.costcontrol.has_account(meter.id):
                 raise Rejected("meter %s has no prepaid account on this gateway" % meter.id)
+        elif action == "account_update":
+            if self.gw.costcontrol is None or not self.gw.costcontrol.has_account(meter.id):
+                raise Rejected("meter %s has no prepaid account on this gateway" % meter.id)
+            why = self.gw.costcontrol.check_update(params)
+            if why:
+                raise Rejected(why)
         elif action == "read":
             qs = params.get("quantities", [])
             if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
@@ -374,6 +380,9 @@ class Executor(threading.Thread):
                 status, reason, extra = self._read(cmd, meter)
             elif action in GATEWAY_ACTIONS:
                 status, reason, extra = self._gateway_action(cmd)
+            elif action == "account_update":
+                account = self.gw.costcontrol.update_account(meter.id, cmd["params"])
+                status, reason, extra = "done", None, {"account": account}
             else:
                 status, reason, extra = self._sync_time(cmd, meter)
         except Exception as exc:

@@ -277,7 +277,63 @@ class CostControl(threading.Thread):
         self.journal.register(CONSUMER, "readings")
         self._init_accounts()
 
+    # ---------------------------------------------------------------- head-end updates
+
+    UPDATABLE_MONEY = ("alarm1", "alarm2", "overdraft_limit", "restore_threshold")
+
+    def check_update(self, params):
+        """Why an account_update's params are not acceptable, or None."""
+        if not params:
+            return "account_update needs params (mode, tariff, alarm1, alarm2, " \
+                   "overdraft_limit, restore_threshold)"
+        for key, value in params.items():
+            if key in self.UPDATABLE_MONEY:
+                try:
+                    d = Decimal(value) if isinstance(value, str) else None
+                except InvalidOperation:
+                    d = None
+                if d is None or not d.is_finite() or d < 0 or \
+                        d != d.quantize(Decimal("0.01")):
+                    return "%s must be yuan as a decimal string, such as \"10.00\"" % key
+            elif key == "mode":
+                if value not in ("local", "remote"):
+                    return "mode is local or remote"
+            elif key == "tariff":
+                if value not in self.tariffs:
+                    return "no tariff %r on this gateway" % (value,)
+            else:
+                return "%s cannot be updated (mode, tariff, %s)" % (
+                    key, ", ".join(self.UPDATABLE_MONEY))
+        return None
+
+    def update_account(self, meter, params):
+        """Apply and keep (state file) a head-end update of an account's settings."""
+        with self._lock:
+            acc = self.accounts[meter]
+            for key, value in params.items():
+                acc[key] = Decimal(value) if key in self.UPDATABLE_MONEY else value
+            if "tariff" in params:
+                self.billing[meter] = Billing(acc, self.tariffs[acc["tariff"]])
+            overrides = self.gw.state.get("account_overrides", meter) or {}
+            overrides.update(params)
+            self.gw.state.put("account_overrides", meter, overrides)
+            doc = self.gw.state.get("accounts", meter)
+            events = []
+            self._transition(meter, doc, events)        # thresholds may move the state
+            self.gw.state.put("accounts", meter, doc)
+        for etype, fields in events:
+            self.gw.sink.event(etype, **fields)
+        self.gw.sink.event("account.updated", meter=meter, **params)
+        return {k: str(v) if isinstance(v, Decimal) else v for k, v in acc.items()
+                if k in ("mode", "tariff") + self.UPDATABLE_MONEY}
+
     def _init_accounts(self):
+        for meter, overrides in self.gw.state.all("account_overrides").items():
+            if meter in self.accounts and not self.check_update(overrides):
+                acc = self.accounts[meter]
+                for key, value in overrides.items():
+                    acc[key] = Decimal(value) if key in self.UPDATABLE_MONEY else value
+                self.billing[meter] = Billing(acc, self.tariffs[acc["tariff"]])
         events = []
         with self.gw.state.batch():
             for mid, acc in self.accounts.items():

@@ -136,3 +136,29 @@ def test_ledger_reconciles_across_restarts_and_duplicated_readings(tmp_path):
         assert status["accounts"]["m1"]["balance"] == "54.55"
     finally:
         h.close()
+
+
+def test_accounts_are_updatable_from_the_head_end_and_the_update_survives_a_restart(tmp_path):
+    h = Harness(tmp_path, meters=1,
+                tariffs={"flat": {"kind": "flat", "price": "0.5000"},
+                         "cheap": {"kind": "flat", "price": "0.1000"}},
+                accounts=[{"meter": "m1", "tariff": "flat", "opening_balance": "15.00"}],
+                cost_control=FAST, meter_kw={"interval_s": 3600})
+    h.start()
+    try:
+        bad = h.command("m1", "account_update", {"alarm1": 5})
+        h.send(bad)
+        assert "decimal string" in h.wait_result(bad["id"])["reason"]
+        upd = h.command("m1", "account_update", {"alarm1": "30.00", "alarm2": "20.00",
+                                                 "tariff": "cheap"})
+        h.send(upd)
+        r = h.wait_result(upd["id"])
+        assert r["status"] == "done" and r["account"]["tariff"] == "cheap"
+        assert h.gw.state.get("accounts", "m1")["state"] == "alarm2"   # 15.00 <= 20.00
+        assert [e["level"] for e in events(h, "balance.low")] == [1, 2]   # opened low, then 2
+        h.stop()
+        h.start()
+        assert h.gw.costcontrol.accounts["m1"]["tariff"] == "cheap"
+        assert h.gw.costcontrol.accounts["m1"]["alarm1"] == Decimal("30.00")
+    finally:
+        h.close()
