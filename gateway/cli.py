@@ -469,7 +469,8 @@ def build_parser():
     p.add_argument("--meter", required=True)
     p.add_argument("--action", dest="cmd_action", required=True,
                    choices=("cut_off", "restore", "guarantee_on", "guarantee_off", "topup",
-                            "read", "sync_time"))
+                            "read", "sync_time", "account_update", "release_breaker",
+                            "weather_hold"))
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="command parameter (repeat), e.g. amount=50.00 txn=T1")
     p.add_argument("--valid", type=int, default=900, help="seconds the command is valid")
