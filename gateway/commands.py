@@ -10,7 +10,6 @@ sending the frame again. The same id twice (QoS 1 does that) is executed once an
 result sent again. Every step goes to the hash-chained audit trail.
 """
 
-import base64
 import collections
 import datetime as _dt
 import json
@@ -751,4 +750,4 @@ def _jsonable(v):
     return v
 
 
-__all__ = ["Executor", "Rejected", "parse_time", "base64"]
+__all__ = ["Executor", "Rejected", "parse_time"]

@@ -6,7 +6,6 @@ the uplink to a broker on 127.0.0.1:1883 if one is reachable (buffering otherwis
 keys for trying commands, and a live view of lines, meters, readings, balances and relays.
 """
 
-import collections
 import os
 import shutil
 import socket
@@ -198,4 +197,4 @@ def run(args):
     return 0
 
 
-__all__ = ["build", "run", "collections"]
+__all__ = ["build", "run"]

@@ -22,7 +22,7 @@ import heapq
 import itertools
 import logging
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 from gateway.journal import BACKFILLED, CLOCK_UNTRUSTED, GOOD, Reading
 from gateway.meterio import (ENERGY_BLOCK, ENERGY_SINGLE, INSTANT, PREPAID, SKIP_QUANTITIES,

@@ -373,7 +373,7 @@ class Gateway:
 # ---------------------------------------------------------------- entry points
 
 def main(which, args):
-    from gateway.cli import CliError, EXIT_FAILED, EXIT_OK, EXIT_USAGE, load_config, \
+    from gateway.cli import CliError, EXIT_FAILED, EXIT_USAGE, load_config, \
         setup_logging
     if which == "demo":
         from gateway import demo

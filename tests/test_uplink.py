@@ -1,6 +1,5 @@
 """The MQTT uplink against a real Mosquitto broker started by the tests."""
 
-import json
 import os
 import signal
 import subprocess
@@ -8,7 +7,6 @@ import sys
 import time
 from decimal import Decimal
 
-import pytest
 
 from gateway.config import validate
 from gateway.journal import Journal, Reading
