@@ -127,6 +127,9 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")   # durable commits (power cuts)
             self._db.execute("PRAGMA foreign_keys=OFF")
+            # appends and reads near the tail: a small page cache is enough (the default
+            # 2 MB is a lot on a 256 MB box)
+            self._db.execute("PRAGMA cache_size=-256")
             # a short WAL: checkpoints often, and the file is cut back after each one
             self._db.execute("PRAGMA wal_autocheckpoint=%d" % int(wal_pages))
             self._db.execute("PRAGMA journal_size_limit=%d" % (int(wal_pages) * 4096))

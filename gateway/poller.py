@@ -44,6 +44,11 @@ SYNC_MAX_S = 300.0           # broadcast time sync corrects at most +-5 min (ref
 class MeterSpec:
     """What the poller needs to know about a meter (filled from the configuration)."""
 
+    # slots: a concentrator may carry a thousand of these
+    __slots__ = ("id", "port", "protocol", "address", "unit", "profile", "interval_s",
+                 "instant_interval_s", "clock_interval_s", "version", "prepaid",
+                 "sync_threshold_s", "extra")
+
     def __init__(self, id, port, protocol="dlt645", address=None, unit=None, profile=None,
                  interval_s=900, instant_interval_s=300, clock_interval_s=3600,
                  version=2007, prepaid=False, sync_threshold_s=30.0, **extra):
@@ -63,6 +68,10 @@ class MeterSpec:
 
 
 class MeterHealth:
+    __slots__ = ("online", "failures", "probe_backoff", "next_probe", "last_ok",
+                 "last_error", "unsupported", "block_ok", "drift_s", "last_sync_day",
+                 "last_drift_event_day", "last_freeze_day", "relay", "reads", "reads_ok")
+
     def __init__(self):
         self.online = True
         self.failures = 0
