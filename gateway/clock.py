@@ -8,6 +8,7 @@ disciplined the clock since boot. Readings taken while it is not are flagged
 import ctypes
 import ctypes.util
 import os
+import time
 
 STA_UNSYNC = 0x0040
 TIME_ERROR = 5
@@ -26,14 +27,24 @@ class _Timex(ctypes.Structure):
                 ("pad", ctypes.c_int * 11)]
 
 
+_libc = []
+
+
+def _adjtimex():
+    if not _libc:
+        # find_library may run a subprocess: look it up once, not per reading
+        _libc.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                                 use_errno=True))
+    return _libc[0].adjtimex
+
+
 def system_clock_synchronised():
     """True when the kernel says a time daemon keeps the clock in sync."""
     if os.path.exists("/run/systemd/timesync/synchronized"):
         return True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         tx = _Timex()
-        state = libc.adjtimex(ctypes.byref(tx))
+        state = _adjtimex()(ctypes.byref(tx))
     except (OSError, AttributeError):
         return False
     if state < 0:
@@ -43,11 +54,21 @@ def system_clock_synchronised():
 
 class ClockPolicy:
     """Whether to trust the gateway clock: the kernel's word, unless configured otherwise
-    (`[control] require_synced_clock = false` on boxes without NTP)."""
+    (`[control] require_synced_clock = false` on boxes without NTP). Asked for every
+    reading batch, so the answer is kept for a few seconds."""
 
-    def __init__(self, require_synced=True, probe=system_clock_synchronised):
+    def __init__(self, require_synced=True, probe=system_clock_synchronised, cache_s=5.0):
         self.require_synced = require_synced
         self._probe = probe
+        self._cache_s = cache_s
+        self._last = (None, 0.0)
 
     def trusted(self):
-        return True if not self.require_synced else bool(self._probe())
+        if not self.require_synced:
+            return True
+        value, at = self._last
+        now = time.monotonic()
+        if value is None or now - at > self._cache_s:
+            value = bool(self._probe())
+            self._last = (value, now)
+        return value

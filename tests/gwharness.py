@@ -53,7 +53,7 @@ class Harness:
             for m in cfg.meters:
                 m["interval_s"] = interval_s
         self.cfg = cfg
-        self.clock = ClockPolicy(True, probe=lambda: self.clock_ok)
+        self.clock = ClockPolicy(True, probe=lambda: self.clock_ok, cache_s=0)
         self.clock_ok = clock_trusted
         self.gw = None
         self._stop = None
