@@ -270,6 +270,7 @@ class CostControl(threading.Thread):
         self.billing = {m: Billing(a, self.tariffs[a["tariff"]])
                         for m, a in self.accounts.items()}
         self._lock = threading.RLock()
+        self._act_lock = threading.Lock()
         self._halt = threading.Event()
         self._cutoffs = []                      # times of automatic cut-offs (breaker)
         self.breaker_tripped = False
@@ -505,7 +506,12 @@ class CostControl(threading.Thread):
         return None
 
     def act(self, only=None):
-        """Automatic cut-offs (local mode, every condition) and restores after top-ups."""
+        """Automatic cut-offs (local mode, every condition) and restores after top-ups.
+        One at a time: the periodic check and a top-up's prompt restore never race."""
+        with self._act_lock:
+            self._act(only)
+
+    def _act(self, only):
         wanted_cut = []
         for meter, acc in self.accounts.items():
             if only and meter != only:
