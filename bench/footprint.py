@@ -114,6 +114,18 @@ def main():
         time.sleep(20)
         idle_cpu = (cpu_s(gw.pid) - c1) / (time.perf_counter() - w1)
         idle_rss = rss_mb(gw.pid)
+        if os.environ.get("MGW_BENCH_SMAPS"):
+            by = {}
+            name = ""
+            with open("/proc/%d/smaps" % gw.pid) as f:
+                for line in f:
+                    head = line.split()
+                    if "-" in head[0] and len(head) >= 5:
+                        name = head[5] if len(head) > 5 else "[anon]"
+                    elif head[0] == "Rss:":
+                        by[name] = by.get(name, 0) + int(head[1])
+            for n, kb in sorted(by.items(), key=lambda kv: -kv[1])[:8]:
+                print("    %6d kB %s" % (kb, n))
         print("meter-gateway footprint: `mgw run` with %d DL/T 645 meters on %d lines at %d "
               "baud, Python %s" % (LINES * PER_LINE, LINES, BAUD, sys.version.split()[0]))
         print("\n  start to READY:                  %6.2f s" % ready)

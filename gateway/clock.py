@@ -30,12 +30,16 @@ class _Timex(ctypes.Structure):
 _libc = []
 
 
-def _adjtimex():
+def libc():
     if not _libc:
         # find_library may run a subprocess: look it up once, not per reading
         _libc.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
                                  use_errno=True))
-    return _libc[0].adjtimex
+    return _libc[0]
+
+
+def _adjtimex():
+    return libc().adjtimex
 
 
 def system_clock_synchronised():

@@ -253,6 +253,7 @@ class Gateway:
                 next_status = now + interval
                 self.write_status()
                 self.notifier.status(self.summary())
+                self.trim_memory()
             if now >= self._health_due:
                 if self._health_due:
                     self.sink.event("gateway.health", **self.health())
@@ -354,6 +355,15 @@ class Gateway:
                 if h.last_ok:
                     out[mid] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(h.last_ok))
         return out
+
+    def trim_memory(self):
+        """Give freed heap back to the kernel (glibc keeps it otherwise): the status and
+        poll cycles allocate and free in bursts, and the box has little RAM to spare."""
+        try:
+            from gateway.clock import libc
+            libc().malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
     def write_status(self, stopped=False):
         status = self.status()
