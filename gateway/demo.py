@@ -170,6 +170,7 @@ def run(args):
         sys.stderr.write("no MQTT broker on %s:%d: readings are buffered in the journal "
                          "until one is there\n" % broker)
     gw = Gateway(cfg)
+    gw.sink.latest = {}                     # the live view shows the latest values
     stop = threading.Event()
     view = None if args.no_view else LiveView(gw, keys)
 

@@ -51,12 +51,13 @@ class ReadingSink:
         self.max_pending = max_pending
         self.lost = 0
         self.last_error = None
-        self.latest = {}                            # (meter, quantity) -> value, for views
+        self.latest = None            # (meter, quantity) -> value, kept only for a live view
         self.recent = collections.deque(maxlen=50)  # recent events, one line each
 
     def readings(self, readings):
-        for r in readings:
-            self.latest[(r.meter, r.quantity)] = r.value
+        if self.latest is not None:
+            for r in readings:
+                self.latest[(r.meter, r.quantity)] = r.value
         with self._lock:
             self._pending.extend(readings)
             while len(self._pending) > self.max_pending:
