@@ -4,7 +4,9 @@
 everything).
 
 The meters are 8 `mgw simulate` processes (128 DL/T 645 meters each, 9600 baud) on
-pseudo-terminals; the gateway is a separate `mgw run` process measured from /proc.
+pseudo-terminals; the gateway is a separate `mgw run` process measured from /proc, with an
+uplink (to an absent broker: buffering) and a head-end key configured, as in the field, and
+the environment of systemd/meter-gateway.service (MALLOC_ARENA_MAX=2).
 Run: python bench/footprint.py. Prints figures only.
 """
 
@@ -80,7 +82,9 @@ def main():
     sock.bind(sock_path)
     sock.settimeout(60)
     t0 = time.perf_counter()
-    gw = mgw("run", "--config", cfg, env={"NOTIFY_SOCKET": sock_path},
+    # the environment the systemd unit gives the service (MALLOC_ARENA_MAX=2)
+    gw = mgw("run", "--config", cfg, env={"NOTIFY_SOCKET": sock_path,
+                                          "MALLOC_ARENA_MAX": "2"},
              stderr=subprocess.DEVNULL)
     try:
         while True:

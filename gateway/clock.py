@@ -6,7 +6,6 @@ disciplined the clock since boot. Readings taken while it is not are flagged
 """
 
 import ctypes
-import ctypes.util
 import os
 import time
 
@@ -32,9 +31,9 @@ _libc = []
 
 def libc():
     if not _libc:
-        # find_library may run a subprocess: look it up once, not per reading
-        _libc.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
-                                 use_errno=True))
+        # the C library is already in the process: dlopen(NULL) finds its symbols without
+        # ctypes.util.find_library (which may run a subprocess)
+        _libc.append(ctypes.CDLL(None, use_errno=True))
     return _libc[0]
 
 

@@ -19,7 +19,6 @@ import queue
 import re
 import threading
 import time
-import uuid
 from decimal import Decimal, InvalidOperation
 
 from gateway import meterio
@@ -570,7 +569,7 @@ class Executor(threading.Thread):
         """A command from the box itself (technician, cost control): same path, no
         signature (the caller is trusted by the file system or is the gateway), audited."""
         now = _dt.datetime.now(_dt.timezone.utc)
-        cmd = {"v": 1, "id": "%s-%s" % (source, uuid.uuid4().hex[:16]), "meter": meter_id,
+        cmd = {"v": 1, "id": "%s-%s" % (source, os.urandom(8).hex()), "meter": meter_id,
                "action": action, "params": params or {},
                "issued_at": now.isoformat(), "expires_at": (now + _dt.timedelta(
                    minutes=15)).isoformat()}

@@ -42,6 +42,53 @@ class Section(dict):
             raise AttributeError(name) from None
 
 
+class Record:
+    """A validated table with a fixed set of keys, for the thousand meters of a big
+    concentrator: attribute access like Section, item access for the code that edits it,
+    a fraction of a dict's memory."""
+
+    __slots__ = ()
+    FIELDS = ()
+
+    def __getitem__(self, key):
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def __setitem__(self, key, value):
+        setattr(self, key, value)
+
+    def __contains__(self, key):
+        return key in self.FIELDS
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+    def keys(self):
+        return self.FIELDS
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.FIELDS]
+
+    def __eq__(self, other):
+        return isinstance(other, Record) and self.items() == other.items()
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join("%s=%r" % kv for kv in self.items()))
+
+
+def record_type(name, fields):
+    return type(name, (Record,), {"__slots__": tuple(fields), "FIELDS": tuple(fields)})
+
+
+def as_record(cls, section):
+    rec = cls.__new__(cls)
+    for k in cls.FIELDS:
+        setattr(rec, k, section[k])
+    return rec
+
+
 class _Checker:
     def __init__(self, path):
         self.path = path
@@ -261,6 +308,9 @@ def validate(doc, path="<config>"):
         if not re.match(r"^[0-9A-Fa-f]{8}$", meter.operator_code or ""):
             chk.bad(where + ".operator_code", "an operator code is 8 hex digits")
         meters.append(meter)
+    if meters:
+        MeterConfig = record_type("MeterConfig", list(meters[0].keys()))
+        meters = [as_record(MeterConfig, m) for m in meters]
 
     u = _table(chk, doc, "uplink")
     uplink = Section(

@@ -64,7 +64,7 @@ class MeterSpec:
         self.version = version
         self.prepaid = prepaid
         self.sync_threshold_s = sync_threshold_s
-        self.extra = extra
+        self.extra = extra or None
 
 
 class MeterHealth:
@@ -79,7 +79,7 @@ class MeterHealth:
         self.next_probe = 0.0
         self.last_ok = None
         self.last_error = None
-        self.unsupported = set()
+        self.unsupported = ()      # identifiers the meter said it lacks (a set once any)
         self.block_ok = True
         self.drift_s = None
         self.last_sync_day = None
@@ -239,7 +239,7 @@ class LinePoller:
                 continue
             if isinstance(msg, D.ErrorResponse):
                 if "no_data" in msg.flags or "wrong_di" in msg.flags:
-                    h.unsupported.add(di)
+                    h.unsupported = set(h.unsupported) | {di}
                 continue
             if isinstance(msg, D.ReadResponse) and msg.values:
                 readings += self._values_to_readings(meter, msg.values)

@@ -9,7 +9,6 @@ per-meter latency budget that adapts to how the meter really answers (DL/T 645 a
 and identifier match the request; anything else on the line is counted and ignored.
 """
 
-import concurrent.futures
 import errno
 import heapq
 import itertools
@@ -98,6 +97,32 @@ class Request:
         if why:
             return None, why
         return answer, None
+
+
+class Future:
+    """The result of a queued request, waited for by another thread (a small stand-in for
+    concurrent.futures.Future, which the gateway would import for nothing else)."""
+
+    __slots__ = ("_done", "_value")
+
+    def __init__(self):
+        self._done = threading.Event()
+        self._value = None
+
+    def set_running_or_notify_cancel(self):
+        return True
+
+    def set_result(self, value):
+        self._value = value
+        self._done.set()
+
+    def done(self):
+        return self._done.is_set()
+
+    def result(self, timeout=None):
+        if not self._done.wait(timeout):
+            raise TimeoutError("no result within %s s" % timeout)
+        return self._value
 
 
 class Result(NamedTuple):
@@ -208,7 +233,7 @@ class PortWorker(threading.Thread):
             self._ser = None
 
     def submit(self, request, priority=ON_DEMAND):
-        fut = concurrent.futures.Future()
+        fut = Future()
         with self._cv:
             heapq.heappush(self._queue, (priority, next(self._seq), request, fut))
             self._cv.notify()

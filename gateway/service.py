@@ -149,17 +149,18 @@ class Gateway:
                 for m in self.cfg.meters if m.port == port_name]
 
     def _build_lines(self):
-        saved = self.state.all("meters")
+        saved = self.state.get("meters", "all") or {}
+        offline = set(saved.get("offline", ()))
+        freeze_days = saved.get("last_freeze_day", {})
         for port in self.cfg.ports:
             poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
                                 clock_trusted=self.clock.trusted,
                                 offline_after=port.offline_after)
             for mid, h in poller.health.items():
-                doc = saved.get(mid) or {}
-                h.online = doc.get("online", True)
-                if doc.get("last_freeze_day"):
+                h.online = mid not in offline
+                if freeze_days.get(mid):
                     import datetime as _dt
-                    h.last_freeze_day = _dt.date.fromisoformat(doc["last_freeze_day"])
+                    h.last_freeze_day = _dt.date.fromisoformat(freeze_days[mid])
             self.pollers[port.name] = poller
             self.workers[port.name] = self._new_worker(port)
 
@@ -283,19 +284,19 @@ class Gateway:
     # ---------------------------------------------------------------- status
 
     def save_meter_state(self):
-        """Meters' online state and freeze progress: one state write, only on change."""
-        docs = {}
+        """Meters' online state and freeze progress: one small document (a thousand
+        meters make one entry each only when offline or freezing), written only on change."""
+        offline = []
+        freeze = {}
         for poller in self.pollers.values():
             for mid, h in poller.health.items():
-                docs[mid] = {"online": h.online,
-                             "last_freeze_day": h.last_freeze_day.isoformat()
-                             if h.last_freeze_day else None}
-        current = self.state.all("meters")
-        if all(current.get(k) == v for k, v in docs.items()):
-            return
-        with self.state.batch():
-            for mid, doc in docs.items():
-                self.state.put("meters", mid, doc)
+                if not h.online:
+                    offline.append(mid)
+                if h.last_freeze_day:
+                    freeze[mid] = h.last_freeze_day.isoformat()
+        doc = {"offline": sorted(offline), "last_freeze_day": freeze}
+        if self.state.get("meters", "all") != doc:
+            self.state.put("meters", "all", doc)
 
     def health(self):
         up = self.uplink.status() if self.uplink else None
