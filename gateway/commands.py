@@ -393,6 +393,11 @@ class Executor(threading.Thread):
         self._record(cmd, status, meta, source=source, result=result, finished_at=time.time())
         self.audit.append("command.result", id=cid, result=result)
         self.executed[status] += 1
+        if status == "done" and action in ("cut_off", "restore") and extra.get("relay"):
+            self.gw.sink.event("relay.opened" if extra["relay"] == "open" else "relay.closed",
+                               meter=meter.id, command=cid, source=source,
+                               **({"awaiting_customer": True}
+                                  if extra.get("awaiting_customer") else {}))
         return self._result(cid, status, reason, meta, meter=meter.id, action=action, **extra)
 
     def _ask(self, meter, request, priority=RELAY, timeout=30):

@@ -34,7 +34,9 @@ def build(data_dir, broker=("127.0.0.1", 1883)):
     keys = os.path.join(data_dir, "keys")
     if not os.path.exists(os.path.join(keys, "headend.pub")):
         generate(keys)
-    meters = [SimMeter("%012d" % (1001 + i), load_kw=[1.2, 2.5, 0.8, 30.0, 1.5, 2.0][i],
+    # m4's household draws an implausible 300 kW so that its balance runs out within a
+    # minute of the demo (its account's max_kw says so, or the jump check would refuse it)
+    meters = [SimMeter("%012d" % (1001 + i), load_kw=[1.2, 2.5, 0.8, 300.0, 1.5, 2.0][i],
                        balance="100.00", faults=Faults(latency_s=0.04))
               for i in range(6)]
     meters[1].faults.drop_rate = 0.1           # a meter that misses one answer in ten
@@ -79,9 +81,10 @@ def build(data_dir, broker=("127.0.0.1", 1883)):
             {"meter": "m3", "tariff": "tou", "opening_balance": "50.00"},
             # a household about to run out: warnings, then cut-off after the notice time
             {"meter": "m4", "tariff": "flat", "opening_balance": "1.00", "alarm1": "0.80",
-             "alarm2": "0.40"},
+             "alarm2": "0.40", "max_kw": "500", "restore_threshold": "1.00"},
         ],
-        "cost_control": {"notice_s": 60, "protected_hours": [], "protected_weekends": False,
+        # short notice so the demo shows warnings, then the cut-off, within about a minute
+        "cost_control": {"notice_s": 30, "protected_hours": [], "protected_weekends": False,
                          "check_interval_s": 5},
     }
     cfg = validate(doc, "<demo>")

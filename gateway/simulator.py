@@ -188,8 +188,9 @@ class SimMeter:
         p = self.power_kw(now)
         volts = [Decimal("220.0") + Decimal(self.rng.randint(-30, 30)).scaleb(-1)
                  for _ in range(3)]
-        amps = Decimal(round(p * 1000 / 220.0, 3)).quantize(Decimal("0.001"))
-        kw = Decimal(round(p, 4)).quantize(Decimal("0.0001"))
+        # registers have a range (XXX.XXX A, XX.XXXX kW): a meter shows its maximum
+        amps = Decimal(round(min(p * 1000 / 220.0, 799.999), 3)).quantize(Decimal("0.001"))
+        kw = Decimal(round(min(p, 79.9999), 4)).quantize(Decimal("0.0001"))
         with self.lock:
             block = self._block(self._mwh)
             table = {

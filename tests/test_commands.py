@@ -239,3 +239,14 @@ def test_secured_meters_get_the_master_stations_payload_unchanged(tmp_path):
         assert h.relay_moves() == []
     finally:
         h.close()
+
+
+def test_relay_movements_are_events_too(h):
+    cut = h.command("m3", "cut_off")
+    h.send(cut)
+    h.wait_result(cut["id"])
+    h.gw.journal.register("t-ev", "events")
+    evs = [r.body for r in h.gw.journal.read("t-ev", "events", limit=1000, after=0)
+           if r.body["type"].startswith("relay.")]
+    assert evs == [{"type": "relay.opened", "meter": "m3", "command": cut["id"],
+                    "source": "remote"}]
