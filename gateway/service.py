@@ -215,6 +215,7 @@ class Gateway:
                 self.restarts[name] += 1
                 log.error("port %s: worker thread died; restarting (%d restarts)", name,
                           self.restarts[name])
+                w.stop(0.1)       # release the port (its lock) and answer what was queued
                 port = next(p for p in self.cfg.ports if p.name == name)
                 nw = self._new_worker(port)
                 nw.stats.restarts = self.restarts[name]

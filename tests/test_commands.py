@@ -250,3 +250,32 @@ def test_relay_movements_are_events_too(h):
            if r.body["type"].startswith("relay.")]
     assert evs == [{"type": "relay.opened", "meter": "m3", "command": cut["id"],
                     "source": "remote"}]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_crashed_line_worker_is_restarted_and_a_failing_job_is_counted(h):
+    worker = h.gw.workers["p1"]
+
+    def bug(w):
+        raise RuntimeError("a bug in a poll job")
+    worker.submit_job(bug)
+    end = time.time() + 5
+    while time.time() < end and worker.stats.errors == 0:
+        time.sleep(0.05)
+    assert worker.stats.errors == 1 and worker.is_alive()        # logged, counted, carried on
+
+    def die(w):
+        raise SystemExit("thread killed")
+    worker.submit_job(die)
+    end = time.time() + 5
+    while time.time() < end and worker.is_alive():
+        time.sleep(0.05)
+    assert not worker.is_alive()
+    end = time.time() + 5
+    while time.time() < end and h.gw.workers["p1"] is worker:
+        time.sleep(0.1)                                          # the supervisor notices
+    new = h.gw.workers["p1"]
+    assert new is not worker and new.is_alive() and h.gw.restarts["p1"] == 1
+    cut = h.command("m1", "cut_off")                             # and the line works again
+    h.send(cut)
+    assert h.wait_result(cut["id"])["status"] == "done"
