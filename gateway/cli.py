@@ -384,6 +384,20 @@ complete -F _mgw mgw"""
 
 # ---------------------------------------------------------------- parser
 
+def _profiles():
+    from protocols.modbus_profiles import PROFILES
+    return sorted(PROFILES)
+
+
+def _host_port(text):
+    host, _, port = text.partition(":")
+    try:
+        port = int(port or 1883)
+    except ValueError:
+        raise argparse.ArgumentTypeError("HOST:PORT, such as 127.0.0.1:1883") from None
+    return host or "127.0.0.1", port
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH",
@@ -408,8 +422,8 @@ def build_parser():
             lambda a: _service("demo", a))
     p.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
     p.add_argument("--data-dir", help="where to keep the demo's data (default: a temp folder)")
-    p.add_argument("--broker", help="MQTT broker host:port (default 127.0.0.1:1883 if "
-                                    "reachable)")
+    p.add_argument("--broker", type=_host_port, help="MQTT broker host:port (default "
+                   "127.0.0.1:1883 if reachable)")
     p.add_argument("--no-view", action="store_true", help="no live view, log lines only")
 
     p = add("simulate", "simulated meters behind a pseudo-terminal; prints the device path",
@@ -418,7 +432,8 @@ def build_parser():
                    "simulated line (default: print the pseudo-terminal's own path)")
     p.add_argument("--meters", type=int, default=4, help="how many meters (default 4)")
     p.add_argument("--protocol", choices=("dlt645", "modbus"), default="dlt645")
-    p.add_argument("--profile", default="eastron-sdm120", help="Modbus register map")
+    p.add_argument("--profile", default="eastron-sdm120", choices=_profiles(),
+                   help="Modbus register map")
     p.add_argument("--baudrate", type=int, default=2400)
     p.add_argument("--first", type=int, default=1,
                    help="first address (DL/T 645) or unit id (Modbus)")
@@ -434,7 +449,7 @@ def build_parser():
             "unit-id sweep)", cmd_scan)
     p.add_argument("--port", required=True, help="port name (or device) from the config")
     p.add_argument("--protocol", choices=("dlt645", "modbus"))
-    p.add_argument("--profile", help="Modbus register map to probe with")
+    p.add_argument("--profile", choices=_profiles(), help="Modbus register map to probe with")
     p.add_argument("--first", type=int, default=1, help="Modbus: first unit id")
     p.add_argument("--last", type=int, default=247, help="Modbus: last unit id")
     p.add_argument("--progress", action="store_true", help="progress bar even when not a tty")

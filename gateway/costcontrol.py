@@ -122,11 +122,27 @@ def validate_config(cfg, chk):
         accounts.append(acc)
     pol = dict(POLICY_DEFAULTS)
     raw_pol = cfg.get("cost_control") or {}
+    if not isinstance(raw_pol, dict):
+        chk.bad("cost_control", "must be a table")
+        raw_pol = {}
     for k, v in raw_pol.items():
         if k not in POLICY_DEFAULTS:
             chk.bad("cost_control.%s" % k, "unknown key")
+            continue
+        default = POLICY_DEFAULTS[k]
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
         else:
-            pol[k] = v
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        if not ok:
+            chk.bad("cost_control.%s" % k, "must be %s, not %r" % (
+                "true or false" if isinstance(default, bool) else
+                "a number >= 0" if isinstance(default, (int, float)) else
+                "a list of strings", v))
+            continue
+        pol[k] = v
     try:
         pol["protected_ranges"] = [tuple(T.parse_hhmm(x) for x in r.split("-"))
                                    for r in pol["protected_hours"]]

@@ -161,10 +161,7 @@ def run(args):
     from gateway.service import Gateway, serve
     own_dir = args.data_dir is None
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="mgw-demo-")
-    broker = ("127.0.0.1", 1883)
-    if args.broker:
-        host, _, port = args.broker.partition(":")
-        broker = (host, int(port or 1883))
+    broker = args.broker or ("127.0.0.1", 1883)
     setup_logging("warning" if not args.no_view else "info")
     cfg, sims, keys = build(data_dir, broker)
     for s in sims:

@@ -158,3 +158,32 @@ def test_bash_completion_is_valid_and_knows_the_commands(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     for word in ("scan", "relay", "cut-off", "--meter", "--protocol"):
         assert word in out
+
+
+BROKEN = [
+    '[gateway]\nid = 5\n',
+    'gateway = 3\n',
+    '[gateway]\nid = "g"\nports = 1\n',
+    '[gateway]\nid = "g"\n[[ports]]\nname = 1\ndevice = []\n',
+    '[gateway]\nid = "g"\n[[meters]]\nid = "m"\nport = "x"\naddress = 12\n',
+    '[gateway]\nid = "g"\nmeters = ["a"]\n',
+    '[gateway]\nid = "g"\n[uplink]\nport = "1883"\ntls_cert = "/nope"\n',
+    '[gateway]\nid = "g"\n[control]\npublic_keys = "k.pub"\n',
+    '[gateway]\nid = "g"\n[tariffs.t]\nkind = "tou"\nprices = {peak = 1}\n',
+    '[gateway]\nid = "g"\n[tariffs.t]\nkind = "tiered"\nprice = "0.5"\nladder = [{upto_kwh = "x"}]\n',
+    '[gateway]\nid = "g"\n[[accounts]]\nmeter = 3\nopening_balance = 1.5\n',
+    '[gateway]\nid = "g"\naccounts = 7\ntariffs = 2\ncost_control = "x"\n',
+    '[gateway]\nid = "g"\n[cost_control]\nprotected_hours = ["25:00-26:00"]\n',
+]
+
+
+@pytest.mark.parametrize("text", BROKEN)
+def test_broken_configs_are_one_line_per_problem_never_a_traceback(tmp_path, capsys, text):
+    sys.path.insert(0, ROOT)
+    from gateway.cli import main
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    code = main(["config", "check", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip() and all(line.startswith(str(path)) for line in err.strip().splitlines())
