@@ -141,7 +141,7 @@ def test_dead_meter_and_noise_do_not_hurt_other_lines_or_live_meters():
         [e for e in n_col.events if e["meter"] == "000000000699"][0].items()
     # the dead meter is probed, not polled: it asked for only a handful of transactions
     assert n_poller.health["000000000699"].reads <= 5
-    assert together <= alone * 1.5 + 0.01, (alone, together)
+    assert together <= alone * 2.0 + 0.02, (alone, together)   # CPU is shared, lines are not
 
 
 def test_meter_goes_offline_and_comes_back_online():
