@@ -118,15 +118,6 @@ def open_worker(port, protocol="dlt645", retries=None):
     return w
 
 
-def meter_spec(m):
-    from gateway.poller import MeterSpec
-    return MeterSpec(m.id, m.port, protocol=m.protocol, address=m.address, unit=m.unit,
-                     profile=m.profile, interval_s=m.interval_s,
-                     instant_interval_s=m.instant_interval_s,
-                     clock_interval_s=m.clock_interval_s, version=m.version,
-                     prepaid=m.prepaid)
-
-
 # ---------------------------------------------------------------- commands
 
 def cmd_config(args):
@@ -219,7 +210,8 @@ def cmd_read(args):
     worker = open_worker(port, meter.protocol)
     try:
         try:
-            values, errors = read_now(worker, meter_spec(meter), args.quantity)
+            from gateway.poller import MeterSpec
+            values, errors = read_now(worker, MeterSpec.from_config(meter), args.quantity)
         except UnknownQuantity as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
     finally:
@@ -389,6 +381,16 @@ def _profiles():
     return sorted(PROFILES)
 
 
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a whole number, not %r" % text) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be above 0")
+    return value
+
+
 def _host_port(text):
     host, _, port = text.partition(":")
     try:
@@ -430,11 +432,11 @@ def build_parser():
             cmd_simulate)
     p.add_argument("--port", metavar="PATH", help="create this path as a link to the "
                    "simulated line (default: print the pseudo-terminal's own path)")
-    p.add_argument("--meters", type=int, default=4, help="how many meters (default 4)")
+    p.add_argument("--meters", type=_positive, default=4, help="how many meters (default 4)")
     p.add_argument("--protocol", choices=("dlt645", "modbus"), default="dlt645")
     p.add_argument("--profile", default="eastron-sdm120", choices=_profiles(),
                    help="Modbus register map")
-    p.add_argument("--baudrate", type=int, default=2400)
+    p.add_argument("--baudrate", type=_positive, default=2400)
     p.add_argument("--first", type=int, default=1,
                    help="first address (DL/T 645) or unit id (Modbus)")
     p.add_argument("--latency-ms", type=float, default=30.0, help="meter answer latency")

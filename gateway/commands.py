@@ -340,8 +340,7 @@ class Executor(threading.Thread):
     # ---------------------------------------------------------------- execution
 
     def _spec(self, meter):
-        from gateway.cli import meter_spec
-        return meter_spec(meter)
+        return self.gw.spec(meter)
 
     def _record(self, cmd, state, meta=None, source="remote", **fields):
         doc = {"meter": cmd.get("meter"), "action": cmd.get("action"),

@@ -153,6 +153,19 @@ class _Checker:
                 self.bad("%s.%s" % (where, key) if where else key, "unknown key")
 
 
+def _unreadable(path):
+    """Why the service could not read this file (it runs as its own user), or None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return "file not found: %s" % path
+    except IsADirectoryError:
+        return "is a folder, not a file: %s" % path
+    except OSError as exc:
+        return "cannot read %s (%s)" % (path, exc.strerror)
+
+
 def _table(chk, doc, key):
     value = doc.get(key, {})
     if not isinstance(value, dict):
@@ -337,8 +350,10 @@ def validate(doc, path="<config>"):
     if (uplink.tls_cert is None) != (uplink.tls_key is None):
         chk.bad("uplink.tls_key", "tls_cert and tls_key go together")
     for key in ("tls_ca", "tls_cert", "tls_key", "password_file"):
-        if uplink[key] and not os.path.exists(uplink[key]):
-            chk.bad("uplink." + key, "file not found: %s" % uplink[key])
+        if uplink[key]:
+            why = _unreadable(uplink[key])
+            if why:
+                chk.bad("uplink." + key, why)
 
     c = _table(chk, doc, "control")
     control = Section(
@@ -357,8 +372,14 @@ def validate(doc, path="<config>"):
     for i, k in enumerate(control.public_keys or []):
         if not isinstance(k, str):
             chk.bad("control.public_keys[%d]" % i, "must be a path")
-        elif not os.path.exists(k):
-            chk.bad("control.public_keys[%d]" % i, "file not found: %s" % k)
+        elif _unreadable(k):
+            chk.bad("control.public_keys[%d]" % i, _unreadable(k))
+        else:
+            from gateway.signing import KeyError_, load_public_key
+            try:
+                load_public_key(k)
+            except KeyError_ as exc:
+                chk.bad("control.public_keys[%d]" % i, str(exc))
 
     return Section(path=path, gateway=gw, storage=storage, ports=ports, meters=meters,
                    uplink=uplink, control=control, tariffs=doc.get("tariffs", {}),

@@ -436,15 +436,17 @@ class CostControl(threading.Thread):
             if not rows:
                 return 0
             groups = {}
+            last_seq = {}                  # the highest seq of each group, in one pass
             for r in rows:
                 if r.meter in self.accounts and r.quantity.startswith("energy.import."):
                     groups.setdefault((r.meter, r.ts), {})[r.quantity] = (r.value, r.ts)
+                    last_seq[(r.meter, r.ts)] = r.seq
             last = rows[-1].seq
             events = []
             changed = {}
             for (meter, ts), group in sorted(groups.items(), key=lambda kv: kv[0][1]):
                 doc = changed.get(meter) or self.gw.state.get("accounts", meter)
-                seq = max(r.seq for r in rows if r.meter == meter and r.ts == ts)
+                seq = last_seq[(meter, ts)]
                 if seq <= doc.get("charged_to_seq", 0):
                     continue                  # charged before a restart: never twice
                 evs = []

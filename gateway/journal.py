@@ -283,11 +283,11 @@ class Journal:
         """Delete the oldest rows (readings first: they are the bulk), count them per
         stream and append a journal.dropped event. Returns the rows dropped."""
         for stream in ("readings", "events", "results"):
-            row = self._db.execute("SELECT MIN(seq), MAX(seq) FROM %s" % stream).fetchone()
-            if row[0] is None:
+            lo = self._db.execute("SELECT MIN(seq) FROM %s" % stream).fetchone()[0]
+            if lo is None:
                 continue
-            lo = row[0]
-            hi = min(row[1], lo + max_rows - 1)
+            top = self._db.execute("SELECT MAX(seq) FROM %s" % stream).fetchone()[0]
+            hi = min(top, lo + max_rows - 1)
             with self._tx():
                 n = self._db.execute("DELETE FROM %s WHERE seq BETWEEN ? AND ?" % stream,
                                      (lo, hi)).rowcount
@@ -355,15 +355,23 @@ class Journal:
                    "file_bytes": _file_bytes(self.path), "quota_bytes": self.quota_bytes,
                    "streams": {}}
             for name, nxt, dropped in self._db.execute(
-                    "SELECT name, next_seq, dropped FROM streams"):
-                lo, hi, count = self._db.execute(
-                    "SELECT MIN(seq), MAX(seq), COUNT(*) FROM %s" % name).fetchone()
-                oldest = self._db.execute("SELECT MIN(%s) FROM %s" % (
-                    "gw_ts" if name == "readings" else "ts", name)).fetchone()[0]
+                    "SELECT name, next_seq, dropped FROM streams").fetchall():
+                # rows are only ever deleted from the front (acknowledged, or dropped oldest
+                # first), so a stream's rows are the range MIN..MAX: two index lookups, no
+                # COUNT(*) or scan (148 ms per call with a million readings buffered)
+                # (separate statements: SQLite uses the index for a lone MIN or MAX only)
+                lo = self._db.execute("SELECT MIN(seq) FROM %s" % name).fetchone()[0]
+                hi = self._db.execute("SELECT MAX(seq) FROM %s" % name).fetchone()[0]
+                count = hi - lo + 1 if hi is not None else 0
+                oldest = None
+                if lo is not None:
+                    oldest = self._db.execute("SELECT %s FROM %s WHERE seq=?" % (
+                        "gw_ts" if name == "readings" else "ts", name), (lo,)).fetchone()[0]
                 consumers = {}
                 for consumer, acked in self._db.execute(
                         "SELECT consumer, acked FROM cursors WHERE stream=?", (name,)):
-                    consumers[consumer] = {"acked": acked, "pending": max(0, nxt - 1 - acked)}
+                    pending = hi - max(acked, lo - 1) if hi is not None else 0
+                    consumers[consumer] = {"acked": acked, "pending": max(0, pending)}
                 out["streams"][name] = {"next_seq": nxt, "stored": count, "first_seq": lo,
                                         "last_seq": hi, "oldest_ts": oldest,
                                         "dropped": dropped, "consumers": consumers}

@@ -66,6 +66,14 @@ class MeterSpec:
         self.sync_threshold_s = sync_threshold_s
         self.extra = extra or None
 
+    @classmethod
+    def from_config(cls, m):
+        """From a validated [[meters]] entry."""
+        return cls(m.id, m.port, protocol=m.protocol, address=m.address, unit=m.unit,
+                   profile=m.profile, interval_s=m.interval_s,
+                   instant_interval_s=m.instant_interval_s,
+                   clock_interval_s=m.clock_interval_s, version=m.version, prepaid=m.prepaid)
+
 
 class MeterHealth:
     __slots__ = ("online", "failures", "probe_backoff", "next_probe", "last_ok",

@@ -18,7 +18,7 @@ import select
 import termios
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import serial
 
@@ -168,10 +168,10 @@ class LineStats:
         for f in self.FIELDS:
             setattr(self, f, 0)
 
-    def as_dict(self, scanner):
+    def as_dict(self, scanners):
         d = {f: getattr(self, f) for f in self.FIELDS}
-        d["checksum_errors"] = scanner.checksum_errors + scanner.end_errors
-        d["garbage_bytes"] = scanner.bytes_discarded
+        d["checksum_errors"] = sum(s.checksum_errors + s.end_errors for s in scanners)
+        d["garbage_bytes"] = sum(s.bytes_discarded for s in scanners)
         elapsed = max(1e-9, time.monotonic() - self.started)
         d["utilisation"] = round(min(1.0, self.busy_s / elapsed), 4)
         return d
@@ -256,7 +256,7 @@ class PortWorker(threading.Thread):
                 fut.set_result(Result(False, None, "gateway stopping", 0, 0.0))
 
     def line_stats(self):
-        d = self.stats.as_dict(_merged(self.scanners))
+        d = self.stats.as_dict(self.scanners.values())
         d.update(port=self.port_name, device=self.device, baudrate=self.baudrate,
                  open=self._ser is not None, last_error=self.last_error)
         return d
@@ -379,7 +379,6 @@ class PortWorker(threading.Thread):
         req_wire = wire_time(len(request.frame), self.baudrate)
         ans_wire = wire_time(request.answer_len + PREAMBLE_ALLOWANCE, self.baudrate)
         why = "no answer"
-        received = []
         attempts = 0
         for attempt in range(1 + self.retries):
             attempts = attempt + 1
@@ -425,7 +424,6 @@ class PortWorker(threading.Thread):
                                                                           self.baudrate))
                     self.stats.answers += 1
                     self.stats.busy_s += t_done - t_write
-                    received.append(raw)
                     return Result(True, answer, None, attempts, t_done - t_start,
                                   (request.frame, raw))
             self.stats.timeouts += 1
@@ -436,15 +434,3 @@ class PortWorker(threading.Thread):
                       time.monotonic() - t_start, (request.frame,))
 
 
-class _MergedScanner:
-    def __init__(self, scanners):
-        self.checksum_errors = sum(s.checksum_errors for s in scanners)
-        self.end_errors = sum(s.end_errors for s in scanners)
-        self.bytes_discarded = sum(s.bytes_discarded for s in scanners)
-
-
-def _merged(scanners):
-    return _MergedScanner(list(scanners.values()))
-
-
-Job = Callable[[PortWorker], None]

@@ -24,7 +24,7 @@ from gateway.journal import Journal, JournalError
 from gateway.poller import LinePoller, MeterSpec
 from gateway.port import PortWorker
 from gateway.sdnotify import Notifier
-from gateway.state import StateError, StateStore, write_state_file
+from gateway.state import StateError, StateStore
 
 log = logging.getLogger("gateway")
 
@@ -50,6 +50,7 @@ class ReadingSink:
         self._pending_events = collections.deque(maxlen=10000)
         self.max_pending = max_pending
         self.lost = 0
+        self.lost_events = 0
         self.last_error = None
         self.latest = None            # (meter, quantity) -> value, kept only for a live view
         self.recent = collections.deque(maxlen=50)  # recent events, one line each
@@ -70,6 +71,8 @@ class ReadingSink:
             self.recent.append("%s %s %s" % (time.strftime("%H:%M:%S"), event_type, " ".join(
                 "%s=%s" % kv for kv in fields.items())))
         with self._lock:
+            if len(self._pending_events) == self._pending_events.maxlen:
+                self.lost_events += 1      # the oldest waiting event falls out: counted
             self._pending_events.append((event_type, int(time.time() * 1000), fields))
             self._flush()
 
@@ -93,7 +96,8 @@ class ReadingSink:
                 log.warning("journal writable again: %d readings kept in memory were stored"
                             "%s", stored, ", %d lost" % self.lost if self.lost else "")
                 self.last_error = None
-                self.journal.append_event("gateway.storage_recovered", lost=self.lost)
+                self.journal.append_event("gateway.storage_recovered", lost=self.lost,
+                                          lost_events=self.lost_events)
             self.on_appended()
         except JournalError as exc:
             if str(exc) != self.last_error:
@@ -141,12 +145,11 @@ class Gateway:
     # ---------------------------------------------------------------- wiring
 
     def _specs(self, port_name):
-        return [MeterSpec(m.id, m.port, protocol=m.protocol, address=m.address, unit=m.unit,
-                          profile=m.profile, interval_s=m.interval_s,
-                          instant_interval_s=m.instant_interval_s,
-                          clock_interval_s=m.clock_interval_s, version=m.version,
-                          prepaid=m.prepaid)
-                for m in self.cfg.meters if m.port == port_name]
+        return [MeterSpec.from_config(m) for m in self.cfg.meters if m.port == port_name]
+
+    def spec(self, meter):
+        """The poller's MeterSpec of a configured meter (one per meter, shared)."""
+        return self.pollers[meter.port].meters[meter.id]
 
     def _build_lines(self):
         saved = self.state.get("meters", "all") or {}
@@ -306,7 +309,8 @@ class Gateway:
         return {"uplink": {k: up[k] for k in ("connected", "backlog", "oldest_unsent_age_s",
                                               "last_ack")} if up else None,
                 "meters_offline": offline, "restarts": dict(self.restarts),
-                "memory_pending": self.sink.pending, "lost_in_memory": self.sink.lost}
+                "memory_pending": self.sink.pending, "lost_in_memory": self.sink.lost,
+                "events_lost_in_memory": self.sink.lost_events}
 
     def summary(self):
         online = sum(1 for p in self.pollers.values() for h in p.health.values() if h.online)
@@ -345,7 +349,7 @@ class Gateway:
                 "pid": os.getpid(), "started_at": self.started_at,
                 "written_at": time.time(),
                 "clock_trusted": self.clock.trusted(),
-                "uplink": self.uplink.status() if self.uplink else None,
+                "uplink": self.uplink.status(jstats) if self.uplink else None,
                 "ports": [w.line_stats() for w in self.workers.values()],
                 "meters": meters, "buffer": buffer,
                 "accounts": self.costcontrol.accounts_status() if self.costcontrol else {},
@@ -423,4 +427,4 @@ def serve(gw, stop_event=None, on_started=None):
     return 0
 
 
-__all__ = ["Gateway", "main", "serve", "write_state_file"]
+__all__ = ["Gateway", "main", "serve"]

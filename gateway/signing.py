@@ -33,8 +33,8 @@ def load_public_key(path):
             key = serialization.load_pem_public_key(f.read())
     except OSError as exc:
         raise KeyError_("%s: cannot read (%s)" % (path, exc.strerror)) from None
-    except ValueError as exc:
-        raise KeyError_("%s: not a PEM public key (%s)" % (path, exc)) from None
+    except ValueError:
+        raise KeyError_("%s: not a PEM public key" % path) from None
     if not isinstance(key, Ed25519PublicKey):
         raise KeyError_("%s: not an Ed25519 key" % path)
     return key

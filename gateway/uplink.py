@@ -95,22 +95,23 @@ class Uplink(threading.Thread):
         """New rows in the journal: wake the sender."""
         self._wake.set()
 
-    def status(self):
+    def status(self, journal_stats=None):
+        """Connection state, backlog per stream and the age of the oldest unsent reading
+        (pass the journal's stats when the caller has them already)."""
         out = dict(self.state)
         try:
-            stats = self.journal.stats()["streams"]
+            stats = (journal_stats or self.journal.stats())["streams"]
             backlog = {s: stats[s]["consumers"].get(CONSUMER, {}).get("pending", 0)
                        for s in STREAMS}
-            oldest = stats["readings"]["oldest_ts"]
+            # the oldest reading the head-end has not acknowledged (rows before it may still
+            # be kept for cost control)
+            first = self.journal.read(CONSUMER, "readings", limit=1)
+            oldest = first[0].gw_ts if first else None
         except Exception:      # a failing disk must not break status reports
             backlog, oldest = {}, None
         out["backlog"] = backlog
-        out["oldest_unsent_age_s"] = round(time.time() - oldest / 1000.0, 1) \
-            if oldest and backlog.get("readings") else 0
+        out["oldest_unsent_age_s"] = round(time.time() - oldest / 1000.0, 1) if oldest else 0
         return out
-
-    def publish_result_now(self):
-        self._wake.set()
 
     # ---------------------------------------------------------------- client
 

@@ -154,3 +154,40 @@ def test_full_disk_keeps_collecting_and_read_only_disk_is_one_line(tmp_path):
         assert "\n" not in str(err.value) and "j.db" in str(err.value)
     finally:
         subprocess.run(["umount", "-l", mnt])
+
+
+def test_the_service_sink_keeps_readings_in_memory_while_the_journal_fails(tmp_path):
+    """A failing disk: readings wait in a bounded queue, are stored when the journal is
+    writable again, and whatever overflowed the queue is counted, not lost silently."""
+    from gateway.service import ReadingSink
+
+    class FlakyJournal:
+        """The real journal, failing while `broken` is set (a disk gone read-only)."""
+
+        def __init__(self, journal):
+            self.j = journal
+            self.broken = True
+
+        def __getattr__(self, name):
+            attr = getattr(self.j, name)
+            if name.startswith("append") and self.broken:
+                def fail(*a, **k):
+                    raise JournalError("%s: cannot append (disk I/O error)" % self.j.path)
+                return fail
+            return attr
+
+    real = Journal(str(tmp_path / "j.db"), consumers=CONSUMERS)
+    flaky = FlakyJournal(real)
+    sink = ReadingSink(flaky, max_pending=50)
+    for i in range(60):
+        sink.readings([r(value=str(i))])
+    sink.event("meter.offline", meter="m1")
+    assert sink.pending == 51 and sink.lost == 10 and "I/O error" in sink.last_error
+    assert real.stats()["streams"]["readings"]["stored"] == 0
+    flaky.broken = False
+    sink.flush()
+    rows = real.read("uplink", "readings", limit=100)
+    assert [x.value for x in rows] == [Decimal(i) for i in range(10, 60)]   # in order
+    events = [e.body["type"] for e in real.read("uplink", "events", limit=10)]
+    assert events == ["meter.offline", "gateway.storage_recovered"]
+    assert sink.pending == 0 and sink.last_error is None
