@@ -291,7 +291,11 @@ class CostControl(threading.Thread):
         self._cutoffs = []                      # times of automatic cut-offs (breaker)
         self.breaker_tripped = False
         self.journal = gateway.journal
-        self.journal.register(CONSUMER, "readings")
+        if self.accounts:
+            self.journal.register(CONSUMER, "readings")
+        else:
+            # nothing to bill: read nothing, and hold no readings back for billing
+            self.journal.unregister(CONSUMER, "readings")
         self._init_accounts()
 
     # ---------------------------------------------------------------- head-end updates
@@ -431,6 +435,8 @@ class CostControl(threading.Thread):
 
     def bill_once(self, limit=2000):
         """Charge the readings after the billing cursor; one state write for the batch."""
+        if not self.accounts:
+            return 0
         with self._lock:
             rows = self.journal.read(CONSUMER, "readings", limit=limit)
             if not rows:

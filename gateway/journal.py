@@ -179,6 +179,17 @@ class Journal:
             self._db.execute("INSERT OR IGNORE INTO cursors VALUES (?, ?, ?)",
                              (consumer, stream, start))
 
+    def unregister(self, consumer, stream):
+        """A consumer that is gone (e.g. cost control with no accounts left) must not hold
+        rows back for ever: its cursor goes, and rows the others are past are deleted."""
+        with self._lock, self._tx():
+            self._db.execute("DELETE FROM cursors WHERE consumer=? AND stream=?",
+                             (consumer, stream))
+            (low,) = self._db.execute("SELECT MIN(acked) FROM cursors WHERE stream=?",
+                                      (stream,)).fetchone()
+            if low is not None:
+                self._db.execute("DELETE FROM %s WHERE seq <= ?" % stream, (low,))
+
     # ------------------------------------------------------------ appends
 
     def _next_seqs(self, stream, n):

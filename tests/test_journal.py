@@ -191,3 +191,13 @@ def test_the_service_sink_keeps_readings_in_memory_while_the_journal_fails(tmp_p
     events = [e.body["type"] for e in real.read("uplink", "events", limit=10)]
     assert events == ["meter.offline", "gateway.storage_recovered"]
     assert sink.pending == 0 and sink.last_error is None
+
+
+def test_a_consumer_that_is_gone_no_longer_holds_rows(tmp_path):
+    j = Journal(str(tmp_path / "j.db"), consumers=CONSUMERS)
+    j.append_readings([r(), r(), r()])
+    j.ack("uplink", "readings", 3)
+    assert j.stats()["streams"]["readings"]["stored"] == 3     # billing has not read them
+    j.unregister("billing", "readings")
+    st = j.stats()["streams"]["readings"]
+    assert st["stored"] == 0 and "billing" not in st["consumers"]
