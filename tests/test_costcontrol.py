@@ -42,6 +42,8 @@ def test_household_runs_down_is_warned_cut_off_and_restored_after_topup(tmp_path
                 cost_control=FAST, interval_s=1).start()
     try:
         wait(lambda: h.sim_meters[0].relay_open, timeout=40)
+        # the relay moves before the read-back and the result: wait for those too
+        wait(lambda: h.gw.state.get("accounts", "m1").get("cut_by_costcontrol"))
         types = [(e["type"], e.get("level")) for e in events(h) if e.get("meter") == "m1"
                  and e["type"].startswith("balance.")]
         assert types[:3] == [("balance.low", 1), ("balance.low", 2), ("balance.exhausted",
