@@ -83,30 +83,16 @@ def relay(args):
                        "(%s)" % (spool, cfg.control.local_group), EXIT_FAILED)
     action = {"cut-off": "cut_off", "restore": "restore", "status": "status"}[args.action]
     params = {"mode": "direct"} if args.direct and action == "restore" else {}
-    rid = uuid.uuid4().hex
-    req = {"meter": meter.id, "action": action, "params": params, "operator": args.operator,
-           "created_at": time.time()}
-    tmp = os.path.join(spool, ".%s.tmp" % rid)
-    with open(tmp, "w") as f:
-        json.dump(req, f)
-    os.replace(tmp, os.path.join(spool, "%s.req.json" % rid))
-    out = os.path.join(spool, "%s.res.json" % rid)
-    end = time.time() + 60
-    while time.time() < end:
-        if os.path.exists(out):
-            with open(out) as f:
-                result = json.load(f)
-            os.unlink(out)
-            break
-        time.sleep(0.2)
-    else:
-        try:
-            os.unlink(os.path.join(spool, "%s.req.json" % rid))
-            msg = "no result from the service within 60 s; the request was withdrawn"
-        except FileNotFoundError:
-            msg = "no result within 60 s; the service took the request: see `mgw status` " \
-                  "and the audit trail"
-        raise CliError(msg)
+    from gateway.control import spool as spool_mod
+    try:
+        rid = spool_mod.submit(spool, meter.id, action, params, args.operator)
+    except spool_mod.BadRequest as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    result, taken = spool_mod.wait_result(spool, rid, 60)
+    if result is None:
+        raise CliError("no result within 60 s; the service took the request: see `mgw "
+                       "status` and the audit trail" if taken else
+                       "no result from the service within 60 s; the request was withdrawn")
     ok = result.get("status") == "done"
 
     def human(r):

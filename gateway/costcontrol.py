@@ -18,11 +18,13 @@ Cut-offs and restores go through the command executor (ledger, read-back, audit,
 
 import datetime as _dt
 import logging
+import queue
 import threading
 import time
 from decimal import Decimal, InvalidOperation
 
 from gateway import tariff as T
+from gateway.money import parse_yuan
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +50,11 @@ POLICY_DEFAULTS = {"notice_s": 86400, "protected_hours": ["18:00-08:00"],
 # ---------------------------------------------------------------- configuration
 
 def _money(chk, where, value):
-    if not isinstance(value, str):
-        chk.bad(where, "must be a decimal string such as \"10.00\" (money is never a float)")
-        return None
     try:
-        d = Decimal(value)
-    except InvalidOperation:
-        chk.bad(where, "is not a decimal number: %r" % value)
+        return parse_yuan(value)
+    except ValueError as exc:
+        chk.bad(where, str(exc))
         return None
-    if not d.is_finite() or d != d.quantize(Decimal("0.01")):
-        chk.bad(where, "yuan with at most 2 decimals, not %r" % value)
-        return None
-    return d
 
 
 def validate_config(cfg, chk):
@@ -275,22 +270,31 @@ class Billing:
 
 
 class CostControl(threading.Thread):
-    def __init__(self, gateway):
+    """The cost-control thread: bills the journal's readings into the account store, warns,
+    and asks for cut-offs and restores through `request_relay(meter, action, reason)`
+    (the command executor's local path). It owns no stored record itself: every account
+    change goes through the account store."""
+
+    def __init__(self, *, accounts, tariffs, policy, store, journal, events, request_relay,
+                 relay_states=lambda: {}):
         super().__init__(name="costcontrol", daemon=True)
-        self.gw = gateway
-        cfg = gateway.cfg
-        self.accounts = {a["meter"]: a for a in cfg.get("account_list", [])}
-        self.tariffs = cfg.get("tariff_objects", {})
-        self.policy = cfg.get("cost_policy") or dict(POLICY_DEFAULTS, protected_ranges=[],
-                                                     holiday_dates=set())
+        self.accounts = {a["meter"]: dict(a) for a in accounts}
+        self.tariffs = tariffs
+        self.policy = policy or dict(POLICY_DEFAULTS, protected_ranges=[],
+                                     holiday_dates=set())
+        self.store = store
+        self.journal = journal
+        self.events = events
+        self.request_relay = request_relay
+        self._relay_states = relay_states
         self.billing = {m: Billing(a, self.tariffs[a["tariff"]])
                         for m, a in self.accounts.items()}
-        self._lock = threading.RLock()
-        self._act_lock = threading.Lock()
+        self._lock = threading.RLock()          # billing cycles and settings changes
+        self._act_lock = threading.Lock()       # one relay decision at a time
         self._halt = threading.Event()
+        self._due = queue.Queue()               # meters to act on now (after a top-up)
         self._cutoffs = []                      # times of automatic cut-offs (breaker)
-        self.breaker_tripped = False
-        self.journal = gateway.journal
+        self.heartbeat = time.monotonic()
         if self.accounts:
             self.journal.register(CONSUMER, "readings")
         else:
@@ -310,105 +314,89 @@ class CostControl(threading.Thread):
         for key, value in params.items():
             if key in self.UPDATABLE_MONEY:
                 try:
-                    d = Decimal(value) if isinstance(value, str) else None
-                except InvalidOperation:
-                    d = None
-                if d is None or not d.is_finite() or d < 0 or \
-                        d != d.quantize(Decimal("0.01")):
+                    parse_yuan(value)
+                except ValueError:
                     return "%s must be yuan as a decimal string, such as \"10.00\"" % key
             elif key == "mode":
                 if value not in ("local", "remote"):
                     return "mode is local or remote"
             elif key == "tariff":
-                if value not in self.tariffs:
-                    return "no tariff %r on this gateway" % (value,)
+                if not isinstance(value, str) or value not in self.tariffs:
+                    return "no tariff %s on this gateway" % json_text(value)
             else:
                 return "%s cannot be updated (mode, tariff, %s)" % (
-                    key, ", ".join(self.UPDATABLE_MONEY))
+                    str(key)[:32], ", ".join(self.UPDATABLE_MONEY))
         return None
+
+    def _apply_settings(self, meter, params):
+        acc = self.accounts[meter]
+        for key, value in params.items():
+            acc[key] = Decimal(value) if key in self.UPDATABLE_MONEY else value
+        if "tariff" in params:
+            self.billing[meter] = Billing(acc, self.tariffs[acc["tariff"]])
 
     def update_account(self, meter, params):
         """Apply and keep (state file) a head-end update of an account's settings."""
+        events = []
         with self._lock:
-            acc = self.accounts[meter]
-            for key, value in params.items():
-                acc[key] = Decimal(value) if key in self.UPDATABLE_MONEY else value
-            if "tariff" in params:
-                self.billing[meter] = Billing(acc, self.tariffs[acc["tariff"]])
-            overrides = self.gw.state.get("account_overrides", meter) or {}
-            overrides.update(params)
-            self.gw.state.put("account_overrides", meter, overrides)
-            doc = self.gw.state.get("accounts", meter)
-            events = []
-            self._transition(meter, doc, events)        # thresholds may move the state
-            self.gw.state.put("accounts", meter, doc)
+            self._apply_settings(meter, params)
+            self.store.update_settings(meter, params,
+                                       lambda doc: self._transition(meter, doc, events))
         for etype, fields in events:
-            self.gw.sink.event(etype, **fields)
-        self.gw.sink.event("account.updated", meter=meter, **params)
+            self.events(etype, **fields)
+        self.events("account.updated", meter=meter, **params)
+        self._due.put(meter)                    # a lower threshold may allow a restore
+        acc = self.accounts[meter]
         return {k: str(v) if isinstance(v, Decimal) else v for k, v in acc.items()
                 if k in ("mode", "tariff") + self.UPDATABLE_MONEY}
 
     def _init_accounts(self):
-        for meter, overrides in self.gw.state.all("account_overrides").items():
+        for meter, overrides in self.store.overrides().items():
             if meter in self.accounts and not self.check_update(overrides):
-                acc = self.accounts[meter]
-                for key, value in overrides.items():
-                    acc[key] = Decimal(value) if key in self.UPDATABLE_MONEY else value
-                self.billing[meter] = Billing(acc, self.tariffs[acc["tariff"]])
+                self._apply_settings(meter, overrides)
         events = []
-        with self.gw.state.batch():
-            for mid, acc in self.accounts.items():
-                if self.gw.state.get("accounts", mid) is None:
-                    doc = new_account_doc(acc)
-                    if doc["state"] != "normal":
-                        # an account that opens low is warned like one that runs low
-                        doc["warned"][doc["state"]] = time.time()
-                        etype, fields = EVENT_OF_STATE[doc["state"]]
-                        events.append((etype, dict(fields, meter=mid, previous=None,
-                                                   balance=str(acc["opening_balance"]))))
-                    self.gw.state.put("accounts", mid, doc)
-                if acc.get("guarantee") and not (self.gw.state.get("guarantee", mid) or {}
-                                                 ).get("on"):
-                    self.gw.state.put("guarantee", mid, {"on": True, "since": time.time(),
-                                                         "source": "config"})
-            flags = self.gw.state.get("flags", "costcontrol") or {}
-            self.breaker_tripped = bool(flags.get("breaker_tripped"))
+        for mid, acc in self.accounts.items():
+            doc = new_account_doc(acc)
+            if doc["state"] != "normal":
+                # an account that opens low is warned like one that runs low
+                doc["warned"][doc["state"]] = time.time()
+            if self.store.create(mid, doc) and doc["state"] != "normal":
+                etype, fields = EVENT_OF_STATE[doc["state"]]
+                events.append((etype, dict(fields, meter=mid, previous=None,
+                                           balance=str(acc["opening_balance"]))))
+            if acc.get("guarantee") and not self.store.guarantee_on(mid):
+                self.store.set_guarantee(mid, True, "config")
         for etype, fields in events:
-            self.gw.sink.event(etype, **fields)
+            self.events(etype, **fields)
 
-    def restart(self):
-        new = CostControl(self.gw)
-        self.gw.costcontrol = new
-        new.start()
-
-    def stop(self):
+    def stop(self, timeout=5.0):
         self._halt.set()
+        self._due.put(None)
         if self.is_alive():
-            self.join(5)
+            self.join(timeout)
 
     # ---------------------------------------------------------------- queries
+
+    @property
+    def breaker_tripped(self):
+        return bool(self.store.flags().get("breaker_tripped"))
 
     def has_account(self, meter_id):
         return meter_id in self.accounts
 
     def doc(self, meter_id):
-        return self.gw.state.get("accounts", meter_id)
+        return self.store.get(meter_id)
 
     def balances(self):
         return {m: str(T.micro_to_yuan(d["balance_uy"]))
-                for m, d in self.gw.state.all("accounts").items() if m in self.accounts}
+                for m, d in self.store.all().items() if m in self.accounts}
 
     def relay_states(self):
-        out = {}
-        for p in self.gw.pollers.values():
-            for mid, h in p.health.items():
-                if getattr(h, "relay", None):
-                    out[mid] = h.relay
-        return out
+        return self._relay_states()
 
     def accounts_status(self):
         out = {}
-        for m, d in self.gw.state.all("accounts").items():
+        for m, d in self.store.all().items():
             if m not in self.accounts:
                 continue
             out[m] = {"balance": str(T.micro_to_yuan(d["balance_uy"])), "state": d["state"],
@@ -422,19 +410,36 @@ class CostControl(threading.Thread):
     def run(self):
         next_check = 0.0
         while not self._halt.is_set():
+            self.heartbeat = time.monotonic()
             try:
                 n = self.bill_once()
+                due = set()
+                while True:
+                    try:
+                        m = self._due.get_nowait()
+                    except queue.Empty:
+                        break
+                    if m is not None:
+                        due.add(m)
+                for meter in sorted(due):
+                    self.act(only=meter)
                 if time.time() >= next_check:
                     next_check = time.time() + self.policy["check_interval_s"]
                     self.act()
                 if not n:
-                    self._halt.wait(0.5)
+                    try:
+                        m = self._due.get(timeout=0.5)
+                        if m is not None:
+                            self._due.put(m)
+                    except queue.Empty:
+                        pass
             except Exception:
                 log.exception("cost control")
                 self._halt.wait(2)
 
     def bill_once(self, limit=2000):
-        """Charge the readings after the billing cursor; one state write for the batch."""
+        """Charge the readings after the billing cursor; one state write for the batch,
+        read and written under the state's lock (no other writer's change is lost)."""
         if not self.accounts:
             return 0
         with self._lock:
@@ -449,24 +454,25 @@ class CostControl(threading.Thread):
                     last_seq[(r.meter, r.ts)] = r.seq
             last = rows[-1].seq
             events = []
-            changed = {}
-            for (meter, ts), group in sorted(groups.items(), key=lambda kv: kv[0][1]):
-                doc = changed.get(meter) or self.gw.state.get("accounts", meter)
-                seq = last_seq[(meter, ts)]
-                if seq <= doc.get("charged_to_seq", 0):
-                    continue                  # charged before a restart: never twice
-                evs = []
-                self.billing[meter].apply(doc, group, evs)
-                doc["charged_to_seq"] = seq
-                events += [(t, dict(f, meter=meter)) for t, f in evs]
-                self._transition(meter, doc, events)
-                changed[meter] = doc
-            if changed:
-                with self.gw.state.batch():
-                    for meter, doc in changed.items():
-                        self.gw.state.put("accounts", meter, doc)
+            with self.store.transaction() as tx:
+                changed = {}
+                for (meter, ts), group in sorted(groups.items(), key=lambda kv: kv[0][1]):
+                    doc = changed.get(meter) or tx.get(meter)
+                    if doc is None:
+                        continue
+                    seq = last_seq[(meter, ts)]
+                    if seq <= doc.get("charged_to_seq", 0):
+                        continue                  # charged before a restart: never twice
+                    evs = []
+                    self.billing[meter].apply(doc, group, evs)
+                    doc["charged_to_seq"] = seq
+                    events += [(t, dict(f, meter=meter)) for t, f in evs]
+                    self._transition(meter, doc, events)
+                    changed[meter] = doc
+                for meter, doc in changed.items():
+                    tx.put(meter, doc)
             for etype, fields in events:
-                self.gw.sink.event(etype, **fields)
+                self.events(etype, **fields)
             self.journal.ack(CONSUMER, "readings", last)
             return len(rows)
 
@@ -487,47 +493,27 @@ class CostControl(threading.Thread):
 
     def apply_topup(self, meter_id, amount, txn, command_id=None):
         """(new balance in yuan, applied?) -- a txn is applied once, whatever carries it."""
+        events = []
         with self._lock:
-            done = self.gw.state.get("txns", txn)
-            doc = self.gw.state.get("accounts", meter_id)
-            if done is not None:
-                return T.micro_to_yuan(doc["balance_uy"]), False
-            uy = T.yuan_to_micro(amount)
-            doc["balance_uy"] += uy
-            doc["topups_uy"] += uy
-            events = []
-            self._transition(meter_id, doc, events)
-            with self.gw.state.batch():       # the balance and the txn record: one write
-                self.gw.state.put("accounts", meter_id, doc)
-                self.gw.state.put("txns", txn, {"meter": meter_id, "amount_uy": uy,
-                                                "command": command_id, "at": time.time()})
-            for etype, fields in events:
-                self.gw.sink.event(etype, **fields)
-            self.gw.sink.event("balance.topup", meter=meter_id, amount=str(amount), txn=txn,
-                               balance=str(T.micro_to_yuan(doc["balance_uy"])))
-        self.gw.executor.submit_local(lambda: self.act(only=meter_id))
-        return T.micro_to_yuan(doc["balance_uy"]), True
+            doc, applied = self.store.topup(
+                meter_id, txn, T.yuan_to_micro(amount), command=command_id,
+                on_change=lambda d: self._transition(meter_id, d, events))
+        balance = T.micro_to_yuan(doc["balance_uy"])
+        if not applied:
+            return balance, False
+        for etype, fields in events:
+            self.events(etype, **fields)
+        self.events("balance.topup", meter=meter_id, amount=str(amount), txn=txn,
+                    balance=str(balance))
+        self._due.put(meter_id)                 # restore now, at any hour
+        return balance, True
 
     # ---------------------------------------------------------------- actions
 
     def protected_now(self, now=None):
         """Inside a friendly-credit / protected window: no automatic cut-off."""
-        now = now or _dt.datetime.now()
-        pol = self.policy
-        flags = self.gw.state.get("flags", "costcontrol") or {}
-        if flags.get("weather_hold"):
-            return "extreme-weather hold set by the head-end"
-        if pol.get("protected_weekends") and now.weekday() >= 5:
-            return "weekend"
-        if now.date() in pol.get("holiday_dates", set()):
-            return "public holiday"
-        minute = now.hour * 60 + now.minute
-        for start, end in pol.get("protected_ranges", []):
-            inside = start <= minute < end if start <= end else (minute >= start or
-                                                                minute < end)
-            if inside:
-                return "protected hours"
-        return None
+        return protected_reason(now or _dt.datetime.now(), self.policy,
+                                self.store.flags().get("weather_hold"))
 
     def act(self, only=None):
         """Automatic cut-offs (local mode, every condition) and restores after top-ups.
@@ -540,18 +526,17 @@ class CostControl(threading.Thread):
         for meter, acc in self.accounts.items():
             if only and meter != only:
                 continue
-            doc = self.gw.state.get("accounts", meter)
-            if acc["mode"] != "local" or doc is None:
+            doc = self.store.get(meter)
+            if doc is None:
                 continue
             restore_at = T.yuan_to_micro(acc["restore_threshold"])
+            # cost control cut it (or meant to): restore once paid, whatever the mode now
             if doc.get("cut_by_costcontrol") and doc["balance_uy"] > restore_at:
-                self._restore(meter, doc)
-            elif doc["state"] == "exhausted" and not doc.get("cut_by_costcontrol"):
+                self.request_relay(meter, "restore", "balance above the restore threshold")
+            elif acc["mode"] == "local" and doc["state"] == "exhausted" and \
+                    not doc.get("cut_by_costcontrol"):
                 wanted_cut.append((meter, doc))
-        if not wanted_cut:
-            return
-        reason = self.protected_now()
-        if reason:
+        if not wanted_cut or self.protected_now():
             return
         now = time.time()
         window = self.policy["breaker_window_s"]
@@ -561,52 +546,65 @@ class CostControl(threading.Thread):
         for meter, doc in wanted_cut:
             if self.breaker_tripped:
                 return
-            notice = self.policy["notice_s"]
-            warned = doc.get("warned", {})
-            first_warning = min([v for k, v in warned.items() if k in ("alarm2", "zero",
-                                                                       "exhausted")] or [now])
-            if now - first_warning < notice:
+            if not notice_given(doc, now, self.policy["notice_s"]):
                 continue                       # warnings first, with time to pay
-            guarantee = (self.gw.state.get("guarantee", meter) or {}).get("on")
-            if guarantee:
+            if self.store.guarantee_on(meter):
                 continue
             if len(self._cutoffs) >= limit:
                 self._trip_breaker(len(wanted_cut), limit)
                 return
             self._cutoffs.append(now)
-            self._cut(meter, doc)
+            self.request_relay(meter, "cut_off", "balance exhausted")
 
     def _trip_breaker(self, wanted, limit):
-        self.breaker_tripped = True
-        flags = self.gw.state.get("flags", "costcontrol") or {}
-        flags["breaker_tripped"] = True
-        flags["tripped_at"] = time.time()
-        self.gw.state.put("flags", "costcontrol", flags)
+        def trip(flags):
+            flags["breaker_tripped"] = True
+            flags["tripped_at"] = time.time()
+        self.store.update_flags(trip)
         log.error("mass cut-off breaker tripped: %d accounts due, limit %d per %d s; "
                   "holding all automatic cut-offs until the head-end confirms", wanted,
                   limit, self.policy["breaker_window_s"])
-        self.gw.sink.event("costcontrol.breaker_tripped", due=wanted, limit=limit,
-                           window_s=self.policy["breaker_window_s"])
+        self.events("costcontrol.breaker_tripped", due=wanted, limit=limit,
+                    window_s=self.policy["breaker_window_s"])
 
     def release_breaker(self):
-        self.breaker_tripped = False
-        flags = self.gw.state.get("flags", "costcontrol") or {}
-        flags["breaker_tripped"] = False
-        self.gw.state.put("flags", "costcontrol", flags)
-        self._cutoffs = []
-        self.gw.sink.event("costcontrol.breaker_released")
+        self.store.update_flags(lambda flags: flags.update(breaker_tripped=False))
+        with self._act_lock:
+            self._cutoffs = []
+        self.events("costcontrol.breaker_released")
 
-    def _cut(self, meter, doc):
-        self._operate(meter, "cut_off", "balance exhausted", cut=True)
+    def set_weather_hold(self, on):
+        self.store.update_flags(lambda flags: flags.update(weather_hold=bool(on)))
+        self.events("costcontrol.weather_hold", on=bool(on))
 
-    def _restore(self, meter, doc):
-        self._operate(meter, "restore", "balance above the restore threshold", cut=False)
 
-    def _operate(self, meter, action, reason, cut):
-        """Through the command path (ledger, read-back, audit, result); the account
-        remembers that cost control cut it, so only those are restored automatically."""
-        result = self.gw.executor.local(meter, action, source="costcontrol", reason=reason)
-        if result and result.get("status") == "done":
-            doc = self.gw.state.get("accounts", meter)
-            doc["cut_by_costcontrol"] = cut
-            self.gw.state.put("accounts", meter, doc)
+def notice_given(doc, now, notice_s):
+    """Whether the first warning that led here is at least notice_s old."""
+    warned = doc.get("warned", {})
+    first = min([v for k, v in warned.items() if k in ("alarm2", "zero", "exhausted")]
+                or [now])
+    return now - first >= notice_s
+
+
+def protected_reason(now, pol, weather_hold):
+    """Why no automatic cut-off may happen at local time `now`, or None."""
+    if weather_hold:
+        return "extreme-weather hold set by the head-end"
+    if pol.get("protected_weekends") and now.weekday() >= 5:
+        return "weekend"
+    if now.date() in pol.get("holiday_dates", set()):
+        return "public holiday"
+    minute = now.hour * 60 + now.minute
+    for start, end in pol.get("protected_ranges", []):
+        inside = start <= minute < end if start <= end else (minute >= start or minute < end)
+        if inside:
+            return "protected hours"
+    return None
+
+
+def json_text(value):
+    import json
+    try:
+        return json.dumps(value, ensure_ascii=True)[:40]
+    except (TypeError, ValueError):
+        return "?"

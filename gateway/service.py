@@ -19,6 +19,8 @@ import threading
 import time
 
 from gateway import __version__
+from gateway.accounts import AccountStore
+from gateway.audit import AuditTrail
 from gateway.clock import ClockPolicy
 from gateway.journal import Journal, JournalError
 from gateway.poller import LinePoller, MeterSpec
@@ -140,6 +142,9 @@ class Gateway:
         self._health_due = 0.0
         self.executor = None
         self.costcontrol = None
+        self.audit = None
+        self.accounts = None
+        self.reserve = None
         self._build_lines()
 
     # ---------------------------------------------------------------- wiring
@@ -182,10 +187,12 @@ class Gateway:
             from gateway.uplink import Uplink
             self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
                                  self.commands, self.started_at)
-        from gateway import commands as command_mod
-        self.executor = command_mod.Executor(self)
-        from gateway import costcontrol
-        self.costcontrol = costcontrol.CostControl(self)
+        self.audit = AuditTrail(os.path.join(self.cfg.gateway.data_dir, "audit.log"),
+                                on_entry=self._audit_event)
+        self.accounts = AccountStore(self.state)
+        self.reserve = _disk_reserve(self.cfg.gateway.data_dir)
+        self.executor = self._new_executor()
+        self.costcontrol = self._new_costcontrol()
         for w in self.workers.values():
             w.start()
         if self.uplink is not None:
@@ -198,6 +205,42 @@ class Gateway:
         log.info("gateway %s started: %d ports, %d meters, uplink %s",
                  self.cfg.gateway.id, len(self.cfg.ports), len(self.cfg.meters),
                  self.cfg.uplink.host or "none")
+
+    def _new_executor(self):
+        from gateway.control.executor import Executor
+        from gateway.control.relay import Line
+        return Executor(control_cfg=self.cfg.control, data_dir=self.cfg.gateway.data_dir,
+                        intake=self.commands, meter_of=self.meter, spec_of=self.spec,
+                        line=Line(self.port_worker), ledger=self.state,
+                        accounts=self.accounts, journal=self.journal, audit=self.audit,
+                        events=self.sink.event, clock=self.clock,
+                        prepaid=lambda: self.costcontrol, notify=self._appended,
+                        reserve=self.reserve, local_group=self.cfg.control.local_group)
+
+    def _new_costcontrol(self):
+        from gateway import costcontrol
+        return costcontrol.CostControl(
+            accounts=self.cfg.get("account_list", []),
+            tariffs=self.cfg.get("tariff_objects", {}),
+            policy=self.cfg.get("cost_policy"), store=self.accounts, journal=self.journal,
+            events=self.sink.event, relay_states=self._relay_states,
+            request_relay=lambda meter, action, reason: self.executor.local(
+                meter, action, source="costcontrol", reason=reason))
+
+    def _relay_states(self):
+        out = {}
+        for p in self.pollers.values():
+            for mid, h in p.health.items():
+                if getattr(h, "relay", None):
+                    out[mid] = h.relay
+        return out
+
+    def _audit_event(self, entry):
+        # the trail is uploaded too: each entry as an event, hash included
+        try:
+            self.journal.append_event("audit", entry=entry)
+        except JournalError:
+            log.exception("audit upload")
 
     def port_worker(self, port_name):
         return self.workers[port_name]
@@ -237,11 +280,27 @@ class Gateway:
             self.uplink.start()
         elif self.uplink is not None and now - self.uplink.heartbeat > HUNG_AFTER_S:
             healthy = False
-        for thread in (self.executor, self.costcontrol):
-            if thread is not None and not thread.is_alive():
-                self.restarts[thread.name] += 1
+        for attr, factory in (("executor", self._new_executor),
+                              ("costcontrol", self._new_costcontrol)):
+            thread = getattr(self, attr)
+            if thread is None:
+                continue
+            hung = now - thread.heartbeat > HUNG_AFTER_S
+            if thread.is_alive() and not hung:
+                continue
+            # replaced by the supervisor (no component replaces itself); a hung thread is
+            # told to stop and left behind: the watchdog is not pinged this round
+            self.restarts[thread.name] += 1
+            if hung:
+                healthy = False
+                log.error("%s thread shows no sign of life for %.0f s; replacing it",
+                          thread.name, now - thread.heartbeat)
+                thread._halt.set()
+            else:
                 log.error("%s thread died; restarting", thread.name)
-                thread.restart()
+            new = factory()
+            setattr(self, attr, new)
+            new.start()
         self.sink.flush()
         return healthy
 
@@ -283,6 +342,8 @@ class Gateway:
             self.uplink.stop(max(0.5, deadline - time.monotonic()))
         self.write_status(stopped=True)
         self.journal.close()
+        if self.audit is not None:
+            self.audit.close()
         self.state.close()
 
     # ---------------------------------------------------------------- status
@@ -385,6 +446,19 @@ class Gateway:
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc.strerror)
         self.save_meter_state()
+
+
+def _disk_reserve(data_dir):
+    """Room kept back on the data folder's disk for the ledger and command results."""
+    try:
+        from gateway.paths import DiskReserve
+    except ImportError:
+        return None
+    try:
+        return DiskReserve(os.path.join(data_dir, ".reserve"))
+    except OSError as exc:
+        log.warning("no disk reserve in %s (%s)", data_dir, exc.strerror)
+        return None
 
 
 # ---------------------------------------------------------------- entry points

@@ -62,31 +62,41 @@ def sign(command, private_key):
     return command
 
 
-def verify(command, public_keys):
-    """None if a configured key signed the command, else the reason."""
+def check(command, public_keys):
+    """(None, None) if a configured key signed the command, else (RejectCode, reason)."""
+    from gateway.control.verify import RejectCode
     sig = command.get("sig")
-    if not isinstance(sig, str):
-        return "missing signature"
+    if not isinstance(sig, str) or not sig:
+        return RejectCode.MISSING_SIGNATURE, "missing signature"
     try:
         raw = base64.b64decode(sig, validate=True)
     except (ValueError, TypeError):
-        return "bad signature (not base64)"
+        return RejectCode.BAD_SIGNATURE, "bad signature (not base64)"
     kid = command.get("kid")
     keys = public_keys
     if kid is not None:
         keys = [k for k in public_keys if key_id(k) == kid]
         if not keys:
-            return "unknown key %s" % str(kid)[:32]
+            return RejectCode.UNKNOWN_KEY, "unknown key %s" % ascii(kid)[:32]
     if not keys:
-        return "no head-end keys configured"
-    data = canonical(command)
+        return RejectCode.NO_KEYS, "no head-end keys configured"
+    try:
+        data = canonical(command)
+    except (UnicodeEncodeError, TypeError, ValueError):
+        # lone surrogates and the like: nothing a signer could have signed
+        return RejectCode.BAD_SIGNATURE, "bad signature (not canonical JSON)"
     for k in keys:
         try:
             k.verify(raw, data)
-            return None
+            return None, None
         except InvalidSignature:
             continue
-    return "bad signature"
+    return RejectCode.BAD_SIGNATURE, "bad signature"
+
+
+def verify(command, public_keys):
+    """None if a configured key signed the command, else the reason."""
+    return check(command, public_keys)[1]
 
 
 def generate(folder):
