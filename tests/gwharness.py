@@ -43,6 +43,7 @@ class Harness:
             doc["cost_control"] = cost_control
         if broker is not None:
             doc["uplink"] = {"host": broker.host, "port": broker.port, "batch_age_s": 0.1}
+        self.doc = json.loads(json.dumps(doc))
         cfg = validate(doc, "<test>")
         for v in config_validators():
             v(cfg, cfg["_checker"])
