@@ -134,7 +134,8 @@ class Uplink(threading.Thread):
         client.max_queued_messages_set(0)
         if cfg.username:
             client.username_pw_set(cfg.username, self._password)
-        if cfg.tls_ca or cfg.tls_cert:
+        if cfg.get("tls") or cfg.tls_ca or cfg.tls_cert:
+            # ca_certs None: the system's CA store
             client.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
                            cert_reqs=ssl.CERT_REQUIRED)
         client.will_set(self.root + "/status", self._status_payload("offline"), qos=1,
