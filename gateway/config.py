@@ -335,6 +335,8 @@ def validate(doc, path="<config>"):
         username=chk.take(u, "username", "uplink", str, None),
         password=chk.take(u, "password", "uplink", str, None),
         password_file=chk.take(u, "password_file", "uplink", str, None),
+        tls=chk.take(u, "tls", "uplink", bool, False),
+        allow_insecure=chk.take(u, "allow_insecure", "uplink", bool, False),
         tls_ca=chk.take(u, "tls_ca", "uplink", str, None),
         tls_cert=chk.take(u, "tls_cert", "uplink", str, None),
         tls_key=chk.take(u, "tls_key", "uplink", str, None),
@@ -349,6 +351,15 @@ def validate(doc, path="<config>"):
     chk.unknown(u, set(uplink), "uplink")
     if (uplink.tls_cert is None) != (uplink.tls_key is None):
         chk.bad("uplink.tls_key", "tls_cert and tls_key go together")
+    root = uplink.topic_root
+    if root is not None and (not root.strip("/") or root.startswith("$") or
+                             any(c in root for c in "+#\0")):
+        chk.bad("uplink.topic_root", "must be a topic prefix such as \"mgw/v1\" (not empty, "
+                "no '+', '#' or NUL, not starting with '$'), not %r" % (root,))
+    if (uplink.password is not None or uplink.password_file) and not (
+            uplink.tls or uplink.tls_ca or uplink.tls_cert) and not uplink.allow_insecure:
+        chk.bad("uplink.password", "would travel in clear: set tls = true (or tls_ca), or "
+                "allow_insecure = true for a link that needs no protection")
     for key in ("tls_ca", "tls_cert", "tls_key", "password_file"):
         if uplink[key]:
             why = _unreadable(uplink[key])

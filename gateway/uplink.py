@@ -11,9 +11,18 @@ between loop calls. Each connection gets a fresh client: a persistent session at
 (clean start off, a session expiry for MQTT 5) keeps commands queued while the gateway was
 away. Reconnects back off exponentially with jitter. Commands are handed to a queue with
 their MQTT 5 response topic and correlation data.
+
+Commands are acknowledged manually: a command is PUBACKed only when the executor calls
+Command.done() (it is in the ledger or answered), so a crash before that makes the broker
+deliver it again. The broker never hands us more than RECEIVE_MAXIMUM unacknowledged ones
+(MQTT 5 Receive Maximum; Mosquitto's per-client inflight limit for 3.1.1): that is the
+back-pressure. A command that finds the queue full anyway stays unacknowledged and is fetched
+again by a reconnect once the queue has room.
 """
 
+import collections
 import datetime as _dt
+import functools
 import json
 import logging
 import queue
@@ -34,6 +43,39 @@ log = logging.getLogger(__name__)
 CONSUMER = "uplink"
 STREAMS = ("results", "events", "readings")      # results first: commands are urgent
 
+RECEIVE_MAXIMUM = 64              # unacknowledged commands the broker may hand us
+MAX_COMMAND_BYTES = 64 * 1024     # larger ones are acked and dropped (the executor's limit
+                                  # is far lower); counted
+MAX_PACKET_BYTES = 1024 * 1024    # MQTT 5: the broker drops anything larger for us
+MAX_TOPIC_BYTES = 256
+MAX_CORRELATION_BYTES = 256
+STUCK_MAX = 16                    # unacked commands that found the queue full: reconnect
+
+_done_lock = threading.Lock()     # Command.done() from any thread; shared, done() is rare
+
+
+def valid_topic(topic):
+    """topic if it is a topic name we may publish to (a response topic), else None."""
+    if not isinstance(topic, str) or not topic or topic.startswith("$"):
+        return None
+    if "+" in topic or "#" in topic or "\0" in topic:
+        return None
+    try:
+        n = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:        # lone surrogates
+        return None
+    return topic if n <= MAX_TOPIC_BYTES else None
+
+
+def valid_correlation(hex_text):
+    """The bytes of a stored correlation (hex), or None when it is not bounded, valid hex."""
+    if not isinstance(hex_text, str) or len(hex_text) > 2 * MAX_CORRELATION_BYTES:
+        return None
+    try:
+        return bytes.fromhex(hex_text)
+    except ValueError:
+        return None
+
 
 def rfc3339(ms):
     """Unix milliseconds as RFC 3339 with the gateway's UTC offset."""
@@ -42,15 +84,25 @@ def rfc3339(ms):
 
 
 class Command:
-    """A message from {root}/commands, with what is needed to answer it."""
+    """A message from {root}/commands, with what is needed to answer it. `ack` is called
+    once by done(); commands built without one (tests, QoS 0) need no acknowledgement."""
 
-    __slots__ = ("payload", "response_topic", "correlation_data", "received_at")
+    __slots__ = ("payload", "response_topic", "correlation_data", "received_at", "_ack")
 
-    def __init__(self, payload, response_topic=None, correlation_data=None):
+    def __init__(self, payload, response_topic=None, correlation_data=None, ack=None):
         self.payload = payload
         self.response_topic = response_topic
         self.correlation_data = correlation_data
         self.received_at = time.time()
+        self._ack = ack
+
+    def done(self):
+        """The command is durable (in the ledger) or answered: let the broker forget it.
+        Idempotent, thread-safe, never blocks (the uplink thread sends the PUBACK)."""
+        with _done_lock:
+            ack, self._ack = self._ack, None
+        if ack is not None:
+            ack()
 
 
 class Uplink(threading.Thread):
@@ -72,10 +124,21 @@ class Uplink(threading.Thread):
         self._pending = {s: [] for s in STREAMS}   # published, in order: [last_seq, mid, acked]
         self._sent_upto = {}
         self._wake = threading.Event()
+        self._gen = 0                     # which client (connection) a command came with
+        self._to_ack = collections.deque()    # (gen, mid, qos) from Command.done()
+        self._stuck = 0                   # unacked commands of this connection not queued
+        self._logged = set()              # conditions logged once (until they clear)
         self.heartbeat = time.monotonic()
         self.state = {"connected": False, "broker": "%s:%d" % (cfg.host, cfg.port),
                       "last_ack": None, "last_error": None, "connects": 0,
-                      "published": 0, "acked": 0}
+                      "published": 0, "acked": 0,
+                      "skipped": 0,          # rows that could not be published, passed over
+                      "refused": 0,          # messages the broker's PUBACK refused
+                      "commands_acked": 0,
+                      "queue_full": 0,       # commands left unacked for a reconnect
+                      "oversize": 0,         # commands above MAX_COMMAND_BYTES, dropped
+                      "dropped_qos0": 0,     # QoS 0 commands dropped on a busy queue
+                      "malformed": 0}        # incoming messages that broke intake
         self._password = cfg.password
         if cfg.password_file:
             with open(cfg.password_file) as f:
@@ -125,16 +188,18 @@ class Uplink(threading.Thread):
         client_id = cfg.client_id or "mgw-%s" % self.gateway_id
         if self.v5:
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+                                 protocol=mqtt.MQTTv5, reconnect_on_failure=False,
+                                 manual_ack=True)
         else:
             client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                  clean_session=False, protocol=mqtt.MQTTv311,
-                                 reconnect_on_failure=False)
+                                 reconnect_on_failure=False, manual_ack=True)
         client.max_inflight_messages_set(cfg.inflight_max)
         client.max_queued_messages_set(0)
         if cfg.username:
             client.username_pw_set(cfg.username, self._password)
-        if cfg.tls_ca or cfg.tls_cert:
+        if cfg.get("tls") or cfg.tls_ca or cfg.tls_cert:
+            # ca_certs None: the system's CA store
             client.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
                            cert_reqs=ssl.CERT_REQUIRED)
         client.will_set(self.root + "/status", self._status_payload("offline"), qos=1,
@@ -172,19 +237,97 @@ class Uplink(threading.Thread):
             self.state["last_error"] = "disconnected: %s" % reason_code
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
+        if reason_code is not None and getattr(reason_code, "is_failure", False):
+            # the broker refused it (too large, not authorised): it is passed over, since
+            # sending it again would be refused again
+            self._log_once("refused", logging.ERROR, "uplink: the broker refused a message "
+                           "(%s); passed over", reason_code)
+            self.state["refused"] += 1
         with self._lock:
             self._acked.append(mid)
 
+    def _log_once(self, key, level, msg, *args, **kw):
+        if key not in self._logged:
+            self._logged.add(key)
+            log.log(level, msg, *args, **kw)
+
+    def _ack_later(self, gen, mid, qos):
+        # any thread (Command.done): the uplink thread sends it
+        self._to_ack.append((gen, mid, qos))
+        self._wake.set()
+
+    def _send_acks(self, client):
+        while True:
+            try:
+                gen, mid, qos = self._to_ack.popleft()
+            except IndexError:
+                return
+            # an ack for an older connection is dropped: the broker redelivers on resume
+            if gen == self._gen and self._connected:
+                client.ack(mid, qos)
+                self.state["commands_acked"] += 1
+
     def _on_message(self, client, userdata, message):
-        props = getattr(message, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props else None
-        correlation = getattr(props, "CorrelationData", None) if props else None
-        cmd = Command(bytes(message.payload), response_topic, correlation)
+        try:
+            self._intake(message)
+        except Exception:
+            # a message that breaks intake must not end the session (and would break it
+            # again on every redelivery): count it, acknowledge it, forget it
+            self.state["malformed"] += 1
+            self._log_once("malformed", logging.WARNING, "uplink: malformed incoming "
+                           "message dropped", exc_info=True)
+            qos, mid = getattr(message, "qos", 0), getattr(message, "mid", None)
+            if qos in (1, 2) and isinstance(mid, int):
+                self._ack_later(self._gen, mid, qos)
+
+    def _intake(self, message):
+        qos = message.qos
+        ack = functools.partial(self._ack_later, self._gen, message.mid, qos) if qos else None
+        payload = message.payload
+        if len(payload) > MAX_COMMAND_BYTES:
+            self.state["oversize"] += 1
+            self._log_once("oversize", logging.WARNING, "uplink: a command of %d bytes "
+                           "dropped (more than %d)", len(payload), MAX_COMMAND_BYTES)
+            if ack:
+                ack()
+            return
+        props = message.properties
+        response_topic = valid_topic(getattr(props, "ResponseTopic", None))
+        correlation = getattr(props, "CorrelationData", None)
+        if not isinstance(correlation, (bytes, bytearray)) or \
+                len(correlation) > MAX_CORRELATION_BYTES:
+            correlation = None
+        cmd = Command(bytes(payload), response_topic,
+                      bytes(correlation) if correlation is not None else None, ack)
+        maxsize = getattr(self.commands, "maxsize", 0)
+        if not qos and maxsize and self.commands.qsize() >= maxsize // 2:
+            # QoS 0 is never redelivered anyway; keep the room for QoS 1
+            self.state["dropped_qos0"] += 1
+            self._log_once("qos0", logging.WARNING, "uplink: QoS 0 commands dropped while "
+                           "the command queue is busy")
+            return
         try:
             self.commands.put_nowait(cmd)
         except queue.Full:
-            log.error("command queue full: dropping a command (it will not be acknowledged "
-                      "as executed; the head-end sees no result)")
+            if not qos:
+                self.state["dropped_qos0"] += 1
+                return
+            # not acknowledged: the broker keeps it and delivers it again after a reconnect
+            self._stuck += 1
+            self.state["queue_full"] += 1
+            self._log_once("queue_full", logging.WARNING, "uplink: command queue full; "
+                           "commands left unacknowledged until it has room")
+
+    def _must_refetch(self):
+        """Commands were left unacked on a full queue: reconnect so the broker delivers them
+        again, once the queue has room for them (sooner would only leave them stuck again),
+        or when so many are stuck that the broker's window is clogged."""
+        if not self._stuck:
+            return False
+        maxsize = getattr(self.commands, "maxsize", 0)
+        room = not maxsize or self.commands.qsize() <= maxsize // 2
+        return room or (self._stuck > STUCK_MAX and
+                        self.commands.qsize() < maxsize - STUCK_MAX)
 
     # ---------------------------------------------------------------- the thread
 
@@ -215,12 +358,17 @@ class Uplink(threading.Thread):
 
     def _session(self):
         cfg = self.cfg
+        self._gen += 1
+        self._stuck = 0
+        self._logged.discard("queue_full")
         client = self._new_client()
         self._client = client
         self.state["last_error"] = None
         if self.v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = cfg.session_expiry_s
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
+            props.MaximumPacketSize = MAX_PACKET_BYTES
             client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=False,
                            properties=props)
         else:
@@ -238,11 +386,18 @@ class Uplink(threading.Thread):
         try:
             while self._connected and not self._halt.is_set():
                 self.heartbeat = time.monotonic()
+                self._send_acks(client)
                 self._collect_acks()
                 self._send()
                 rc = client.loop(timeout=0.02 if self._has_work() else 0.05)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     self.state["last_error"] = "connection lost (%s)" % mqtt.error_string(rc)
+                    break
+                if self._must_refetch():
+                    log.warning("uplink: reconnecting to fetch %d unacknowledged commands "
+                                "again", self._stuck)
+                    self.state["last_error"] = "reconnecting to fetch %d commands left " \
+                        "unacknowledged on a full queue" % self._stuck
                     break
             if self._halt.is_set() and self._connected:
                 self._drain(client)
@@ -257,9 +412,11 @@ class Uplink(threading.Thread):
         """On a clean stop: let acknowledgements of what is in flight arrive, publish the
         retained offline status (the Will is only for an unclean end)."""
         end = time.monotonic() + seconds
+        self._send_acks(client)
         while self._inflight and time.monotonic() < end:
             client.loop(timeout=0.05)
             self._collect_acks()
+            self._send_acks(client)
         info = client.publish(self.root + "/status", self._status_payload("offline"), qos=1,
                               retain=True)
         end = time.monotonic() + 1.0
@@ -267,7 +424,7 @@ class Uplink(threading.Thread):
             client.loop(timeout=0.05)
 
     def _has_work(self):
-        return bool(self._inflight) or self._wake.is_set()
+        return bool(self._inflight) or self._wake.is_set() or bool(self._to_ack)
 
     def _reset_inflight(self):
         with self._lock:
@@ -300,47 +457,73 @@ class Uplink(threading.Thread):
 
     def _send(self):
         self._wake.clear()
+        jid = getattr(self.journal, "jid", None)
         for stream in STREAMS:
+            limit = self.cfg.batch_max
             while len(self._inflight) < self.cfg.inflight_max:
                 after = self._sent_upto.get(stream)
                 if after is None:
                     after = self.journal.cursor(CONSUMER, stream)
+                extra_topic = props = None
                 if stream == "readings":
-                    rows = self.journal.read(CONSUMER, stream, limit=self.cfg.batch_max,
-                                             after=after)
+                    rows = self.journal.read(CONSUMER, stream, limit=limit, after=after)
                     if not rows:
                         break
                     age = time.time() - rows[0].gw_ts / 1000.0
-                    if len(rows) < self.cfg.batch_max and age < self.cfg.batch_age_s:
+                    if len(rows) < limit and age < self.cfg.batch_age_s and \
+                            limit == self.cfg.batch_max:
                         self._wake.set()      # come back when the batch is old enough
                         break
-                    payload = readings_payload(rows)
                     topic = self.root + "/readings"
                     last = rows[-1].seq
-                    props = None
                 else:
                     rows = self.journal.read(CONSUMER, stream, limit=1, after=after)
                     if not rows:
                         break
-                    row = rows[0]
-                    payload, extra_topic, props = record_payload(row, stream)
                     topic = self.root + ("/events" if stream == "events"
                                          else "/command-results")
-                    last = row.seq
-                    if extra_topic:
-                        # MQTT 5 request/response: the result also goes where it was asked
-                        self._client.publish(extra_topic, payload, qos=1, properties=props)
-                info = self._client.publish(topic, payload, qos=1)
+                    last = rows[0].seq
+                try:
+                    if stream == "readings":
+                        payload = readings_payload(rows, jid)
+                    else:
+                        payload, extra_topic, props = record_payload(rows[0], stream, jid)
+                    info = self._client.publish(topic, payload, qos=1)
+                except Exception as exc:     # ValueError, TypeError, too large, a bad row
+                    if len(rows) > 1:
+                        limit = max(1, len(rows) // 2)    # a batch too large: smaller
+                        continue
+                    self._skip(stream, last, exc)
+                    continue
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    return
+                    return                    # the connection's trouble, not the row's
+                if extra_topic:
+                    # MQTT 5 request/response: the result also goes where it was asked;
+                    # best effort, the contract topic carries it in any case
+                    try:
+                        self._client.publish(extra_topic, payload, qos=1, properties=props)
+                    except Exception as exc:
+                        self._log_once("response_topic", logging.WARNING,
+                                       "uplink: result %s/%d not sent to its response "
+                                       "topic: %s", stream, last, exc)
                 self._inflight[info.mid] = (stream, last)
                 self._pending[stream].append([last, info.mid, False])
                 self._sent_upto[stream] = last
                 self.state["published"] += 1
 
+    def _skip(self, stream, seq, why):
+        """A row that cannot be published: counted, logged, and treated as delivered so the
+        stream behind it moves on (it would fail the same way for ever)."""
+        log.error("uplink: %s row %d cannot be published (%s); skipped", stream, seq,
+                  str(why).splitlines()[0] if str(why) else type(why).__name__)
+        self.state["skipped"] += 1
+        self._pending[stream].append([seq, None, True])
+        self._sent_upto[stream] = seq
 
-def readings_payload(rows):
-    """The contract's readings batch; values are spliced as the journal's exact JSON."""
+
+def readings_payload(rows, jid=None):
+    """The contract's readings batch; values are spliced as the journal's exact JSON.
+    `jid` names the journal that numbered the rows."""
     parts = []
     for r in rows:
         unit = json.dumps(r.unit) if r.unit is not None else "null"
@@ -349,21 +532,29 @@ def readings_payload(rows):
                          r.seq, json.dumps(r.meter, ensure_ascii=False), rfc3339(r.ts),
                          json.dumps(r.quantity), r.value_json, unit, rfc3339(r.gw_ts),
                          r.quality))
-    return '{"v":1,"first_seq":%d,"last_seq":%d,"readings":[%s]}' % (
-        rows[0].seq, rows[-1].seq, ",".join(parts))
+    return '{"v":1,"jid":%s,"first_seq":%d,"last_seq":%d,"readings":[%s]}' % (
+        json.dumps(jid), rows[0].seq, rows[-1].seq, ",".join(parts))
 
 
-def record_payload(row, stream):
-    """(payload, response topic or None, MQTT 5 properties) of an event or a result."""
+def record_payload(row, stream, jid=None):
+    """(payload, response topic or None, MQTT 5 properties) of an event or a result. A
+    response topic is used only for an authenticated command's result (id not null) and
+    only when it is a topic we may publish to."""
     body = dict(row.body)
-    response_topic = body.pop("_response_topic", None)
-    correlation = body.pop("_correlation_data", None)
-    out = {"v": 1, "seq": row.seq, "ts": rfc3339(row.ts)}
+    response_topic = valid_topic(body.pop("_response_topic", None))
+    correlation = valid_correlation(body.pop("_correlation_data", None))
+    out = {"v": 1, "jid": jid, "seq": row.seq, "ts": rfc3339(row.ts)}
     out.update(body)
     payload = json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+    try:
+        payload.encode("utf-8")
+    except UnicodeEncodeError:     # lone surrogates from hostile JSON: escape them
+        payload = json.dumps(out, separators=(",", ":"))
+    if stream != "results" or body.get("id") is None:
+        return payload, None, None
     props = None
     if response_topic:
         props = Properties(PacketTypes.PUBLISH)
         if correlation is not None:
-            props.CorrelationData = bytes.fromhex(correlation)
-    return payload, response_topic if stream == "results" else None, props
+            props.CorrelationData = correlation
+    return payload, response_topic, props

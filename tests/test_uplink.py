@@ -48,7 +48,7 @@ def test_readings_events_and_status_arrive_complete_and_in_order(tmp_path, broke
         assert got[0]["unit"] == "kWh" and got[0]["q"] == "energy.import.total"
         assert "+" in got[0]["ts"] or "Z" in got[0]["ts"] or "-" in got[0]["ts"][19:]
         ev = head.topic("events")[0]
-        assert ev == {"v": 1, "seq": 1, "ts": ev["ts"], "type": "meter.offline",
+        assert ev == {"v": 1, "jid": None, "seq": 1, "ts": ev["ts"], "type": "meter.offline",
                       "meter": "m3", "reason": "no answer"}
         head.wait(lambda: j.stats()["streams"]["readings"]["stored"] == 0)   # acked, deleted
     finally:
@@ -216,7 +216,8 @@ def test_wrong_password_gives_a_clear_error_and_retries(tmp_path):
     b.start()
     try:
         j = Journal(str(tmp_path / "j.db"))
-        up = Uplink(uplink_cfg(b, username="gw", password="wrong", reconnect_max_s=1.0),
+        up = Uplink(uplink_cfg(b, username="gw", password="wrong", reconnect_max_s=1.0,
+                               allow_insecure=True),
                     "gw-test", j)
         up.start()
         end = time.time() + 10
@@ -281,3 +282,55 @@ def test_commands_are_handed_over_with_response_topic_and_correlation(tmp_path, 
     finally:
         up.stop()
         head.close()
+
+
+def _uplink_problems(**uplink):
+    cfg = validate({"gateway": {"id": "gw-test"}, "uplink": dict(host="127.0.0.1", **uplink)})
+    return cfg["_checker"].problems
+
+
+def test_wildcard_or_reserved_topic_root_is_refused_by_config_check():
+    for bad in ("mgw/+", "mgw/#", "#", "mgw\0x", "", "/", "$SYS/mgw"):
+        problems = _uplink_problems(topic_root=bad)
+        assert len(problems) == 1 and "uplink.topic_root" in problems[0], (bad, problems)
+        assert "\n" not in problems[0]
+    assert _uplink_problems(topic_root="utility/mgw/v1") == []
+
+
+def test_broker_password_without_tls_needs_allow_insecure(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    for creds in ({"password": "x"}, {"password_file": str(pw)}):
+        problems = _uplink_problems(username="gw", **creds)
+        assert len(problems) == 1 and "uplink.password" in problems[0], problems
+        assert _uplink_problems(username="gw", allow_insecure=True, **creds) == []
+        assert _uplink_problems(username="gw", tls=True, **creds) == []
+    assert _uplink_problems(tls="yes")          # a bool, not a string
+    assert _uplink_problems(username="gw") == []
+
+
+def test_tls_true_uses_the_system_ca_store(tmp_path, monkeypatch):
+    from conftest import Broker, free_port
+    pki = _make_pki(tmp_path)
+    # OpenSSL's default verify paths (the "system store") honour SSL_CERT_FILE
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki["ca.crt"]))
+    tls_port = free_port()
+    b = Broker(tmp_path, extra_conf="listener %d 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\n"
+               "allow_anonymous true\n" % (tls_port, pki["ca.crt"], pki["server.crt"],
+                                           pki["server.key"])).start()
+    try:
+        j = Journal(str(tmp_path / "j.db"))
+        head = HeadEnd(b)
+        cfg = uplink_cfg(b, tls=True)
+        cfg["port"] = tls_port
+        up = Uplink(cfg, "gw-test", j)
+        up.start()
+        try:
+            j.append_readings(readings(5))
+            up.notify()
+            head.wait(lambda: len(unique_seqs(head.readings())) == 5)
+        finally:
+            up.stop()
+            head.close()
+    finally:
+        b.stop()
