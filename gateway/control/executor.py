@@ -147,19 +147,19 @@ class Executor(threading.Thread):
     def handle(self, message):
         """One message from the command topic. PUBACKed (message.done()) only once it is in
         the ledger or answered; a crash before that makes the broker deliver it again."""
+        done = getattr(message, "done", None) or (lambda: None)
         try:
             self.handle_remote(message.payload, message.response_topic,
                                message.correlation_data)
         except Exception as exc:
             if not isinstance(exc, StorageFull) and not _is_storage_error(exc):
+                done()            # a bug: logged by the caller; redelivery would repeat it
                 raise
             # not durable, not answered: leave it unacknowledged, the broker keeps it
             self.counts["storage_failures"] += 1
             log.error("command not taken (the broker keeps it): %s", exc)
             return
-        done = getattr(message, "done", None)
-        if done is not None:
-            done()
+        done()
 
     def handle_remote(self, payload, response_topic=None, correlation=None):
         try:
