@@ -181,19 +181,20 @@ def write_state_file(path, tables):
             f.write(header + b"\n" + body)
             f.flush()
             os.fsync(f.fileno())
+        if os.path.exists(path):
+            # the previous good copy: a second name for the current inode, swapped in
+            # atomically
+            prev_tmp = path + ".prev.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(prev_tmp)
+            os.link(path, prev_tmp)
+            os.replace(prev_tmp, path + ".prev")
+        os.replace(tmp, path)
     except OSError:
         # a half-written temporary file only takes room a full disk needs
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    if os.path.exists(path):
-        # the previous good copy: a second name for the current inode, swapped in atomically
-        prev_tmp = path + ".prev.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(prev_tmp)
-        os.link(path, prev_tmp)
-        os.replace(prev_tmp, path + ".prev")
-    os.replace(tmp, path)
     fsync_dir(path)
 
 
