@@ -2,11 +2,9 @@
 documented recovery, never silently reset. One gateway per data folder. Room kept for a
 full disk."""
 
-import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
