@@ -13,10 +13,14 @@ disk is handled the same way; a disk that fails (read-only, I/O error) raises Jo
 with one line, and the caller keeps collecting into its bounded queue and retries.
 """
 
+import contextlib
+import datetime as _dt
 import json
 import logging
 import os
+import secrets
 import sqlite3
+import stat
 import threading
 import time
 from decimal import Decimal
@@ -52,7 +56,19 @@ SCHEMA_VERSION = "1"
 
 
 class JournalError(Exception):
-    """The journal cannot take or give records; one line naming the file and the cause."""
+    """The journal cannot take or give records; one line naming the file and the cause.
+
+    `damaged`: the file is not a sound SQLite database (as opposed to a disk or permission
+    problem around it)."""
+
+    def __init__(self, message, damaged=False):
+        super().__init__(message)
+        self.damaged = damaged
+
+
+def new_jid():
+    """A journal's id: short, random, never reused by a replacement journal."""
+    return secrets.token_hex(6)
 
 
 class Reading(NamedTuple):
@@ -112,8 +128,13 @@ class Journal:
     """One owner per file; every method is thread-safe (one connection, one lock)."""
 
     def __init__(self, path, quota_bytes=256 * 1024 * 1024, consumers=None,
-                 on_drop=None, reserve_bytes=8 * 1024 * 1024, wal_pages=256):
+                 on_drop=None, reserve_bytes=8 * 1024 * 1024, wal_pages=256,
+                 seq_floor=None, first_event=None):
+        """seq_floor: {stream: n}, no stream numbers below n (a journal that replaces a lost
+        one continues its numbering). first_event: (type, fields) appended in the same
+        transaction that creates the journal (ignored when the journal exists)."""
         self.path = path
+        self.created = False        # True when this open created the journal's tables
         self.quota_bytes = int(quota_bytes)
         # free space the journal leaves on the file system for everything else (and for
         # its own WAL): below it, the journal stops growing and drops oldest-first instead
@@ -134,18 +155,43 @@ class Journal:
             self._db.execute("PRAGMA wal_autocheckpoint=%d" % int(wal_pages))
             self._db.execute("PRAGMA journal_size_limit=%d" % (int(wal_pages) * 4096))
             self._db.executescript(_SCHEMA)
+            floor = {s: max(1, int((seq_floor or {}).get(s) or 1)) for s in STREAMS}
             with self._tx():
+                self.created = self._db.execute(
+                    "SELECT COUNT(*) FROM streams").fetchone()[0] == 0
                 for s in STREAMS:
                     self._db.execute("INSERT OR IGNORE INTO streams (name, next_seq) "
-                                     "VALUES (?, 1)", (s,))
+                                     "VALUES (?, ?)", (s, floor[s]))
+                    # an existing journal behind its mark (an old copy put back): new rows
+                    # must not reuse numbers the head-end has already seen
+                    raised = self._db.execute(
+                        "UPDATE streams SET next_seq=? WHERE name=? AND next_seq<?",
+                        (floor[s], s, floor[s])).rowcount
+                    if raised:
+                        log.warning("journal %s: %s continue at seq %d (the mark kept in "
+                                    "the state file)", path, s, floor[s])
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
                                  (SCHEMA_VERSION,))
+                # journals from before jids get one on their first open
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('jid', ?)",
+                                 (new_jid(),))
+                if self.created and first_event:
+                    event_type, fields = first_event
+                    body = json.dumps(dict(fields, type=event_type), ensure_ascii=False,
+                                      separators=(",", ":"), default=str)
+                    seq = self._next_seqs("events", 1)
+                    self._db.execute("INSERT INTO events VALUES (?, ?, ?)",
+                                     (seq, now_ms(), body))
             (schema,) = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if schema != SCHEMA_VERSION:
                 raise JournalError("%s: journal schema %s, this gateway knows %s"
                                    % (path, schema, SCHEMA_VERSION))
+            (self.jid,) = self._db.execute("SELECT value FROM meta WHERE key='jid'").fetchone()
         except sqlite3.DatabaseError as exc:
-            raise JournalError("%s: cannot open the journal (%s)" % (path, exc)) from None
+            with contextlib.suppress(Exception):
+                self._db.close()
+            raise JournalError("%s: cannot open the journal (%s)" % (path, exc),
+                               damaged=not isinstance(exc, sqlite3.OperationalError)) from None
         self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
         for consumer, streams in (consumers or {}).items():
             for stream in streams:
@@ -163,6 +209,24 @@ class Journal:
             except sqlite3.DatabaseError:
                 pass
             self._db.close()
+
+    def next_seqs(self):
+        """{stream: the seq its next row will get}."""
+        with self._lock:
+            try:
+                return dict(self._db.execute("SELECT name, next_seq FROM streams").fetchall())
+            except sqlite3.DatabaseError as exc:
+                raise self._fail(exc, "read") from None
+
+    def quick_check(self):
+        """None if SQLite finds the file sound, else the first problem it reports."""
+        with self._lock:
+            try:
+                rows = self._db.execute("PRAGMA quick_check(1)").fetchall()
+            except sqlite3.DatabaseError as exc:
+                return str(exc)
+        problem = rows[0][0] if rows else "no answer"
+        return None if problem == "ok" else " ".join(problem.split())   # one line
 
     def _fail(self, exc, what):
         return JournalError("%s: cannot %s (%s)" % (self.path, what, exc))
@@ -362,7 +426,9 @@ class Journal:
     def stats(self):
         """Pending rows per stream and consumer, oldest unsent, next seq, dropped, bytes."""
         with self._lock:
-            out = {"path": self.path, "used_bytes": self.used_bytes(),
+            jid = self._db.execute("SELECT value FROM meta WHERE key='jid'").fetchone()
+            out = {"path": self.path, "jid": jid[0] if jid else None,
+                   "used_bytes": self.used_bytes(),
                    "file_bytes": _file_bytes(self.path), "quota_bytes": self.quota_bytes,
                    "streams": {}}
             for name, nxt, dropped in self._db.execute(
@@ -387,6 +453,123 @@ class Journal:
                                         "last_seq": hi, "oldest_ts": oldest,
                                         "dropped": dropped, "consumers": consumers}
             return out
+
+
+MARKS_TABLE, MARKS_KEY = "journal", "marks"
+
+
+def open_journal(path, state, **kwargs):
+    """The journal at `path`, opened so that damage is survived, never a silent reset.
+
+    `state` is the state store; its document journal/marks ({"jid", "next_seq"}) is the
+    high-water mark of every stream. A journal that SQLite cannot open as a database or
+    that fails `PRAGMA quick_check` is moved aside as `<path>.bad-<time>` (with its -wal and
+    -shm); so is anything at `path` that is not a regular file. A fresh journal then takes
+    its place, numbering every stream on from the mark (a missing journal.db while the mark
+    says one existed is treated the same), and its first event is `journal.replaced`.
+    Problems of the disk around the journal (permissions, read-only, I/O) raise
+    JournalError as before. Writes the mark of the journal it returns.
+    """
+    marks = state.get(MARKS_TABLE, MARKS_KEY) or {}
+    floor = {s: int(n) for s, n in (marks.get("next_seq") or {}).items()
+             if s in STREAMS and isinstance(n, int)}
+    previous_jid = marks.get("jid")
+    reason = None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise JournalError("%s: cannot open the journal (%s)" % (path, exc.strerror)) from None
+    if st is None:
+        if marks:
+            reason = "%s: missing although the state file says a journal existed" % path
+    elif not stat.S_ISREG(st.st_mode):
+        reason = "%s: not a regular file" % path
+    else:
+        try:
+            journal = Journal(path, seq_floor=floor, **kwargs)
+        except JournalError as exc:
+            if not exc.damaged:
+                raise
+            reason = str(exc)
+        else:
+            problem = journal.quick_check()
+            if problem is None:
+                _check_jid(journal, previous_jid, floor)
+                save_marks(journal, state)
+                return journal
+            reason = "%s: quick_check: %s" % (path, problem)
+            with contextlib.suppress(Exception):
+                previous_jid = journal.jid
+                for s, n in journal.next_seqs().items():   # what it had numbered, if legible
+                    floor[s] = max(floor.get(s, 1), int(n))
+            with contextlib.suppress(Exception):
+                journal._db.close()
+    if reason is None:
+        # a first start: nothing to continue from (stray -wal/-shm still go aside)
+        aside = _move_aside(path)
+        journal = Journal(path, **kwargs)
+        save_marks(journal, state)
+        return journal
+    aside = _move_aside(path)
+    log.error("%s; %sa fresh journal continues every stream from its mark %s", reason,
+              "kept aside as %s; " % aside if aside else "", floor or "(none)")
+    fields = {"reason": reason, "aside": aside, "previous_jid": previous_jid,
+              "floors": {s: max(1, floor.get(s, 1)) for s in STREAMS}}
+    journal = Journal(path, seq_floor=floor, first_event=("journal.replaced", fields),
+                      **kwargs)
+    save_marks(journal, state)
+    return journal
+
+
+def _check_jid(journal, previous_jid, floor):
+    if previous_jid and journal.jid != previous_jid:
+        # not the journal the mark was written for (a copy from elsewhere, or a crash
+        # right after a replacement): its own jid tells the head-end it numbers anew
+        log.warning("%s: journal id %s, the state file last saw %s", journal.path,
+                    journal.jid, previous_jid)
+        journal.append_event("journal.replaced", reason="different journal", aside=None,
+                             previous_jid=previous_jid, floors=floor)
+
+
+def save_marks(journal, state):
+    """Store the journal's id and next seqs as the high-water mark in the state file.
+    Returns False (logged) if the state file cannot be written now."""
+    from gateway.state import StateError
+    doc = {"jid": journal.jid, "next_seq": journal.next_seqs()}
+    try:
+        if state.get(MARKS_TABLE, MARKS_KEY) != doc:
+            state.put(MARKS_TABLE, MARKS_KEY, doc)
+    except StateError as exc:
+        log.warning("cannot store the journal marks: %s", exc)
+        return False
+    return True
+
+
+def _move_aside(path):
+    """Rename path and its -wal/-shm to <path>.bad-<time>[-k]; the name, or None if there
+    was nothing to move. A stale -wal must go too: SQLite would replay it into a new file."""
+    parts = [sfx for sfx in ("", "-wal", "-shm") if os.path.lexists(path + sfx)]
+    if not parts:
+        return None
+    base = "%s.bad-%s" % (path, _dt.datetime.now().strftime("%Y%m%dT%H%M%S"))
+    aside, k = base, 1
+    while any(os.path.lexists(aside + sfx) for sfx in ("", "-wal", "-shm")):
+        k += 1
+        aside = "%s-%d" % (base, k)
+    try:
+        for sfx in parts:
+            os.rename(path + sfx, aside + sfx)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise JournalError("%s: damaged, and cannot move it aside (%s)"
+                           % (path, exc.strerror)) from None
+    return aside if "" in parts else aside + parts[0]
 
 
 def readonly_stats(path):

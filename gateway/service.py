@@ -22,7 +22,8 @@ from gateway import __version__
 from gateway.accounts import AccountStore
 from gateway.audit import AuditTrail
 from gateway.clock import ClockPolicy
-from gateway.journal import Journal, JournalError
+from gateway import paths
+from gateway.journal import JournalError, open_journal, save_marks
 from gateway.poller import LinePoller, MeterSpec
 from gateway.port import PortWorker
 from gateway.sdnotify import Notifier
@@ -127,11 +128,20 @@ class Gateway:
         except OSError as exc:
             raise StateError("%s: cannot create the data folder (%s)"
                              % (data_dir, exc.strerror)) from None
-        self.state = StateStore(os.path.join(data_dir, "state.json"),
-                                recover=cfg.storage.recover_state)
-        self.journal = Journal(os.path.join(data_dir, "journal.db"),
-                               quota_bytes=cfg.storage.journal_quota_mb * 1024 * 1024,
-                               reserve_bytes=cfg.storage.reserve_mb * 1024 * 1024)
+        # one process per data folder, before anything in it is opened
+        self.instance_lock = paths.acquire_lock(data_dir)
+        try:
+            self.reserve = paths.DiskReserve(paths.path(data_dir, paths.RESERVE))
+            self.reserve.restore()          # best effort: a full disk at start is no error
+            self.state = StateStore(paths.path(data_dir, paths.STATE),
+                                    recover=cfg.storage.recover_state, reserve=self.reserve)
+            self.journal = open_journal(paths.path(data_dir, paths.JOURNAL), self.state,
+                                        quota_bytes=cfg.storage.journal_quota_mb * 1024 * 1024,
+                                        reserve_bytes=cfg.storage.reserve_mb * 1024 * 1024)
+        except BaseException:
+            self.instance_lock.release()
+            raise
+        self._marks_saved_at = time.monotonic()
         self.uplink = None
         self.sink = ReadingSink(self.journal, on_appended=self._appended)
         self.commands = queue.Queue(maxsize=1000)
@@ -341,12 +351,31 @@ class Gateway:
         if self.uplink is not None:
             self.uplink.stop(max(0.5, deadline - time.monotonic()))
         self.write_status(stopped=True)
+        self.save_journal_marks(force=True)
         self.journal.close()
         if self.audit is not None:
             self.audit.close()
         self.state.close()
+        self.instance_lock.release()
 
     # ---------------------------------------------------------------- status
+
+    MARKS_EVERY_S = 60.0
+
+    def save_journal_marks(self, force=False):
+        """Store the journal's next seqs in the state file (the high-water mark a replaced
+        journal continues from). At most once a minute unless forced: each is a state-file
+        write, and the journal id, not the mark, is what keeps a head-end from mistaking a
+        new numbering for duplicates."""
+        now = time.monotonic()
+        if not force and now - self._marks_saved_at < self.MARKS_EVERY_S:
+            return False
+        self._marks_saved_at = now
+        try:
+            return save_marks(self.journal, self.state)
+        except JournalError as exc:
+            log.warning("cannot read the journal's marks: %s", exc)
+            return False
 
     def save_meter_state(self):
         """Meters' online state and freeze progress: one small document (a thousand
@@ -474,7 +503,11 @@ def main(which, args):
     try:
         gw = Gateway(cfg)
     except (StateError, JournalError) as exc:
+        # a state file that is not ours or a second instance: exit 2, no restart loop
         raise CliError(str(exc), EXIT_USAGE if isinstance(exc, StateError) else EXIT_FAILED)
+    except OSError as exc:
+        raise CliError("%s: %s" % (exc.filename or cfg.gateway.data_dir, exc.strerror),
+                       EXIT_FAILED)
     return serve(gw)
 
 

@@ -7,7 +7,9 @@ good copy as a hard link (`.prev`), renames the new file into place and fsyncs t
 so the file on disk is always either the old or the new state. Each file starts with a header
 line (format version, SHA-256 and length of the body) so truncation and bit rot are detected,
 not parsed into half a state. A file that cannot be read is kept aside and reported; it is
-never replaced by an empty one.
+never replaced by an empty one. A file without the header is accepted only when it is shaped
+like TinyDB's own and no headed `.prev` says this gateway wrote headed files here. The file is
+opened without following links or blocking (a symlink, folder or FIFO is refused in one line).
 
 StateStore is the one owner of a TinyDB instance: every access holds its lock, and `batch()`
 turns several changes into one atomic write (a balance and the journal position it was
@@ -16,10 +18,12 @@ charged up to are written together).
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 
 from tinydb import TinyDB, where
@@ -35,6 +39,10 @@ MIGRATIONS = {}
 
 class StateError(Exception):
     """The state file cannot be used; the message is one line naming the file."""
+
+
+class StateDiskFull(StateError):
+    """A write failed for lack of space; memory still equals what is on disk."""
 
 
 def fsync_dir(path):
@@ -56,10 +64,11 @@ def _parse(raw, path):
         # a plain TinyDB file (format 0): accepted once, migrated on the next write
         try:
             tables = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise StateError("%s: not a state file (%s)" % (path, exc)) from None
-        if not isinstance(tables, dict):
-            raise StateError("%s: not a state file (top level is not an object)" % path)
+        problem = _not_tinydb(tables)
+        if problem:
+            raise StateError("%s: not a state file (no header, and %s)" % (path, problem))
         return 0, tables
     if header.get("length") != len(body):
         raise StateError("%s: truncated (%d of %s body bytes)"
@@ -84,16 +93,75 @@ def _migrate(version, tables):
     return tables
 
 
-def read_state_file(path):
-    """Tables of a state file (migrated to the current format), None if it does not exist."""
+def _not_tinydb(tables):
+    """Why a header-less document is not a TinyDB file (None if it is one): tables of
+    documents keyed by decimal ids. Any other JSON object (`{"status": "failed"}`) would
+    otherwise start the gateway with empty ledgers."""
+    if not isinstance(tables, dict):
+        return "the top level is not an object"
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            return "%r is not a table" % name[:40]
+        for doc_id, doc in table.items():
+            if not (doc_id.isdigit() and doc_id.isascii()) or not isinstance(doc, dict):
+                return "table %r holds something other than documents" % name[:40]
+    return None
+
+
+def _read_regular(path):
+    """Bytes of a regular file, None if absent. Never follows a link nor blocks on a FIFO."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateError("%s: is a symbolic link, not the gateway's file" % path) from None
         raise StateError("%s: cannot read (%s)" % (path, exc.strerror)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StateError("%s: not a regular file (%s)" % (path, _kind(st.st_mode)))
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError as exc:
+        raise StateError("%s: cannot read (%s)" % (path, exc.strerror)) from None
+    finally:
+        os.close(fd)
+
+
+def _kind(mode):
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+
+
+def _headed(path):
+    """True if the file at path starts with a state-file header line."""
+    try:
+        raw = _read_regular(path)
+    except StateError:
+        return False
+    try:
+        header = json.loads((raw or b"").partition(b"\n")[0])
+    except ValueError:
+        return False
+    return isinstance(header, dict) and "format" in header
+
+
+def read_state_file(path):
+    """Tables of a state file (migrated to the current format), None if it does not exist."""
+    raw = _read_regular(path)
+    if raw is None:
+        return None
     version, tables = _parse(raw, path)
+    if version == 0 and _headed(path + ".prev"):
+        # this gateway has written headed files here: a plain one is not its own
+        raise StateError("%s: no header although the previous copy %s has one "
+                         "(not the file this gateway wrote)" % (path, path + ".prev"))
     return _migrate(version, tables)
 
 
@@ -104,18 +172,29 @@ def write_state_file(path, tables):
     header = json.dumps({"format": FORMAT_VERSION, "sha256": hashlib.sha256(body).hexdigest(),
                          "length": len(body)}).encode()
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(header + b"\n" + body)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.exists(path):
-        # the previous good copy: a second name for the current inode, swapped in atomically
-        prev_tmp = path + ".prev.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(prev_tmp)
-        os.link(path, prev_tmp)
-        os.replace(prev_tmp, path + ".prev")
-    os.replace(tmp, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)          # whatever is there (a link planted by someone) is not ours
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o640)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header + b"\n" + body)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            # the previous good copy: a second name for the current inode, swapped in
+            # atomically
+            prev_tmp = path + ".prev.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(prev_tmp)
+            os.link(path, prev_tmp)
+            os.replace(prev_tmp, path + ".prev")
+        os.replace(tmp, path)
+    except OSError:
+        # a half-written temporary file only takes room a full disk needs
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_dir(path)
 
 
@@ -126,9 +205,10 @@ class AtomicStorage(Storage):
     what is stored.
     """
 
-    def __init__(self, path, recover=False):
+    def __init__(self, path, recover=False, reserve=None):
         super().__init__()
         self.path = path
+        self.reserve = reserve
         self.deferred = False
         self._dirty = False
         self._cache = self._load(recover)
@@ -151,7 +231,19 @@ class AtomicStorage(Storage):
                 return prev_tables
             hint = (" (a previous good copy exists: %s; start with state recovery to use it)"
                     % prev if prev_tables is not None else "")
-            os.link(self.path, aside) if not os.path.exists(aside) else None
+            try:
+                st = os.lstat(self.path)
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                # a link, folder or FIFO is not a damaged state: nothing to keep a copy of
+                raise StateError("%s%s" % (exc, hint)) from None
+            try:
+                if not os.path.lexists(aside):
+                    os.link(self.path, aside, follow_symlinks=False)
+            except OSError as link_exc:
+                raise StateError("%s; cannot keep a copy as %s (%s)%s" % (
+                    exc, aside, link_exc.strerror, hint)) from None
             raise StateError("%s; a copy is kept as %s%s" % (exc, aside, hint)) from None
 
     def read(self):
@@ -168,22 +260,35 @@ class AtomicStorage(Storage):
         if not (force or self._dirty):
             return
         try:
-            write_state_file(self.path, self._cache)
+            try:
+                write_state_file(self.path, self._cache)
+            except OSError as exc:
+                # a full disk: give back the reserved room once, so the ledger can still
+                # record what happened to a command
+                if not (exc.errno == errno.ENOSPC and self.reserve is not None
+                        and self.reserve.release()):
+                    raise
+                log.warning("%s: disk full; released the reserve %s to write",
+                            self.path, self.reserve.path)
+                write_state_file(self.path, self._cache)
             self._dirty = False
         except OSError as exc:
             self._dirty = False
             self._cache = read_state_file(self.path)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StateDiskFull("%s: cannot write (disk full)" % self.path) from None
             raise StateError("%s: cannot write (%s)" % (self.path, exc.strerror or exc)) from None
 
 
 class StateStore:
     """The one owner of a state file. Documents are keyed by a string per table."""
 
-    def __init__(self, path, recover=False):
+    def __init__(self, path, recover=False, reserve=None):
+        """reserve: a paths.DiskReserve released once when a write finds the disk full."""
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._lock = threading.RLock()
-        self._db = TinyDB(path, storage=AtomicStorage, recover=recover)
+        self._db = TinyDB(path, storage=AtomicStorage, recover=recover, reserve=reserve)
         self._storage = self._db.storage
         self._batch_depth = 0
 
@@ -202,11 +307,19 @@ class StateStore:
 
     def put(self, table, key, doc):
         with self._lock:
-            self._db.table(table).upsert(dict(doc, _key=key), where("_key") == key)
+            try:
+                self._db.table(table).upsert(dict(doc, _key=key), where("_key") == key)
+            except StateError:
+                self._clear_caches()
+                raise
 
     def delete(self, table, key):
         with self._lock:
-            self._db.table(table).remove(where("_key") == key)
+            try:
+                self._db.table(table).remove(where("_key") == key)
+            except StateError:
+                self._clear_caches()
+                raise
 
     def all(self, table):
         with self._lock:
@@ -231,9 +344,16 @@ class StateStore:
                 if self._batch_depth == 0:
                     self._storage.deferred = False
                     if ok:
-                        self._storage.flush()
+                        try:
+                            self._storage.flush()
+                        except StateError:
+                            self._clear_caches()    # the cache was reloaded from disk
+                            raise
                     else:
                         self._storage._dirty = False
                         self._storage._cache = read_state_file(self.path)
-                        for table in self._db._tables.values():
-                            table.clear_cache()
+                        self._clear_caches()
+
+    def _clear_caches(self):
+        for table in self._db._tables.values():
+            table.clear_cache()

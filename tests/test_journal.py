@@ -201,3 +201,49 @@ def test_a_consumer_that_is_gone_no_longer_holds_rows(tmp_path):
     j.unregister("billing", "readings")
     st = j.stats()["streams"]["readings"]
     assert st["stored"] == 0 and "billing" not in st["consumers"]
+
+
+def test_a_fresh_journal_numbers_each_stream_from_its_floor(tmp_path):
+    j = Journal(str(tmp_path / "j.db"), consumers=CONSUMERS,
+                seq_floor={"readings": 1000, "events": 7, "results": 0})
+    assert j.created and j.next_seqs() == {"readings": 1000, "events": 7, "results": 1}
+    assert j.append_readings([r(), r()]) == (1000, 1001)
+    assert j.append_event("meter.online", meter="m1") == 7
+    assert j.append_result({"id": "c1"}) == 1
+    assert [x.seq for x in j.read("uplink", "readings")] == [1000, 1001]
+    assert j.stats()["streams"]["readings"]["stored"] == 2
+
+
+def test_an_old_copy_behind_its_mark_never_reuses_numbers(tmp_path):
+    path = str(tmp_path / "j.db")
+    j = Journal(path, consumers=CONSUMERS)
+    j.append_readings([r()] * 5)
+    j.close()
+    j = Journal(path, consumers=CONSUMERS, seq_floor={"readings": 50, "events": 1})
+    assert not j.created
+    assert j.append_readings([r()]) == (50, 50)          # not 6: the head-end has seen 6..49
+    assert j.next_seqs()["events"] == 1
+
+
+def test_every_journal_has_a_jid_and_one_from_before_jids_gets_one(tmp_path):
+    import re
+    import sqlite3
+    path = str(tmp_path / "j.db")
+    j = Journal(path, consumers=CONSUMERS)
+    jid = j.jid
+    assert re.fullmatch(r"[0-9a-f]{12}", jid) and j.stats()["jid"] == jid
+    j.append_readings([r()])
+    j.close()
+    assert Journal(path).jid == jid                       # stable across opens
+    other = Journal(str(tmp_path / "k.db"))
+    assert other.jid != jid
+    other.close()
+    # a journal written before jids: no meta row, opens with its data and gets an id
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM meta WHERE key='jid'")
+    db.commit()
+    db.close()
+    j = Journal(path, consumers=CONSUMERS)
+    assert re.fullmatch(r"[0-9a-f]{12}", j.jid) and j.jid != jid
+    assert [x.seq for x in j.read("uplink", "readings")] == [1]
+    assert j.append_readings([r()]) == (2, 2)

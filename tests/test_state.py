@@ -127,3 +127,136 @@ def test_newer_format_is_refused(tmp_path):
     open(path, "wb").write(header + b"\n" + body)
     with pytest.raises(StateError, match="newer"):
         StateStore(path)
+
+
+# ---------------------------------------------------------------- files that are not ours
+
+@pytest.mark.parametrize("text", [
+    '{"status": "failed"}',                                   # any JSON object
+    '{"accounts": {"m1": {"balance_fen": 1}}}',               # ids that are not decimal
+    '{"accounts": {"1": 5}}',                                 # documents that are not objects
+    '["accounts"]',
+])
+def test_a_json_file_that_is_not_tinydb_is_not_taken_for_state(tmp_path, text):
+    path = str(tmp_path / "state.json")
+    open(path, "w").write(text)
+    with pytest.raises(StateError) as err:
+        StateStore(path)
+    msg = str(err.value)
+    assert "\n" not in msg and path in msg and "not a state file" in msg
+    assert open(path).read() == text                          # kept as it was
+
+
+def test_a_plain_tinydb_file_is_refused_where_the_gateway_wrote_headed_files(tmp_path):
+    path = str(tmp_path / "state.json")
+    s = StateStore(path)
+    s.put("accounts", "m1", {"balance_fen": 5000})
+    s.put("ledger", "c1", {"state": "done"})                   # a headed .prev now exists
+    s.close()
+    with open(path, "w") as f:                                 # someone copies an old file in
+        json.dump({"accounts": {"1": {"_key": "m1", "balance_fen": 1}}}, f)
+    with pytest.raises(StateError) as err:
+        StateStore(path)
+    assert "\n" not in str(err.value) and "no header" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink"])
+def test_a_state_path_that_is_not_a_regular_file_is_one_line_and_never_blocks(tmp_path, kind):
+    import threading
+    path = str(tmp_path / "state.json")
+    target = tmp_path / "elsewhere.json"
+    target.write_text('{"_default": {}}')
+    if kind == "directory":
+        os.mkdir(path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink(str(target), path)
+    out = {}
+
+    def open_it():
+        try:
+            StateStore(path)
+        except Exception as exc:            # noqa: BLE001 - the test looks at what it is
+            out["exc"] = exc
+    t = threading.Thread(target=open_it, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "opening the state file blocked"
+    assert isinstance(out.get("exc"), StateError), out
+    assert "\n" not in str(out["exc"]) and path in str(out["exc"])
+    assert target.read_text() == '{"_default": {}}'            # a link's target is untouched
+    assert not [n for n in os.listdir(tmp_path) if ".bad-" in n]
+
+
+def _mount_tmpfs(path, size):
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a small tmpfs")
+    os.makedirs(path, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs", path],
+                         capture_output=True)
+    if res.returncode:
+        pytest.skip("cannot mount tmpfs here: %s" % res.stderr.decode().strip())
+
+
+def _fill(path):
+    """Fill the file system holding path; returns the filler's name."""
+    filler = os.path.join(os.path.dirname(path), "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while True:
+            os.write(fd, b"\xa5" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_leaves_memory_equal_to_disk_and_says_disk_full(tmp_path):
+    from gateway.state import StateDiskFull
+    mnt = str(tmp_path / "small")
+    _mount_tmpfs(mnt, "1m")
+    try:
+        path = os.path.join(mnt, "state.json")
+        s = StateStore(path)
+        s.put("accounts", "m1", {"balance_fen": 5000})
+        filler = _fill(path)
+        with pytest.raises(StateError) as err:
+            s.put("accounts", "m1", {"balance_fen": 4000, "pad": "x" * 200000})
+        assert isinstance(err.value, StateDiskFull) and "disk full" in str(err.value)
+        assert "\n" not in str(err.value)
+        assert s.get("accounts", "m1") == {"balance_fen": 5000}       # memory == disk
+        with pytest.raises(StateDiskFull):
+            with s.batch():
+                s.put("ledger", "c1", {"state": "done", "pad": "y" * 200000})
+                s.put("accounts", "m1", {"balance_fen": 3000})
+        assert s.get("ledger", "c1") is None and s.get("accounts", "m1")["balance_fen"] == 5000
+        assert read_state_file(path) == read_state_file(path)         # readable
+        assert not os.path.exists(path + ".tmp")                        # no half file left
+        os.unlink(filler)                                               # space is back
+        s.put("accounts", "m1", {"balance_fen": 4000})
+        s.close()
+        assert StateStore(path).get("accounts", "m1") == {"balance_fen": 4000}
+    finally:
+        subprocess.run(["umount", "-l", mnt])
+
+
+def test_a_full_disk_write_gives_back_the_reserve_once_and_succeeds(tmp_path):
+    from gateway.paths import DiskReserve
+    mnt = str(tmp_path / "small")
+    _mount_tmpfs(mnt, "2m")
+    try:
+        path = os.path.join(mnt, "state.json")
+        reserve = DiskReserve(os.path.join(mnt, ".reserve"), 512 * 1024)
+        assert reserve.restore()
+        s = StateStore(path, reserve=reserve)
+        s.put("accounts", "m1", {"balance_fen": 5000})
+        _fill(path)
+        s.put("ledger", "c1", {"state": "failed", "reason": "disk full", "pad": "z" * 100000})
+        assert not reserve.present
+        s.close()
+        assert StateStore(path).get("ledger", "c1")["state"] == "failed"
+    finally:
+        subprocess.run(["umount", "-l", mnt])

@@ -1,0 +1,166 @@
+"""The data folder: what lives where, one gateway per folder, and room kept for a full disk.
+
+    <data_dir>/state.json (+ .prev)     accounts, ledger, meters, journal marks (state.py)
+    <data_dir>/journal.db (+ -wal/-shm) readings, events, results (journal.py)
+    <data_dir>/audit.log (+ .1 .. .8)   hash-chained audit trail (audit.py)
+    <data_dir>/.lock                    held by the running gateway; holds its pid
+    <data_dir>/.reserve                 room given back when a write finds the disk full
+    <data_dir>/spool/                   technicians' relay requests
+"""
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import stat
+
+from gateway.state import StateError, fsync_dir
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+JOURNAL = "journal.db"
+AUDIT = "audit.log"
+LOCK = ".lock"
+RESERVE = ".reserve"
+SPOOL = "spool"
+
+RESERVE_BYTES = 2 * 1024 * 1024
+
+
+def path(data_dir, name):
+    return os.path.join(data_dir, name)
+
+
+class InstanceLocked(StateError):
+    """Another process holds the data folder (exit 2: a second instance is a setup error)."""
+
+    def __init__(self, message, pid=None):
+        super().__init__(message)
+        self.pid = pid
+
+
+class InstanceLock:
+    """An exclusive flock on <data_dir>/.lock, held while the file descriptor is open.
+
+    The kernel drops it when the process dies (SIGKILL, power cut): no stale lock to clean.
+    """
+
+    def __init__(self, path, fd):
+        self.path = path
+        self._fd = fd
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)      # closing drops the flock
+            self._fd = None
+
+    @property
+    def held(self):
+        return self._fd is not None
+
+
+def acquire_lock(data_dir):
+    """Take the data folder for this process; raises InstanceLocked naming the holder's pid,
+    or StateError when the lock file cannot be used."""
+    lock_path = path(data_dir, LOCK)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        what = ("is a symbolic link" if exc.errno == errno.ELOOP
+                else "cannot open (%s)" % exc.strerror)
+        raise StateError("%s: %s" % (lock_path, what)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateError("%s: not a regular file" % lock_path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StateError("%s: cannot lock (%s)" % (lock_path, exc.strerror)) from None
+            pid = _read_pid(fd)
+            raise InstanceLocked(
+                "%s: another gateway (pid %s) is running on this data folder (it holds %s)"
+                % (data_dir, pid if pid is not None else "unknown", lock_path), pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return InstanceLock(lock_path, fd)
+
+
+def _read_pid(fd):
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class DiskReserve:
+    """A file that only takes room, so that room can be given back when the disk is full.
+
+    The bytes are random, not zeros: UBIFS and JFFS2 (raw-NAND concentrators) and btrfs/ZFS
+    with compression would store a file of zeros in almost no space, and a sparse file
+    reserves nothing anywhere.
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, path, size_bytes=RESERVE_BYTES):
+        self.path = path
+        self.size_bytes = int(size_bytes)
+
+    @property
+    def present(self):
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size >= self.size_bytes
+
+    def release(self):
+        """Delete the reserve; True if that freed room (it was there)."""
+        if not self.present:
+            return False
+        try:
+            os.unlink(self.path)
+        except OSError as exc:
+            log.warning("%s: cannot release the disk reserve (%s)", self.path, exc.strerror)
+            return False
+        log.warning("%s: disk full; released %d bytes of reserve", self.path, self.size_bytes)
+        return True
+
+    def restore(self):
+        """Recreate the reserve if it is missing and there is room; True if it is in place."""
+        if self.present:
+            return True
+        tmp = self.path + ".tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.debug("%s: cannot create the reserve (%s)", tmp, exc.strerror)
+            return False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                left = self.size_bytes
+                while left > 0:
+                    n = min(left, self.CHUNK)
+                    f.write(os.urandom(n))     # fresh bytes: no repeat a compressor finds
+                    left -= n
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            fsync_dir(self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            log.debug("%s: no room for the reserve yet (%s)", self.path, exc.strerror)
+            return False
+        return True
