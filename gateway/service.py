@@ -154,7 +154,6 @@ class Gateway:
         self.costcontrol = None
         self.audit = None
         self.accounts = None
-        self.reserve = None
         self._build_lines()
 
     # ---------------------------------------------------------------- wiring
@@ -200,7 +199,6 @@ class Gateway:
         self.audit = AuditTrail(os.path.join(self.cfg.gateway.data_dir, "audit.log"),
                                 on_entry=self._audit_event)
         self.accounts = AccountStore(self.state)
-        self.reserve = _disk_reserve(self.cfg.gateway.data_dir)
         self.executor = self._new_executor()
         self.costcontrol = self._new_costcontrol()
         for w in self.workers.values():
@@ -475,19 +473,9 @@ class Gateway:
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc.strerror)
         self.save_meter_state()
-
-
-def _disk_reserve(data_dir):
-    """Room kept back on the data folder's disk for the ledger and command results."""
-    try:
-        from gateway.paths import DiskReserve
-    except ImportError:
-        return None
-    try:
-        return DiskReserve(os.path.join(data_dir, ".reserve"))
-    except OSError as exc:
-        log.warning("no disk reserve in %s (%s)", data_dir, exc.strerror)
-        return None
+        self.save_journal_marks()
+        if not self.reserve.present:
+            self.reserve.restore()          # the disk has room again: keep it back
 
 
 # ---------------------------------------------------------------- entry points

@@ -116,6 +116,7 @@ class Executor(threading.Thread):
                 if cmd is not None:
                     self.handle(cmd)
                 self.spool.scan()
+                self._flush_unauthenticated()
                 if time.time() - last_prune > PRUNE_EVERY_S:
                     last_prune = time.time()
                     self._prune()
@@ -177,12 +178,10 @@ class Executor(threading.Thread):
         claims and never on a response topic, at a bounded rate."""
         self.counts["unauthenticated"] += 1
         self.counts["rejected"] += 1
-        unauth = getattr(self.audit, "unauthenticated", None)
         try:
-            if unauth is not None:
-                unauth(rej.reason, bytes(payload))
+            self.audit.unauthenticated(rej.code.value, bytes(payload))
         except OSError as exc:
-            log.warning("audit: %s", exc)
+            self._storage_failed(exc)
         if not self._unauth.take(time.monotonic()):
             self.counts["unauthenticated_unanswered"] += 1
             return None
@@ -194,6 +193,12 @@ class Executor(threading.Thread):
         except Exception as exc:          # a full disk: nothing to answer with, nothing lost
             log.warning("cannot answer unauthenticated input: %s", exc)
             return None
+
+    def _flush_unauthenticated(self):
+        try:
+            self.audit.flush_unauthenticated()
+        except OSError as exc:
+            self._storage_failed(exc)
 
     def _admit_and_run(self, cmd, meta, source):
         body = self._admit(cmd, meta, source)
@@ -380,7 +385,7 @@ class Executor(threading.Thread):
         log.error("storage: %s", exc)
 
     def _storage_ok(self):
-        if self.reserve is None or getattr(self.reserve, "held", True):
+        if self.reserve is None or self.reserve.present:
             return True
         return self.reserve.restore()
 
