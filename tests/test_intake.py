@@ -154,6 +154,7 @@ def test_random_sigkills_under_load_lose_and_repeat_nothing(tmp_path, broker, se
     sent = []
     gw = start(cfg)
     try:
+        wait_online(head)              # its session (and subscription) exists from here on
         for k in range(KILLS):
             for _ in range(rng.randint(2, 6)):
                 meter = rng.choice(["m1", "m2"])
@@ -168,7 +169,14 @@ def test_random_sigkills_under_load_lose_and_repeat_nothing(tmp_path, broker, se
             gw.wait(10)
             gw = start(cfg)
         ids = {c["id"] for c in sent}
-        head.wait(lambda: ids <= set(finals(head)), timeout=90)
+        try:
+            head.wait(lambda: ids <= set(finals(head)), timeout=60)
+        except AssertionError:
+            missing = ids - set(finals(head))
+            seen = {i: [r["status"] for r in head.topic("command-results") if r.get("id") == i]
+                    for i in missing}
+            raise AssertionError("no final result: %s; %s" % (
+                seen, [(c["action"], c["meter"]) for c in sent if c["id"] in missing]))
         time.sleep(2)
         gw.send_signal(signal.SIGTERM)
         gw.wait(10)
@@ -181,7 +189,7 @@ def test_random_sigkills_under_load_lose_and_repeat_nothing(tmp_path, broker, se
         assert len(applied) == len(done) == len(topups)
         for meter in ("m1", "m2"):
             acc = docs(tables, "accounts")[meter]
-            paid = sum(50000 for c in topups if c["meter"] == meter)
+            paid = sum(500000 for c in topups if c["meter"] == meter)
             assert acc["topups_uy"] == paid                       # no txn applied twice
             assert acc["opening_uy"] + acc["topups_uy"] - acc["charges_uy"] == \
                 acc["balance_uy"]
