@@ -16,7 +16,7 @@ from gateway.simulator import Faults, SimLine, make_meters
 class Harness:
     def __init__(self, tmp_path, broker=None, meters=4, baudrate=115200, accounts=(),
                  tariffs=None, cost_control=None, control=None, clock_trusted=True,
-                 meter_kw=None, sim_kw=None, interval_s=None):
+                 meter_kw=None, sim_kw=None, interval_s=None, storage=None, data_dir=None):
         self.tmp = tmp_path
         self.keys = tmp_path / "keys"
         self.key_paths = generate(str(self.keys))
@@ -26,7 +26,7 @@ class Harness:
         self.line = SimLine(self.sim_meters, baudrate=baudrate)
         self.line.start()
         doc = {
-            "gateway": {"id": "gw-test", "data_dir": str(tmp_path / "data"),
+            "gateway": {"id": "gw-test", "data_dir": str(data_dir or tmp_path / "data"),
                         "status_interval_s": 1},
             "ports": [{"name": "p1", "device": self.line.device, "baudrate": baudrate,
                        "retries": 1}],
@@ -41,6 +41,8 @@ class Harness:
         }
         if cost_control:
             doc["cost_control"] = cost_control
+        if storage:
+            doc["storage"] = storage
         if broker is not None:
             doc["uplink"] = {"host": broker.host, "port": broker.port, "batch_age_s": 0.1}
         self.doc = json.loads(json.dumps(doc))

@@ -38,6 +38,9 @@ LOCAL_VALIDITY_S = 900          # a local command's own validity window
 READ_TIMEOUT_S = 60
 TIME_SYNC_WAIT_S = 10
 IDLE_WAIT_S = 0.3
+# below this much free disk (beside the reserve) no command starts: its audit entries,
+# ledger writes and results need room, and a relay operation is never run unaudited
+MIN_FREE_BYTES = 256 * 1024
 
 failpoint = relay.failpoint
 
@@ -78,6 +81,7 @@ class Executor(threading.Thread):
                 self.keys.append(load_public_key(path))
             except KeyError_ as exc:
                 log.error("%s: commands signed with it will be rejected", exc)
+        self.data_dir = data_dir
         self.spool_dir = os.path.join(data_dir, "spool")
         spool_mod.prepare(self.spool_dir, local_group)
         self.spool = spool_mod.SpoolServer(self.spool_dir, self._spool_request,
@@ -237,7 +241,8 @@ class Executor(threading.Thread):
                 return self._reject(cmd, meta, source, rej, record=True)
             try:
                 if not self._storage_ok():
-                    raise StorageFull("no room left for the ledger's reserve")
+                    self._storage_failed("%s: no room for the ledger and audit" % self.data_dir)
+                    raise StorageFull("no room left on the data folder's disk")
                 self._record(cmd, "accepted", meta, source=source, digest=digest,
                              expires_at=expires, intent=source == "costcontrol")
             except StorageFull as exc:
@@ -385,9 +390,18 @@ class Executor(threading.Thread):
         log.error("storage: %s", exc)
 
     def _storage_ok(self):
-        if self.reserve is None or self.reserve.present:
+        """Room for a command's ledger, audit and results: the reserve is in place (or can
+        be put back) and the disk has MIN_FREE_BYTES beside it. Otherwise commands fail
+        with a reason, written into the reserve's room."""
+        if self.reserve is None:
             return True
-        return self.reserve.restore()
+        if not self.reserve.present and not self.reserve.restore():
+            return False
+        try:
+            st = os.statvfs(self.data_dir)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize >= MIN_FREE_BYTES
 
     def _audit(self, kind, **data):
         try:
@@ -403,8 +417,8 @@ class Executor(threading.Thread):
         action = cmd["action"]
         try:
             if not self._storage_ok():
-                raise StorageFull("the data folder is full (no room for the audit and "
-                                  "ledger reserve)")
+                self._storage_failed("%s: no room for the audit" % self.data_dir)
+                raise StorageFull("no room left on the data folder's disk")
             if action in RELAY_ACTIONS:
                 # the whole operation is one job on the line: its transactions follow each
                 # other without a poll in between
