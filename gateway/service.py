@@ -350,9 +350,9 @@ class Gateway:
             self.uplink.stop(max(0.5, deadline - time.monotonic()))
         self.write_status(stopped=True)
         self.save_journal_marks(force=True)
-        self.journal.close()
         if self.audit is not None:
-            self.audit.close()
+            self.audit.close()          # its last aggregate goes to the journal too
+        self.journal.close()
         self.state.close()
         self.instance_lock.release()
 

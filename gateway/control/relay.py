@@ -165,11 +165,13 @@ def operate(line, spec, meter, rc, params, audit, cmd_id, before_send, restore_h
                  frames=masked_hex(res.frames))
     if not res.ok:
         after, _, _ = read_relay(line, spec, meter)
-        return "failed", "no answer from the meter (%s)" % res.error, public_state(after)
+        return "failed", "no answer from the meter (%s)" % res.error, \
+            dict(public_state(after), code="no_answer")
     if isinstance(res.answer, D.ErrorResponse):
         after, _, _ = read_relay(line, spec, meter)
         return "failed", "meter refused: %s" % (", ".join(res.answer.flags) or
-                                                res.answer.code), public_state(after)
+                                                res.answer.code), \
+            dict(public_state(after), code="meter_refused")
     return readback(line, spec, meter, rc, audit, cmd_id)
 
 
@@ -183,16 +185,17 @@ def readback(line, spec, meter, rc, audit, cmd_id):
             break
         time.sleep(READBACK_PAUSE_S * (attempt + 1))
     if after is None:
-        return "failed", "relay state could not be read back (%s)" % err, {}
+        return "failed", "relay state could not be read back (%s)" % err, \
+            {"code": "readback_failed"}
     if rc in (D.RelayCommand.GUARANTEE, D.RelayCommand.GUARANTEE_RELEASE):
         on = rc == D.RelayCommand.GUARANTEE
         if after.get("guarantee") is not on:
             return "failed", "meter reports guarantee %s" % after.get("guarantee"), \
-                public_state(after)
+                dict(public_state(after), code="state_unchanged")
         return "done", None, public_state(after)
     if not reached(rc, after):
         return "failed", "state did not change (relay %s)" % after.get("relay"), \
-            public_state(after)
+            dict(public_state(after), code="state_unchanged")
     extra = public_state(after)
     if rc == D.RelayCommand.CLOSE_ALLOWED and after.get("relay") == "open":
         extra["awaiting_customer"] = True    # the customer closes it at the meter
