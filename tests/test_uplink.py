@@ -48,7 +48,7 @@ def test_readings_events_and_status_arrive_complete_and_in_order(tmp_path, broke
         assert got[0]["unit"] == "kWh" and got[0]["q"] == "energy.import.total"
         assert "+" in got[0]["ts"] or "Z" in got[0]["ts"] or "-" in got[0]["ts"][19:]
         ev = head.topic("events")[0]
-        assert ev == {"v": 1, "jid": None, "seq": 1, "ts": ev["ts"], "type": "meter.offline",
+        assert ev == {"v": 1, "jid": j.jid, "seq": 1, "ts": ev["ts"], "type": "meter.offline",
                       "meter": "m3", "reason": "no answer"}
         head.wait(lambda: j.stats()["streams"]["readings"]["stored"] == 0)   # acked, deleted
     finally:
