@@ -156,3 +156,22 @@ def test_token_bucket_bounds_answers_to_unauthenticated_input():
     assert taken == 10 and bucket.refused == 90
     assert bucket.take(6.0)            # one token back every 6 s
     assert not bucket.take(6.1)
+
+
+def test_cut_off_decision_windows_and_notice_with_an_injected_clock():
+    import datetime as dt
+    from gateway.costcontrol import notice_given, protected_reason
+    pol = {"protected_hours": ["18:00-08:00"], "protected_ranges": [(18 * 60, 8 * 60)],
+           "protected_weekends": True, "holiday_dates": {dt.date(2026, 10, 1)}}
+    wed = dt.datetime(2026, 11, 25, 12, 0)
+    assert protected_reason(wed, pol, False) is None
+    assert protected_reason(wed.replace(hour=7, minute=59), pol, False) == "protected hours"
+    assert protected_reason(wed.replace(hour=8, minute=0), pol, False) is None
+    assert protected_reason(wed.replace(hour=18), pol, False) == "protected hours"
+    assert protected_reason(dt.datetime(2026, 11, 28, 12), pol, False) == "weekend"
+    assert protected_reason(dt.datetime(2026, 10, 1, 12), pol, False) == "public holiday"
+    assert protected_reason(wed, pol, True).startswith("extreme-weather")
+    doc = {"warned": {"alarm1": 100.0, "alarm2": 1000.0, "exhausted": 5000.0}}
+    assert not notice_given(doc, 1000.0 + 86399, 86400)
+    assert notice_given(doc, 1000.0 + 86400, 86400)
+    assert notice_given({"warned": {}}, 5.0, 0)

@@ -210,3 +210,36 @@ def test_random_sigkills_under_load_lose_and_repeat_nothing(tmp_path, broker, se
     finally:
         if gw.poll() is None:
             gw.kill()
+
+
+def test_one_unsigned_message_with_a_wildcard_response_topic_stops_nothing(tmp_path, broker,
+                                                                           setup):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    key, pub, sim, head = setup
+    cfg = prepaid_config(tmp_path, sim.link, broker, pub)
+    gw = start(cfg)
+    try:
+        wait_online(head)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "evil/#"
+        props.CorrelationData = b"x"
+        info = head.client.publish(head.root + "/commands",
+                                   b'{"v":1,"id":"evil","sig":"garbage"}', qos=1,
+                                   properties=props)
+        info.wait_for_publish(5)
+        seen = len(unique_seqs(head.readings()))
+        gw.send_signal(signal.SIGTERM)                  # and across a restart
+        gw.wait(10)
+        gw = start(cfg)
+        c = signed(key, "m1", "read", {"quantities": ["energy.import.total"]})
+        head.client.publish(head.root + "/commands", c, qos=1)
+        cid = json.loads(c)["id"]
+        head.wait(lambda: cid in finals(head), timeout=30)
+        assert finals(head)[cid]["status"] == "done"
+        head.wait(lambda: len(unique_seqs(head.readings())) > seen, timeout=30)
+        anon = [r for r in head.topic("command-results") if r.get("id") is None]
+        assert anon and anon[0]["claimed_id"] == "evil" and anon[0]["code"] == "bad_signature"
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        gw.wait(10)
