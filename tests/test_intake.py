@@ -239,7 +239,7 @@ def test_one_unsigned_message_with_a_wildcard_response_topic_stops_nothing(tmp_p
         assert finals(head)[cid]["status"] == "done"
         head.wait(lambda: len(unique_seqs(head.readings())) > seen, timeout=30)
         anon = [r for r in head.topic("command-results") if r.get("id") is None]
-        assert anon and anon[0]["claimed_id"] == "evil" and anon[0]["code"] == "bad_signature"
+        assert anon and anon[0]["claimed_id"] == "evil" and anon[0]["code"] == "missing_field"
     finally:
         gw.send_signal(signal.SIGTERM)
         gw.wait(10)
