@@ -16,9 +16,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gateway.poller import LinePoller, MeterSpec  # noqa: E402
-from gateway.port import PortWorker  # noqa: E402
-from gateway.simulator import Faults, SimLine, make_meters  # noqa: E402
+from gateway.line.poller import LinePoller, MeterSpec  # noqa: E402
+from gateway.line.port import PortWorker  # noqa: E402
+from gateway.sim.dlt645 import Faults, SimLine, make_meters  # noqa: E402
 from protocols import dlt645 as D  # noqa: E402
 
 LATENCY_S = 0.03

@@ -18,7 +18,7 @@ from decimal import Decimal
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gateway.journal import Journal, Reading, value_json  # noqa: E402
+from gateway.store.journal import Journal, Reading, value_json  # noqa: E402
 
 BATCH = 32
 QUANTITIES = ("energy.import.total", "energy.import.t1", "energy.import.t2",

@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import paho.mqtt.client as mqtt  # noqa: E402
 
 from gateway.config import validate  # noqa: E402
-from gateway.journal import Journal, Reading  # noqa: E402
-from gateway.uplink import Uplink, rfc3339  # noqa: E402
+from gateway.store.journal import Journal, Reading  # noqa: E402
+from gateway.uplink.mqtt import Uplink, rfc3339  # noqa: E402
 
 
 def free_port():

@@ -8,9 +8,9 @@ import uuid
 
 from gateway.clock import ClockPolicy
 from gateway.config import validate
-from gateway.service import Gateway, config_validators, serve
-from gateway.signing import generate, load_private_key, sign
-from gateway.simulator import Faults, SimLine, make_meters
+from gateway.service.gateway import Gateway, config_validators, serve
+from gateway.control.signing import generate, load_private_key, sign
+from gateway.sim.dlt645 import Faults, SimLine, make_meters
 
 
 class Harness:
@@ -97,7 +97,7 @@ class Harness:
     def send(self, cmd):
         """Hand a command to the executor as the uplink would; returns its results."""
         payload = cmd if isinstance(cmd, bytes) else json.dumps(cmd).encode()
-        from gateway.uplink import Command
+        from gateway.uplink.mqtt import Command
         self.gw.commands.put(Command(payload))
 
     def results(self, cmd_id=None):

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from gateway import audit
-from gateway.audit import AuditTrail, verify
+from gateway.store import audit
+from gateway.store.audit import AuditTrail, verify
 
 
 def test_rotation_bounds_the_trail_and_the_chain_goes_on_across_files(tmp_path):

@@ -103,7 +103,7 @@ def test_keys_and_signed_commands_verify(tmp_path):
     cmd = json.loads(out)
     assert cmd["params"] == {"amount": "50.00", "txn": "T7"} and cmd["v"] == 1
     sys.path.insert(0, ROOT)
-    from gateway.signing import load_public_key, verify
+    from gateway.control.signing import load_public_key, verify
     assert verify(cmd, [load_public_key(info["public_key"])]) is None
     cmd["params"]["amount"] = "5000.00"
     assert verify(cmd, [load_public_key(info["public_key"])]) == "bad signature"
@@ -180,7 +180,7 @@ BROKEN = [
 @pytest.mark.parametrize("text", BROKEN)
 def test_broken_configs_are_one_line_per_problem_never_a_traceback(tmp_path, capsys, text):
     sys.path.insert(0, ROOT)
-    from gateway.cli import main
+    from gateway.cli.main import main
     path = tmp_path / "bad.toml"
     path.write_text(text)
     code = main(["config", "check", "--config", str(path)])

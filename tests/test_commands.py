@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from gateway.audit import verify as verify_audit
-from gateway.signing import generate, load_private_key
+from gateway.store.audit import verify as verify_audit
+from gateway.control.signing import generate, load_private_key
 from gwharness import Harness
 
 
@@ -89,7 +89,7 @@ def test_the_same_command_twice_is_executed_once_and_its_result_sent_again(h):
     assert len(done) == 2 and done[0]["relay"] == done[1]["relay"] == "open"
     assert len(h.relay_moves()) == 1
     other = dict(h.command("m1", "restore"), id=cut["id"])      # same id, other command
-    from gateway.signing import sign
+    from gateway.control.signing import sign
     h.send(sign(other, h.key))
     end = time.time() + 10
     while time.time() < end and not [r for r in h.results(cut["id"])
@@ -164,7 +164,7 @@ sys.path.insert(0, sys.argv[2])
 sys.path.insert(0, sys.argv[2] + "/tests")
 import pathlib
 from gwharness import Harness
-from gateway.service import serve
+from gateway.service.gateway import serve
 """
 
 
@@ -202,8 +202,8 @@ import json, sys, threading
 sys.path.insert(0, %(root)r)
 from gateway.clock import ClockPolicy
 from gateway.config import validate
-from gateway.service import Gateway, config_validators, serve
-from gateway.uplink import Command
+from gateway.service.gateway import Gateway, config_validators, serve
+from gateway.uplink.mqtt import Command
 doc = {"gateway": {"id": "gw-test", "data_dir": %(data)r, "status_interval_s": 1},
        "ports": [{"name": "p1", "device": %(device)r, "baudrate": 115200, "retries": 1}],
        "meters": [{"id": "m%%d" %% (i + 1), "port": "p1", "address": "%%012d" %% (i + 1),

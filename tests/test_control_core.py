@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from gateway import service
+from gateway.service import gateway as service
 from gateway.config import validate
-from gateway.service import config_validators
+from gateway.service.gateway import config_validators
 from gwharness import Harness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +166,7 @@ import json, sys, threading
 sys.path.insert(0, %(root)r)
 from gateway.clock import ClockPolicy
 from gateway.config import validate
-from gateway.service import Gateway, config_validators, serve
+from gateway.service.gateway import Gateway, config_validators, serve
 doc = json.loads(sys.argv[1])
 cfg = validate(doc)
 for v in config_validators():

@@ -7,7 +7,7 @@ import pytest
 
 from gateway.control import policy, verify
 from gateway.control.verify import RejectCode, Rejected
-from gateway.signing import generate, load_private_key, load_public_key, sign
+from gateway.control.signing import generate, load_private_key, load_public_key, sign
 
 NOW_ISO = "2026-11-26T10:00:00+08:00"
 

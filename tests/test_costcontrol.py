@@ -6,7 +6,7 @@ import time
 from decimal import Decimal
 
 from gateway import tariff as T
-from gateway.journal import Reading
+from gateway.store.journal import Reading
 from gwharness import Harness
 
 FAST = {"notice_s": 1, "protected_hours": [], "protected_weekends": False,

@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from gateway.audit import verify as verify_audit
-from gateway.signing import generate, load_private_key, sign
-from gateway.state import read_state_file
+from gateway.store.audit import verify as verify_audit
+from gateway.control.signing import generate, load_private_key, sign
+from gateway.store.state import read_state_file
 from mqtt_helpers import HeadEnd, unique_seqs
 from test_e2e import Simulator, mgw, write_config
 

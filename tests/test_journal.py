@@ -12,14 +12,14 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.journal import (BACKFILLED, Journal, JournalError, Reading, value_json)
+from gateway.store.journal import (BACKFILLED, Journal, JournalError, Reading, value_json)
 
 CONSUMERS = {"uplink": ["readings", "events", "results"], "billing": ["readings"]}
 
 CHILD = r"""
 import sys, time
 from decimal import Decimal
-from gateway.journal import Journal, Reading
+from gateway.store.journal import Journal, Reading
 j = Journal(sys.argv[1], consumers={"uplink": ["readings"]})
 nxt = j.stats()["streams"]["readings"]["next_seq"]
 print("ready", nxt, flush=True)
@@ -159,7 +159,7 @@ def test_full_disk_keeps_collecting_and_read_only_disk_is_one_line(tmp_path):
 def test_the_service_sink_keeps_readings_in_memory_while_the_journal_fails(tmp_path):
     """A failing disk: readings wait in a bounded queue, are stored when the journal is
     writable again, and whatever overflowed the queue is counted, not lost silently."""
-    from gateway.service import ReadingSink
+    from gateway.service.sink import ReadingSink
 
     class FlakyJournal:
         """The real journal, failing while `broken` is set (a disk gone read-only)."""

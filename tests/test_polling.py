@@ -7,10 +7,10 @@ import time
 import pytest
 import serial
 
-from gateway.journal import BACKFILLED, GOOD
-from gateway.poller import LinePoller, MeterSpec
-from gateway.port import PortError, PortWorker, Request, RELAY
-from gateway.simulator import Faults, SimLine, SimMeter, make_meters
+from gateway.store.journal import BACKFILLED, GOOD
+from gateway.line.poller import LinePoller, MeterSpec
+from gateway.line.port import PortError, PortWorker, Request, RELAY
+from gateway.sim.dlt645 import Faults, SimLine, SimMeter, make_meters
 from protocols import dlt645 as D
 
 
@@ -301,7 +301,7 @@ def test_port_errors_are_one_line():
 
 
 def test_modbus_meters_through_pymodbus_server_report_what_they_said():
-    from gateway.simulator_modbus import ModbusSimLine, ModbusSimMeter
+    from gateway.sim.modbus import ModbusSimLine, ModbusSimMeter
     meters = [ModbusSimMeter(1, "eastron-sdm120", faults=Faults(latency_s=0.005)),
               ModbusSimMeter(2, "chint-ddsu666", faults=Faults(latency_s=0.005)),
               ModbusSimMeter(3, "eastron-sdm120", faults=Faults(silent=True))]

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from gateway.state import StateError, StateStore, read_state_file
+from gateway.store.state import StateError, StateStore, read_state_file
 
 CHILD = r"""
 import sys
-from gateway.state import StateStore
+from gateway.store.state import StateStore
 store = StateStore(sys.argv[1])
 doc = store.get("accounts", "m1") or {"n": 0}
 k = doc["n"]
@@ -215,7 +215,7 @@ def _fill(path):
 
 
 def test_a_full_disk_leaves_memory_equal_to_disk_and_says_disk_full(tmp_path):
-    from gateway.state import StateDiskFull
+    from gateway.store.state import StateDiskFull
     mnt = str(tmp_path / "small")
     _mount_tmpfs(mnt, "1m")
     try:
@@ -244,7 +244,7 @@ def test_a_full_disk_leaves_memory_equal_to_disk_and_says_disk_full(tmp_path):
 
 
 def test_a_full_disk_write_gives_back_the_reserve_once_and_succeeds(tmp_path):
-    from gateway.paths import DiskReserve
+    from gateway.store.paths import DiskReserve
     mnt = str(tmp_path / "small")
     _mount_tmpfs(mnt, "2m")
     try:

@@ -13,9 +13,9 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.journal import Journal, Reading, open_journal, save_marks
-from gateway.paths import DiskReserve, InstanceLocked, acquire_lock
-from gateway.state import StateStore
+from gateway.store.journal import Journal, Reading, open_journal, save_marks
+from gateway.store.paths import DiskReserve, InstanceLocked, acquire_lock
+from gateway.store.state import StateStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONSUMERS = {"uplink": ["readings", "events", "results"]}
@@ -133,7 +133,7 @@ def test_a_second_lock_on_a_data_folder_names_the_holder(tmp_path):
 
 
 def test_a_lock_file_that_is_a_symlink_is_refused(tmp_path):
-    from gateway.state import StateError
+    from gateway.store.state import StateError
     target = tmp_path / "victim"
     target.write_text("keep me")
     os.symlink(str(target), str(tmp_path / ".lock"))

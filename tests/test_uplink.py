@@ -9,8 +9,8 @@ from decimal import Decimal
 
 
 from gateway.config import validate
-from gateway.journal import Journal, Reading
-from gateway.uplink import Uplink
+from gateway.store.journal import Journal, Reading
+from gateway.uplink.mqtt import Uplink
 from mqtt_helpers import HeadEnd, unique_seqs
 
 
@@ -96,8 +96,8 @@ import sys, time
 sys.path.insert(0, sys.argv[3])
 from decimal import Decimal
 from gateway.config import validate
-from gateway.journal import Journal, Reading
-from gateway.uplink import Uplink
+from gateway.store.journal import Journal, Reading
+from gateway.uplink.mqtt import Uplink
 cfg = validate({"gateway": {"id": "gw-test"}, "uplink": {"host": "127.0.0.1",
                "port": int(sys.argv[2]), "batch_max": 20, "batch_age_s": 0.05,
                "inflight_max": 4}}).uplink

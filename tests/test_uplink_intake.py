@@ -13,9 +13,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.config import validate
-from gateway.journal import Journal, Reading
-from gateway import uplink as uplink_mod
-from gateway.uplink import Command, Uplink, record_payload, valid_topic
+from gateway.store.journal import Journal, Reading
+from gateway.uplink import mqtt as uplink_mod
+from gateway.uplink.mqtt import Command, Uplink, record_payload, valid_topic
 from mqtt_helpers import HeadEnd, unique_seqs
 
 

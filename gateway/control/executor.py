@@ -18,14 +18,14 @@ import threading
 import time
 from decimal import Decimal
 
-from gateway import meterio
+from gateway.line import reads
 from gateway.control import policy, relay, spool as spool_mod, verify
 from gateway.control.verify import (FINAL, GATEWAY_ACTIONS, RELAY_ACTIONS, Rejected,
                                     RejectCode)
-from gateway.journal import JournalError
-from gateway.port import ON_DEMAND, RELAY
-from gateway.signing import KeyError_, load_public_key
-from gateway.state import StateError
+from gateway.store.journal import JournalError
+from gateway.line.port import ON_DEMAND, RELAY
+from gateway.control.signing import KeyError_, load_public_key
+from gateway.store.state import StateError
 from protocols import dlt645 as D
 
 log = logging.getLogger(__name__)
@@ -324,8 +324,8 @@ class Executor(threading.Thread):
                                "of names")
             try:
                 if meter.protocol == "dlt645":
-                    meterio.dis_for(self.spec_of(meter), qs)
-            except meterio.UnknownQuantity as exc:
+                    reads.dis_for(self.spec_of(meter), qs)
+            except reads.UnknownQuantity as exc:
                 raise Rejected(RejectCode.BAD_PARAMS, str(exc)) from None
         elif action in RELAY_ACTIONS:
             if meter.protocol != "dlt645":
@@ -523,7 +523,7 @@ class Executor(threading.Thread):
 
         def job(w):
             try:
-                out["values"] = meterio.read_now(w, self.spec_of(meter), qs)
+                out["values"] = reads.read_now(w, self.spec_of(meter), qs)
             except Exception as exc:
                 out["error"] = str(exc)
         fut = self.line.worker_of(meter.port).submit_job(job, ON_DEMAND)

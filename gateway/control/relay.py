@@ -12,8 +12,8 @@ import signal
 import threading
 import time
 
-from gateway import meterio
-from gateway.port import RELAY, Request
+from gateway.line import reads
+from gateway.line.port import RELAY, Request
 from protocols import dlt645 as D
 
 READBACK_TRIES = 4
@@ -76,7 +76,7 @@ class Line:
 
 def read_relay(line, spec, meter, priority=RELAY):
     """(status dict or None, error, frames) from status word 3."""
-    res = line.ask(meter, meterio.read_request(spec, STATUS_WORD_3), priority)
+    res = line.ask(meter, reads.read_request(spec, STATUS_WORD_3), priority)
     if not res.ok:
         return None, res.error, res.frames
     msg = res.answer

@@ -8,12 +8,12 @@ command's name (no id, no response topic).
 """
 
 import datetime as _dt
-import enum
 import hashlib
 import json
 import re
 
-from gateway import signing
+from gateway.control import signing
+from gateway.model import RejectCode
 from gateway.money import parse_yuan
 
 ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
@@ -29,34 +29,6 @@ TXN_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,64}", re.ASCII)
 MAX_DEPTH = 8
 MAX_TOPIC_BYTES = 256
 MAX_CORRELATION_BYTES = 256
-
-
-class RejectCode(str, enum.Enum):
-    """Why a command was not executed; results carry it as `code` beside `reason`."""
-    OVERSIZED = "oversized"
-    MALFORMED = "malformed"
-    BAD_VERSION = "bad_version"
-    BAD_ID = "bad_id"
-    MISSING_FIELD = "missing_field"
-    MISSING_SIGNATURE = "missing_signature"
-    BAD_SIGNATURE = "bad_signature"
-    UNKNOWN_KEY = "unknown_key"
-    NO_KEYS = "no_keys"
-    BAD_TIME = "bad_time"
-    EXPIRED = "expired"
-    NOT_YET_VALID = "not_yet_valid"
-    WINDOW_TOO_LONG = "window_too_long"
-    REPLAYED_ID = "replayed_id"
-    UNKNOWN_METER = "unknown_meter"
-    UNKNOWN_ACTION = "unknown_action"
-    BAD_PARAMS = "bad_params"
-    NO_ACCOUNT = "no_account"
-    NO_RELAY = "no_relay"
-    GUARANTEE = "guarantee"
-    CLOCK_UNTRUSTED = "clock_untrusted"
-    RATE_LIMIT = "rate_limit"
-    EXPIRED_LOCAL = "expired_local"
-    NOT_ALLOWED_LOCALLY = "not_allowed_locally"
 
 
 class Rejected(Exception):

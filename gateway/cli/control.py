@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 
-from gateway.cli import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, emit, find_meter,
+from gateway.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, emit, find_meter,
                          load_config)
 
 
@@ -21,7 +21,7 @@ def main(which, args):
 
 
 def keys_gen(args):
-    from gateway.signing import KeyError_, generate
+    from gateway.control.signing import KeyError_, generate
     try:
         priv, pub, kid = generate(args.out)
     except KeyError_ as exc:
@@ -36,7 +36,7 @@ def keys_gen(args):
 
 
 def command_sign(args):
-    from gateway.signing import KeyError_, load_private_key, sign
+    from gateway.control.signing import KeyError_, load_private_key, sign
     try:
         key = load_private_key(args.key)
     except KeyError_ as exc:

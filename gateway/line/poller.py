@@ -24,10 +24,10 @@ import logging
 import time
 from typing import Callable, List
 
-from gateway.journal import BACKFILLED, CLOCK_UNTRUSTED, GOOD, Reading
-from gateway.meterio import (ENERGY_BLOCK, ENERGY_SINGLE, INSTANT, PREPAID, SKIP_QUANTITIES,
+from gateway.store.journal import BACKFILLED, CLOCK_UNTRUSTED, GOOD, Reading
+from gateway.line.reads import (ENERGY_BLOCK, ENERGY_SINGLE, INSTANT, PREPAID, SKIP_QUANTITIES,
                              read_request)
-from gateway.port import Request
+from gateway.line.port import Request
 from protocols import dlt645 as D
 from protocols import modbus as M
 from protocols.modbus_profiles import PROFILES, decode_block

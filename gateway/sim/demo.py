@@ -16,7 +16,7 @@ import time
 
 from gateway import __version__
 from gateway.config import validate
-from gateway.simulator import Faults, SimLine, SimMeter
+from gateway.sim.dlt645 import Faults, SimLine, SimMeter
 
 
 def _broker_reachable(host, port):
@@ -29,8 +29,8 @@ def _broker_reachable(host, port):
 
 def build(data_dir, broker=("127.0.0.1", 1883)):
     """(config, simulators, keys folder) for the demo."""
-    from gateway.signing import generate
-    from gateway.simulator_modbus import ModbusSimLine, ModbusSimMeter
+    from gateway.control.signing import generate
+    from gateway.sim.modbus import ModbusSimLine, ModbusSimMeter
     keys = os.path.join(data_dir, "keys")
     if not os.path.exists(os.path.join(keys, "headend.pub")):
         generate(keys)
@@ -88,7 +88,7 @@ def build(data_dir, broker=("127.0.0.1", 1883)):
                          "check_interval_s": 5},
     }
     cfg = validate(doc, "<demo>")
-    from gateway.service import config_validators
+    from gateway.service.gateway import config_validators
     for v in config_validators():
         v(cfg, cfg["_checker"])
     chk = cfg.pop("_checker")
@@ -157,8 +157,8 @@ class LiveView:
 
 
 def run(args):
-    from gateway.cli import setup_logging
-    from gateway.service import Gateway, serve
+    from gateway.logs import setup_logging
+    from gateway.service.gateway import Gateway, serve
     own_dir = args.data_dir is None
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="mgw-demo-")
     broker = args.broker or ("127.0.0.1", 1883)

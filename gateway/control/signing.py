@@ -11,8 +11,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
                                                                Ed25519PublicKey)
 
+from gateway.model import GatewayError, RejectCode
 
-class KeyError_(ValueError):
+
+class KeyError_(GatewayError, ValueError):
     """A key file that cannot be used (one line)."""
 
 
@@ -64,7 +66,6 @@ def sign(command, private_key):
 
 def check(command, public_keys):
     """(None, None) if a configured key signed the command, else (RejectCode, reason)."""
-    from gateway.control.verify import RejectCode
     sig = command.get("sig")
     if not isinstance(sig, str) or not sig:
         return RejectCode.MISSING_SIGNATURE, "missing signature"

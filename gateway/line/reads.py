@@ -1,7 +1,7 @@
 """Reading meters now, for the technician's tools (`mgw read`, `mgw scan`) and for commands:
 quantity names to data identifiers and register blocks, and the address search."""
 
-from gateway.port import Request
+from gateway.line.port import Request
 from protocols import dlt645 as D
 from protocols import modbus as M
 from protocols.dlt645_values import lookup, payload_length

@@ -21,7 +21,7 @@ import tty
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from gateway.simulator import Faults, SimMeter, pace_write, wire_time
+from gateway.sim.dlt645 import Faults, SimMeter, pace_write, wire_time
 from protocols.framing import Scanner
 from protocols.modbus_profiles import PROFILES, decode_block, float32_registers
 

@@ -536,7 +536,7 @@ def _check_jid(journal, previous_jid, floor):
 def save_marks(journal, state):
     """Store the journal's id and next seqs as the high-water mark in the state file.
     Returns False (logged) if the state file cannot be written now."""
-    from gateway.state import StateError
+    from gateway.store.state import StateError
     doc = {"jid": journal.jid, "next_seq": journal.next_seqs()}
     try:
         if state.get(MARKS_TABLE, MARKS_KEY) != doc:

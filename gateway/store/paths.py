@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 
-from gateway.state import StateError, fsync_dir
+from gateway.store.state import StateError, fsync_dir
 
 log = logging.getLogger(__name__)
 

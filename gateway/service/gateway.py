@@ -19,15 +19,16 @@ import threading
 import time
 
 from gateway import __version__
-from gateway.accounts import AccountStore
-from gateway.audit import AuditTrail
+from gateway.store.accounts import AccountStore
+from gateway.store.audit import AuditTrail
 from gateway.clock import ClockPolicy
-from gateway import paths
-from gateway.journal import JournalError, open_journal, save_marks
-from gateway.poller import LinePoller, MeterSpec
-from gateway.port import PortWorker
-from gateway.sdnotify import Notifier
-from gateway.state import StateError, StateStore
+from gateway.store import paths
+from gateway.store.journal import JournalError, open_journal, save_marks
+from gateway.line.poller import LinePoller, MeterSpec
+from gateway.line.port import PortWorker
+from gateway.service.sdnotify import Notifier
+from gateway.service.sink import ReadingSink
+from gateway.store.state import StateError, StateStore
 
 log = logging.getLogger("gateway")
 
@@ -38,79 +39,6 @@ def config_validators():
     """Validators of other modules run by `mgw config check` and `mgw run`."""
     from gateway import costcontrol
     return [costcontrol.validate_config]
-
-
-class ReadingSink:
-    """Readings and events into the journal. If the journal cannot take them (a failing
-    disk), they wait in a bounded queue in memory and are retried; what overflows the queue
-    is counted, and a health event says so once the disk is back."""
-
-    def __init__(self, journal, on_appended=lambda: None, max_pending=100000):
-        self.journal = journal
-        self.on_appended = on_appended
-        self._lock = threading.Lock()
-        self._pending = collections.deque()
-        self._pending_events = collections.deque(maxlen=10000)
-        self.max_pending = max_pending
-        self.lost = 0
-        self.lost_events = 0
-        self.last_error = None
-        self.latest = None            # (meter, quantity) -> value, kept only for a live view
-        self.recent = collections.deque(maxlen=50)  # recent events, one line each
-
-    def readings(self, readings):
-        if self.latest is not None:
-            for r in readings:
-                self.latest[(r.meter, r.quantity)] = r.value
-        with self._lock:
-            self._pending.extend(readings)
-            while len(self._pending) > self.max_pending:
-                self._pending.popleft()
-                self.lost += 1
-            self._flush()
-
-    def event(self, event_type, **fields):
-        if event_type != "audit":
-            self.recent.append("%s %s %s" % (time.strftime("%H:%M:%S"), event_type, " ".join(
-                "%s=%s" % kv for kv in fields.items())))
-        with self._lock:
-            if len(self._pending_events) == self._pending_events.maxlen:
-                self.lost_events += 1      # the oldest waiting event falls out: counted
-            self._pending_events.append((event_type, int(time.time() * 1000), fields))
-            self._flush()
-
-    def flush(self):
-        with self._lock:
-            self._flush()
-
-    def _flush(self):
-        try:
-            while self._pending_events:
-                event_type, ts, fields = self._pending_events[0]
-                self.journal.append_event(event_type, ts=ts, **fields)
-                self._pending_events.popleft()
-            stored = 0
-            if self._pending:
-                batch = list(self._pending)
-                self.journal.append_readings(batch)
-                self._pending.clear()
-                stored = len(batch)
-            if self.last_error:
-                log.warning("journal writable again: %d readings kept in memory were stored"
-                            "%s", stored, ", %d lost" % self.lost if self.lost else "")
-                self.last_error = None
-                self.journal.append_event("gateway.storage_recovered", lost=self.lost,
-                                          lost_events=self.lost_events)
-            self.on_appended()
-        except JournalError as exc:
-            if str(exc) != self.last_error:
-                log.error("%s; keeping readings in memory (%d) and retrying", exc,
-                          len(self._pending))
-            self.last_error = str(exc)
-
-    @property
-    def pending(self):
-        return len(self._pending) + len(self._pending_events)
 
 
 class Gateway:
@@ -193,7 +121,7 @@ class Gateway:
 
     def start(self):
         if self.cfg.uplink.host:
-            from gateway.uplink import Uplink
+            from gateway.uplink.mqtt import Uplink
             self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
                                  self.commands, self.started_at)
         self.audit = AuditTrail(os.path.join(self.cfg.gateway.data_dir, "audit.log"),
@@ -282,7 +210,7 @@ class Gateway:
         if self.uplink is not None and not self.uplink.is_alive():
             self.restarts["uplink"] += 1
             log.error("uplink thread died; restarting (%d restarts)", self.restarts["uplink"])
-            from gateway.uplink import Uplink
+            from gateway.uplink.mqtt import Uplink
             self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
                                  self.commands, self.started_at)
             self.uplink.start()
@@ -480,25 +408,6 @@ class Gateway:
 
 # ---------------------------------------------------------------- entry points
 
-def main(which, args):
-    from gateway.cli import CliError, EXIT_FAILED, EXIT_USAGE, load_config, \
-        setup_logging
-    if which == "demo":
-        from gateway import demo
-        return demo.run(args)
-    cfg = load_config(args, config_validators())
-    setup_logging(cfg.gateway.log_level)
-    try:
-        gw = Gateway(cfg)
-    except (StateError, JournalError) as exc:
-        # a state file that is not ours or a second instance: exit 2, no restart loop
-        raise CliError(str(exc), EXIT_USAGE if isinstance(exc, StateError) else EXIT_FAILED)
-    except OSError as exc:
-        raise CliError("%s: %s" % (exc.filename or cfg.gateway.data_dir, exc.strerror),
-                       EXIT_FAILED)
-    return serve(gw)
-
-
 def serve(gw, stop_event=None, on_started=None):
     stop_event = stop_event or threading.Event()
 
@@ -522,4 +431,4 @@ def serve(gw, stop_event=None, on_started=None):
     return 0
 
 
-__all__ = ["Gateway", "main", "serve"]
+__all__ = ["Gateway", "serve"]

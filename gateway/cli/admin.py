@@ -1,0 +1,124 @@
+"""Administration: `mgw config check`, `mgw status`, `mgw buffer`, `mgw completion`."""
+
+import datetime as _dt
+import json
+import os
+import time
+
+from gateway.cli.common import EXIT_OK, EXIT_USAGE, CliError, emit, load_config, table
+
+
+def cmd_config(args):
+    if args.action != "check":
+        raise CliError("usage: mgw config check", EXIT_USAGE)
+    from gateway.service.gateway import config_validators
+    cfg = load_config(args, config_validators())
+    summary = {"config": cfg.path, "ok": True, "gateway": cfg.gateway.id,
+               "ports": len(cfg.ports), "meters": len(cfg.meters),
+               "accounts": len(cfg.accounts), "uplink": cfg.uplink.host or "none"}
+    emit(args, summary, lambda s: print(
+        "%s: OK (gateway %s, %d ports, %d meters, %d accounts, uplink %s)" % (
+            s["config"], s["gateway"], s["ports"], s["meters"], s["accounts"], s["uplink"])))
+    return EXIT_OK
+
+
+def cmd_buffer(args):
+    from gateway.store.journal import readonly_stats
+    cfg = load_config(args)
+    path = os.path.join(cfg.gateway.data_dir, "journal.db")
+    stats = readonly_stats(path)
+    if stats is None:
+        raise CliError("%s: no journal yet (the service has not run with this data_dir)"
+                       % path)
+
+    def human(s):
+        rows = []
+        for name, st in s["streams"].items():
+            oldest = _fmt_ms(st["oldest_ts"]) if st["oldest_ts"] else "-"
+            pending = max([c["pending"] for c in st["consumers"].values()] or [0])
+            rows.append((name, pending, st["stored"], oldest, st["next_seq"] - 1,
+                         st["dropped"]))
+        table(rows, ["stream", "unsent", "stored", "oldest stored", "last seq", "dropped"])
+        print("disk: %.1f MB used of %.0f MB quota (%s)" % (
+            s["file_bytes"] / 1e6, cfg.storage.journal_quota_mb, s["path"]))
+    emit(args, stats, human)
+    return EXIT_OK
+
+
+def _fmt_ms(ms):
+    return _dt.datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
+
+
+def cmd_status(args):
+    cfg = load_config(args)
+    path = os.path.join(cfg.gateway.status_dir or cfg.gateway.data_dir, "status.json")
+    try:
+        with open(path) as f:
+            status = json.load(f)
+    except FileNotFoundError:
+        raise CliError("%s: no status yet: the service has not run with this data_dir "
+                       "(start it with `mgw run`)" % path) from None
+    except (OSError, ValueError) as exc:
+        raise CliError("%s: unreadable (%s)" % (path, exc)) from None
+    age = time.time() - status.get("written_at", 0)
+    status["running"] = not status.get("stopped") and \
+        age < 3 * cfg.gateway.status_interval_s + 5
+    status["age_s"] = round(age, 1)
+
+    def human(s):
+        print("gateway %s %s, %s (status %.0f s old)" % (
+            s.get("gateway"), s.get("version"), "running" if s["running"] else
+            "NOT RUNNING", s["age_s"]))
+        up = s.get("uplink") or {}
+        print("uplink: %s" % (("connected to %s" % up.get("broker")) if up.get("connected")
+                              else ("disconnected (%s)" % (up.get("last_error") or "-")
+                                    if up else "not configured")))
+        table([(p["port"], p["device"], "open" if p["open"] else "closed", p["requests"],
+                p["answers"], p["timeouts"], p["checksum_errors"],
+                "%.0f%%" % (100 * p["utilisation"])) for p in s.get("ports", [])],
+              ["port", "device", "state", "requests", "answers", "timeouts", "bad frames",
+               "busy"])
+        print()
+        table([(m["id"], m["port"], "online" if m["online"] else "OFFLINE",
+                m.get("last_reading") or "-", m.get("relay") or "-",
+                m.get("balance") if m.get("balance") is not None else "-")
+               for m in s.get("meters", [])],
+              ["meter", "port", "state", "last reading", "relay", "balance"])
+        b = s.get("buffer") or {}
+        print("\nbuffer: %s unsent readings, %s unsent events" % (
+            b.get("readings", "-"), b.get("events", "-")))
+    emit(args, status, human)
+    return EXIT_OK
+
+
+def cmd_completion(args):
+    """A bash completion script, made from the parser itself so it never goes stale."""
+    parser = args.parser
+    cases = []
+    for name, p in parser.command_parsers.items():
+        words = sorted(w for w in p.words if w.startswith("-")) + \
+            sorted(w for w in p.words if not w.startswith("-"))
+        cases.append('        %s) words="%s";;' % (name, " ".join(words)))
+    print(_COMPLETION % {"commands": " ".join(parser.command_parsers),
+                         "cases": "\n".join(cases)})
+    return EXIT_OK
+
+
+_COMPLETION = """# bash completion for mgw: mgw completion bash > /etc/bash_completion.d/mgw
+_mgw() {
+    local cur=${COMP_WORDS[COMP_CWORD]} words
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "%(commands)s --help --version" -- "$cur"))
+        return
+    fi
+    case "${COMP_WORDS[COMP_CWORD-1]}" in
+        --config|--out|--key|--port|--data-dir) COMPREPLY=($(compgen -f -- "$cur")); return;;
+    esac
+    case "${COMP_WORDS[1]}" in
+%(cases)s
+        *) words="";;
+    esac
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+}
+complete -F _mgw mgw"""
+

@@ -1,0 +1,199 @@
+"""`mgw`: the gateway's one command line (CONTRACT.md).
+
+Every subcommand takes --config (default /etc/meter-gateway/gateway.toml or $MGW_CONFIG),
+prints tables by default and JSON with --json, and exits 0 on success, 1 on a failed
+operation (a meter did not answer, a command was rejected), 2 on a usage or configuration
+error. Errors are one line on stderr naming the file, key or value at fault; never a
+traceback.
+"""
+
+import argparse
+import os
+import sys
+
+from gateway import __version__
+from gateway.cli import admin, field, run
+from gateway.cli.common import EXIT_FAILED, EXIT_OK, CliError
+from gateway.logs import setup_logging
+
+def _profiles():
+    from protocols.modbus_profiles import PROFILES
+    return sorted(PROFILES)
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a whole number, not %r" % text) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be above 0")
+    return value
+
+
+def _host_port(text):
+    host, _, port = text.partition(":")
+    try:
+        port = int(port or 1883)
+    except ValueError:
+        raise argparse.ArgumentTypeError("HOST:PORT, such as 127.0.0.1:1883") from None
+    return host or "127.0.0.1", port
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that remembers its words (options and choices), so the bash
+    completion is made from the parser itself without reaching into argparse."""
+
+    def __init__(self, *args, **kwargs):
+        self.words = set()               # before argparse adds -h through add_argument
+        super().__init__(*args, **kwargs)
+        for parent in kwargs.get("parents", ()):
+            self.words |= getattr(parent, "words", set())
+
+    def add_argument(self, *names, **kwargs):
+        self.words.update(n for n in names if n.startswith("-"))
+        if not any(n.startswith("-") for n in names) and kwargs.get("choices"):
+            self.words.update(kwargs["choices"])
+        return super().add_argument(*names, **kwargs)
+
+
+def build_parser():
+    common = _CommandParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help="configuration file (default /etc/meter-gateway/gateway.toml "
+                             "or $MGW_CONFIG)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog="mgw", description="meter-gateway %s: electricity meter concentrator service. "
+        "Exit codes: 0 ok, 1 operation failed, 2 usage or configuration error." % __version__)
+    parser.add_argument("--version", action="version", version="mgw %s" % __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=_CommandParser)
+    parser.command_parsers = {}          # name -> parser, in the order of `mgw --help`
+    parser.command_help = {}
+
+    def add(name, help_text, func):
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        parser.command_parsers[name] = p
+        parser.command_help[name] = help_text
+        return p
+
+    add("run", "the service: poll, store, bill, control, sync (stops on SIGTERM/SIGINT)",
+        run.run)
+    p = add("demo", "the whole gateway on simulated meters, no hardware needed",
+            run.demo)
+    p.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
+    p.add_argument("--data-dir", help="where to keep the demo's data (default: a temp folder)")
+    p.add_argument("--broker", type=_host_port, help="MQTT broker host:port (default "
+                   "127.0.0.1:1883 if reachable)")
+    p.add_argument("--no-view", action="store_true", help="no live view, log lines only")
+
+    p = add("simulate", "simulated meters behind a pseudo-terminal; prints the device path",
+            field.cmd_simulate)
+    p.add_argument("--port", metavar="PATH", help="create this path as a link to the "
+                   "simulated line (default: print the pseudo-terminal's own path)")
+    p.add_argument("--meters", type=_positive, default=4, help="how many meters (default 4)")
+    p.add_argument("--protocol", choices=("dlt645", "modbus"), default="dlt645")
+    p.add_argument("--profile", default="eastron-sdm120", choices=_profiles(),
+                   help="Modbus register map")
+    p.add_argument("--baudrate", type=_positive, default=2400)
+    p.add_argument("--first", type=int, default=1,
+                   help="first address (DL/T 645) or unit id (Modbus)")
+    p.add_argument("--latency-ms", type=float, default=30.0, help="meter answer latency")
+    p.add_argument("--drop", type=float, default=0.0, help="share of answers dropped")
+    p.add_argument("--corrupt", type=float, default=0.0, help="share of answers corrupted")
+    p.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
+
+    p = add("config", "configuration: `mgw config check` validates it", admin.cmd_config)
+    p.add_argument("action", choices=("check",), help="check: list every problem by key")
+
+    p = add("scan", "discover meters on an RS-485 port (DL/T 645 address search, Modbus "
+            "unit-id sweep)", field.cmd_scan)
+    p.add_argument("--port", required=True, help="port name (or device) from the config")
+    p.add_argument("--protocol", choices=("dlt645", "modbus"))
+    p.add_argument("--profile", choices=_profiles(), help="Modbus register map to probe with")
+    p.add_argument("--first", type=int, default=1, help="Modbus: first unit id")
+    p.add_argument("--last", type=int, default=247, help="Modbus: last unit id")
+    p.add_argument("--progress", action="store_true", help="progress bar even when not a tty")
+
+    p = add("read", "read values from one meter now", field.cmd_read)
+    p.add_argument("--meter", required=True, help="meter id from the config")
+    p.add_argument("quantity", nargs="*", help="quantities (energy.import.total, voltage.a, "
+                   "...), groups (energy, instant, status, clock, balance) or a DI in hex")
+
+    p = add("relay", "local relay operation by a technician (audited like a remote one)",
+            lambda a: _control("relay", a))
+    p.add_argument("--meter", required=True)
+    p.add_argument("action", choices=("cut-off", "restore", "status"))
+    p.add_argument("--direct", action="store_true", help="restore: close directly instead "
+                   "of 'close allowed' (the customer presses the meter's button)")
+    p.add_argument("--operator", default=os.environ.get("SUDO_USER") or
+                   os.environ.get("USER") or "technician")
+
+    add("status", "ports, meters online/offline, last reading, buffer, uplink, balances",
+        admin.cmd_status)
+    add("buffer", "pending readings and events, oldest unsent, disk used", admin.cmd_buffer)
+
+    p = add("keys", "commissioning: `mgw keys gen --out DIR` makes an Ed25519 key pair",
+            lambda a: _control("keys", a))
+    p.add_argument("action", choices=("gen",))
+    p.add_argument("--out", required=True, help="folder for headend.key and headend.pub")
+
+    p = add("command", "commissioning: `mgw command sign` makes a signed command",
+            lambda a: _control("command", a))
+    p.add_argument("action", choices=("sign",))
+    p.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
+    p.add_argument("--meter", required=True)
+    p.add_argument("--action", dest="cmd_action", required=True,
+                   choices=("cut_off", "restore", "guarantee_on", "guarantee_off", "topup",
+                            "read", "sync_time", "account_update", "release_breaker",
+                            "weather_hold"))
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="command parameter (repeat), e.g. amount=50.00 txn=T1")
+    p.add_argument("--valid", type=int, default=900, help="seconds the command is valid")
+    p.add_argument("--id", help="command id (default: a random UUID)")
+    p = sub.add_parser("completion", help="print a bash completion script",
+                       description="mgw completion bash > /etc/bash_completion.d/mgw")
+    p.add_argument("shell", choices=("bash",))
+    p.set_defaults(func=admin.cmd_completion, json=False)
+    parser.command_parsers["completion"] = p
+    parser.command_help["completion"] = "print a bash completion script"
+    return parser
+
+
+def _control(which, args):
+    from gateway.cli import control as control_cli
+    return control_cli.main(which, args)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.parser = parser                  # `mgw completion` is made from it
+    if args.command is None:
+        from protocols.framing import IMPLEMENTATION
+        print("mgw %s (frame parser: %s)" % (__version__, IMPLEMENTATION))
+        print("commands:")
+        for name, help_text in parser.command_help.items():
+            print("  %-9s %s" % (name, help_text))
+        print("mgw COMMAND --help for each")
+        return EXIT_OK
+    if args.command not in ("run", "demo"):
+        setup_logging("warning")
+    try:
+        return args.func(args)
+    except CliError as exc:
+        if exc.args and exc.args[0]:
+            sys.stderr.write("mgw %s: %s\n" % (args.command, exc.args[0]))
+        return exc.code
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""`mgw run` and `mgw demo`: the service from a configuration file, or on simulated
+meters. Configuration problems are listed with their keys and exit 2 before anything starts;
+a state file that is not ours, or another instance on the data folder, exit 2 too."""
+
+from gateway.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, load_config
+from gateway.logs import setup_logging
+
+
+def run(args):
+    from gateway.service.gateway import Gateway, config_validators, serve
+    from gateway.store.journal import JournalError
+    from gateway.store.state import StateError
+    cfg = load_config(args, config_validators())
+    setup_logging(cfg.gateway.log_level)
+    try:
+        gw = Gateway(cfg)
+    except (StateError, JournalError) as exc:
+        # a state file that is not ours or a second instance: exit 2, no restart loop
+        raise CliError(str(exc), EXIT_USAGE if isinstance(exc, StateError) else EXIT_FAILED)
+    except OSError as exc:
+        raise CliError("%s: %s" % (exc.filename or cfg.gateway.data_dir, exc.strerror),
+                       EXIT_FAILED)
+    return serve(gw)
+
+
+def demo(args):
+    from gateway.sim import demo as demo_mod
+    return demo_mod.run(args)

@@ -1,0 +1,47 @@
+"""Types that cross packages: outcomes with codes, so that no decision anywhere is made by
+matching the text of an error. Text is for people; the enumerations are for programs."""
+
+import enum
+
+
+class GatewayError(Exception):
+    """Base of the gateway's own errors: one line for people, naming the file, key or value
+    at fault. Subfamilies: storage (StateError, JournalError), configuration (ConfigError),
+    lines (PortError), keys (KeyError_)."""
+
+
+class TxError(str, enum.Enum):
+    """Why a line transaction has no answer to give."""
+    NO_ANSWER = "no_answer"          # silence until the timeout, every attempt
+    GARBLED = "garbled"              # bytes came, but no valid frame (checksum, length)
+    FOREIGN = "foreign"              # valid frames, none answering this request
+    PORT_CLOSED = "port_closed"      # the serial port could not be opened or was lost
+    STOPPING = "stopping"            # the worker is shutting down
+
+
+class RejectCode(str, enum.Enum):
+    """Why a command was not executed; results carry it as `code` beside `reason`."""
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"
+    BAD_VERSION = "bad_version"
+    BAD_ID = "bad_id"
+    MISSING_FIELD = "missing_field"
+    MISSING_SIGNATURE = "missing_signature"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_KEY = "unknown_key"
+    NO_KEYS = "no_keys"
+    BAD_TIME = "bad_time"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    WINDOW_TOO_LONG = "window_too_long"
+    REPLAYED_ID = "replayed_id"
+    UNKNOWN_METER = "unknown_meter"
+    UNKNOWN_ACTION = "unknown_action"
+    BAD_PARAMS = "bad_params"
+    NO_ACCOUNT = "no_account"
+    NO_RELAY = "no_relay"
+    GUARANTEE = "guarantee"
+    CLOCK_UNTRUSTED = "clock_untrusted"
+    RATE_LIMIT = "rate_limit"
+    EXPIRED_LOCAL = "expired_local"
+    NOT_ALLOWED_LOCALLY = "not_allowed_locally"
