@@ -145,10 +145,11 @@ class Billing:
         if steps < 0:
             down = (ENERGY_TOTAL, prev_text, value)
         else:
-            for rate, (c, v) in rates.items():
+            for rate in T.RATES:             # T1..T4: the first that went down is named
                 p = regs.get(rate)
-                if p is not None and c < centi(p, "a stored register"):
-                    down = (QUANTITY_OF_RATE[rate], p, v)
+                if p is not None and rate in rates and rates[rate][0] < centi(
+                        p, "a stored register"):
+                    down = (QUANTITY_OF_RATE[rate], p, rates[rate][1])
                     break
         if down is not None:
             ev = ("meter.register_decrease", {"register": down[0], "previous": _text(down[1]),
