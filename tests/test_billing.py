@@ -216,6 +216,19 @@ def test_energy_used_before_the_billing_date_is_in_the_old_period():
         assert doc["tier_period"] == "2026-01-15T00:00:00" and doc["tier_centi"] == 1
 
 
+def test_a_reading_at_the_same_time_as_the_previous_one_is_used_before_it():
+    """No interval: priced as used in the last millisecond before the reading, so a
+    repeated timestamp exactly at the billing date stays in the old period."""
+    billing = Billing(ACC, BOTH)
+    doc = new_account_doc(ACC)
+    date = dt.datetime(2026, 1, 15)
+    doc["tier_period"] = "2025-01-15T00:00:00"
+    doc["tier_centi"] = 100
+    run(billing, doc, group(date, "10.00"), group(date, "10.10"))
+    assert doc["tier_period"] == "2025-01-15T00:00:00" and doc["tier_centi"] == 110
+    assert doc["charges_uy"] == 10 * 5283            # 23:59:59.999 is flat
+
+
 def test_a_register_reading_across_the_billing_date_is_divided_by_time():
     billing = Billing(ACC, BOTH)
     doc = new_account_doc(ACC)
@@ -396,7 +409,8 @@ def test_docs_show_the_refusals_and_every_rule():
     text = open(os.path.join(os.path.dirname(__file__), "..", "docs",
                              "cost-control.md")).read()
     for phrase in ("reset_month", "0.03 kWh", "earliest", "billing.held", "billing_hold",
-                   "meter.registers_inconsistent", "exactly at the limit"):
+                   "meter.registers_inconsistent", "0.01 kWh more is not",
+                   "last millisecond before"):
         assert phrase in text, phrase
 
 
