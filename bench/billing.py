@@ -102,8 +102,6 @@ def run(folder, households, days, registers):
             pending = []
     if pending:
         journal.append_readings(pending)
-    rows = journal.stats() if False else None
-    del rows
     t0 = time.perf_counter()
     cycles = 0
     while cc.bill_once():

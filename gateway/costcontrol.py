@@ -340,7 +340,7 @@ class CostControl(threading.Thread):
                 log.exception("cost control")
                 self._halt.wait(2)
 
-    def bill_once(self, limit=2000):
+    def bill_once(self, limit=10000):
         """Charge the readings after the billing cursor; one state write for the batch."""
         if not self.accounts:
             return 0

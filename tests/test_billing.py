@@ -340,17 +340,13 @@ def test_a_decreasing_tariff_register_raises_an_event_and_is_not_charged():
 
 # ---------------------------------------------------------------- finding 7
 
-def _problems(tariff_doc):
-    cfg = {"tariffs": {"home": tariff_doc}}
-    cfg = types.SimpleNamespace(get=cfg.get, meters=[], __setitem__=None)
-    store = {}
+class _Config(dict):
+    meters = []
 
-    class Cfg(dict):
-        meters = []
-    c = Cfg({"tariffs": {"home": tariff_doc}})
+
+def _problems(tariff_doc):
     chk = _Checker("gw.toml")
-    costcontrol.validate_config(c, chk)
-    del cfg, store
+    costcontrol.validate_config(_Config({"tariffs": {"home": tariff_doc}}), chk)
     return chk.problems
 
 
