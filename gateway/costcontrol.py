@@ -24,6 +24,7 @@ import time
 from decimal import Decimal, InvalidOperation
 
 from gateway import tariff as T
+from gateway.billing import ENERGY_TOTAL, TARIFF_QUANTITIES, Billing  # noqa: F401
 from gateway.money import parse_yuan
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,6 @@ EVENT_OF_STATE = {"alarm1": ("balance.low", {"level": 1}), "alarm2": ("balance.l
                                                                       {"level": 2}),
                   "zero": ("balance.zero", {}), "exhausted": ("balance.exhausted", {}),
                   "normal": ("balance.normal", {})}
-ENERGY_TOTAL = "energy.import.total"
-TARIFF_QUANTITIES = {"energy.import.t1": "sharp", "energy.import.t2": "peak",
-                     "energy.import.t3": "flat", "energy.import.t4": "valley"}
 
 ACCOUNT_DEFAULTS = {"mode": "local", "alarm1": "20.00", "alarm2": "10.00",
                     "overdraft_limit": "0.00", "restore_threshold": "0.00", "max_kw": "60",
@@ -70,8 +68,8 @@ def validate_config(cfg, chk):
             continue
         try:
             tariffs[name] = T.from_config(name, doc)
-        except (ValueError, InvalidOperation) as exc:
-            chk.bad("tariffs.%s" % name, str(exc))
+        except T.TariffError as exc:
+            chk.bad("tariffs.%s.%s" % (name, exc.key), exc.message)
     meters = {m.id: m for m in cfg.meters}
     accounts = []
     seen = set()
@@ -176,97 +174,6 @@ def new_account_doc(acc):
             "charged_to_seq": 0, "registers": {}, "register_ts": None, "tier_centi": 0,
             "tier_period": None, "state": state_of(opening, acc), "state_since": time.time(),
             "warned": {}, "cut_by_costcontrol": False, "txns": []}
-
-
-class Billing:
-    """Pure billing of one account: readings in, charges and events out (no I/O)."""
-
-    def __init__(self, acc, tariff):
-        self.acc = acc
-        self.tariff = tariff
-
-    def apply(self, doc, group, events):
-        """`group`: the readings of one meter taken at one moment {quantity: (value, ts)}.
-        Updates doc in place; appends (event_type, fields) to events."""
-        total = group.get(ENERGY_TOTAL)
-        if total is None:
-            return
-        value, ts_ms = total
-        when = _dt.datetime.fromtimestamp(ts_ms / 1000.0)
-        regs = doc["registers"]
-        if "total" not in regs:
-            regs["total"] = str(value)
-            for q, rate in TARIFF_QUANTITIES.items():
-                if q in group:
-                    regs[rate] = str(group[q][0])
-            doc["register_ts"] = ts_ms
-            return
-        prev_total = Decimal(regs["total"])
-        prev_ts = doc["register_ts"] or ts_ms
-        delta = Decimal(value) - prev_total
-        hours = max((ts_ms - prev_ts) / 3.6e6, 1.0 / 60)
-        if delta < 0:
-            events.append(("meter.register_decrease", {"previous": str(prev_total),
-                                                       "now": str(value)}))
-            self._rebase(doc, group, value, ts_ms)
-            return
-        if delta > self.acc["max_kw"] * Decimal(str(hours)) * Decimal("1.2") + Decimal("1"):
-            events.append(("meter.register_jump", {"previous": str(prev_total),
-                                                   "now": str(value),
-                                                   "hours": round(hours, 3)}))
-            self._rebase(doc, group, value, ts_ms)
-            return
-        if delta == 0:
-            doc["register_ts"] = ts_ms
-            return
-        t0 = _dt.datetime.fromtimestamp(prev_ts / 1000.0)
-        cost = 0
-        per_rate = self._rate_deltas(regs, group) if self.tariff.tou else None
-        if per_rate is not None and sum(per_rate.values()) == int(delta * 100):
-            # the meter's own tariff registers say which rate the energy was used at
-            for rate in T.RATES:
-                n = per_rate.get(rate, 0)
-                c, doc["tier_centi"] = self._charge_tiered(doc, n, when, rate)
-                cost += c
-        else:
-            for seg_start, n in T.split_interval(int(delta * 100), t0, when, self.tariff):
-                c, doc["tier_centi"] = self._charge_tiered(doc, n, seg_start, None)
-                cost += c
-        doc["balance_uy"] -= cost
-        doc["charges_uy"] += cost
-        regs["total"] = str(value)
-        for q, rate in TARIFF_QUANTITIES.items():
-            if q in group:
-                regs[rate] = str(group[q][0])
-        doc["register_ts"] = ts_ms
-
-    def _charge_tiered(self, doc, steps, when, rate):
-        if self.tariff.tiered:
-            period = self.tariff.period_start(when).isoformat()
-            if doc.get("tier_period") != period:
-                doc["tier_period"] = period
-                doc["tier_centi"] = 0
-        return self.tariff.charge(steps, when, doc.get("tier_centi", 0), rate)
-
-    @staticmethod
-    def _rate_deltas(regs, group):
-        out = {}
-        for q, rate in TARIFF_QUANTITIES.items():
-            if q not in group or rate not in regs:
-                return None
-            d = Decimal(group[q][0]) - Decimal(regs[rate])
-            if d < 0:
-                return None
-            out[rate] = int(d * 100)
-        return out
-
-    @staticmethod
-    def _rebase(doc, group, value, ts_ms):
-        doc["registers"] = {"total": str(value)}
-        for q, rate in TARIFF_QUANTITIES.items():
-            if q in group:
-                doc["registers"][rate] = str(group[q][0])
-        doc["register_ts"] = ts_ms
 
 
 class CostControl(threading.Thread):
@@ -401,7 +308,8 @@ class CostControl(threading.Thread):
                 continue
             out[m] = {"balance": str(T.micro_to_yuan(d["balance_uy"])), "state": d["state"],
                       "mode": self.accounts[m]["mode"], "tariff": self.accounts[m]["tariff"],
-                      "cut_by_costcontrol": d.get("cut_by_costcontrol", False)}
+                      "cut_by_costcontrol": d.get("cut_by_costcontrol", False),
+                      "billing_hold": d.get("billing_hold")}
         out["_breaker_tripped"] = self.breaker_tripped
         return out
 
@@ -437,7 +345,7 @@ class CostControl(threading.Thread):
                 log.exception("cost control")
                 self._halt.wait(2)
 
-    def bill_once(self, limit=2000):
+    def bill_once(self, limit=10000):
         """Charge the readings after the billing cursor; one state write for the batch,
         read and written under the state's lock (no other writer's change is lost)."""
         if not self.accounts:
@@ -450,7 +358,7 @@ class CostControl(threading.Thread):
             last_seq = {}                  # the highest seq of each group, in one pass
             for r in rows:
                 if r.meter in self.accounts and r.quantity.startswith("energy.import."):
-                    groups.setdefault((r.meter, r.ts), {})[r.quantity] = (r.value, r.ts)
+                    groups.setdefault((r.meter, r.ts), {})[r.quantity] = (r.value_json, r.ts)
                     last_seq[(r.meter, r.ts)] = r.seq
             last = rows[-1].seq
             events = []
@@ -464,7 +372,7 @@ class CostControl(threading.Thread):
                     if seq <= doc.get("charged_to_seq", 0):
                         continue                  # charged before a restart: never twice
                     evs = []
-                    self.billing[meter].apply(doc, group, evs)
+                    self.billing[meter].apply(doc, group, evs, seq=seq)  # holds, never raises
                     doc["charged_to_seq"] = seq
                     events += [(t, dict(f, meter=meter)) for t, f in evs]
                     self._transition(meter, doc, events)
