@@ -8,13 +8,13 @@ from decimal import Decimal
 
 import pytest
 
-from gateway import costcontrol
-from gateway import tariff as T
-from gateway.billing import Billing, hold
+from gateway.billing import costcontrol
+from gateway.billing import tariff as T
+from gateway.billing.pricing import Billing, hold
 from gateway.config import _Checker
-from gateway.costcontrol import new_account_doc
-from gateway.journal import Journal, Reading
-from gateway.state import StateStore
+from gateway.billing.costcontrol import new_account_doc
+from gateway.store.journal import Journal, Reading
+from gateway.store.state import StateStore
 
 ACC = {"meter": "m1", "opening_balance": Decimal("100.00"), "alarm1": Decimal("20.00"),
        "alarm2": Decimal("10.00"), "overdraft_limit": Decimal("0.00"),

@@ -18,9 +18,9 @@ from fractions import Fraction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import tariff as T
-from gateway.billing import Billing
-from gateway.costcontrol import new_account_doc
+from gateway.billing import tariff as T
+from gateway.billing.pricing import Billing
+from gateway.billing.costcontrol import new_account_doc
 
 EXAMPLES = int(os.environ.get("MGW_BILLING_EXAMPLES", "300"))
 RATE_NAMES = ("sharp", "peak", "flat", "valley")

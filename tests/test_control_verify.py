@@ -160,7 +160,7 @@ def test_token_bucket_bounds_answers_to_unauthenticated_input():
 
 def test_cut_off_decision_windows_and_notice_with_an_injected_clock():
     import datetime as dt
-    from gateway.costcontrol import notice_given, protected_reason
+    from gateway.billing.costcontrol import notice_given, protected_reason
     pol = {"protected_hours": ["18:00-08:00"], "protected_ranges": [(18 * 60, 8 * 60)],
            "protected_weekends": True, "holiday_dates": {dt.date(2026, 10, 1)}}
     wed = dt.datetime(2026, 11, 25, 12, 0)

@@ -5,7 +5,7 @@ import datetime as dt
 import time
 from decimal import Decimal
 
-from gateway import tariff as T
+from gateway.billing import tariff as T
 from gateway.store.journal import Reading
 from gwharness import Harness
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import tariff as T
-from gateway.billing import Billing
-from gateway.costcontrol import new_account_doc
+from gateway.billing import tariff as T
+from gateway.billing.pricing import Billing
+from gateway.billing.costcontrol import new_account_doc
 
 ACC = {"opening_balance": Decimal("100.00"), "alarm1": Decimal("20.00"),
        "alarm2": Decimal("10.00"), "overdraft_limit": Decimal("0.00"),

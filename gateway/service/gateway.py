@@ -37,7 +37,7 @@ HUNG_AFTER_S = 120.0          # a thread without a heartbeat this long is hung
 
 def config_validators():
     """Validators of other modules run by `mgw config check` and `mgw run`."""
-    from gateway import costcontrol
+    from gateway.billing import costcontrol
     return [costcontrol.validate_config]
 
 
@@ -154,7 +154,7 @@ class Gateway:
                         reserve=self.reserve, local_group=self.cfg.control.local_group)
 
     def _new_costcontrol(self):
-        from gateway import costcontrol
+        from gateway.billing import costcontrol
         return costcontrol.CostControl(
             accounts=self.cfg.get("account_list", []),
             tariffs=self.cfg.get("tariff_objects", {}),

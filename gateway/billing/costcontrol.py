@@ -23,8 +23,8 @@ import threading
 import time
 from decimal import Decimal, InvalidOperation
 
-from gateway import tariff as T
-from gateway.billing import ENERGY_TOTAL, TARIFF_QUANTITIES, Billing  # noqa: F401
+from gateway.billing import tariff as T
+from gateway.billing.pricing import ENERGY_TOTAL, TARIFF_QUANTITIES, Billing  # noqa: F401
 from gateway.money import parse_yuan
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,7 @@ import time
 from decimal import Decimal
 from fractions import Fraction
 
-from gateway import tariff as T
-
+from gateway.billing import tariff as T
 log = logging.getLogger(__name__)
 
 ENERGY_TOTAL = "energy.import.total"
