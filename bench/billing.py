@@ -21,7 +21,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 from decimal import Decimal
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from gateway import costcontrol, tariff as T  # noqa: E402
 from gateway.store.journal import Journal, Reading  # noqa: E402
 from gateway.service.sink import ReadingSink  # noqa: E402
+from gateway.store.accounts import AccountStore
 from gateway.store.state import StateStore  # noqa: E402
 
 TARIFF = {
@@ -91,9 +91,10 @@ def run(folder, households, days, registers):
            "cost_policy": dict(costcontrol.POLICY_DEFAULTS, protected_ranges=[],
                                holiday_dates=set())}
     sink = ReadingSink(journal)
-    gw = types.SimpleNamespace(cfg=cfg, journal=journal, state=state, sink=sink, pollers={},
-                               executor=None)
-    cc = costcontrol.CostControl(gw)
+    cc = costcontrol.CostControl(accounts=cfg["account_list"], tariffs=tariffs,
+                                 policy=cfg["cost_policy"], store=AccountStore(state),
+                                 journal=journal, events=sink.event,
+                                 request_relay=lambda *a, **k: None)
     pending = []
     for batch in readings(households, days, registers):
         pending += batch

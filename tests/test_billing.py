@@ -14,6 +14,7 @@ from gateway.billing.pricing import Billing, hold
 from gateway.config import _Checker
 from gateway.billing.costcontrol import new_account_doc
 from gateway.store.journal import Journal, Reading
+from gateway.store.accounts import AccountStore
 from gateway.store.state import StateStore
 
 ACC = {"meter": "m1", "opening_balance": Decimal("100.00"), "alarm1": Decimal("20.00"),
@@ -71,9 +72,11 @@ class _Gateway:
                     "tariff_objects": tariffs,
                     "cost_policy": dict(costcontrol.POLICY_DEFAULTS, protected_ranges=[],
                                         holiday_dates=set())}
-        self.pollers = {}
-        self.executor = None
-        self.cc = costcontrol.CostControl(self)
+        self.cc = costcontrol.CostControl(
+            accounts=[dict(ACC, meter=m, tariff=t) for m, t in accounts], tariffs=tariffs,
+            policy=self.cfg["cost_policy"], store=AccountStore(self.state),
+            journal=self.journal, events=self.sink.event,
+            request_relay=lambda *a, **k: None)
 
     def feed(self, meter, when, total, **tregs):
         rows = [Reading(meter, "energy.import.total", Decimal(total), "kWh", ms(when),

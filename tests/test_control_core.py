@@ -124,8 +124,8 @@ def test_billing_and_a_relay_outcome_never_overwrite_each_other(tmp_path):
         inside, release = threading.Event(), threading.Event()
         real_apply = billing.apply
 
-        def slow_apply(doc, group, events):
-            real_apply(doc, group, events)
+        def slow_apply(doc, group, events, **kw):
+            real_apply(doc, group, events, **kw)
             inside.set()
             release.wait(10)
         billing.apply = slow_apply
@@ -208,5 +208,89 @@ def test_a_crash_during_an_automatic_cut_off_still_restores_after_payment(tmp_pa
         wait(lambda: not h.sim_meters[0].relay_open, timeout=20)
         assert h.gw.costcontrol.protected_now() == "protected hours"
         wait(lambda: h.gw.accounts.get("m1")["cut_by_costcontrol"] is False)
+    finally:
+        h.close()
+
+
+def test_a_replaced_cost_control_keeps_the_breaker_and_cuts_no_meter_twice(tmp_path,
+                                                                           monkeypatch):
+    """A slow line makes a cut-off take seconds: cost control keeps showing signs of life
+    while it waits, and the breaker counts from the ledger, not from memory."""
+    from gateway.control import relay
+    monkeypatch.setattr(service, "HUNG_AFTER_S", 2.0)
+    real = relay.operate
+    monkeypatch.setattr(relay, "operate", lambda *a, **k: (time.sleep(3), real(*a, **k))[1])
+    accounts = [dict(ACCOUNT, meter="m%d" % i) for i in range(1, 5)]
+    h = Harness(tmp_path, meters=4, accounts=accounts,
+                cost_control=dict(FAST, breaker_max_count=2, breaker_max_share=0.5),
+                sim_kw={"load_kw": 0.001, "start_kwh": 1000}).start()
+    try:
+        wait(lambda: h.gw.accounts.flags().get("breaker_tripped"), timeout=40)
+        time.sleep(4)
+        cuts = [d["meter"] for d in h.gw.state.all("commands").values()
+                if d["action"] == "cut_off" and d["source"] == "costcontrol"]
+        assert sum(m.relay_open for m in h.sim_meters) == 2
+        assert sorted(cuts) == sorted(set(cuts)) and len(cuts) == 2
+        assert h.gw.restarts.get("costcontrol", 0) == 0
+    finally:
+        h.close()
+
+
+def test_a_replayed_signed_command_is_cheap_and_never_answered_elsewhere(h):
+    cmd = h.command("m1", "read", {"quantities": ["energy.import.total"]})
+    h.send(cmd)
+    h.wait_result(cmd["id"])
+    audit = os.path.join(h.cfg.gateway.data_dir, "audit.log")
+    before = os.path.getsize(audit)
+    rows_before = len(h.results(cmd["id"]))
+    for _ in range(1000):
+        h.gw.executor.handle_remote(json.dumps(cmd).encode(),
+                                    response_topic="mgw/v1/gw-OTHER/command-results")
+    h.gw.executor.audit.flush_unauthenticated(force=True)
+    assert os.path.getsize(audit) - before <= 2048 + 1500
+    again = h.results(cmd["id"])[rows_before:]
+    assert len(again) <= 1
+    assert not any(r.get("_response_topic") for r in h.results(cmd["id"]))
+
+
+def test_an_old_signed_command_replayed_records_nothing(h):
+    old = h.command("m1", "cut_off", issued_offset_s=-7200, valid_s=900)
+    for _ in range(200):
+        h.gw.executor.handle_remote(json.dumps(old).encode())
+    assert h.gw.state.get("commands", old["id"]) is None
+    assert len(h.results(old["id"])) <= 12
+    assert h.relay_moves() == []
+
+
+def test_a_cut_off_whose_frame_never_left_does_not_count_as_cut(tmp_path):
+    """Killed after the ledger entry, before the frame; back after the command's window:
+    the interrupted cut-off is concluded failed and cost control cuts the account again."""
+    h = Harness(tmp_path, meters=1, accounts=[ACCOUNT], cost_control=FAST,
+                sim_kw={"load_kw": 0.001, "start_kwh": 1000})
+    child_doc = dict(h.doc)
+    child_doc["control"] = dict(child_doc["control"], require_synced_clock=False)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD % {"root": ROOT})
+    child = subprocess.Popen([sys.executable, str(script), json.dumps(child_doc)],
+                             env=dict(os.environ, MGW_FAILPOINT="after_ledger"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        child.wait(40)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read()[-2000:]
+    assert not h.sim_meters[0].relay_open
+    from gateway.store.state import StateStore
+    state = StateStore(os.path.join(h.cfg.gateway.data_dir, "state.json"))
+    for cid, doc in state.all("commands").items():
+        state.put("commands", cid, dict(doc, expires_at=time.time() - 300))   # a long outage
+    state.close()
+    h.start()
+    try:
+        wait(lambda: h.sim_meters[0].relay_open, timeout=30)
+        finals = [r for r in h.results() if r.get("action") == "cut_off"
+                  and r["status"] in ("done", "failed")]
+        assert [r["code"] for r in finals if r["status"] == "failed"] == ["interrupted"]
     finally:
         h.close()

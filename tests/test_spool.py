@@ -139,3 +139,16 @@ def test_the_client_side_round_trip(spool):
     assert taken and body == {"status": "done", "relay": "open"}
     with pytest.raises(S.BadRequest):
         S.submit(str(spool), "m1", "topup", {"amount": "5"}, "tech")
+
+
+@pytest.mark.parametrize("plant", ["dir", "garbage"])
+def test_the_client_gives_one_line_on_a_planted_result(spool, plant):
+    rid = S.submit(str(spool), "m1", "status", {}, "li")
+    out = spool / ("%s.res.json" % rid)
+    if plant == "dir":
+        out.mkdir()
+    else:
+        out.write_bytes(b"\xff not json")
+    with pytest.raises(S.BadRequest) as info:
+        S.wait_result(str(spool), rid, 2)
+    assert "\n" not in str(info.value)

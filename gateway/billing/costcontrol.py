@@ -29,6 +29,9 @@ from gateway.money import parse_yuan
 
 log = logging.getLogger(__name__)
 
+_ACT_LOCK = threading.Lock()
+ACT_LOCK_WAIT_S = 1.0
+
 CONSUMER = "billing"
 STATES = ("normal", "alarm1", "alarm2", "zero", "exhausted")
 EVENT_OF_STATE = {"alarm1": ("balance.low", {"level": 1}), "alarm2": ("balance.low",
@@ -183,7 +186,7 @@ class CostControl(threading.Thread):
     change goes through the account store."""
 
     def __init__(self, *, accounts, tariffs, policy, store, journal, events, request_relay,
-                 relay_states=lambda: {}):
+                 relay_states=lambda: {}, cutoff_times=None):
         super().__init__(name="costcontrol", daemon=True)
         self.accounts = {a["meter"]: dict(a) for a in accounts}
         self.tariffs = tariffs
@@ -197,7 +200,9 @@ class CostControl(threading.Thread):
         self.billing = {m: Billing(a, self.tariffs[a["tariff"]])
                         for m, a in self.accounts.items()}
         self._lock = threading.RLock()          # billing cycles and settings changes
-        self._act_lock = threading.Lock()       # one relay decision at a time
+        self._act_lock = _ACT_LOCK              # one relay decision at a time, even across
+                                                # a replaced instance
+        self._cutoff_times = cutoff_times       # since -> times of automatic cut-offs
         self._halt = threading.Event()
         self._due = queue.Queue()               # meters to act on now (after a top-up)
         self._cutoffs = []                      # times of automatic cut-offs (breaker)
@@ -426,8 +431,15 @@ class CostControl(threading.Thread):
     def act(self, only=None):
         """Automatic cut-offs (local mode, every condition) and restores after top-ups.
         One at a time: the periodic check and a top-up's prompt restore never race."""
-        with self._act_lock:
+        if not self._act_lock.acquire(timeout=ACT_LOCK_WAIT_S):
+            return                  # another instance is acting: next round
+        try:
             self._act(only)
+        finally:
+            self._act_lock.release()
+
+    def tick(self):
+        self.heartbeat = time.monotonic()
 
     def _act(self, only):
         wanted_cut = []
@@ -440,29 +452,39 @@ class CostControl(threading.Thread):
             restore_at = T.yuan_to_micro(acc["restore_threshold"])
             # cost control cut it (or meant to): restore once paid, whatever the mode now
             if doc.get("cut_by_costcontrol") and doc["balance_uy"] > restore_at:
-                self.request_relay(meter, "restore", "balance above the restore threshold")
+                self.request_relay(meter, "restore", "balance above the restore threshold",
+                                   tick=self.tick)
             elif acc["mode"] == "local" and doc["state"] == "exhausted" and \
                     not doc.get("cut_by_costcontrol"):
-                wanted_cut.append((meter, doc))
+                wanted_cut.append(meter)
         if not wanted_cut or self.protected_now():
             return
         now = time.time()
         window = self.policy["breaker_window_s"]
-        self._cutoffs = [t for t in self._cutoffs if now - t < window]
         limit = min(self.policy["breaker_max_count"],
                     max(1, int(self.policy["breaker_max_share"] * max(1, len(self.accounts)))))
-        for meter, doc in wanted_cut:
-            if self.breaker_tripped:
+        for meter in wanted_cut:
+            if self.breaker_tripped or self._halt.is_set():
                 return
+            doc = self.store.get(meter)           # as it is now, not as it was a cut ago
+            if doc is None or doc["state"] != "exhausted" or doc.get("cut_by_costcontrol"):
+                continue
             if not notice_given(doc, now, self.policy["notice_s"]):
                 continue                       # warnings first, with time to pay
             if self.store.guarantee_on(meter):
                 continue
-            if len(self._cutoffs) >= limit:
+            if self._recent_cutoffs(now - window) >= limit:
                 self._trip_breaker(len(wanted_cut), limit)
                 return
-            self._cutoffs.append(now)
-            self.request_relay(meter, "cut_off", "balance exhausted")
+            self._cutoffs.append(time.time())
+            self.request_relay(meter, "cut_off", "balance exhausted", tick=self.tick)
+
+    def _recent_cutoffs(self, since):
+        since = max(since, self.store.flags().get("released_at") or 0)
+        if self._cutoff_times is not None:
+            return len(self._cutoff_times(since))
+        self._cutoffs = [t for t in self._cutoffs if t >= since]
+        return len(self._cutoffs)
 
     def _trip_breaker(self, wanted, limit):
         def trip(flags):
@@ -476,9 +498,10 @@ class CostControl(threading.Thread):
                     window_s=self.policy["breaker_window_s"])
 
     def release_breaker(self):
-        self.store.update_flags(lambda flags: flags.update(breaker_tripped=False))
-        with self._act_lock:
-            self._cutoffs = []
+        # the count starts again from the release (the ledger still holds the cut-offs)
+        self.store.update_flags(lambda flags: flags.update(breaker_tripped=False,
+                                                           released_at=time.time()))
+        self._cutoffs = []
         self.events("costcontrol.breaker_released")
 
     def set_weather_hold(self, on):

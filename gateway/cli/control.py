@@ -88,7 +88,10 @@ def relay(args):
         rid = spool_mod.submit(spool, meter.id, action, params, args.operator)
     except spool_mod.BadRequest as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    result, taken = spool_mod.wait_result(spool, rid, 60)
+    try:
+        result, taken = spool_mod.wait_result(spool, rid, 60)
+    except spool_mod.BadRequest as exc:
+        raise CliError(str(exc)) from None
     if result is None:
         raise CliError("no result within 60 s; the service took the request: see `mgw "
                        "status` and the audit trail" if taken else

@@ -41,8 +41,13 @@ IDLE_WAIT_S = 0.3
 # below this much free disk (beside the reserve) no command starts: its audit entries,
 # ledger writes and results need room, and a relay operation is never run unaudited
 MIN_FREE_BYTES = 256 * 1024
+# a command seen again is answered at most this often (QoS 1 redelivery and head-end retries
+# are slower than this; a replay flood is not), remembering this many ids
+DUPLICATE_ANSWER_S = 30.0
+DUPLICATE_MEMORY = 4096
 
 failpoint = relay.failpoint
+_ADMISSION = threading.Lock()
 
 
 class StorageFull(Exception):
@@ -87,8 +92,11 @@ class Executor(threading.Thread):
         self.spool = spool_mod.SpoolServer(self.spool_dir, self._spool_request,
                                            self._spool_reject)
         self._halt = threading.Event()
-        self._admission = threading.Lock()    # policy check and ledger entry: one step
+        # policy check and ledger entry: one step, shared with a replaced executor
+        self._admission = _ADMISSION
         self._unauth = policy.TokenBucket(UNAUTH_RESULTS_PER_MIN, 60)
+        self._callers = threading.local()
+        self._answered = {}                   # id -> when a duplicate was last answered
         self.heartbeat = time.monotonic()
         self.counts = {"done": 0, "failed": 0, "rejected": 0, "unauthenticated": 0,
                        "unauthenticated_unanswered": 0, "internal_errors": 0,
@@ -103,6 +111,16 @@ class Executor(threading.Thread):
 
     def tick(self):
         self.heartbeat = time.monotonic()
+
+    def _caller_tick(self):
+        """The heartbeat of whoever is waiting: the executor, or the thread that called
+        local() (cost control), so a slow line never makes a busy thread look hung."""
+        if threading.current_thread() is self:
+            self.tick()
+        else:
+            tick = getattr(self._callers, "tick", None)
+            if tick is not None:
+                tick()
 
     def run(self):
         try:
@@ -226,15 +244,27 @@ class Executor(threading.Thread):
                     RejectCode.REPLAYED_ID, "replayed id (used before by a different "
                     "command)"), record=False)
             if known is not None:
-                # the same command again (QoS 1 redelivery, a head-end retry): never twice
-                self._audit("command.duplicate", id=cid, state=known.get("state"))
+                # the same command again (QoS 1 redelivery, a head-end retry, or a replay
+                # by anyone who captured it): never executed twice, answered at most once
+                # per DUPLICATE_ANSWER_S, and only where the first delivery asked
                 res = known.get("result")
+                if not self._may_answer_duplicate(cid):
+                    self._note_unanswered(RejectCode.REPLAYED_ID, cmd)
+                    return {"id": cid, "status": known.get("state")}
+                self._audit("command.duplicate", id=cid, state=known.get("state"))
                 if res:
-                    return self._answer(cid, res, meta)
+                    return self._answer(cid, res, {
+                        "response_topic": known.get("response_topic"),
+                        "correlation": known.get("correlation")})
                 return {"id": cid, "status": known.get("state")}   # running: result follows
             try:
                 expires = verify.check_window(cmd, _dt.datetime.now(_dt.timezone.utc),
                                               self.cfg.clock_skew_s, self.cfg.max_validity_s)
+            except Rejected as rej:
+                # an old signed command is most likely a replay: nothing recorded, answered
+                # and audited at the rate of unauthenticated input
+                return self._reject_stale(cmd, rej)
+            try:
                 meter = self._check_meter_and_params(cmd)
                 self._policy(cmd, meter)
             except Rejected as rej:
@@ -253,6 +283,31 @@ class Executor(threading.Thread):
         self._result(cid, "accepted", None, meta, meter=meter.id, action=cmd["action"])
         failpoint("after_ledger")
         return None
+
+    def _may_answer_duplicate(self, cid):
+        now = time.monotonic()
+        last = self._answered.get(cid)
+        if last is not None and now - last < DUPLICATE_ANSWER_S:
+            return False
+        if len(self._answered) >= DUPLICATE_MEMORY:
+            self._answered.clear()            # bounded; forgetting only allows an answer
+        self._answered[cid] = now
+        return True
+
+    def _note_unanswered(self, code, cmd):
+        self.counts["duplicates_unanswered"] = self.counts.get("duplicates_unanswered", 0) + 1
+        try:
+            self.audit.unauthenticated(code.value, verify.digest(cmd).encode())
+        except OSError as exc:
+            self._storage_failed(exc)
+
+    def _reject_stale(self, cmd, rej):
+        self.counts["rejected"] += 1
+        self._note_unanswered(rej.code, cmd)
+        if not self._unauth.take(time.monotonic()):
+            return {"id": cmd["id"], "status": "rejected"}
+        return self._result(cmd["id"], "rejected", rej.reason, None, code=rej.code,
+                            meter=cmd.get("meter"), action=cmd.get("action"))
 
     def _fail_unstored(self, cmd, meta, source, digest, expires, exc):
         reason = "storage full: %s" % exc
@@ -423,7 +478,7 @@ class Executor(threading.Thread):
                 # the whole operation is one job on the line: its transactions follow each
                 # other without a poll in between
                 status, reason, extra = self.line.run_job(
-                    meter, lambda: self._relay(cmd, meter), tick=self.tick)
+                    meter, lambda: self._relay(cmd, meter), tick=self._caller_tick)
             elif action == "topup":
                 status, reason, extra = self._topup(cmd, meter)
             elif action == "read":
@@ -484,7 +539,9 @@ class Executor(threading.Thread):
         if meter in (None, "*") or self.accounts.get(meter) is None:
             return
         if action == "cut_off" and source == "costcontrol":
-            opened = not (status != "done" and extra.get("relay") == "closed")
+            entry = self.ledger.get("commands", cid) or {}
+            never_sent = entry.get("sent_at") is None
+            opened = status == "done" or not (never_sent or extra.get("relay") == "closed")
             self.accounts.set_cut(meter, opened, command=cid)
         elif action == "restore" and status == "done":
             self.accounts.set_cut(meter, False, command=cid)
@@ -571,7 +628,8 @@ class Executor(threading.Thread):
 
     # ---------------------------------------------------------------- local & cost control
 
-    def local(self, meter_id, action, params=None, source="local", operator=None, reason=None):
+    def local(self, meter_id, action, params=None, source="local", operator=None, reason=None,
+              tick=None):
         """A command from the box itself (a technician through the spool, cost control):
         the same path, no signature (the caller is trusted by the file system or is the
         gateway), audited. Runs in the caller's thread; admission is serialised with the
@@ -583,18 +641,22 @@ class Executor(threading.Thread):
                    seconds=LOCAL_VALIDITY_S)).isoformat()}
         self._audit("command.local", id=cmd["id"], source=source, operator=operator,
                     reason=reason, command=_public(cmd))
+        self._callers.tick = tick
         try:
             return self._admit_and_run(cmd, None, source)
         except StorageFull as exc:
             return {"id": cmd["id"], "status": "failed", "code": "storage_full",
                     "reason": "storage full: %s" % exc}
+        finally:
+            self._callers.tick = None
 
     def _spool_request(self, req, operator):
         meter = self.meter_of(req["meter"])
         if req["action"] == "status":
             if meter is None or meter.protocol != "dlt645":
                 return {"status": "failed", "reason": "unknown or non-DL/T 645 meter"}
-            state, err, _ = relay.read_relay(self.line, self.spec_of(meter), meter, ON_DEMAND)
+            state, err, _ = relay.read_relay(self.line, self.spec_of(meter), meter, ON_DEMAND,
+                                             tick=self.tick)
             return {"status": "done", **state} if state else {"status": "failed",
                                                                "reason": err}
         return self.local(req["meter"], req["action"], req["params"], source="local",
@@ -660,6 +722,16 @@ class Executor(threading.Thread):
             return "done", "completed before a restart", relay.public_state(after)
         return "failed", "interrupted by a restart; relay %s; not repeated" % \
             after.get("relay"), dict(relay.public_state(after), code="interrupted")
+
+    def cutoff_times(self, since, source="costcontrol"):
+        """When cut-offs from `source` were admitted since `since` (the ledger is the
+        record: a restarted or replaced cost control counts what went before)."""
+        # under way, or concluded after its frame may have gone (one that never left, or
+        # was refused before it, moved no relay)
+        return sorted(d.get("received_at") or 0 for d in self.ledger.all("commands").values()
+                      if d.get("action") == "cut_off" and d.get("source") == source
+                      and (d.get("state") in ("accepted", "sent") or d.get("sent_at"))
+                      and (d.get("received_at") or 0) >= since)
 
     def _prune(self):
         """Forget ids a day after they expired: by then the window check rejects them."""

@@ -41,11 +41,20 @@ class Line:
     def __init__(self, worker_of):
         self.worker_of = worker_of
 
-    def ask(self, meter, request, priority=RELAY, timeout=30):
+    def ask(self, meter, request, priority=RELAY, timeout=30, tick=None):
         worker = self.worker_of(meter.port)
         if threading.current_thread() is worker:
             return worker.transact(request)
-        return worker.submit(request, priority).result(timeout)
+        fut = worker.submit(request, priority)
+        end = time.monotonic() + timeout
+        while True:
+            if tick:
+                tick()
+            try:
+                return fut.result(min(1.0, max(0.01, end - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= end:
+                    raise
 
     def run_job(self, meter, fn, priority=RELAY, timeout=LINE_JOB_TIMEOUT_S, tick=None):
         """fn() on the meter's line thread; its value, or a failed triple if the line did
@@ -74,9 +83,9 @@ class Line:
         return box["value"]
 
 
-def read_relay(line, spec, meter, priority=RELAY):
+def read_relay(line, spec, meter, priority=RELAY, tick=None):
     """(status dict or None, error, frames) from status word 3."""
-    res = line.ask(meter, reads.read_request(spec, STATUS_WORD_3), priority)
+    res = line.ask(meter, reads.read_request(spec, STATUS_WORD_3), priority, tick=tick)
     if not res.ok:
         return None, res.error, res.frames
     msg = res.answer

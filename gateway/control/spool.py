@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 LOCAL_ACTIONS = ("cut_off", "restore", "status")
 RESTORE_MODES = ("direct", "close_allowed")
 MAX_REQUEST_BYTES = 4096
+MAX_RESULT_BYTES = 64 * 1024
+# a scan answers at most this many requests, so remote commands are not starved by a
+# folder full of status requests on a dead meter
+REQUESTS_PER_SCAN = 4
 STALE_AFTER_S = 120            # a request left from before a restart is never acted on late
 FUTURE_SLACK_S = 60            # an mtime further ahead than this is not believed
 _REQUEST_NAME = re.compile(r"([0-9a-f]{32})\.req\.json", re.ASCII)
@@ -166,6 +170,8 @@ class SpoolServer:
             operator = "%s (uid %d)" % (req.get("operator"), uid)
             self._answer(rid, self.handle(req, operator))
             done += 1
+            if done >= REQUESTS_PER_SCAN:
+                break
         return done
 
     def _discard(self, path, name, why):
@@ -222,12 +228,23 @@ def wait_result(spool, rid, timeout):
         except FileNotFoundError:
             time.sleep(0.2)
             continue
+        except OSError as exc:
+            raise BadRequest("%s: %s (someone put something there)" % (out, exc.strerror)) \
+                from None
         try:
-            raw = os.read(fd, 1 << 20)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BadRequest("%s is not a result file (someone put it there)" % out)
+            raw = os.read(fd, MAX_RESULT_BYTES + 1)
         finally:
             os.close(fd)
         os.unlink(out)
-        return json.loads(raw.decode("utf-8")), True
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise BadRequest("%s is not a result the service wrote" % out) from None
+        if not isinstance(body, dict) or len(raw) > MAX_RESULT_BYTES:
+            raise BadRequest("%s is not a result the service wrote" % out)
+        return body, True
     try:
         os.unlink(os.path.join(spool, "%s.req.json" % rid))
         return None, False

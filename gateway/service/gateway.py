@@ -160,8 +160,9 @@ class Gateway:
             tariffs=self.cfg.get("tariff_objects", {}),
             policy=self.cfg.get("cost_policy"), store=self.accounts, journal=self.journal,
             events=self.sink.event, relay_states=self._relay_states,
-            request_relay=lambda meter, action, reason: self.executor.local(
-                meter, action, source="costcontrol", reason=reason))
+            request_relay=lambda meter, action, reason, tick=None: self.executor.local(
+                meter, action, source="costcontrol", reason=reason, tick=tick),
+            cutoff_times=lambda since: self.executor.cutoff_times(since))
 
     def _relay_states(self):
         out = {}
