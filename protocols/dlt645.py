@@ -446,3 +446,43 @@ def match_answer(request, answer):
             return "answer DI %s to a request for %s" % (answer.data[:2][::-1].hex().upper(),
                                                         request.data[:2][::-1].hex().upper())
     return None
+
+
+# ---------------------------------------------------------------- exchanges
+
+# the fixed part of an answer: 68 A0..A5 68 C L ... CS 16
+FRAME_OVERHEAD = 12
+UNKNOWN_PAYLOAD = 40            # an identifier whose length we do not know: room for it
+
+
+def exchange(frame, answer_data_len, label=""):
+    """The exchange of a request frame built by this module, whose answer carries
+    `answer_data_len` data bytes."""
+    from protocols.exchange import Exchange
+    request = parse_frame(frame)
+
+    def match(raw):
+        answer = frame_from_scanner(raw)
+        why = match_answer(request, answer)
+        if why:
+            return None, why
+        return decode(answer), None
+    return Exchange(frame, FRAME_OVERHEAD + answer_data_len, "dlt645", request.address,
+                    match, label)
+
+
+def read_exchange(address, di, version=2007):
+    """Read one data identifier: the request and the answer's length from the value table."""
+    from protocols.dlt645_values import payload_length
+    width = 4 if version == 2007 else 2
+    plen = payload_length(di, version) or UNKNOWN_PAYLOAD
+    return exchange(read_data(address, di, version), width + plen, label="%X" % di)
+
+
+def read_address_exchange(address=WILDCARD):
+    return exchange(read_address(address), 6, label="address")
+
+
+def relay_exchange(frame, label=""):
+    """A relay control frame (plaintext or secured): the meter answers with no data."""
+    return exchange(frame, 0, label)

@@ -156,3 +156,32 @@ def match_answer(request_adu, answer):
         if len(answer.registers) != want:
             return "%d registers in answer, %d requested" % (len(answer.registers), want)
     return None
+
+
+# ---------------------------------------------------------------- exchanges
+
+READ_FUNCTIONS = {3: read_holding_registers, 4: read_input_registers}
+
+
+def exchange(frame, label=""):
+    """The exchange of a request ADU built by this module."""
+    from protocols.exchange import Exchange
+
+    def match(raw):
+        try:
+            answer = decode_answer(raw)
+        except ModbusError as exc:
+            return None, str(exc)
+        why = match_answer(frame, answer)
+        if why:
+            return None, why
+        return answer, None
+    return Exchange(frame, answer_length(frame), "modbus", frame[:1], match, label)
+
+
+def block_exchange(unit, function, address, count):
+    """Read a register block (function 3 or 4)."""
+    if function not in READ_FUNCTIONS:
+        raise ValueError("function %r does not read registers (3 or 4)" % (function,))
+    return exchange(READ_FUNCTIONS[function](unit, address, count),
+                    label="%d:%04X" % (function, address))

@@ -9,7 +9,8 @@ import serial
 
 from gateway.store.journal import BACKFILLED, GOOD
 from gateway.line.poller import LinePoller, MeterSpec
-from gateway.line.port import PortError, PortWorker, Request, RELAY
+from gateway.line.port import PortError, PortWorker, RELAY
+from gateway.model import TxError
 from gateway.sim.dlt645 import Faults, SimLine, SimMeter, make_meters
 from protocols import dlt645 as D
 
@@ -181,7 +182,8 @@ def test_relay_requests_jump_the_poll_queue_and_answers_are_matched():
                                 password="000000", operator_code="00000001",
                                 valid_until=dt.datetime.now() + dt.timedelta(minutes=5))
         t0 = time.time()
-        result = worker.submit(Request(target.address, "dlt645", frame, 12), RELAY).result(5)
+        result = worker.submit(D.relay_exchange(frame).for_meter(target.address),
+                               RELAY).result(5)
         elapsed = time.time() - t0
     finally:
         stop(line, worker)
@@ -197,11 +199,12 @@ def test_wrong_address_and_garbage_answers_are_never_taken():
     worker = PortWorker("p", line.device, baudrate=115200, retries=1)
     worker.start()
     try:
-        req = Request(m.address, "dlt645", D.read_data(m.address, 0x00010000), 24)
+        req = D.read_exchange(m.address, 0x00010000).for_meter(m.address)
         result = worker.submit(req).result(5)
     finally:
         stop(line, worker)
-    assert not result.ok and "foreign frame" in result.error
+    assert not result.ok and result.code == TxError.FOREIGN
+    assert "foreign frame" in result.error
     assert worker.line_stats()["foreign_frames"] == 2
 
 
@@ -219,7 +222,7 @@ def test_daily_freeze_backfill_checks_the_freeze_timestamp():
         today = dt.date.today()
         poller.health[m.address].last_freeze_day = today - dt.timedelta(days=4)
         done = threading.Event()
-        job = lambda w: (poller._freeze(w, spec), done.set())   # noqa: E731
+        job = lambda w: (poller.run_task(w, spec, "freeze"), done.set())   # noqa: E731
         worker.poll_source = _OneJob(job)
         assert done.wait(10)
     finally:

@@ -65,8 +65,10 @@ def relay(args):
     operation is executed by the line's owner and audited like a remote one."""
     cfg = load_config(args)
     meter = find_meter(cfg, args.meter)
-    if meter.protocol != "dlt645":
-        raise CliError("meter %s is a Modbus meter without a relay" % meter.id, EXIT_USAGE)
+    from gateway.line.reads import has_relay
+    if not has_relay(meter):
+        raise CliError("meter %s (%s) has no relay the gateway can operate"
+                       % (meter.id, meter.protocol), EXIT_USAGE)
     spool = os.path.join(cfg.gateway.data_dir, "spool")
     status_path = os.path.join(cfg.gateway.status_dir or cfg.gateway.data_dir, "status.json")
     try:

@@ -10,7 +10,7 @@ from gateway.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, _exa
                                 emit, find_meter, find_port, load_config, table)
 
 
-def open_worker(port, protocol="dlt645", retries=None):
+def open_worker(port, retries=None):
     from gateway.line.port import PortError, PortWorker
     w = PortWorker(port.name, port.device, baudrate=port.baudrate, parity=port.parity,
                    bytesize=port.bytesize, stopbits=port.stopbits,
@@ -27,27 +27,16 @@ def open_worker(port, protocol="dlt645", retries=None):
 
 
 def cmd_simulate(args):
-    from gateway.sim.dlt645 import Faults, SimLine, make_meters
+    from gateway.sim import simulated_line
+    from gateway.sim.dlt645 import Faults
+
+    def on_relay(meter, state, command):
+        # every relay movement, one line: drills and tests watch this
+        print("relay %s %s %s" % (meter.address, state, command), flush=True)
     faults = Faults(latency_s=args.latency_ms / 1000.0, drop_rate=args.drop,
                     corrupt_rate=args.corrupt)
-    if args.protocol == "modbus":
-        from gateway.sim.modbus import ModbusSimLine, ModbusSimMeter
-        meters = [ModbusSimMeter(args.first + i, args.profile,
-                                 faults=Faults(**vars(faults)))
-                  for i in range(args.meters)]
-        line = ModbusSimLine(meters, baudrate=args.baudrate)
-        names = ["unit %d" % m.unit for m in meters]
-    else:
-        meters = make_meters(args.meters, first_address=args.first, faults=faults,
-                             prepaid=True)
-
-        def on_relay(meter, state, command):
-            # every relay movement, one line: drills and tests watch this
-            print("relay %s %s %s" % (meter.address, state, command), flush=True)
-        for m in meters:
-            m.on_relay = on_relay
-        line = SimLine(meters, baudrate=args.baudrate)
-        names = [m.address for m in meters]
+    line, names = simulated_line(args.protocol, args.meters, args.first, faults,
+                                 args.baudrate, profile=args.profile, on_relay=on_relay)
     path = args.port
     if path:
         if os.path.lexists(path):
@@ -99,7 +88,7 @@ def cmd_read(args):
     cfg = load_config(args)
     meter = find_meter(cfg, args.meter)
     port = find_port(cfg, meter.port)
-    worker = open_worker(port, meter.protocol)
+    worker = open_worker(port)
     try:
         try:
             from gateway.line.poller import MeterSpec
@@ -127,12 +116,14 @@ def cmd_read(args):
 
 
 def cmd_scan(args):
-    from gateway.line.reads import search_dlt645, sweep_modbus
+    from gateway.line import reads
+    from gateway.registry import DEFAULT_PROTOCOL
     cfg = load_config(args)
     port = find_port(cfg, args.port)
     protocol = args.protocol or next((m.protocol for m in cfg.meters if m.port == port.name),
-                                     "dlt645")
-    worker = open_worker(port, protocol, retries=0)
+                                     DEFAULT_PROTOCOL)
+    driver = reads.driver(protocol)
+    worker = open_worker(port, retries=0)
 
     def progress(done, total, found):
         if sys.stderr.isatty() or args.progress:
@@ -142,24 +133,19 @@ def cmd_scan(args):
                 port.name, "#" * filled, " " * (width - filled), done, total, found))
             sys.stderr.flush()
     try:
-        if protocol == "modbus":
-            found = [{"unit": u, "profile": p} for u, p in sweep_modbus(
-                worker, args.profile, args.first, args.last, progress)]
-        else:
-            found = [{"address": a} for a in search_dlt645(worker, progress)]
+        found = reads.scan(worker, protocol, progress, profile=args.profile,
+                           first=args.first, last=args.last)
     finally:
         worker.close()
         if sys.stderr.isatty() or args.progress:
             sys.stderr.write("\n")
-    configured = {(m.address if m.protocol == "dlt645" else str(m.unit)): m.id
-                  for m in cfg.meters if m.port == port.name}
+    configured = {reads.driver(m.protocol).key_of(m): m.id
+                  for m in cfg.meters if m.port == port.name and m.protocol == protocol}
     for f in found:
-        key = f.get("address") or str(f.get("unit"))
-        f["configured_as"] = configured.get(key)
+        f["configured_as"] = configured.get(str(f[driver.SCAN_KEY]))
     emit(args, {"port": port.name, "protocol": protocol, "found": found},
-         lambda o: table([(f.get("address") or f.get("unit"), f.get("profile") or "",
+         lambda o: table([(f[driver.SCAN_KEY], f.get("profile") or "",
                            f["configured_as"] or "(not configured)") for f in o["found"]],
-                         ["address" if protocol == "dlt645" else "unit", "profile",
-                          "configured as"]) if o["found"] else print("no meters found"))
+                         [driver.SCAN_KEY, "profile", "configured as"])
+         if o["found"] else print("no meters found"))
     return EXIT_OK if found else EXIT_FAILED
-

@@ -12,7 +12,9 @@ import os
 import sys
 
 from gateway import __version__
+from gateway import registry
 from gateway.cli import admin, field, run
+from gateway.sim import PROTOCOLS as SIM_PROTOCOLS
 from gateway.cli.common import EXIT_FAILED, EXIT_OK, CliError
 from gateway.logs import setup_logging
 
@@ -95,7 +97,7 @@ def build_parser():
     p.add_argument("--port", metavar="PATH", help="create this path as a link to the "
                    "simulated line (default: print the pseudo-terminal's own path)")
     p.add_argument("--meters", type=_positive, default=4, help="how many meters (default 4)")
-    p.add_argument("--protocol", choices=("dlt645", "modbus"), default="dlt645")
+    p.add_argument("--protocol", choices=SIM_PROTOCOLS, default=SIM_PROTOCOLS[0])
     p.add_argument("--profile", default="eastron-sdm120", choices=_profiles(),
                    help="Modbus register map")
     p.add_argument("--baudrate", type=_positive, default=2400)
@@ -112,7 +114,7 @@ def build_parser():
     p = add("scan", "discover meters on an RS-485 port (DL/T 645 address search, Modbus "
             "unit-id sweep)", field.cmd_scan)
     p.add_argument("--port", required=True, help="port name (or device) from the config")
-    p.add_argument("--protocol", choices=("dlt645", "modbus"))
+    p.add_argument("--protocol", choices=registry.NAMES)
     p.add_argument("--profile", choices=_profiles(), help="Modbus register map to probe with")
     p.add_argument("--first", type=int, default=1, help="Modbus: first unit id")
     p.add_argument("--last", type=int, default=247, help="Modbus: last unit id")

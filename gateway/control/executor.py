@@ -378,12 +378,11 @@ class Executor(threading.Thread):
                 raise Rejected(RejectCode.BAD_PARAMS, "read needs params.quantities, a list "
                                "of names")
             try:
-                if meter.protocol == "dlt645":
-                    reads.dis_for(self.spec_of(meter), qs)
+                reads.check_quantities(self.spec_of(meter), qs)
             except reads.UnknownQuantity as exc:
                 raise Rejected(RejectCode.BAD_PARAMS, str(exc)) from None
         elif action in RELAY_ACTIONS:
-            if meter.protocol != "dlt645":
+            if not reads.has_relay(meter):
                 raise Rejected(RejectCode.NO_RELAY, "meter %s (%s) has no relay this gateway "
                                "can operate" % (meter.id, meter.profile))
             if meter.secured and action in ("cut_off", "restore"):
@@ -653,8 +652,9 @@ class Executor(threading.Thread):
     def _spool_request(self, req, operator):
         meter = self.meter_of(req["meter"])
         if req["action"] == "status":
-            if meter is None or meter.protocol != "dlt645":
-                return {"status": "failed", "reason": "unknown or non-DL/T 645 meter"}
+            if meter is None or not reads.has_relay(meter):
+                return {"status": "failed", "reason": "unknown meter, or a meter without a "
+                        "relay"}
             state, err, _ = relay.read_relay(self.line, self.spec_of(meter), meter, ON_DEMAND,
                                              tick=self.tick)
             return {"status": "done", **state} if state else {"status": "failed",

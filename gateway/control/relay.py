@@ -13,13 +13,12 @@ import threading
 import time
 
 from gateway.line import reads
-from gateway.line.port import RELAY, Request
+from gateway.line.port import RELAY
 from protocols import dlt645 as D
 
 READBACK_TRIES = 4
 READBACK_PAUSE_S = 0.3          # grows per try: a meter's relay takes a moment to move
 LINE_JOB_TIMEOUT_S = 120        # a whole relay operation, queueing on a busy line included
-STATUS_WORD_3 = 0x04000503      # DL/T 645-2007 status word 3: relay state and command
 
 # relay frame data (0x1C): PA, P0..P2 (password), C0..C3 (operator code), then the command.
 # The audit keeps the frame but never the secrets: those 8 bytes are masked.
@@ -85,7 +84,7 @@ class Line:
 
 def read_relay(line, spec, meter, priority=RELAY, tick=None):
     """(status dict or None, error, frames) from status word 3."""
-    res = line.ask(meter, reads.read_request(spec, STATUS_WORD_3), priority, tick=tick)
+    res = line.ask(meter, reads.driver_of(spec).status_exchange(spec), priority, tick=tick)
     if not res.ok:
         return None, res.error, res.frames
     msg = res.answer
@@ -168,7 +167,7 @@ def operate(line, spec, meter, rc, params, audit, cmd_id, before_send, restore_h
     audit.append("relay.before", id=cmd_id, state=before, error=err, frames=masked_hex(frames))
     frame = relay_frame(meter, rc, params)
     before_send()
-    res = line.ask(meter, Request(meter.id, "dlt645", frame, 12 + 2, label=rc.name))
+    res = line.ask(meter, D.relay_exchange(frame, rc.name).for_meter(meter.id))
     failpoint("after_send")
     audit.append("relay.frame", id=cmd_id, command=rc.name, ok=res.ok, error=res.error,
                  frames=masked_hex(res.frames))

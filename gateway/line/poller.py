@@ -24,21 +24,13 @@ import logging
 import time
 from typing import Callable, List
 
-from gateway.store.journal import BACKFILLED, CLOCK_UNTRUSTED, GOOD, Reading
-from gateway.line.reads import (ENERGY_BLOCK, ENERGY_SINGLE, INSTANT, PREPAID, SKIP_QUANTITIES,
-                             read_request)
-from gateway.line.port import Request
-from protocols import dlt645 as D
-from protocols import modbus as M
-from protocols.modbus_profiles import PROFILES, decode_block
+from gateway.line.reads import driver
+from gateway.registry import DEFAULT_PROTOCOL
+from gateway.store.journal import CLOCK_UNTRUSTED, GOOD, Reading
 
 log = logging.getLogger(__name__)
 
-CLOCK_DI = 0x0400010C
-FREEZE_TIME = 0x05060000
-FREEZE_IMPORT = 0x05060100
-
-SYNC_MAX_S = 300.0           # broadcast time sync corrects at most +-5 min (reference 1.7)
+OFFLINE_PROBE_S = 60.0       # the first probe of an offline meter; doubles up to max_probe_s
 
 
 class MeterSpec:
@@ -49,7 +41,8 @@ class MeterSpec:
                  "instant_interval_s", "clock_interval_s", "version", "prepaid",
                  "sync_threshold_s", "extra")
 
-    def __init__(self, id, port, protocol="dlt645", address=None, unit=None, profile=None,
+    def __init__(self, id, port, protocol=DEFAULT_PROTOCOL, address=None, unit=None,
+                 profile=None,
                  interval_s=900, instant_interval_s=300, clock_interval_s=3600,
                  version=2007, prepaid=False, sync_threshold_s=30.0, **extra):
         self.id = id
@@ -83,7 +76,7 @@ class MeterHealth:
     def __init__(self):
         self.online = True
         self.failures = 0
-        self.probe_backoff = 60.0
+        self.probe_backoff = OFFLINE_PROBE_S
         self.next_probe = 0.0
         self.last_ok = None
         self.last_error = None
@@ -131,9 +124,11 @@ class LinePoller:
             if m.instant_interval_s:
                 self._push(now if first_poll else aligned(now, m.instant_interval_s),
                            m.id, "instant")
-            if m.protocol == "dlt645" and m.version == 2007 and m.clock_interval_s:
+            extra = driver(m.protocol).tasks(m)
+            if "clock" in extra:
                 self._push(now if first_poll else aligned(now, m.clock_interval_s), m.id,
                            "clock")
+            if "freeze" in extra:
                 self._push(self._next_freeze_time(now), m.id, "freeze")
 
     # ---------------------------------------------------------------- scheduling
@@ -171,14 +166,16 @@ class LinePoller:
             self._push(health.next_probe, meter_id, task)    # skip, keep the line free
             return 0.0
         self._reschedule(meter, task, now)
-        return lambda w: self._run(w, meter, task)
+        return lambda w: self.run_task(w, meter, task)
 
     def pending(self):
         return len(self._heap)
 
     # ---------------------------------------------------------------- health
 
-    def _outcome(self, meter, result):
+    def outcome(self, meter, result):
+        """Count a transaction in the meter's health (online/offline, back-off); True if
+        it was answered."""
         h = self.health[meter.id]
         now = self.wall()
         h.reads += 1
@@ -189,7 +186,7 @@ class LinePoller:
             h.last_error = None
             if not h.online:
                 h.online = True
-                h.probe_backoff = 60.0
+                h.probe_backoff = OFFLINE_PROBE_S
                 self.event("meter.online", meter=meter.id)
             return True
         h.failures += 1
@@ -205,168 +202,19 @@ class LinePoller:
 
     # ---------------------------------------------------------------- jobs
 
-    def _run(self, worker, meter, task):
-        if meter.protocol == "modbus":
-            return self._run_modbus(worker, meter, task)
-        if task == "energy":
-            self._energy(worker, meter)
-        elif task == "instant":
-            self._read_dis(worker, meter, INSTANT[meter.version])
-        elif task == "clock":
-            self._clock(worker, meter)
-        elif task == "freeze":
-            self._freeze(worker, meter)
+    def run_task(self, worker, meter, task):
+        """One poll task of a meter now, on the worker's thread (its driver does it)."""
+        driver(meter.protocol).poll(self, worker, meter, task)
 
-    def read_di(self, worker, meter, di):
-        """One DL/T 645 read through the worker; (Result, message)."""
-        result = worker.transact(read_request(meter, di))
-        if not self._outcome(meter, result):
-            return result, None
-        return result, result.answer
-
-    def _values_to_readings(self, meter, values, ts=None, quality=None):
+    def readings(self, meter, values, ts=None, quality=None):
+        """Readings of decoded values, stamped now (or at `ts`, the meter's own time)."""
         now_ms = int(self.wall() * 1000)
         if quality is None:
             quality = GOOD if self.clock_trusted() else CLOCK_UNTRUSTED
-        for v in values:
-            if v.quantity == "relay.state":
-                self.health[meter.id].relay = v.value
         return [Reading(meter.id, v.quantity, v.value, v.unit, ts or now_ms, now_ms, quality)
-                for v in values if v.quantity not in SKIP_QUANTITIES]
+                for v in values]
 
-    def _read_dis(self, worker, meter, dis):
-        readings = []
-        h = self.health[meter.id]
-        for di in dis:
-            if di in h.unsupported:
-                continue
-            result, msg = self.read_di(worker, meter, di)
-            if msg is None:
-                if not h.online:
-                    break                       # offline: stop this round, probe later
-                continue
-            if isinstance(msg, D.ErrorResponse):
-                if "no_data" in msg.flags or "wrong_di" in msg.flags:
-                    h.unsupported = set(h.unsupported) | {di}
-                continue
-            if isinstance(msg, D.ReadResponse) and msg.values:
-                readings += self._values_to_readings(meter, msg.values)
-        if readings:
-            self.sink(readings)
-        return readings
-
-    def _energy(self, worker, meter):
-        h = self.health[meter.id]
-        prepaid = PREPAID if meter.prepaid and meter.version == 2007 else []
-        if h.block_ok:
-            result, msg = self.read_di(worker, meter, ENERGY_BLOCK[meter.version])
-            if msg is None:
-                return
-            if isinstance(msg, D.ReadResponse) and msg.values:
-                self.sink(self._values_to_readings(meter, msg.values))
-                if prepaid:
-                    self._read_dis(worker, meter, prepaid)
-                return
-            h.block_ok = False                   # no block reads: single identifiers
-        self._read_dis(worker, meter, ENERGY_SINGLE[meter.version] + prepaid)
-
-    def _clock(self, worker, meter):
-        h = self.health[meter.id]
-        t0 = self.wall()
-        result, msg = self.read_di(worker, meter, CLOCK_DI)
-        if not isinstance(msg, D.ReadResponse) or not msg.values:
-            return
-        t1 = self.wall()
-        meter_time = msg.values[0].value
-        # the meter stamped its answer about mid-way through the transaction
-        gw_time = _dt.datetime.fromtimestamp((t0 + t1) / 2)
-        drift = (meter_time - gw_time).total_seconds()
-        if abs(drift) < 1.0 + (t1 - t0) / 2:
-            drift = 0.0
-        h.drift_s = drift
-        today = gw_time.date()
-        if abs(drift) < meter.sync_threshold_s:
-            return
-        if abs(drift) > SYNC_MAX_S:
-            if h.last_drift_event_day != today:
-                h.last_drift_event_day = today
-                self.event("meter.clock_drift", meter=meter.id, drift_s=round(drift, 1),
-                           action="none: beyond broadcast sync range, needs a technician")
-            return
-        if not self.clock_trusted() or h.last_sync_day == today:
-            return
-        now = _dt.datetime.fromtimestamp(self.wall())
-        if now.minute >= 55 or now.minute < 5:
-            return                  # never near the hour or midnight: it would hit freezes
-        h.last_sync_day = today
-        frame = D.broadcast_time_sync(_dt.datetime.fromtimestamp(self.wall()).replace(
-            microsecond=0) + _dt.timedelta(seconds=1))
-        worker.broadcast(frame)
-        self.event("meter.time_synced", meter=meter.id, drift_s=round(drift, 1))
-
-    def _freeze(self, worker, meter):
-        """Today's daily freeze, and any missed day backfilled, timestamp checked."""
-        h = self.health[meter.id]
-        today = _dt.datetime.fromtimestamp(self.wall()).date()
-        if h.last_freeze_day is None:
-            h.last_freeze_day = today - _dt.timedelta(days=1)
-        day = h.last_freeze_day + _dt.timedelta(days=1)
-        while day <= today:
-            n = (today - day).days + 1
-            if n > 62:
-                self.event("freeze.missing", meter=meter.id, day=day.isoformat(),
-                           reason="older than the meter keeps")
-                day += _dt.timedelta(days=1)
-                continue
-            found = None
-            for k in (n, n - 1, n + 1):      # the meter's clock may have shifted its freezes
-                if not 1 <= k <= 62:
-                    continue
-                result, msg = self.read_di(worker, meter, FREEZE_TIME | k)
-                if msg is None:
-                    return                    # no answer: try again at the next round
-                if isinstance(msg, D.ReadResponse) and msg.values and \
-                        msg.values[0].value.date() == day:
-                    found = (k, msg.values[0].value)
-                    break
-            if found is None:
-                self.event("freeze.missing", meter=meter.id, day=day.isoformat(),
-                           reason="no freeze with that date")
-            else:
-                k, stamp = found
-                result, msg = self.read_di(worker, meter, FREEZE_IMPORT | k)
-                if msg is None:
-                    return
-                if isinstance(msg, D.ReadResponse) and msg.values:
-                    quality = GOOD if day == today else BACKFILLED
-                    self.sink(self._values_to_readings(meter, msg.values,
-                                                       ts=local_ms(stamp), quality=quality))
-            h.last_freeze_day = day
-            day += _dt.timedelta(days=1)
-
-    # ---------------------------------------------------------------- Modbus
-
-    def _run_modbus(self, worker, meter, task):
-        profile = PROFILES[meter.profile]
-        readings = []
-        for block in profile.groups.get(task, ()):
-            if block.function == 4:
-                frame = M.read_input_registers(meter.unit, block.address, block.count)
-            else:
-                frame = M.read_holding_registers(meter.unit, block.address, block.count)
-            req = Request(meter.id, "modbus", frame, M.answer_length(frame),
-                          label="%d:%04X" % (block.function, block.address))
-            result = worker.transact(req)
-            if not self._outcome(meter, result):
-                if not self.health[meter.id].online:
-                    break
-                continue
-            if result.answer.exception is not None:
-                continue
-            readings += self._values_to_readings(meter, decode_block(block,
-                                                                     result.answer.registers))
-        if readings:
-            self.sink(readings)
+    local_ms = staticmethod(local_ms)
 
     # ---------------------------------------------------------------- status
 

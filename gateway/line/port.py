@@ -22,8 +22,7 @@ from typing import Any, NamedTuple, Optional
 
 import serial
 
-from protocols import dlt645 as D
-from protocols import modbus as M
+from gateway.model import GatewayError, TxError
 from protocols.framing import Scanner
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ def wire_time(nbytes, baudrate, bits=11):
     return nbytes * bits / float(baudrate)
 
 
-class PortError(Exception):
+class PortError(GatewayError):
     """A port that cannot be used; one line naming the port and device."""
 
 
@@ -60,43 +59,6 @@ def open_error(name, device, exc):
     else:
         why = text.splitlines()[0] if text else type(exc).__name__
     return PortError("port %s: %s %s" % (name, device, why))
-
-
-class Request:
-    """One request/answer transaction for one meter."""
-
-    __slots__ = ("meter", "protocol", "frame", "answer_len", "label", "_parsed_request")
-
-    def __init__(self, meter, protocol, frame, answer_len, label=""):
-        self.meter = meter                 # meter id (for latency budgets and logs)
-        self.protocol = protocol
-        self.frame = frame
-        self.answer_len = answer_len       # expected answer bytes, for the timeout
-        self.label = label
-        self._parsed_request = None
-
-    @property
-    def address_key(self):
-        return self.frame[5:11] if self.protocol == "dlt645" else self.frame[:1]
-
-    def accept(self, raw):
-        """The decoded answer if `raw` answers this request, else (None, why)."""
-        if self.protocol == "dlt645":
-            if self._parsed_request is None:
-                self._parsed_request = D.parse_frame(self.frame)
-            frame = D.frame_from_scanner(raw)
-            why = D.match_answer(self._parsed_request, frame)
-            if why:
-                return None, why
-            return D.decode(frame), None
-        try:
-            answer = M.decode_answer(raw)
-        except M.ModbusError as exc:
-            return None, str(exc)
-        why = M.match_answer(self.frame, answer)
-        if why:
-            return None, why
-        return answer, None
 
 
 class Future:
@@ -128,10 +90,11 @@ class Future:
 class Result(NamedTuple):
     ok: bool
     answer: Any
-    error: Optional[str]
+    error: Optional[str]          # for people
     attempts: int
     elapsed: float
     frames: tuple = ()            # (sent, received) raw frames, for the audit trail
+    code: Optional[TxError] = None   # for programs: why there is no answer
 
 
 class LatencyBudget:
@@ -182,8 +145,7 @@ class PortWorker(threading.Thread):
     request from any thread and returns a Future of its Result."""
 
     def __init__(self, name, device, baudrate=2400, parity="E", bytesize=8, stopbits=1,
-                 retries=2, settle_s=0.0, protocol="dlt645", poll_source=None,
-                 serial_factory=serial.Serial):
+                 retries=2, settle_s=0.0, poll_source=None, serial_factory=serial.Serial):
         super().__init__(name="port-%s" % name, daemon=True)
         self.port_name = name
         self.device = device
@@ -202,7 +164,7 @@ class PortWorker(threading.Thread):
         self._halt = threading.Event()
         self._budgets = {}
         self._last_address = None
-        self.scanners = {"dlt645": Scanner("dlt645"), "modbus": Scanner("modbus")}
+        self.scanners = {}                  # one per framing met on this line
         self.stats = LineStats()
         self.last_error = None
         self._last_exception = None
@@ -253,7 +215,8 @@ class PortWorker(threading.Thread):
         with self._cv:
             while self._queue:
                 _, _, _, fut = heapq.heappop(self._queue)
-                fut.set_result(Result(False, None, "gateway stopping", 0, 0.0))
+                fut.set_result(Result(False, None, "gateway stopping", 0, 0.0,
+                                      code=TxError.STOPPING))
 
     def line_stats(self):
         d = self.stats.as_dict(self.scanners.values())
@@ -306,7 +269,8 @@ class PortWorker(threading.Thread):
             while self._queue and self._queue[0][0] <= ON_DEMAND:
                 _, _, _, fut = heapq.heappop(self._queue)
                 if not fut.done():
-                    fut.set_result(Result(False, None, why, 0, 0.0))
+                    fut.set_result(Result(False, None, why, 0, 0.0,
+                                          code=TxError.PORT_CLOSED))
 
     def _step(self):
         if self._run_queued():
@@ -333,21 +297,22 @@ class PortWorker(threading.Thread):
                 _, _, request, fut = heapq.heappop(self._queue)
             if fut.set_running_or_notify_cancel():
                 try:
-                    if callable(request) and not isinstance(request, Request):
+                    if not hasattr(request, "accept"):       # a job, not an exchange
                         request(self)
                         fut.set_result(None)
                         ran = True
                         continue
                     fut.set_result(self._execute(request))
                 except Exception as exc:
-                    fut.set_result(Result(False, None, "internal error: %s" % exc, 0, 0.0))
+                    fut.set_result(Result(False, None, "internal error: %s" % exc, 0, 0.0,
+                                          code=TxError.NO_ANSWER))
                     raise
             ran = True
 
-    def transact(self, request):
-        """Run one request now on this thread (poll jobs), after anything more urgent."""
+    def transact(self, exchange):
+        """Run one exchange now on this thread (poll jobs), after anything more urgent."""
         self._run_queued(below=POLL)
-        return self._execute(request)
+        return self._execute(exchange)
 
     def broadcast(self, frame):
         """Send a frame no meter answers (broadcast time sync); waits its wire time."""
@@ -365,12 +330,16 @@ class PortWorker(threading.Thread):
     # ---------------------------------------------------------------- one transaction
 
     def _execute(self, request):
+        """One exchange (protocols.exchange.Exchange) on the line, with retries."""
         ser = self._ser
         if self._halt.is_set():
-            return Result(False, None, "gateway stopping", 0, 0.0)
+            return Result(False, None, "gateway stopping", 0, 0.0, code=TxError.STOPPING)
         if ser is None:
-            return Result(False, None, self.last_error or "port not open", 0, 0.0)
-        scanner = self.scanners[request.protocol]
+            return Result(False, None, self.last_error or "port not open", 0, 0.0,
+                          code=TxError.PORT_CLOSED)
+        scanner = self.scanners.get(request.framing)
+        if scanner is None:
+            scanner = self.scanners[request.framing] = Scanner(request.framing)
         budget = self.budget(request.meter)
         t_start = time.monotonic()
         if self.settle_s and self._last_address not in (None, request.address_key):
@@ -379,6 +348,7 @@ class PortWorker(threading.Thread):
         req_wire = wire_time(len(request.frame), self.baudrate)
         ans_wire = wire_time(request.answer_len + PREAMBLE_ALLOWANCE, self.baudrate)
         why = "no answer"
+        code = TxError.NO_ANSWER
         attempts = 0
         for attempt in range(1 + self.retries):
             attempts = attempt + 1
@@ -413,11 +383,13 @@ class PortWorker(threading.Thread):
                     # end of the whole budget (a real answer may still follow: keep reading)
                     garbled = True
                     why = "garbled answer"
+                    code = TxError.GARBLED
                 for raw in frames:
                     answer, mismatch = request.accept(raw)
                     if answer is None:
                         self.stats.foreign_frames += 1
                         why = "foreign frame: %s" % mismatch
+                        code = TxError.FOREIGN
                         continue
                     t_done = time.monotonic()
                     budget.observe(t_done - t_write - req_wire - wire_time(len(raw),
@@ -428,9 +400,9 @@ class PortWorker(threading.Thread):
                                   (request.frame, raw))
             self.stats.timeouts += 1
             self.stats.busy_s += time.monotonic() - t_write
-            if not garbled and why == "garbled answer":
-                why = "no answer"
+            if not garbled and code == TxError.GARBLED:
+                why, code = "no answer", TxError.NO_ANSWER
         return Result(False, None, "%s after %d attempts" % (why, attempts), attempts,
-                      time.monotonic() - t_start, (request.frame,))
+                      time.monotonic() - t_start, (request.frame,), code)
 
 

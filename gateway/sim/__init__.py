@@ -1,2 +1,19 @@
 """Simulated meters (DL/T 645 and Modbus RTU) on pseudo-terminals, and the demo. Shipped,
 since `mgw simulate` and `mgw demo` are features; imported by the command line only."""
+
+PROTOCOLS = ("dlt645", "modbus")      # what `mgw simulate --protocol` can simulate
+
+
+def simulated_line(protocol, count, first, faults, baudrate, profile=None, on_relay=None):
+    """(a started-to-be simulated line, the meters' names) for `mgw simulate`."""
+    if protocol == "modbus":
+        from gateway.sim.dlt645 import Faults
+        from gateway.sim.modbus import ModbusSimLine, ModbusSimMeter
+        meters = [ModbusSimMeter(first + i, profile, faults=Faults(**vars(faults)))
+                  for i in range(count)]
+        return ModbusSimLine(meters, baudrate=baudrate), ["unit %d" % m.unit for m in meters]
+    from gateway.sim.dlt645 import SimLine, make_meters
+    meters = make_meters(count, first_address=first, faults=faults, prepaid=True)
+    for m in meters:
+        m.on_relay = on_relay
+    return SimLine(meters, baudrate=baudrate), [m.address for m in meters]

@@ -1,0 +1,306 @@
+"""The DL/T 645 driver: what the line does with DL/T 645-2007 and -1997 meters.
+
+Poll tasks (energy registers as a block or single identifiers, prepaid money, instantaneous
+values and status word 3, the clock with drift tracking and broadcast sync, the daily freeze
+with its backfill), reads by quantity name or identifier, the address search, and the
+status-word exchange the relay operation reads. Frames come from protocols.dlt645 only.
+"""
+
+import datetime as _dt
+
+from gateway.line.reads import UnknownQuantity
+from gateway.model import TxError
+from gateway.store.journal import BACKFILLED, GOOD
+from protocols import dlt645 as D
+from protocols.dlt645_values import lookup
+
+SCAN_KEY = "address"             # what a scan reports a meter by
+HAS_RELAY = True
+
+ENERGY_BLOCK = {2007: 0x0001FF00, 1997: 0x901F}
+ENERGY_SINGLE = {2007: [0x00010000, 0x00010100, 0x00010200, 0x00010300, 0x00010400],
+                 1997: [0x9010, 0x9011, 0x9012, 0x9013, 0x9014]}
+INSTANT = {2007: [0x0201FF00, 0x0202FF00, 0x02030000, 0x04000503],
+           1997: [0xB611, 0xB621, 0xB630]}
+PREPAID = [0x00900200, 0x00900201]
+
+# not readings of their own: decoded into relay.state / guarantee.state, or clock checks
+SKIP_QUANTITIES = {"status.word1", "status.word2", "status.word3", "status.word4",
+                   "status.word5", "status.word6", "status.word7", "status.word",
+                   "relay.command", "relay.prealarm", "meter.prepaid_type", "meter.clock",
+                   "meter.date", "meter.time"}
+
+GROUPS_2007 = {
+    "energy": [ENERGY_BLOCK[2007]],
+    "instant": INSTANT[2007][:3],
+    "status": [0x04000503],
+    "clock": [0x0400010C],
+    "balance": PREPAID,
+}
+GROUPS_1997 = {"energy": [ENERGY_BLOCK[1997]], "instant": INSTANT[1997],
+               "clock": [0xC010, 0xC011]}
+
+CLOCK_DI = 0x0400010C
+STATUS_WORD_3 = 0x04000503        # relay state and command, guarantee
+FREEZE_TIME = 0x05060000
+FREEZE_IMPORT = 0x05060100
+FREEZE_DAYS = 62                  # daily freezes a DL/T 645-2007 meter keeps
+SYNC_MAX_S = 300.0                # broadcast time sync corrects at most +-5 min (reference 1.7)
+SCAN_DI = 0x00010000              # what the address search asks every meter for
+
+_QUANTITY_DI = {}
+for _di in (0x00010000, 0x00010100, 0x00010200, 0x00010300, 0x00010400, 0x00020000,
+            0x00000000, 0x02010100, 0x02010200, 0x02010300, 0x02020100, 0x02020200,
+            0x02020300, 0x02030000, 0x02060000, 0x02800002, 0x04000503, 0x00900200,
+            0x00900201, 0x0400010C, 0x04000402):
+    for _f in lookup(_di)[0]:
+        _QUANTITY_DI.setdefault(_f.quantity, _di)
+_QUANTITY_DI.update({"relay.state": 0x04000503, "guarantee.state": 0x04000503})
+
+
+def dis_for(meter, quantities):
+    """DL/T 645 identifiers to read for quantity names or group names."""
+    groups = GROUPS_2007 if meter.version == 2007 else GROUPS_1997
+    if not quantities:
+        quantities = ["energy", "instant", "status", "clock"] + \
+            (["balance"] if meter.prepaid else [])
+    dis = []
+    for q in quantities:
+        if q in groups:
+            new = groups[q]
+        elif meter.version == 2007 and q in _QUANTITY_DI:
+            new = [_QUANTITY_DI[q]]
+        elif q.lower().startswith("0x") or (len(q) in (4, 8) and _is_hex(q)):
+            new = [int(q, 16)]
+        else:
+            raise UnknownQuantity("unknown quantity %r (groups: %s; or a data identifier in "
+                                  "hex)" % (q, ", ".join(sorted(groups))))
+        dis += [d for d in new if d not in dis]
+    return dis
+
+
+def _is_hex(s):
+    try:
+        int(s, 16)
+        return True
+    except ValueError:
+        return False
+
+
+
+
+
+
+def check_quantities(meter, quantities):
+    """UnknownQuantity if a name cannot be read from this meter."""
+    dis_for(meter, quantities)
+
+
+def read_exchange(meter, di):
+    return D.read_exchange(meter.address, di, meter.version).for_meter(meter.id)
+
+
+def status_exchange(meter):
+    """The exchange reading status word 3 (relay state, relay command, guarantee)."""
+    return read_exchange(meter, STATUS_WORD_3)
+
+
+def key_of(meter):
+    """How a scan names this meter: its address."""
+    return meter.address
+
+
+def read_now(worker, meter, quantities=()):
+    """Reads a meter through a worker (on the calling thread): (values, errors)."""
+    values, errors = [], []
+    for di in dis_for(meter, quantities):
+        res = worker.transact(read_exchange(meter, di))
+        msg = res.answer
+        if not res.ok:
+            errors.append("%08X: %s" % (di, res.error))
+        elif isinstance(msg, D.ErrorResponse):
+            errors.append("%08X: meter says %s" % (di, ", ".join(msg.flags) or msg.code))
+        elif isinstance(msg, D.ReadResponse):
+            if msg.values is None:
+                values.append(D.Value("di.%08X" % di, msg.payload.hex(), "raw"))
+            else:
+                values += [v for v in msg.values if v.quantity not in SKIP_QUANTITIES
+                           or v.quantity == "meter.clock"]
+    return values, errors
+
+
+
+
+def scan(worker, progress=lambda done, total, found: None, **_):
+    """Finds every meter on a DL/T 645 line, addresses unknown: a wildcard read, and where
+    answers collide, the same again with one more low byte of the address fixed (short
+    addressing, reference 1.3). Returns sorted addresses."""
+    found = set()
+    probes = [""]                # known low digits (2 per byte), grows from the right
+    done = 0
+    total = 1
+    while probes:
+        suffix = probes.pop(0)
+        pattern = "A" * (12 - len(suffix)) + suffix
+        res = worker.transact(D.read_exchange(pattern, SCAN_DI).for_meter("scan"))
+        done += 1
+        if res.ok:
+            found.add(res.answer.address if hasattr(res.answer, "address") else
+                      D.parse_frame(res.frames[1]).address)
+        elif res.code == TxError.GARBLED and len(suffix) < 12:
+            # several meters answered at once: split on the next address byte
+            probes.extend("%02d" % b + suffix for b in range(100))
+            total += 100
+        progress(done, total, len(found))
+    return [{"address": a} for a in sorted(found)]
+
+
+
+
+# ---------------------------------------------------------------- poll tasks
+
+def tasks(meter):
+    """The tasks this meter is polled for beyond energy and instantaneous values."""
+    return ("clock", "freeze") if meter.version == 2007 and meter.clock_interval_s else ()
+
+
+def poll(poller, worker, meter, task):
+    if task == "energy":
+        _energy(poller, worker, meter)
+    elif task == "instant":
+        _read_dis(poller, worker, meter, INSTANT[meter.version])
+    elif task == "clock":
+        _clock(poller, worker, meter)
+    elif task == "freeze":
+        _freeze(poller, worker, meter)
+
+
+def read_di(poller, worker, meter, di):
+    """One read through the worker, counted in the meter's health; (Result, message)."""
+    result = worker.transact(read_exchange(meter, di))
+    if not poller.outcome(meter, result):
+        return result, None
+    return result, result.answer
+
+
+def _readings(poller, meter, values, ts=None, quality=None):
+    for v in values:
+        if v.quantity == "relay.state":
+            poller.health[meter.id].relay = v.value
+    return poller.readings(meter, [v for v in values if v.quantity not in SKIP_QUANTITIES],
+                           ts, quality)
+
+
+def _read_dis(poller, worker, meter, dis):
+    readings = []
+    h = poller.health[meter.id]
+    for di in dis:
+        if di in h.unsupported:
+            continue
+        result, msg = read_di(poller, worker, meter, di)
+        if msg is None:
+            if not h.online:
+                break                       # offline: stop this round, probe later
+            continue
+        if isinstance(msg, D.ErrorResponse):
+            if "no_data" in msg.flags or "wrong_di" in msg.flags:
+                h.unsupported = set(h.unsupported) | {di}
+            continue
+        if isinstance(msg, D.ReadResponse) and msg.values:
+            readings += _readings(poller, meter, msg.values)
+    if readings:
+        poller.sink(readings)
+    return readings
+
+
+def _energy(poller, worker, meter):
+    h = poller.health[meter.id]
+    prepaid = PREPAID if meter.prepaid and meter.version == 2007 else []
+    if h.block_ok:
+        result, msg = read_di(poller, worker, meter, ENERGY_BLOCK[meter.version])
+        if msg is None:
+            return
+        if isinstance(msg, D.ReadResponse) and msg.values:
+            poller.sink(_readings(poller, meter, msg.values))
+            if prepaid:
+                _read_dis(poller, worker, meter, prepaid)
+            return
+        h.block_ok = False                   # no block reads: single identifiers
+    _read_dis(poller, worker, meter, ENERGY_SINGLE[meter.version] + prepaid)
+
+
+def _clock(poller, worker, meter):
+    h = poller.health[meter.id]
+    t0 = poller.wall()
+    result, msg = read_di(poller, worker, meter, CLOCK_DI)
+    if not isinstance(msg, D.ReadResponse) or not msg.values:
+        return
+    t1 = poller.wall()
+    meter_time = msg.values[0].value
+    # the meter stamped its answer about mid-way through the transaction
+    gw_time = _dt.datetime.fromtimestamp((t0 + t1) / 2)
+    drift = (meter_time - gw_time).total_seconds()
+    if abs(drift) < 1.0 + (t1 - t0) / 2:
+        drift = 0.0
+    h.drift_s = drift
+    today = gw_time.date()
+    if abs(drift) < meter.sync_threshold_s:
+        return
+    if abs(drift) > SYNC_MAX_S:
+        if h.last_drift_event_day != today:
+            h.last_drift_event_day = today
+            poller.event("meter.clock_drift", meter=meter.id, drift_s=round(drift, 1),
+                       action="none: beyond broadcast sync range, needs a technician")
+        return
+    if not poller.clock_trusted() or h.last_sync_day == today:
+        return
+    now = _dt.datetime.fromtimestamp(poller.wall())
+    if now.minute >= 55 or now.minute < 5:
+        return                  # never near the hour or midnight: it would hit freezes
+    h.last_sync_day = today
+    frame = D.broadcast_time_sync(_dt.datetime.fromtimestamp(poller.wall()).replace(
+        microsecond=0) + _dt.timedelta(seconds=1))
+    worker.broadcast(frame)
+    poller.event("meter.time_synced", meter=meter.id, drift_s=round(drift, 1))
+
+
+def _freeze(poller, worker, meter):
+    """Today's daily freeze, and any missed day backfilled, timestamp checked."""
+    h = poller.health[meter.id]
+    today = _dt.datetime.fromtimestamp(poller.wall()).date()
+    if h.last_freeze_day is None:
+        h.last_freeze_day = today - _dt.timedelta(days=1)
+    day = h.last_freeze_day + _dt.timedelta(days=1)
+    while day <= today:
+        n = (today - day).days + 1
+        if n > FREEZE_DAYS:
+            poller.event("freeze.missing", meter=meter.id, day=day.isoformat(),
+                       reason="older than the meter keeps")
+            day += _dt.timedelta(days=1)
+            continue
+        found = None
+        for k in (n, n - 1, n + 1):      # the meter's clock may have shifted its freezes
+            if not 1 <= k <= FREEZE_DAYS:
+                continue
+            result, msg = read_di(poller, worker, meter, FREEZE_TIME | k)
+            if msg is None:
+                return                    # no answer: try again at the next round
+            if isinstance(msg, D.ReadResponse) and msg.values and \
+                    msg.values[0].value.date() == day:
+                found = (k, msg.values[0].value)
+                break
+        if found is None:
+            poller.event("freeze.missing", meter=meter.id, day=day.isoformat(),
+                       reason="no freeze with that date")
+        else:
+            k, stamp = found
+            result, msg = read_di(poller, worker, meter, FREEZE_IMPORT | k)
+            if msg is None:
+                return
+            if isinstance(msg, D.ReadResponse) and msg.values:
+                quality = GOOD if day == today else BACKFILLED
+                poller.sink(_readings(poller, meter, msg.values,
+                                                   ts=poller.local_ms(stamp), quality=quality))
+        h.last_freeze_day = day
+        day += _dt.timedelta(days=1)
+
