@@ -20,7 +20,7 @@ def open_worker(port, retries=None):
         w.open()
     except PortError as exc:
         msg = str(exc)
-        if "in use" in msg:
+        if exc.in_use:
             msg += " (is `mgw run` active on it? stop the service, or read through the head-end)"
         raise CliError(msg) from None
     return w

@@ -22,6 +22,7 @@ from gateway.line import reads
 from gateway.control import policy, relay, spool as spool_mod, verify
 from gateway.control.verify import (FINAL, GATEWAY_ACTIONS, RELAY_ACTIONS, Rejected,
                                     RejectCode)
+from gateway.model import GatewayError
 from gateway.store.journal import JournalError
 from gateway.line.port import ON_DEMAND, RELAY
 from gateway.control.signing import KeyError_, load_public_key
@@ -50,7 +51,7 @@ failpoint = relay.failpoint
 _ADMISSION = threading.Lock()
 
 
-class StorageFull(Exception):
+class StorageFull(GatewayError):
     """The ledger or the journal could not be written (a full or failing disk)."""
 
 

@@ -19,6 +19,8 @@ import stat
 import time
 import uuid
 
+from gateway.model import GatewayError
+
 log = logging.getLogger(__name__)
 
 LOCAL_ACTIONS = ("cut_off", "restore", "status")
@@ -34,7 +36,7 @@ _REQUEST_NAME = re.compile(r"([0-9a-f]{32})\.req\.json", re.ASCII)
 _OPERATOR = re.compile(r"[\w .@-]{0,64}")
 
 
-class BadRequest(ValueError):
+class BadRequest(GatewayError, ValueError):
     """A spool file that is not an acceptable request (one line)."""
 
 

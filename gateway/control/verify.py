@@ -13,7 +13,7 @@ import json
 import re
 
 from gateway.control import signing
-from gateway.model import RejectCode
+from gateway.model import GatewayError, RejectCode
 from gateway.money import parse_yuan
 
 ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
@@ -31,7 +31,7 @@ MAX_TOPIC_BYTES = 256
 MAX_CORRELATION_BYTES = 256
 
 
-class Rejected(Exception):
+class Rejected(GatewayError):
     """A command refused; `authenticated` says whether its signature was good."""
 
     def __init__(self, code, reason, authenticated=True):

@@ -43,7 +43,12 @@ def wire_time(nbytes, baudrate, bits=11):
 
 
 class PortError(GatewayError):
-    """A port that cannot be used; one line naming the port and device."""
+    """A port that cannot be used; one line naming the port and device. `in_use`: another
+    process holds it (the service, most likely)."""
+
+    def __init__(self, message, in_use=False):
+        super().__init__(message)
+        self.in_use = in_use
 
 
 def open_error(name, device, exc):
@@ -55,7 +60,8 @@ def open_error(name, device, exc):
     elif code in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
         why = "permission denied (the gateway user needs the dialout group)"
     elif "exclusively lock" in text or code in (errno.EBUSY, errno.EAGAIN):
-        why = "is in use by another process"
+        return PortError("port %s: %s is in use by another process" % (name, device),
+                         in_use=True)
     else:
         why = text.splitlines()[0] if text else type(exc).__name__
     return PortError("port %s: %s %s" % (name, device, why))

@@ -26,6 +26,8 @@ import time
 from decimal import Decimal
 from typing import Any, NamedTuple, Optional
 
+from gateway.model import GatewayError
+
 log = logging.getLogger(__name__)
 
 STREAMS = ("readings", "events", "results")
@@ -55,7 +57,7 @@ CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL
 SCHEMA_VERSION = "1"
 
 
-class JournalError(Exception):
+class JournalError(GatewayError):
     """The journal cannot take or give records; one line naming the file and the cause.
 
     `damaged`: the file is not a sound SQLite database (as opposed to a disk or permission
@@ -118,6 +120,14 @@ def value_json(value):
     if isinstance(value, float):
         raise TypeError("readings are exact: pass Decimal, not float (%r)" % value)
     return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _disk_full(exc):
+    """SQLite said the disk is full (by its result code; Python < 3.11 has only the text)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == getattr(sqlite3, "SQLITE_FULL", 13)
+    return "full" in str(exc)
 
 
 def now_ms():
@@ -307,7 +317,7 @@ class Journal:
                         result = write()
                     break
                 except sqlite3.OperationalError as exc:
-                    if "full" in str(exc) and attempt == 0:
+                    if _disk_full(exc) and attempt == 0:
                         # the disk is full: make room from the oldest rows, then retry once
                         try:
                             dropped = self._drop_oldest(max_rows=10000, reason="disk_full")

@@ -29,6 +29,8 @@ import threading
 from tinydb import TinyDB, where
 from tinydb.storages import Storage
 
+from gateway.model import GatewayError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -37,7 +39,7 @@ FORMAT_VERSION = 1
 MIGRATIONS = {}
 
 
-class StateError(Exception):
+class StateError(GatewayError):
     """The state file cannot be used; the message is one line naming the file."""
 
 

@@ -116,6 +116,7 @@ class Uplink(threading.Thread):
         self.started_at = started_at or time.time()
         self.v5 = cfg.mqtt_version == "5"
         self._halt = threading.Event()
+        self._connect_refused = False        # the last CONNACK said no
         self._client = None
         self._connected = False
         self._lock = threading.Lock()
@@ -215,6 +216,7 @@ class Uplink(threading.Thread):
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
+            self._connect_refused = True
             self.state["last_error"] = "broker refused the connection: %s" % reason_code
             return
         self._connected = True
@@ -231,9 +233,8 @@ class Uplink(threading.Thread):
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected = False
         self.state["connected"] = False
-        refused = "refused" in (self.state["last_error"] or "")
-        if not refused and reason_code is not None and getattr(reason_code, "is_failure",
-                                                               False):
+        if not self._connect_refused and reason_code is not None and \
+                getattr(reason_code, "is_failure", False):
             self.state["last_error"] = "disconnected: %s" % reason_code
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
@@ -364,6 +365,7 @@ class Uplink(threading.Thread):
         client = self._new_client()
         self._client = client
         self.state["last_error"] = None
+        self._connect_refused = False
         if self.v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = cfg.session_expiry_s
@@ -376,7 +378,7 @@ class Uplink(threading.Thread):
         deadline = time.monotonic() + 15
         while not self._connected and not self._halt.is_set():
             rc = client.loop(timeout=0.2)
-            if self.state["last_error"] and "refused" in self.state["last_error"]:
+            if self._connect_refused:
                 client.disconnect()
                 return
             if rc != mqtt.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
