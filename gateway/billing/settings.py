@@ -6,7 +6,7 @@ accounts' rules see the configured meters and tariffs."""
 import datetime as _dt
 
 from gateway.billing import tariff as T
-from gateway.config import (ANY, NUMBER, DecimalNumber, Field, ListOf, ListOfTables, Money,
+from gateway.config import (NAME, NUMBER, DecimalNumber, Field, ListOf, ListOfTables, Money,
                             NamedTables, Table)
 
 TARIFFS = NamedTables("tariffs", T.from_config,
@@ -30,12 +30,13 @@ def _check_account(acc, bad, context):
 
 
 ACCOUNTS = ListOfTables("accounts", "AccountConfig", [
-    Field("meter", ANY, doc_default="required", doc="the `[[meters]]` `id`; one account per meter"),
+    Field("meter", NAME, doc_default="required", doc="the `[[meters]]` `id`; one account per meter"),
     Field("mode", str, "local", choices=("local", "remote"),
           message="local or remote, not {value!r}",
           doc="`local`: the gateway decides cut-offs; `remote`: the head-end decides"),
-    Field("tariff", ANY, doc_default="required", doc="the NAME of a `[tariffs.NAME]`"),
-    Field("opening_balance", Money(places=2), required=True, doc="yuan, a decimal string"),
+    Field("tariff", NAME, doc_default="required", doc="the NAME of a `[tariffs.NAME]`"),
+    Field("opening_balance", Money(places=2), required=True,
+          doc="the balance the account starts with"),
     Field("alarm1", Money(places=2), "20.00", doc="first warning"),
     Field("alarm2", Money(places=2), "10.00", doc="second warning (pre-trip)"),
     Field("overdraft_limit", Money(places=2), "0.00", doc="credit allowed below zero"),
@@ -73,7 +74,7 @@ def _check_policy(pol, bad, context):
 
 
 _NUMBER_MESSAGE = "must be a number >= 0, not {value!r}"
-_STRINGS = ListOf(str, "must be a list of strings, not %r")
+_STRINGS = ListOf(str, "must be a list of strings, not %r", "list of strings")
 
 COST_CONTROL = Table("cost_control", "CostPolicy", [
     Field("notice_s", NUMBER, 86400, minimum=0, message=_NUMBER_MESSAGE,

@@ -13,7 +13,7 @@ except ImportError:        # Python < 3.11
 
 from gateway.config.schema import (  # noqa: F401
     ConfigError, DecimalNumber, Field, FileSchema, Invalid, Kind, ListOf, ListOfTables, Money,
-    NamedTables, Record, Section, Table, record_type, ANY, NUMBER)
+    NamedTables, Record, Section, Table, record_type, NAME, NUMBER)
 
 DEFAULT_PATH = "/etc/meter-gateway/gateway.toml"
 

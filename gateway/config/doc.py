@@ -22,11 +22,25 @@ def default_text(field):
     return "`%s`" % field.kind.text(field.default)
 
 
+def allowed_text(field):
+    if field.choices is not None:
+        return ", ".join("`%s`" % field.kind.text(c) for c in field.choices)
+    low, high = field.minimum, field.maximum
+    if low is not None and high is not None:
+        return "%s, %s to %s" % (field.kind.word, low, high)
+    if low is not None:
+        return "%s >= %s" % (field.kind.word, low)
+    if high is not None:
+        return "%s <= %s" % (field.kind.word, high)
+    return field.kind.word
+
+
 def table(section):
-    """The markdown table of a section's keys: key, default, meaning."""
-    lines = ["| key | default | meaning |", "|---|---|---|"]
+    """The markdown table of a section's keys: key, default, what is allowed, meaning."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for f in section.fields:
-        lines.append("| `%s` | %s | %s |" % (f.name, default_text(f), f.doc))
+        lines.append("| `%s` | %s | %s | %s |" % (f.name, default_text(f), allowed_text(f),
+                                                 f.doc))
     return lines
 
 

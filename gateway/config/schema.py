@@ -42,7 +42,9 @@ class Invalid(ValueError):
 
 class Kind:
     """A type of value beyond TOML's own: `parse` returns the value kept or raises
-    Invalid; `text` shows a default in the docs."""
+    Invalid; `word` names it and `text` shows a default, in the docs."""
+
+    word = "value"
 
     def parse(self, value):
         raise NotImplementedError
@@ -52,8 +54,8 @@ class Kind:
 
 
 class _Builtin(Kind):
-    def __init__(self, types, message, cast=None):
-        self.types, self.message, self.cast = types, message, cast
+    def __init__(self, word, types, message, cast=None):
+        self.word, self.types, self.message, self.cast = word, types, message, cast
 
     def parse(self, value):
         if isinstance(value, bool) and bool not in self.types or \
@@ -73,14 +75,14 @@ class _Builtin(Kind):
 
 
 KINDS = {
-    int: _Builtin((int,), "must be a whole number, not %r"),
-    float: _Builtin((int, float), "must be a number, not %r", float),
-    str: _Builtin((str,), "must be a string, not %r"),
-    bool: _Builtin((bool,), "must be true or false, not %r"),
-    list: _Builtin((list, tuple), "must be a list, not %r", tuple),
+    int: _Builtin("whole number", (int,), "must be a whole number, not %r"),
+    float: _Builtin("number", (int, float), "must be a number, not %r", float),
+    str: _Builtin("text", (str,), "must be a string, not %r"),
+    bool: _Builtin("`true` or `false`", (bool,), "must be true or false, not %r"),
+    list: _Builtin("list", (list, tuple), "must be a list, not %r", tuple),
 }
-ANY = _Builtin((object,), "%r")          # any value: a section's check looks at it
-NUMBER = _Builtin((int, float), "must be a number, not %r")        # int or float, as given
+NAME = _Builtin("name", (object,), "%r")        # a reference a section's check resolves
+NUMBER = _Builtin("number", (int, float), "must be a number, not %r")    # int or float, as given
 
 
 class Money(Kind):
@@ -89,6 +91,7 @@ class Money(Kind):
 
     def __init__(self, places=2):
         self.places = places
+        self.word = "yuan (a string, %d decimals at most)" % places
 
     def parse(self, value):
         try:
@@ -103,6 +106,8 @@ class Money(Kind):
 class DecimalNumber(Kind):
     """A number as TOML gives it or as a string ("60"), kept as Decimal."""
 
+    word = "number"
+
     def parse(self, value):
         try:
             return Decimal(str(value))
@@ -113,8 +118,8 @@ class DecimalNumber(Kind):
 class ListOf(Kind):
     """A list whose every item has one kind (strings, for instance); kept as a tuple."""
 
-    def __init__(self, item, message):
-        self.item, self.message = item, message
+    def __init__(self, item, message, word="list"):
+        self.item, self.message, self.word = item, message, word
 
     def parse(self, value):
         if not isinstance(value, (list, tuple)) or \
