@@ -30,7 +30,8 @@ def _check_account(acc, bad, context):
 
 
 ACCOUNTS = ListOfTables("accounts", "AccountConfig", [
-    Field("meter", NAME, doc_default="required", doc="the `[[meters]]` `id`; one account per meter"),
+    Field("meter", NAME, doc_default="required",
+          doc="the `[[meters]]` `id`; one account per meter"),
     Field("mode", str, "local", choices=("local", "remote"),
           message="local or remote, not {value!r}",
           doc="`local`: the gateway decides cut-offs; `remote`: the head-end decides"),

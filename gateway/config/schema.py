@@ -10,12 +10,12 @@ slotted records.
 
 A field's value, in order: the type (`int`, `float`, `str`, `bool`, `list` or a kind such
 as `Money(places=2)`), `choices`, `minimum`/`maximum`, then `check(value)`, which returns a
-message or None; `convert(value)` then gives what the record holds. `message` replaces
-every one of these messages for a field whose wording is part of the contract. A bad
-value falls back to the default, so later checks see a usable value and the walk goes on.
-A section's `check(values, bad, context)` holds the rules between fields, entries
-and sections, and computes the section's `derived` values; it never writes into the
-document.
+message or None. `message` replaces every one of these messages for a field whose wording
+is part of the contract. A bad value falls back to the default, so later checks see a
+usable value and the walk goes on. A section's `check(values, bad, context)` holds the
+rules between fields, entries and sections, and computes the section's `derived` values
+(into the record's values, never into the document). [tariffs.NAME] tables are made into
+objects by a converter (NamedTables).
 """
 
 import dataclasses
@@ -133,26 +133,24 @@ class ListOf(Kind):
 
 # ---------------------------------------------------------------- declarations
 
-REQUIRED = object()
-
-
 class Field:
+    """One key of a section: `kind` is int, float, str, bool, list or a Kind; `required`
+    may be a function of the values taken before it (the meter's protocol, say); `doc`
+    and `doc_default` are what the docs' table says."""
+
     __slots__ = ("name", "kind", "default", "value", "required", "choices", "minimum",
-                 "maximum", "check", "convert", "message", "doc", "doc_default")
+                 "maximum", "check", "message", "doc", "doc_default")
 
     def __init__(self, name, kind, default=None, *, required=False, choices=None,
-                 minimum=None, maximum=None, check=None, convert=None, message=None,
-                 doc="", doc_default=None):
+                 minimum=None, maximum=None, check=None, message=None, doc="",
+                 doc_default=None):
         self.name, self.default, self.required = name, default, required
         self.kind = KINDS.get(kind, kind)
         self.choices, self.minimum, self.maximum = choices, minimum, maximum
-        self.check, self.convert, self.message = check, convert, message
+        self.check, self.message = check, message
         self.doc, self.doc_default = doc, doc_default
         # the value a record holds when the key is absent (money defaults are Decimal)
-        self.value = default if default is None else self._keep(self.kind.parse(default))
-
-    def _keep(self, value):
-        return self.convert(value) if self.convert else value
+        self.value = default if default is None else self.kind.parse(default)
 
     def take(self, table, where, bad, values):
         """This field's value from `table`; every problem goes to bad(key, message)."""
@@ -178,7 +176,7 @@ class Field:
         except Invalid as exc:
             bad(key, self.message.format(value=raw) if self.message else str(exc))
             return self.value
-        return self._keep(value)
+        return value
 
 
 class Record:

@@ -18,7 +18,9 @@ import os
 import sys
 
 from gateway.billing import settings as billing_settings
-from gateway.config import ConfigError, FileSchema, doc, read, sections  # noqa: F401
+from gateway.config import ConfigError, FileSchema, doc, read, sections
+
+__all__ = ["Config", "ConfigError", "SCHEMA", "load", "validate"]
 
 SCHEMA = FileSchema(sections.SECTIONS + billing_settings.SECTIONS)
 Config = SCHEMA.record
