@@ -18,7 +18,7 @@ import os
 import sys
 
 from gateway.billing import settings as billing_settings
-from gateway.config import ConfigError, FileSchema, doc, read, sections
+from gateway.config import ConfigError, FileSchema, read, sections
 
 __all__ = ["Config", "ConfigError", "SCHEMA", "load", "validate"]
 
@@ -44,6 +44,7 @@ def load(path):
 
 
 def main(argv):
+    from gateway.config import doc
     docs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), "docs")
     if argv[:1] != ["--doc-tables"]:
