@@ -103,10 +103,10 @@ def main():
     broker = _Broker(port)
     from pathlib import Path
     h = Harness(Path(folder), broker=broker, meters=32, baudrate=BAUD,
-                meter_kw={"instant_interval_s": 0}, interval_s=1)
+                meter_kw={"instant_interval_s": 0}, interval_s=1,
+                control={"require_synced_clock": False})
     for m in h.sim_meters:
         m.faults.latency_s = LATENCY_S
-    h.cfg.control["require_synced_clock"] = False
     h.start()
     head = HeadEnd(broker, root="mgw/v1/gw-test")
     try:

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import paho.mqtt.client as mqtt  # noqa: E402
 
-from gateway.config import validate  # noqa: E402
+from gateway.service.config import validate  # noqa: E402
 from gateway.store.journal import Journal, Reading  # noqa: E402
 from gateway.uplink.mqtt import Uplink, rfc3339  # noqa: E402
 

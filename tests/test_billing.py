@@ -11,7 +11,8 @@ import pytest
 from gateway.billing import costcontrol
 from gateway.billing import tariff as T
 from gateway.billing.pricing import Billing, hold
-from gateway.config import _Checker
+from gateway.config import ConfigError
+from gateway.service.config import validate
 from gateway.billing.costcontrol import new_account_doc
 from gateway.store.journal import Journal, Reading
 from gateway.store.accounts import AccountStore
@@ -343,14 +344,12 @@ def test_a_decreasing_tariff_register_raises_an_event_and_is_not_charged():
 
 # ---------------------------------------------------------------- finding 7
 
-class _Config(dict):
-    meters = []
-
-
 def _problems(tariff_doc):
-    chk = _Checker("gw.toml")
-    costcontrol.validate_config(_Config({"tariffs": {"home": tariff_doc}}), chk)
-    return chk.problems
+    try:
+        validate({"gateway": {"id": "g"}, "tariffs": {"home": tariff_doc}}, "gw.toml")
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 TOU_OK = {"kind": "tou", "prices": {"peak": "0.6", "valley": "0.3"},

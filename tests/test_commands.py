@@ -201,8 +201,8 @@ _CHILD_GATEWAY = r'''
 import json, sys, threading
 sys.path.insert(0, %(root)r)
 from gateway.clock import ClockPolicy
-from gateway.config import validate
-from gateway.service.gateway import Gateway, config_validators, serve
+from gateway.service.config import validate
+from gateway.service.gateway import Gateway, serve
 from gateway.uplink.mqtt import Command
 doc = {"gateway": {"id": "gw-test", "data_dir": %(data)r, "status_interval_s": 1},
        "ports": [{"name": "p1", "device": %(device)r, "baudrate": 115200, "retries": 1}],
@@ -212,9 +212,6 @@ doc = {"gateway": {"id": "gw-test", "data_dir": %(data)r, "status_interval_s": 1
        "control": {"public_keys": [%(pub)r], "require_synced_clock": False},
        "tariffs": {"flat": {"kind": "flat", "price": "0.5000"}}, "accounts": []}
 cfg = validate(doc)
-for v in config_validators():
-    v(cfg, cfg["_checker"])
-cfg.pop("_checker"); cfg.pop("_raw")
 gw = Gateway(cfg)
 stop = threading.Event()
 def started(g):

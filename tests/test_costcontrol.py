@@ -42,8 +42,10 @@ def test_household_runs_down_is_warned_cut_off_and_restored_after_topup(tmp_path
                 cost_control=FAST, interval_s=1).start()
     try:
         wait(lambda: h.sim_meters[0].relay_open, timeout=40)
-        # the relay moves before the read-back and the result: wait for those too
-        wait(lambda: h.gw.state.get("accounts", "m1").get("cut_by_costcontrol"))
+        # the relay moves before the read-back and the result: wait for those too (the
+        # account is marked cut at the intent, before the frame leaves: no sign of the result)
+        wait(lambda: [r for r in h.results() if r.get("action") == "cut_off"
+                      and r["status"] == "done"])
         types = [(e["type"], e.get("level")) for e in events(h) if e.get("meter") == "m1"
                  and e["type"].startswith("balance.")]
         assert types[:3] == [("balance.low", 1), ("balance.low", 2), ("balance.exhausted",

@@ -21,9 +21,9 @@ import logging
 import queue
 import threading
 import time
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
-from gateway.billing import tariff as T
+from gateway.billing import settings, tariff as T
 from gateway.billing.pricing import ENERGY_TOTAL, TARIFF_QUANTITIES, Billing  # noqa: F401
 from gateway.money import parse_yuan
 
@@ -39,120 +39,9 @@ EVENT_OF_STATE = {"alarm1": ("balance.low", {"level": 1}), "alarm2": ("balance.l
                   "zero": ("balance.zero", {}), "exhausted": ("balance.exhausted", {}),
                   "normal": ("balance.normal", {})}
 
-ACCOUNT_DEFAULTS = {"mode": "local", "alarm1": "20.00", "alarm2": "10.00",
-                    "overdraft_limit": "0.00", "restore_threshold": "0.00", "max_kw": "60",
-                    "guarantee": False}
-POLICY_DEFAULTS = {"notice_s": 86400, "protected_hours": ["18:00-08:00"],
-                   "protected_weekends": True, "holidays": [], "breaker_max_count": 10,
-                   "breaker_max_share": 0.2, "breaker_window_s": 3600,
-                   "check_interval_s": 30}
-
-
-# ---------------------------------------------------------------- configuration
-
-def _money(chk, where, value):
-    try:
-        return parse_yuan(value)
-    except ValueError as exc:
-        chk.bad(where, str(exc))
-        return None
-
-
-def validate_config(cfg, chk):
-    """Tariffs, accounts and [cost_control] of the configuration file."""
-    tariffs = {}
-    raw = cfg.get("tariffs") or {}
-    if not isinstance(raw, dict):
-        chk.bad("tariffs", "must be tables [tariffs.NAME]")
-        raw = {}
-    for name, doc in raw.items():
-        if not isinstance(doc, dict):
-            chk.bad("tariffs.%s" % name, "must be a table")
-            continue
-        try:
-            tariffs[name] = T.from_config(name, doc)
-        except T.TariffError as exc:
-            chk.bad("tariffs.%s.%s" % (name, exc.key), exc.message)
-    meters = {m.id: m for m in cfg.meters}
-    accounts = []
-    seen = set()
-    raw_acc = cfg.get("accounts") or []
-    if not isinstance(raw_acc, list):
-        chk.bad("accounts", "must be a list of tables ([[accounts]])")
-        raw_acc = []
-    known = {"meter", "mode", "tariff", "opening_balance"} | set(ACCOUNT_DEFAULTS)
-    for i, a in enumerate(raw_acc):
-        where = "accounts[%d]" % i
-        if not isinstance(a, dict):
-            chk.bad(where, "must be a table")
-            continue
-        for k in a:
-            if k not in known:
-                chk.bad("%s.%s" % (where, k), "unknown key")
-        acc = dict(ACCOUNT_DEFAULTS)
-        acc.update(a)
-        if acc.get("meter") not in meters:
-            chk.bad(where + ".meter", "no meter %r" % (acc.get("meter"),))
-        elif acc["meter"] in seen:
-            chk.bad(where + ".meter", "a second account for meter %s" % acc["meter"])
-        seen.add(acc.get("meter"))
-        if acc.get("mode") not in ("local", "remote"):
-            chk.bad(where + ".mode", "local or remote, not %r" % (acc.get("mode"),))
-        if acc.get("tariff") not in tariffs:
-            chk.bad(where + ".tariff", "no tariff %r (tariffs: %s)" % (
-                acc.get("tariff"), ", ".join(sorted(tariffs)) or "none"))
-        for key in ("opening_balance", "alarm1", "alarm2", "overdraft_limit",
-                    "restore_threshold"):
-            if key == "opening_balance" and key not in acc:
-                chk.bad(where + "." + key, "is required")
-                continue
-            acc[key] = _money(chk, "%s.%s" % (where, key), acc[key])
-        try:
-            acc["max_kw"] = Decimal(str(acc["max_kw"]))
-        except InvalidOperation:
-            chk.bad(where + ".max_kw", "a number of kW")
-        if not isinstance(acc.get("guarantee"), bool):
-            chk.bad(where + ".guarantee", "true or false")
-        if None not in (acc.get("alarm1"), acc.get("alarm2")) and acc["alarm2"] > acc["alarm1"]:
-            chk.bad(where + ".alarm2", "must not be above alarm1")
-        accounts.append(acc)
-    pol = dict(POLICY_DEFAULTS)
-    raw_pol = cfg.get("cost_control") or {}
-    if not isinstance(raw_pol, dict):
-        chk.bad("cost_control", "must be a table")
-        raw_pol = {}
-    for k, v in raw_pol.items():
-        if k not in POLICY_DEFAULTS:
-            chk.bad("cost_control.%s" % k, "unknown key")
-            continue
-        default = POLICY_DEFAULTS[k]
-        if isinstance(default, bool):
-            ok = isinstance(v, bool)
-        elif isinstance(default, (int, float)):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-        else:
-            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
-        if not ok:
-            chk.bad("cost_control.%s" % k, "must be %s, not %r" % (
-                "true or false" if isinstance(default, bool) else
-                "a number >= 0" if isinstance(default, (int, float)) else
-                "a list of strings", v))
-            continue
-        pol[k] = v
-    try:
-        pol["protected_ranges"] = [tuple(T.parse_hhmm(x) for x in r.split("-"))
-                                   for r in pol["protected_hours"]]
-    except (ValueError, AttributeError):
-        chk.bad("cost_control.protected_hours", "a list of \"HH:MM-HH:MM\"")
-        pol["protected_ranges"] = []
-    try:
-        pol["holiday_dates"] = {_dt.date.fromisoformat(d) for d in pol["holidays"]}
-    except (ValueError, TypeError):
-        chk.bad("cost_control.holidays", "a list of \"YYYY-MM-DD\"")
-        pol["holiday_dates"] = set()
-    cfg["tariff_objects"] = tariffs
-    cfg["account_list"] = accounts
-    cfg["cost_policy"] = pol
+# [cost_control]'s defaults as the file gives them (gateway/billing/settings.py declares
+# them; the configured policy arrives as a CostPolicy record)
+POLICY_DEFAULTS = {f.name: f.default for f in settings.COST_CONTROL.fields}
 
 
 # ---------------------------------------------------------------- the engine
@@ -188,10 +77,11 @@ class CostControl(threading.Thread):
     def __init__(self, *, accounts, tariffs, policy, store, journal, events, request_relay,
                  relay_states=lambda: {}, cutoff_times=None):
         super().__init__(name="costcontrol", daemon=True)
+        # accounts: AccountConfig records (or dicts); copied, as head-end updates change them
         self.accounts = {a["meter"]: dict(a) for a in accounts}
         self.tariffs = tariffs
-        self.policy = policy or dict(POLICY_DEFAULTS, protected_ranges=[],
-                                     holiday_dates=set())
+        self.policy = dict(policy if policy is not None else
+                           settings.COST_CONTROL.default())
         self.store = store
         self.journal = journal
         self.events = events

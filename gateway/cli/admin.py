@@ -11,8 +11,7 @@ from gateway.cli.common import EXIT_OK, EXIT_USAGE, CliError, emit, load_config,
 def cmd_config(args):
     if args.action != "check":
         raise CliError("usage: mgw config check", EXIT_USAGE)
-    from gateway.service.gateway import config_validators
-    cfg = load_config(args, config_validators())
+    cfg = load_config(args)
     summary = {"config": cfg.path, "ok": True, "gateway": cfg.gateway.id,
                "ports": len(cfg.ports), "meters": len(cfg.meters),
                "accounts": len(cfg.accounts), "uplink": cfg.uplink.host or "none"}

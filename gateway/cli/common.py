@@ -6,7 +6,7 @@ import json
 import sys
 from decimal import Decimal
 
-from gateway.config import ConfigError, config_path, load
+from gateway.config import ConfigError, config_path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_NOT_RUNNING = 3          # `mgw status`: the service is not running
@@ -59,10 +59,12 @@ def table(rows, headers):
     print("\n".join(out))
 
 
-def load_config(args, validators=()):
+def load_config(args):
+    """The whole configuration file, validated (every section, cost control's included)."""
+    from gateway.service.config import load
     path = config_path(args.config)
     try:
-        return load(path, validators)
+        return load(path)
     except ConfigError as exc:
         for line in exc.problems:
             sys.stderr.write(line + "\n")

@@ -7,10 +7,10 @@ from gateway.logs import setup_logging
 
 
 def run(args):
-    from gateway.service.gateway import Gateway, config_validators, serve
+    from gateway.service.gateway import Gateway, serve
     from gateway.store.journal import JournalError
     from gateway.store.state import StateError
-    cfg = load_config(args, config_validators())
+    cfg = load_config(args)
     setup_logging(cfg.gateway.log_level)
     try:
         gw = Gateway(cfg)

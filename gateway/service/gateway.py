@@ -35,12 +35,6 @@ log = logging.getLogger("gateway")
 HUNG_AFTER_S = 120.0          # a thread without a heartbeat this long is hung
 
 
-def config_validators():
-    """Validators of other modules run by `mgw config check` and `mgw run`."""
-    from gateway.billing import costcontrol
-    return [costcontrol.validate_config]
-
-
 class Gateway:
     def __init__(self, cfg, clock_policy=None, notifier=None, simulators=()):
         self.cfg = cfg
@@ -156,9 +150,8 @@ class Gateway:
     def _new_costcontrol(self):
         from gateway.billing import costcontrol
         return costcontrol.CostControl(
-            accounts=self.cfg.get("account_list", []),
-            tariffs=self.cfg.get("tariff_objects", {}),
-            policy=self.cfg.get("cost_policy"), store=self.accounts, journal=self.journal,
+            accounts=self.cfg.accounts, tariffs=self.cfg.tariffs,
+            policy=self.cfg.cost_control, store=self.accounts, journal=self.journal,
             events=self.sink.event, relay_states=self._relay_states,
             request_relay=lambda meter, action, reason, tick=None: self.executor.local(
                 meter, action, source="costcontrol", reason=reason, tick=tick),

@@ -15,7 +15,8 @@ import threading
 import time
 
 from gateway import __version__
-from gateway.config import validate
+from gateway.config import ConfigError
+from gateway.service.config import validate
 from gateway.sim.dlt645 import Faults, SimLine, SimMeter
 
 
@@ -87,14 +88,10 @@ def build(data_dir, broker=("127.0.0.1", 1883)):
         "cost_control": {"notice_s": 30, "protected_hours": [], "protected_weekends": False,
                          "check_interval_s": 5},
     }
-    cfg = validate(doc, "<demo>")
-    from gateway.service.gateway import config_validators
-    for v in config_validators():
-        v(cfg, cfg["_checker"])
-    chk = cfg.pop("_checker")
-    cfg.pop("_raw", None)
-    if chk.problems:
-        raise RuntimeError("demo configuration: %s" % "; ".join(chk.problems))
+    try:
+        cfg = validate(doc, "<demo>")
+    except ConfigError as exc:
+        raise RuntimeError("demo configuration: %s" % "; ".join(exc.problems)) from None
     return cfg, [dlt, mb], keys
 
 
