@@ -97,6 +97,9 @@ def test_three_lines_of_16_meters_report_exactly_what_the_meters_said():
     assert checked >= 3 * 16 * 12
 
 
+NOISY_READS = 700       # about 35 corrupted answers and 35 noise bursts at these rates
+
+
 def test_dead_meter_and_noise_do_not_hurt_other_lines_or_live_meters():
     # clean line alone: reference cycle time
     def cycle_time(line_meters, worker, poller, rounds=3):
@@ -123,7 +126,7 @@ def test_dead_meter_and_noise_do_not_hurt_other_lines_or_live_meters():
             deadline = time.time() + 120
             live = [m.address for m in noisy[:8]]
             while time.time() < deadline:
-                if sum(n_poller.health[a].reads for a in live) >= 2000:
+                if sum(n_poller.health[a].reads for a in live) >= NOISY_READS:
                     break
                 time.sleep(0.1)
         finally:
@@ -132,11 +135,11 @@ def test_dead_meter_and_noise_do_not_hurt_other_lines_or_live_meters():
         stop(c_line, c_worker)
     reads = sum(n_poller.health[a].reads for a in live)
     ok = sum(n_poller.health[a].reads_ok for a in live)
-    assert reads >= 2000
-    assert ok / reads >= 0.999, (ok, reads, n_worker.line_stats())
+    assert reads >= NOISY_READS
+    assert reads - ok <= 1, (ok, reads, n_worker.line_stats())    # retries hide the noise
     stats = n_worker.line_stats()
     assert stats["checksum_errors"] > 0 and stats["retries"] > 0     # the noise was real
-    assert stats["garbage_bytes"] > 0 and n_line.stats["noise_bursts"] > 50
+    assert stats["garbage_bytes"] > 0 and n_line.stats["noise_bursts"] > 15
     assert not n_poller.health["000000000699"].online
     assert {"type": "meter.offline", "meter": "000000000699"}.items() <= \
         [e for e in n_col.events if e["meter"] == "000000000699"][0].items()
