@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench.uplink import start_broker  # noqa: E402
 from gwharness import Harness  # noqa: E402
 from mqtt_helpers import HeadEnd  # noqa: E402
-from protocols import dlt645 as D  # noqa: E402
+from protocols import dlt645  # noqa: E402
 
 BAUD = 2400
 LATENCY_S = 0.03
@@ -33,7 +33,7 @@ def wire(n):
 
 
 def minimum():
-    status_req = len(D.read_data("000000000001", 0x04000503))
+    status_req = len(dlt645.read_data("000000000001", 0x04000503))
     status_ans = 4 + 12 + 4 + 2
     relay_req = 4 + 12 + 16
     relay_ans = 4 + 12

@@ -23,8 +23,8 @@ from decimal import Decimal
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from protocols import dlt645 as D  # noqa: E402
-from protocols import modbus as M  # noqa: E402
+from protocols import dlt645  # noqa: E402
+from protocols import modbus  # noqa: E402
 
 CHUNK = 256
 
@@ -34,15 +34,15 @@ def dlt645_stream(n, rng):
     templates = []
     for a in addresses:
         templates += [
-            D.read_values_response(a, 0x00010000, [Decimal("12345.67")]),
-            D.read_values_response(a, 0x0001FF00, [Decimal("12345.67"), Decimal("1.00"),
+            dlt645.read_values_response(a, 0x00010000, [Decimal("12345.67")]),
+            dlt645.read_values_response(a, 0x0001FF00, [Decimal("12345.67"), Decimal("1.00"),
                                                    Decimal("2345.10"), Decimal("7000.00"),
                                                    Decimal("2999.57")]),
-            D.read_values_response(a, 0x0201FF00, [Decimal("220.1"), Decimal("219.8"),
+            dlt645.read_values_response(a, 0x0201FF00, [Decimal("220.1"), Decimal("219.8"),
                                                    Decimal("221.0")]),
-            D.read_values_response(a, 0x02020100, [Decimal("-5.123")]),
-            D.read_values_response(a, 0x04000503, [0x0010]),
-            D.read_values_response(a, 0x00900200, [Decimal("35.20")]),
+            dlt645.read_values_response(a, 0x02020100, [Decimal("-5.123")]),
+            dlt645.read_values_response(a, 0x04000503, [0x0010]),
+            dlt645.read_values_response(a, 0x00900200, [Decimal("35.20")]),
         ]
     frames = [rng.choice(templates) for _ in range(n)]
     # vary preambles: meters send 0..4 FE
@@ -56,7 +56,7 @@ def modbus_stream(n, rng):
     for unit in range(1, 33):
         for count in (2, 4, 10, 24):
             regs = [rng.getrandbits(16) for _ in range(count)]
-            templates.append(M._adu(unit, ReadHoldingRegistersResponse(registers=regs,
+            templates.append(modbus._adu(unit, ReadHoldingRegistersResponse(registers=regs,
                                                                        dev_id=unit)))
     return [rng.choice(templates) for _ in range(n)]
 
@@ -114,7 +114,7 @@ def ours_decoded(module):
         n = 0
         for c in chunks:
             for raw in s.feed(c):
-                msg = D.decode(D.Frame(D.address_from_wire(raw[1:7]), raw[8],
+                msg = dlt645.decode(dlt645.Frame(dlt645.address_from_wire(raw[1:7]), raw[8],
                                        sub_33(raw[10:-2]), raw))
                 n += len(msg.values)
         return n
@@ -129,7 +129,7 @@ def ours_modbus_decoded(module):
         n = 0
         for c in chunks:
             for raw in s.feed(c):
-                n += len(M.decode_answer(raw).registers)
+                n += len(modbus.decode_answer(raw).registers)
         return n
     return run
 

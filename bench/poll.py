@@ -19,14 +19,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from gateway.line.poller import LinePoller, MeterSpec  # noqa: E402
 from gateway.line.port import PortWorker  # noqa: E402
 from gateway.sim.dlt645 import Faults, SimLine, make_meters  # noqa: E402
-from protocols import dlt645 as D  # noqa: E402
+from protocols import dlt645  # noqa: E402
 
 LATENCY_S = 0.03
 METERS = 32
 
 
 def minimum(baud):
-    request = len(D.read_data("000000000001", 0x0001FF00))               # with 4 FE
+    request = len(dlt645.read_data("000000000001", 0x0001FF00))               # with 4 FE
     answer = 4 + 12 + 4 + 20                                              # FE + frame
     return METERS * ((request + answer) * 11 / baud + LATENCY_S)
 

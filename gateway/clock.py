@@ -75,3 +75,13 @@ class ClockPolicy:
             value = bool(self._probe())
             self._last = (value, now)
         return value
+
+
+# Meters freeze their registers on the hour and at midnight: a time sync within this many
+# minutes of the hour could move a freeze across it (DESIGN.md, "Clocks").
+SYNC_GUARD_MIN = 5
+
+
+def near_the_hour(now):
+    """True within SYNC_GUARD_MIN minutes either side of a full hour (local time)."""
+    return now.minute >= 60 - SYNC_GUARD_MIN or now.minute < SYNC_GUARD_MIN

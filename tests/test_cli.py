@@ -1,6 +1,7 @@
 """The technician's command line against simulated meters: real processes, real exit codes."""
 
 import json
+import time
 import os
 import signal
 import subprocess
@@ -112,7 +113,13 @@ def test_keys_and_signed_commands_verify(tmp_path):
 def test_status_and_buffer_without_a_service(tmp_path):
     cfg = config(tmp_path, "/dev/null")
     code, out, err = run("status", "--config", cfg)
-    assert code == 1 and "has not run" in err
+    assert code == 3 and "has not run" in err            # CONTRACT.md: 3, not running
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "status.json").write_text('{"v":1,"gateway":"gw-test","stopped":true,'
+                                      '"written_at":%f}' % time.time())
+    code, out, err = run("status", "--config", cfg)
+    assert code == 3 and "NOT RUNNING" in out
     code, out, err = run("buffer", "--config", cfg)
     assert code == 1 and "no journal yet" in err
 

@@ -5,7 +5,9 @@ import json
 import os
 import time
 
-from gateway.cli.common import EXIT_OK, EXIT_USAGE, CliError, emit, load_config, table
+from gateway.cli.common import (EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, CliError, emit,
+                                load_config, table)
+from gateway.store import paths
 
 
 def cmd_config(args):
@@ -24,7 +26,7 @@ def cmd_config(args):
 def cmd_buffer(args):
     from gateway.store.journal import readonly_stats
     cfg = load_config(args)
-    path = os.path.join(cfg.gateway.data_dir, "journal.db")
+    path = paths.path(cfg.gateway.data_dir, paths.JOURNAL)
     stats = readonly_stats(path)
     if stats is None:
         raise CliError("%s: no journal yet (the service has not run with this data_dir)"
@@ -50,19 +52,18 @@ def _fmt_ms(ms):
 
 def cmd_status(args):
     cfg = load_config(args)
-    path = os.path.join(cfg.gateway.status_dir or cfg.gateway.data_dir, "status.json")
+    path = paths.status_path(cfg.gateway)
     try:
         with open(path) as f:
             status = json.load(f)
     except FileNotFoundError:
         raise CliError("%s: no status yet: the service has not run with this data_dir "
-                       "(start it with `mgw run`)" % path) from None
+                       "(start it with `mgw run`)" % path, EXIT_NOT_RUNNING) from None
     except (OSError, ValueError) as exc:
         raise CliError("%s: unreadable (%s)" % (path, exc)) from None
-    age = time.time() - status.get("written_at", 0)
-    status["running"] = not status.get("stopped") and \
-        age < 3 * cfg.gateway.status_interval_s + 5
-    status["age_s"] = round(age, 1)
+    now = time.time()
+    status["running"] = paths.status_is_fresh(status, cfg.gateway.status_interval_s, now)
+    status["age_s"] = round(now - (status.get("written_at") or 0), 1)
 
     def human(s):
         print("gateway %s %s, %s (status %.0f s old)" % (
@@ -87,7 +88,8 @@ def cmd_status(args):
         print("\nbuffer: %s unsent readings, %s unsent events" % (
             b.get("readings", "-"), b.get("events", "-")))
     emit(args, status, human)
-    return EXIT_OK
+    # CONTRACT.md: exit 3 when the service is not running (scripts and monitors check it)
+    return EXIT_OK if status["running"] else EXIT_NOT_RUNNING
 
 
 def cmd_completion(args):

@@ -69,15 +69,16 @@ def relay(args):
     if not has_relay(meter):
         raise CliError("meter %s (%s) has no relay the gateway can operate"
                        % (meter.id, meter.protocol), EXIT_USAGE)
-    spool = os.path.join(cfg.gateway.data_dir, "spool")
-    status_path = os.path.join(cfg.gateway.status_dir or cfg.gateway.data_dir, "status.json")
+    from gateway.store import paths
+    spool = paths.path(cfg.gateway.data_dir, paths.SPOOL)
+    status_path = paths.status_path(cfg.gateway)
     try:
         with open(status_path) as f:
-            st = json.load(f)
-        age = None if st.get("stopped") else time.time() - st.get("written_at", 0)
-    except (OSError, ValueError):
-        age = None
-    if age is None or age > 3 * cfg.gateway.status_interval_s + 5:
+            running = paths.status_is_fresh(json.load(f), cfg.gateway.status_interval_s,
+                                            time.time())
+    except (OSError, ValueError, AttributeError):
+        running = False
+    if not running:
         raise CliError("the gateway service is not running (no fresh %s): start it first; "
                        "relay operations go through it so they are audited" % status_path)
     if not os.access(spool, os.W_OK):

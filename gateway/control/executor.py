@@ -22,12 +22,14 @@ from gateway.line import reads
 from gateway.control import policy, relay, spool as spool_mod, verify
 from gateway.control.verify import (FINAL, GATEWAY_ACTIONS, RELAY_ACTIONS, Rejected,
                                     RejectCode)
+from gateway.clock import near_the_hour
 from gateway.model import GatewayError
+from gateway.store import paths
 from gateway.store.journal import JournalError
 from gateway.line.port import ON_DEMAND, RELAY
 from gateway.control.signing import KeyError_, load_public_key
 from gateway.store.state import StateError
-from protocols import dlt645 as D
+from protocols import dlt645
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class Executor(threading.Thread):
             except KeyError_ as exc:
                 log.error("%s: commands signed with it will be rejected", exc)
         self.data_dir = data_dir
-        self.spool_dir = os.path.join(data_dir, "spool")
+        self.spool_dir = paths.path(data_dir, paths.SPOOL)
         spool_mod.prepare(self.spool_dir, local_group)
         self.spool = spool_mod.SpoolServer(self.spool_dir, self._spool_request,
                                            self._spool_reject)
@@ -548,7 +550,7 @@ class Executor(threading.Thread):
 
     def _relay(self, cmd, meter):
         rc = relay.command_for(cmd["action"], cmd.get("params") or {}, self.cfg.restore_mode)
-        if rc == D.RelayCommand.GUARANTEE:
+        if rc == dlt645.RelayCommand.GUARANTEE:
             # the gateway refuses cut-offs from here on, whatever the meter answers
             self.accounts.set_guarantee(meter.id, True, "command")
 
@@ -557,7 +559,7 @@ class Executor(threading.Thread):
         status, reason, extra = relay.operate(self.line, self.spec_of(meter), meter, rc,
                                               cmd.get("params") or {}, self, cmd["id"],
                                               before_send)
-        if rc == D.RelayCommand.GUARANTEE_RELEASE and status == "done":
+        if rc == dlt645.RelayCommand.GUARANTEE_RELEASE and status == "done":
             self.accounts.set_guarantee(meter.id, False, "command")
         return status, reason, extra
 
@@ -616,10 +618,10 @@ class Executor(threading.Thread):
         if not self.clock.trusted():
             return "failed", "the gateway clock is not synchronised", {"code": "clock_untrusted"}
         now = _dt.datetime.now()
-        if now.minute >= 55 or now.minute < 5:
+        if near_the_hour(now):
             return "failed", "not near the hour (meters freeze on the hour)", \
                 {"code": "near_the_hour"}
-        frame = D.broadcast_time_sync(now.replace(microsecond=0) + _dt.timedelta(seconds=1))
+        frame = dlt645.broadcast_time_sync(now.replace(microsecond=0) + _dt.timedelta(seconds=1))
         done = threading.Event()
         self.line.worker_of(meter.port).submit_job(lambda w: (w.broadcast(frame), done.set()),
                                                    RELAY)
@@ -712,7 +714,7 @@ class Executor(threading.Thread):
             self._finish(cid, cmd, meter, meta, source, status, reason, extra)
 
     def _conclude_sent(self, cid, doc, meter):
-        rc = D.RelayCommand[doc.get("relay_command", "TRIP")]
+        rc = dlt645.RelayCommand[doc.get("relay_command", "TRIP")]
         after, err, frames = relay.read_relay(self.line, self.spec_of(meter), meter)
         self._audit("relay.after", id=cid, state=after, error=err,
                     frames=relay.masked_hex(frames))

@@ -14,7 +14,7 @@ import time
 
 from gateway.line import reads
 from gateway.line.port import RELAY
-from protocols import dlt645 as D
+from protocols import dlt645
 
 READBACK_TRIES = 4
 READBACK_PAUSE_S = 0.3          # grows per try: a meter's relay takes a moment to move
@@ -88,9 +88,9 @@ def read_relay(line, spec, meter, priority=RELAY, tick=None):
     if not res.ok:
         return None, res.error, res.frames
     msg = res.answer
-    if isinstance(msg, D.ErrorResponse):
+    if isinstance(msg, dlt645.ErrorResponse):
         return None, "meter says %s" % (", ".join(msg.flags) or msg.code), res.frames
-    if not isinstance(msg, D.ReadResponse) or not msg.values:
+    if not isinstance(msg, dlt645.ReadResponse) or not msg.values:
         return None, "unexpected answer to the status read", res.frames
     vals = {v.quantity: v.value for v in msg.values}
     return {"relay": vals.get("relay.state"), "relay_command": vals.get("relay.command"),
@@ -99,37 +99,37 @@ def read_relay(line, spec, meter, priority=RELAY, tick=None):
 
 def command_for(action, params, default_restore_mode):
     if action == "cut_off":
-        return D.RelayCommand.TRIP
+        return dlt645.RelayCommand.TRIP
     if action == "restore":
         mode = params.get("mode")
         direct = mode == "direct" or (mode is None and default_restore_mode == "direct_close")
-        return D.RelayCommand.DIRECT_CLOSE if direct else D.RelayCommand.CLOSE_ALLOWED
+        return dlt645.RelayCommand.DIRECT_CLOSE if direct else dlt645.RelayCommand.CLOSE_ALLOWED
     if action == "guarantee_on":
-        return D.RelayCommand.GUARANTEE
-    return D.RelayCommand.GUARANTEE_RELEASE
+        return dlt645.RelayCommand.GUARANTEE
+    return dlt645.RelayCommand.GUARANTEE_RELEASE
 
 
 def relay_frame(meter, rc, params, now=None):
-    if meter.secured and rc in (D.RelayCommand.TRIP, D.RelayCommand.DIRECT_CLOSE,
-                                D.RelayCommand.CLOSE_ALLOWED):
-        return D.relay_control_secured(meter.address, bytes.fromhex(params["payload"]))
+    if meter.secured and rc in (dlt645.RelayCommand.TRIP, dlt645.RelayCommand.DIRECT_CLOSE,
+                                dlt645.RelayCommand.CLOSE_ALLOWED):
+        return dlt645.relay_control_secured(meter.address, bytes.fromhex(params["payload"]))
     valid_until = ((now or _dt.datetime.now()) + _dt.timedelta(seconds=meter.relay_valid_s)
                    ).replace(microsecond=0)
-    return D.relay_control(meter.address, rc, password_level=meter.password_level,
+    return dlt645.relay_control(meter.address, rc, password_level=meter.password_level,
                            password=meter.password, operator_code=meter.operator_code,
                            valid_until=valid_until)
 
 
 def reached(rc, state):
-    if rc == D.RelayCommand.TRIP:
+    if rc == dlt645.RelayCommand.TRIP:
         return state.get("relay") == "open"
-    if rc == D.RelayCommand.DIRECT_CLOSE:
+    if rc == dlt645.RelayCommand.DIRECT_CLOSE:
         return state.get("relay") == "closed"
-    if rc == D.RelayCommand.CLOSE_ALLOWED:
+    if rc == dlt645.RelayCommand.CLOSE_ALLOWED:
         return state.get("relay_command") == "close"
-    if rc == D.RelayCommand.GUARANTEE:
+    if rc == dlt645.RelayCommand.GUARANTEE:
         return state.get("guarantee") is True
-    if rc == D.RelayCommand.GUARANTEE_RELEASE:
+    if rc == dlt645.RelayCommand.GUARANTEE_RELEASE:
         return state.get("guarantee") is False
     return False
 
@@ -152,7 +152,7 @@ def masked_hex(frames):
             i += 1
         text = raw.hex()
         if len(raw) >= i + _SECRET_OFFSET + _SECRET_BYTES and raw[i] == 0x68 and \
-                raw[i + 8] & 0x1F == D.RELAY_CONTROL and not raw[i + 8] & 0x80:
+                raw[i + 8] & 0x1F == dlt645.RELAY_CONTROL and not raw[i + 8] & 0x80:
             a = 2 * (i + _SECRET_OFFSET)
             text = text[:a] + "*" * (2 * _SECRET_BYTES) + text[a + 2 * _SECRET_BYTES:]
         out.append(text)
@@ -167,7 +167,7 @@ def operate(line, spec, meter, rc, params, audit, cmd_id, before_send, restore_h
     audit.append("relay.before", id=cmd_id, state=before, error=err, frames=masked_hex(frames))
     frame = relay_frame(meter, rc, params)
     before_send()
-    res = line.ask(meter, D.relay_exchange(frame, rc.name).for_meter(meter.id))
+    res = line.ask(meter, dlt645.relay_exchange(frame, rc.name).for_meter(meter.id))
     failpoint("after_send")
     audit.append("relay.frame", id=cmd_id, command=rc.name, ok=res.ok, error=res.error,
                  frames=masked_hex(res.frames))
@@ -175,7 +175,7 @@ def operate(line, spec, meter, rc, params, audit, cmd_id, before_send, restore_h
         after, _, _ = read_relay(line, spec, meter)
         return "failed", "no answer from the meter (%s)" % res.error, \
             dict(public_state(after), code="no_answer")
-    if isinstance(res.answer, D.ErrorResponse):
+    if isinstance(res.answer, dlt645.ErrorResponse):
         after, _, _ = read_relay(line, spec, meter)
         return "failed", "meter refused: %s" % (", ".join(res.answer.flags) or
                                                 res.answer.code), \
@@ -195,8 +195,8 @@ def readback(line, spec, meter, rc, audit, cmd_id):
     if after is None:
         return "failed", "relay state could not be read back (%s)" % err, \
             {"code": "readback_failed"}
-    if rc in (D.RelayCommand.GUARANTEE, D.RelayCommand.GUARANTEE_RELEASE):
-        on = rc == D.RelayCommand.GUARANTEE
+    if rc in (dlt645.RelayCommand.GUARANTEE, dlt645.RelayCommand.GUARANTEE_RELEASE):
+        on = rc == dlt645.RelayCommand.GUARANTEE
         if after.get("guarantee") is not on:
             return "failed", "meter reports guarantee %s" % after.get("guarantee"), \
                 dict(public_state(after), code="state_unchanged")
@@ -205,6 +205,6 @@ def readback(line, spec, meter, rc, audit, cmd_id):
         return "failed", "state did not change (relay %s)" % after.get("relay"), \
             dict(public_state(after), code="state_unchanged")
     extra = public_state(after)
-    if rc == D.RelayCommand.CLOSE_ALLOWED and after.get("relay") == "open":
+    if rc == dlt645.RelayCommand.CLOSE_ALLOWED and after.get("relay") == "open":
         extra["awaiting_customer"] = True    # the customer closes it at the meter
     return "done", None, extra

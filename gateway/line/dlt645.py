@@ -9,9 +9,10 @@ status-word exchange the relay operation reads. Frames come from protocols.dlt64
 import datetime as _dt
 
 from gateway.line.reads import UnknownQuantity
+from gateway.clock import near_the_hour
 from gateway.model import TxError
 from gateway.store.journal import BACKFILLED, GOOD
-from protocols import dlt645 as D
+from protocols import dlt645
 from protocols.dlt645_values import lookup
 
 SCAN_KEY = "address"             # what a scan reports a meter by
@@ -97,7 +98,7 @@ def check_quantities(meter, quantities):
 
 
 def read_exchange(meter, di):
-    return D.read_exchange(meter.address, di, meter.version).for_meter(meter.id)
+    return dlt645.read_exchange(meter.address, di, meter.version).for_meter(meter.id)
 
 
 def status_exchange(meter):
@@ -118,11 +119,11 @@ def read_now(worker, meter, quantities=()):
         msg = res.answer
         if not res.ok:
             errors.append("%08X: %s" % (di, res.error))
-        elif isinstance(msg, D.ErrorResponse):
+        elif isinstance(msg, dlt645.ErrorResponse):
             errors.append("%08X: meter says %s" % (di, ", ".join(msg.flags) or msg.code))
-        elif isinstance(msg, D.ReadResponse):
+        elif isinstance(msg, dlt645.ReadResponse):
             if msg.values is None:
-                values.append(D.Value("di.%08X" % di, msg.payload.hex(), "raw"))
+                values.append(dlt645.Value("di.%08X" % di, msg.payload.hex(), "raw"))
             else:
                 values += [v for v in msg.values if v.quantity not in SKIP_QUANTITIES
                            or v.quantity == "meter.clock"]
@@ -142,11 +143,11 @@ def scan(worker, progress=lambda done, total, found: None, **_):
     while probes:
         suffix = probes.pop(0)
         pattern = "A" * (12 - len(suffix)) + suffix
-        res = worker.transact(D.read_exchange(pattern, SCAN_DI).for_meter("scan"))
+        res = worker.transact(dlt645.read_exchange(pattern, SCAN_DI).for_meter("scan"))
         done += 1
         if res.ok:
             found.add(res.answer.address if hasattr(res.answer, "address") else
-                      D.parse_frame(res.frames[1]).address)
+                      dlt645.parse_frame(res.frames[1]).address)
         elif res.code == TxError.GARBLED and len(suffix) < 12:
             # several meters answered at once: split on the next address byte
             probes.extend("%02d" % b + suffix for b in range(100))
@@ -202,11 +203,11 @@ def _read_dis(poller, worker, meter, dis):
             if not h.online:
                 break                       # offline: stop this round, probe later
             continue
-        if isinstance(msg, D.ErrorResponse):
+        if isinstance(msg, dlt645.ErrorResponse):
             if "no_data" in msg.flags or "wrong_di" in msg.flags:
                 h.unsupported = set(h.unsupported) | {di}
             continue
-        if isinstance(msg, D.ReadResponse) and msg.values:
+        if isinstance(msg, dlt645.ReadResponse) and msg.values:
             readings += _readings(poller, meter, msg.values)
     if readings:
         poller.sink(readings)
@@ -220,7 +221,7 @@ def _energy(poller, worker, meter):
         result, msg = read_di(poller, worker, meter, ENERGY_BLOCK[meter.version])
         if msg is None:
             return
-        if isinstance(msg, D.ReadResponse) and msg.values:
+        if isinstance(msg, dlt645.ReadResponse) and msg.values:
             poller.sink(_readings(poller, meter, msg.values))
             if prepaid:
                 _read_dis(poller, worker, meter, prepaid)
@@ -233,7 +234,7 @@ def _clock(poller, worker, meter):
     h = poller.health[meter.id]
     t0 = poller.wall()
     result, msg = read_di(poller, worker, meter, CLOCK_DI)
-    if not isinstance(msg, D.ReadResponse) or not msg.values:
+    if not isinstance(msg, dlt645.ReadResponse) or not msg.values:
         return
     t1 = poller.wall()
     meter_time = msg.values[0].value
@@ -255,10 +256,10 @@ def _clock(poller, worker, meter):
     if not poller.clock_trusted() or h.last_sync_day == today:
         return
     now = _dt.datetime.fromtimestamp(poller.wall())
-    if now.minute >= 55 or now.minute < 5:
+    if near_the_hour(now):
         return                  # never near the hour or midnight: it would hit freezes
     h.last_sync_day = today
-    frame = D.broadcast_time_sync(_dt.datetime.fromtimestamp(poller.wall()).replace(
+    frame = dlt645.broadcast_time_sync(_dt.datetime.fromtimestamp(poller.wall()).replace(
         microsecond=0) + _dt.timedelta(seconds=1))
     worker.broadcast(frame)
     poller.event("meter.time_synced", meter=meter.id, drift_s=round(drift, 1))
@@ -285,7 +286,7 @@ def _freeze(poller, worker, meter):
             result, msg = read_di(poller, worker, meter, FREEZE_TIME | k)
             if msg is None:
                 return                    # no answer: try again at the next round
-            if isinstance(msg, D.ReadResponse) and msg.values and \
+            if isinstance(msg, dlt645.ReadResponse) and msg.values and \
                     msg.values[0].value.date() == day:
                 found = (k, msg.values[0].value)
                 break
@@ -297,7 +298,7 @@ def _freeze(poller, worker, meter):
             result, msg = read_di(poller, worker, meter, FREEZE_IMPORT | k)
             if msg is None:
                 return
-            if isinstance(msg, D.ReadResponse) and msg.values:
+            if isinstance(msg, dlt645.ReadResponse) and msg.values:
                 quality = GOOD if day == today else BACKFILLED
                 poller.sink(_readings(poller, meter, msg.values,
                                                    ts=poller.local_ms(stamp), quality=quality))

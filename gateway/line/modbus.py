@@ -2,7 +2,7 @@
 read as poll tasks or on demand, and the unit-id sweep. No relay."""
 
 from gateway.line.reads import UnknownQuantity
-from protocols import modbus as M
+from protocols import modbus
 from protocols.modbus_profiles import PROFILES, decode_block
 
 SCAN_KEY = "unit"             # what a scan reports a meter by
@@ -20,7 +20,7 @@ def key_of(meter):
 
 
 def block_exchange(meter, block, count=None):
-    return M.block_exchange(meter.unit, block.function, block.address,
+    return modbus.block_exchange(meter.unit, block.function, block.address,
                             block.count if count is None else count).for_meter(meter.id)
 
 
@@ -59,7 +59,7 @@ def scan(worker, progress=lambda done, total, found: None, profile=None, first=1
     for n, unit in enumerate(range(first, last + 1), 1):
         for prof in profiles:
             block = next(iter(prof.groups.values()))[0]
-            res = worker.transact(M.block_exchange(unit, block.function, block.address,
+            res = worker.transact(modbus.block_exchange(unit, block.function, block.address,
                                                    SWEEP_REGISTERS).for_meter("scan"))
             if res.ok:
                 found.append({"unit": unit,

@@ -118,7 +118,7 @@ class Gateway:
             from gateway.uplink.mqtt import Uplink
             self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
                                  self.commands, self.started_at)
-        self.audit = AuditTrail(os.path.join(self.cfg.gateway.data_dir, "audit.log"),
+        self.audit = AuditTrail(paths.path(self.cfg.gateway.data_dir, paths.AUDIT),
                                 on_entry=self._audit_event)
         self.accounts = AccountStore(self.state)
         self.executor = self._new_executor()
@@ -385,8 +385,7 @@ class Gateway:
     def write_status(self, stopped=False):
         status = self.status()
         status["stopped"] = stopped
-        path = os.path.join(self.cfg.gateway.status_dir or self.cfg.gateway.data_dir,
-                            "status.json")
+        path = paths.status_path(self.cfg.gateway)
         tmp = path + ".tmp"
         try:
             with open(tmp, "w") as f:

@@ -29,7 +29,7 @@ import time
 import tty
 from decimal import Decimal
 
-from protocols import dlt645 as D
+from protocols import dlt645
 from protocols.dlt645_values import STATUS_WORD_3
 from protocols.framing import Scanner
 
@@ -237,26 +237,26 @@ class SimMeter:
 
     def handle(self, frame, now):
         """The answer frame (no preamble) to a request addressed to this meter, or None."""
-        msg = D.decode(frame)
+        msg = dlt645.decode(frame)
         self.requests += 1
-        if isinstance(msg, D.ReadRequest) and msg.version == 2007 and msg.seq is None:
+        if isinstance(msg, dlt645.ReadRequest) and msg.version == 2007 and msg.seq is None:
             values = self.values(msg.di, now)
             if values is None:
-                return D.error_response(self.address, D.READ_DATA, 0x02)[4:]
-            answer = D.read_values_response(self.address, msg.di, values)[4:]
-            self.truth.append((now, msg.di, D.decode(D.frame_from_scanner(answer)).values))
+                return dlt645.error_response(self.address, dlt645.READ_DATA, 0x02)[4:]
+            answer = dlt645.read_values_response(self.address, msg.di, values)[4:]
+            self.truth.append((now, msg.di, dlt645.decode(dlt645.frame_from_scanner(answer)).values))
             return answer
-        if isinstance(msg, D.ReadAddressRequest):
-            return D.address_response(self.address)[4:]
-        if isinstance(msg, D.RelayControl):
+        if isinstance(msg, dlt645.ReadAddressRequest):
+            return dlt645.address_response(self.address)[4:]
+        if isinstance(msg, dlt645.RelayControl):
             return self._relay(msg, now)
-        if isinstance(msg, D.ReadRequest):
-            return D.error_response(self.address, frame.function, 0x02)[4:]
+        if isinstance(msg, dlt645.ReadRequest):
+            return dlt645.error_response(self.address, frame.function, 0x02)[4:]
         return None
 
     def _relay(self, msg, now):
         def refuse(err):
-            return D.error_response(self.address, D.RELAY_CONTROL, err)[4:]
+            return dlt645.error_response(self.address, dlt645.RELAY_CONTROL, err)[4:]
         if msg.secured or msg.password_level not in self.password_levels \
                 or msg.password != self.password:
             return refuse(0x04)
@@ -267,23 +267,23 @@ class SimMeter:
         cmd = msg.command
         with self.lock:
             self.advance(now)
-            if cmd == D.RelayCommand.TRIP:
+            if cmd == dlt645.RelayCommand.TRIP:
                 if self.guarantee:
                     return refuse(0x01)
                 self.relay_command_trip = True
                 self._move(True, now, cmd)
-            elif cmd == D.RelayCommand.CLOSE_ALLOWED:
+            elif cmd == dlt645.RelayCommand.CLOSE_ALLOWED:
                 self.relay_command_trip = False
                 if not self.button_required:
                     self._move(False, now, cmd)
-            elif cmd == D.RelayCommand.DIRECT_CLOSE:
+            elif cmd == dlt645.RelayCommand.DIRECT_CLOSE:
                 self.relay_command_trip = False
                 self._move(False, now, cmd)
-            elif cmd == D.RelayCommand.GUARANTEE:
+            elif cmd == dlt645.RelayCommand.GUARANTEE:
                 self.guarantee = True
-            elif cmd == D.RelayCommand.GUARANTEE_RELEASE:
+            elif cmd == dlt645.RelayCommand.GUARANTEE_RELEASE:
                 self.guarantee = False
-        return D.ack_response(self.address, D.RELAY_CONTROL)[4:]
+        return dlt645.ack_response(self.address, dlt645.RELAY_CONTROL)[4:]
 
     def _move(self, open_, now, cmd):
         if self.relay_open != open_:
@@ -296,7 +296,7 @@ class SimMeter:
         """The customer presses the meter's button after 'close allowed'."""
         with self.lock:
             if self.relay_open and not self.relay_command_trip:
-                self._move(False, time.time(), D.RelayCommand.CLOSE_ALLOWED)
+                self._move(False, time.time(), dlt645.RelayCommand.CLOSE_ALLOWED)
 
     def time_sync(self, when, now):
         """Broadcast time: meters accept a correction of at most 5 minutes."""
@@ -361,18 +361,18 @@ class SimLine(threading.Thread):
                 pending = b""
 
     def _serve(self, raw, t_rx, request_bytes):
-        frame = D.frame_from_scanner(raw)
+        frame = dlt645.frame_from_scanner(raw)
         if frame.is_response:
             return
         self.stats["requests"] += 1
-        if frame.function == D.TIME_SYNC:
-            msg = D.decode(frame)
-            if isinstance(msg, D.TimeSync):
+        if frame.function == dlt645.TIME_SYNC:
+            msg = dlt645.decode(frame)
+            if isinstance(msg, dlt645.TimeSync):
                 for m in self.meters.values():
-                    if frame.address == D.BROADCAST or m.matches(frame.address):
+                    if frame.address == dlt645.BROADCAST or m.matches(frame.address):
                         m.time_sync(msg.when, t_rx)
             return
-        if frame.address == D.BROADCAST:
+        if frame.address == dlt645.BROADCAST:
             return                                        # nobody answers a broadcast
         answers = []
         for m in self.meters.values():
@@ -413,7 +413,7 @@ class SimLine(threading.Thread):
         rng = self.rng
         ans = bytearray(ans)
         if f.wrong_address_rate and rng.random() < f.wrong_address_rate:
-            other = D.address_to_wire("%012d" % rng.randint(1, 10 ** 12 - 1))
+            other = dlt645.address_to_wire("%012d" % rng.randint(1, 10 ** 12 - 1))
             ans[1:7] = other
             ans[-2] = sum(ans[:-2]) & 0xFF
         if f.corrupt_rate and rng.random() < f.corrupt_rate:

@@ -164,3 +164,22 @@ class DiskReserve:
             log.debug("%s: no room for the reserve yet (%s)", self.path, exc.strerror)
             return False
         return True
+
+
+STATUS = "status.json"
+# `mgw status` and `mgw relay` trust status.json while it is this many status cycles old
+# (plus a few seconds): older, and the service is taken to be not running
+STATUS_FRESH_CYCLES = 3
+STATUS_FRESH_SLACK_S = 5.0
+
+
+def status_path(gateway):
+    """status.json of a [gateway] section (status_dir may be a tmpfs, RuntimeDirectory)."""
+    return os.path.join(gateway.status_dir or gateway.data_dir, STATUS)
+
+
+def status_is_fresh(status, interval_s, now):
+    """Whether a status.json document says the service is running now."""
+    age = now - (status.get("written_at") or 0)
+    return not status.get("stopped") and \
+        age < STATUS_FRESH_CYCLES * interval_s + STATUS_FRESH_SLACK_S
