@@ -18,6 +18,7 @@ Cut-offs and restores go through the command executor (ledger, read-back, audit,
 
 import datetime as _dt
 import logging
+import operator
 import queue
 import threading
 import time
@@ -383,13 +384,18 @@ class CostControl(threading.Thread):
                     if doc is None:
                         continue
                     charged = doc.get("charged_to_seq", 0)
-                    todo = []
-                    for item in items:
-                        if item[1] > charged:        # charged before a restart: never twice
-                            todo.append(item)
-                            charged = item[1]
-                    if not todo:
-                        continue
+                    seqs = list(map(_item_seq, items))
+                    if seqs[0] > charged and all(map(operator.lt, seqs, seqs[1:])):
+                        todo = items                 # the usual batch: all new, in order
+                        charged = seqs[-1]
+                    else:
+                        todo = []
+                        for item in items:
+                            if item[1] > charged:    # charged before a restart: never twice
+                                todo.append(item)
+                                charged = item[1]
+                        if not todo:
+                            continue
                     evs = []
                     self.billing[meter].apply_batch(doc, todo, evs,
                                                     self._watch(meter, doc, evs))
@@ -544,12 +550,9 @@ BILL_ROWS = 20000            # journal rows per billing cycle (one state write e
 _FAR = 10 ** 30              # beyond any balance in micro-yuan (an int: no float)
 
 
-def _group_ts(group):
-    return group[1]
-
-
-def _event_tag(event):
-    return event[0]
+_group_ts = operator.itemgetter(1)
+_item_seq = operator.itemgetter(1)
+_event_tag = operator.itemgetter(0)
 
 
 def _same_state(doc, acc):

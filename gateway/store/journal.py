@@ -507,26 +507,34 @@ class Journal:
 def _group(seqs, meters, tss, qs, vals):
     """[(meter, ts, first_seq, last_seq, {quantity: value})] of rows in seq order, grouped by
     (meter, ts) in the order of each group's first row. The rows of one reading are
-    consecutive, so runs of one key are found in C and Python works per run, not per row."""
+    consecutive: runs of one key are found in C, and when no key comes back in a later run
+    (the usual window) the groups are built in C too, without a Python step per row."""
     keys = list(zip(meters, tss))
     n = len(keys)
-    ends = list(itertools.compress(range(1, n), map(operator.ne, keys[1:], keys)))
-    ends.append(n)
+    starts = [0]
+    starts += itertools.compress(range(1, n), map(operator.ne, keys[1:], keys))
+    if len(set(keys)) == len(starts):
+        if len(starts) == n:                       # one row a group
+            values = map(dict, zip(zip(qs, vals)))
+            return list(zip(meters, map(int, tss), seqs, seqs, values))
+        ends = starts[1:] + [n]
+        spans = list(map(slice, starts, ends))
+        values = map(dict, map(zip, map(qs.__getitem__, spans), map(vals.__getitem__, spans)))
+        return list(zip(map(meters.__getitem__, starts), map(int, map(tss.__getitem__, starts)),
+                        map(seqs.__getitem__, starts),
+                        map(seqs.__getitem__, map(operator.sub, ends, itertools.repeat(1))),
+                        values))
     groups = {}
-    a = 0
-    for b in ends:
+    ends = starts[1:] + [n]
+    for a, b in zip(starts, ends):
         key = keys[a]
-        if b - a == 1:
-            values = {qs[a]: vals[a]}
-        else:
-            values = dict(zip(qs[a:b], vals[a:b]))
+        values = dict(zip(qs[a:b], vals[a:b]))
         g = groups.get(key)
         if g is None:
             groups[key] = [key[0], key[1], seqs[a], seqs[b - 1], values]
         else:                         # the same meter and time again later in the window
             g[3] = seqs[b - 1]
             g[4].update(values)
-        a = b
     return [(m, int(ts), first, last, values) for m, ts, first, last, values in
             groups.values()]
 
