@@ -25,10 +25,10 @@ from decimal import Decimal
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gateway import costcontrol, tariff as T  # noqa: E402
+from gateway.billing import costcontrol, tariff as T  # noqa: E402
 from gateway.store.journal import Journal, Reading  # noqa: E402
 from gateway.service.sink import ReadingSink  # noqa: E402
-from gateway.store.accounts import AccountStore
+from gateway.store.accounts import AccountStore  # noqa: E402
 from gateway.store.state import StateStore  # noqa: E402
 
 TARIFF = {

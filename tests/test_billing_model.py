@@ -10,6 +10,7 @@ Examples: a few hundred by default (CI); the full run sets MGW_BILLING_EXAMPLES,
     MGW_BILLING_EXAMPLES=20000 python -m pytest -q tests/test_billing_model.py
 """
 
+import copy
 import datetime as dt
 import os
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
@@ -406,3 +407,106 @@ def test_billing_agrees_with_the_reference_model(scenario):
         if model.t.tiered and model.period is not None:
             assert doc["tier_centi"] == model.counter, (i, values, ts)
             assert doc["tier_period"] == model.period.isoformat(), (i, values, ts)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(scenarios(), st.integers(1, 4))
+def test_a_batch_bills_as_the_rules_reading_by_reading(scenario, cut):
+    """apply_batch (the cycle's path: integers kept between readings, the rules only for
+    the unusual reading) leaves the same document and the same events, in the same order,
+    as the rules (`_apply_checked`) applied to each reading in turn; and the model agrees
+    on the charges. The readings go in as batches of `cut`-ish sizes, the watch asked
+    after every reading whose balance leaves its range."""
+    tdoc, max_kw, readings = scenario
+    acc = {"meter": "m1", "opening_balance": Decimal("100.00"), "alarm1": Decimal("20.00"),
+           "alarm2": Decimal("10.00"), "overdraft_limit": Decimal("0.00"),
+           "restore_threshold": Decimal("0.00"), "max_kw": Decimal(max_kw), "mode": "local"}
+    tariff = T.from_config("t", tdoc)
+    rules, batch = Billing(acc, tariff), Billing(acc, tariff)
+    doc_r = new_account_doc(acc)
+    doc_b = copy.deepcopy(doc_r)
+    events_r, events_b = [], []
+    balances_r, balances_b = [], []
+    items = []
+    for i, (values, ts) in enumerate(readings):
+        group = {QUANTITY[k]: (json_text(v), ts) for k, v in values.items()}
+        evs = []
+        rules._apply_checked(doc_r, group, evs, seq=i + 1, now=0)
+        events_r += [(i, t, f) for t, f in evs]
+        balances_r.append(doc_r["balance_uy"])
+        items.append((i, i + 1, ts, {q: v for q, (v, _) in group.items()}))
+
+    def moved(doc, tag):
+        balances_b.append((tag, doc["balance_uy"]))
+        return doc["balance_uy"] - 1 - tag % 3, doc["balance_uy"]  # a range, any range
+
+    watch = [0, 0, moved]
+    for k in range(0, len(items), cut):
+        batch.apply_batch(doc_b, items[k:k + cut], events_b, watch, now=0)
+    assert doc_b == doc_r
+    assert events_b == events_r
+    # the watch saw the balance after every reading that left the range it was given
+    for tag, bal in balances_b:
+        assert bal == balances_r[tag]
+    model = Model(tdoc, max_kw)
+    for values, ts in readings:
+        model.reading(values, ts)
+    assert doc_b["charges_uy"] == model.charges
+
+
+@st.composite
+def long_runs(draw):
+    """Days of quarter-hour readings as meters send them (the cycle's common case), with
+    now and then what sends a reading to the rules: a billing date, a season, a register
+    that goes down, a jump, a value that is not a number, a total without registers."""
+    tdoc = draw(tariffs())
+    start = draw(st.sampled_from(ANCHORS)) + dt.timedelta(minutes=draw(st.integers(-600, 600)))
+    ts = int(start.timestamp()) * 1000
+    regs = draw(st.booleans())
+    wh = {r: draw(st.integers(0, 10 ** 6)) for r in RATE_NAMES}
+    out = []
+    for _ in range(draw(st.integers(20, 300))):
+        values = {"total": str(Decimal(sum(wh.values()) // 10).scaleb(-2))}
+        if regs:
+            for r in RATE_NAMES:
+                values[r] = str(Decimal(wh[r] // 10).scaleb(-2))
+        odd = draw(st.integers(0, 60))
+        if odd == 0:
+            values["total"] = str(Decimal(values["total"]) - 1)
+        elif odd == 1:
+            values["total"] = '"n/a"'
+        elif odd == 2 and regs:
+            del values[draw(st.sampled_from(RATE_NAMES))]
+        elif odd == 3:
+            values = {k: v for k, v in values.items() if k == "total"}
+        out.append((values, ts))
+        ts += draw(st.sampled_from([900000] * 8 + [0, 60000, 3600000, 86400000]))
+        r = draw(st.sampled_from(RATE_NAMES))
+        wh[r] += draw(st.sampled_from([0, 5, 30, 250, 600]) | st.integers(0, 3000))
+    return tdoc, out
+
+
+@settings(max_examples=max(20, EXAMPLES // 10), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(long_runs(), st.sampled_from([1, 7, 96, 10 ** 6]))
+def test_long_runs_bill_in_batches_as_the_rules_do(run, cut):
+    tdoc, readings = run
+    acc = {"meter": "m1", "opening_balance": Decimal("300.00"), "alarm1": Decimal("200.00"),
+           "alarm2": Decimal("100.00"), "overdraft_limit": Decimal("50.00"),
+           "restore_threshold": Decimal("0.00"), "max_kw": Decimal("60"), "mode": "local"}
+    tariff = T.from_config("t", tdoc)
+    rules, batch = Billing(acc, tariff), Billing(acc, tariff)
+    doc_r = new_account_doc(acc)
+    doc_b = copy.deepcopy(doc_r)
+    events_r, events_b, items = [], [], []
+    for i, (values, ts) in enumerate(readings):
+        group = {QUANTITY[k]: (v, ts) for k, v in values.items()}
+        evs = []
+        rules._apply_checked(doc_r, group, evs, seq=i + 1, now=0)
+        events_r += [(i, t, f) for t, f in evs]
+        items.append((i, i + 1, ts, {q: v for q, (v, _) in group.items()}))
+    for k in range(0, len(items), cut):
+        batch.apply_batch(doc_b, items[k:k + cut], events_b, now=0)
+    assert doc_b == doc_r
+    assert events_b == events_r

@@ -121,19 +121,19 @@ def test_billing_and_a_relay_outcome_never_overwrite_each_other(tmp_path):
         cc = h.gw.costcontrol
         billing = cc.billing["m1"]
         inside, release = threading.Event(), threading.Event()
-        real_apply = billing.apply
+        real_apply = billing.apply_batch            # billing cycles price per account
 
-        def slow_apply(doc, group, events, **kw):
-            real_apply(doc, group, events, **kw)
+        def slow_apply(doc, items, events, *a, **kw):
+            real_apply(doc, items, events, *a, **kw)
             inside.set()
             release.wait(10)
-        billing.apply = slow_apply
+        billing.apply_batch = slow_apply
         wait(lambda: inside.is_set())
         writer = threading.Thread(target=h.gw.accounts.set_cut, args=("m1", True))
         writer.start()
         time.sleep(0.3)
         release.set()
-        billing.apply = real_apply
+        billing.apply_batch = real_apply
         writer.join(10)
         wait(lambda: h.gw.accounts.get("m1")["charges_uy"] > 0)
         time.sleep(1.5)                                  # more billing cycles

@@ -18,6 +18,7 @@ Cut-offs and restores go through the command executor (ledger, read-back, audit,
 
 import datetime as _dt
 import logging
+import operator
 import queue
 import threading
 import time
@@ -240,44 +241,78 @@ class CostControl(threading.Thread):
                 log.exception("cost control")
                 self._halt.wait(2)
 
-    def bill_once(self, limit=10000):
-        """Charge the readings after the billing cursor; one state write for the batch,
-        read and written under the state's lock (no other writer's change is lost)."""
+    def bill_once(self, limit=None):
+        """Charge the readings after the billing cursor (at most `limit` journal rows); one
+        state write for the batch, read and written under the state's lock (no other
+        writer's change is lost). Returns the number of journal rows consumed.
+
+        The readings of one meter at one time are one group; groups are billed in the order
+        of their time (a group's charged-to position is its last row, and a group at or
+        below the account's `charged_to_seq` was charged before a restart: never twice).
+        Each account's groups are billed in one `apply_batch`; events come out in the
+        order of the readings that raised them, as billing them one by one would."""
         if not self.accounts:
             return 0
         with self._lock:
-            rows = self.journal.read(CONSUMER, "readings", limit=limit)
-            if not rows:
+            n, last, groups = self.journal.read_grouped(CONSUMER, "energy.import.",
+                                                        limit=limit or BILL_ROWS)
+            if not n:
                 return 0
-            groups = {}
-            last_seq = {}                  # the highest seq of each group, in one pass
-            for r in rows:
-                if r.meter in self.accounts and r.quantity.startswith("energy.import."):
-                    groups.setdefault((r.meter, r.ts), {})[r.quantity] = (r.value_json, r.ts)
-                    last_seq[(r.meter, r.ts)] = r.seq
-            last = rows[-1].seq
+            per_meter = {}
+            accounts = self.accounts
+            groups.sort(key=_group_ts)                  # stable: first rows' order on a tie
+            for tag, (meter, ts, _, seq, values) in enumerate(groups):
+                if meter in accounts:
+                    items = per_meter.get(meter)
+                    if items is None:
+                        items = per_meter[meter] = []
+                    items.append((tag, seq, ts, values))
             events = []
             with self.store.transaction() as tx:
-                changed = {}
-                for (meter, ts), group in sorted(groups.items(), key=lambda kv: kv[0][1]):
-                    doc = changed.get(meter) or tx.get(meter)
+                for meter, items in per_meter.items():
+                    doc = tx.get(meter)
                     if doc is None:
                         continue
-                    seq = last_seq[(meter, ts)]
-                    if seq <= doc.get("charged_to_seq", 0):
-                        continue                  # charged before a restart: never twice
+                    charged = doc.get("charged_to_seq", 0)
+                    seqs = list(map(_item_seq, items))
+                    if seqs[0] > charged and all(map(operator.lt, seqs, seqs[1:])):
+                        todo = items                 # the usual batch: all new, in order
+                        charged = seqs[-1]
+                    else:
+                        todo = []
+                        for item in items:
+                            if item[1] > charged:    # charged before a restart: never twice
+                                todo.append(item)
+                                charged = item[1]
+                        if not todo:
+                            continue
                     evs = []
-                    self.billing[meter].apply(doc, group, evs, seq=seq)  # holds, never raises
-                    doc["charged_to_seq"] = seq
-                    events += [(t, dict(f, meter=meter)) for t, f in evs]
-                    self._transition(meter, doc, events)
-                    changed[meter] = doc
-                for meter, doc in changed.items():
+                    self.billing[meter].apply_batch(doc, todo, evs,
+                                                    self._watch(meter, doc, evs))
+                    doc["charged_to_seq"] = charged
+                    for tag, etype, fields in evs:
+                        if "meter" not in fields:
+                            fields = dict(fields, meter=meter)
+                        events.append((tag, etype, fields))
                     tx.put(meter, doc)
-            for etype, fields in events:
+            events.sort(key=_event_tag)
+            for _, etype, fields in events:
                 self.events(etype, **fields)
             self.journal.ack(CONSUMER, "readings", last)
-            return len(rows)
+            return n
+
+    def _watch(self, meter, doc, events):
+        """apply_batch's watch: the balances (low, high] over which the account's state
+        stays what it is, and the function that moves the state when a reading leaves them
+        (its events tagged with the reading's tag)."""
+        acc = self.accounts[meter]
+
+        def moved(doc, tag):
+            evs = []
+            self._transition(meter, doc, evs)
+            events.extend((tag, etype, fields) for etype, fields in evs)
+            return _same_state(doc, acc)
+        return list(_same_state(doc, acc)) + [moved]
 
     def _transition(self, meter, doc, events):
         acc = self.accounts[meter]
@@ -397,6 +432,32 @@ class CostControl(threading.Thread):
     def set_weather_hold(self, on):
         self.store.update_flags(lambda flags: flags.update(weather_hold=bool(on)))
         self.events("costcontrol.weather_hold", on=bool(on))
+
+
+# ---------------------------------------------------------------- billing cycles
+
+BILL_ROWS = 20000            # journal rows per billing cycle (one state write each)
+_FAR = 10 ** 30              # beyond any balance in micro-yuan (an int: no float)
+
+
+_group_ts = operator.itemgetter(1)
+_item_seq = operator.itemgetter(1)
+_event_tag = operator.itemgetter(0)
+
+
+def _same_state(doc, acc):
+    """(low, high): while low < balance <= high, state_of gives the document's state (an
+    empty range if it does not give it now, so the next reading moves it). state_of only
+    compares the balance with -overdraft-1, 0, alarm2 and alarm1: between two neighbouring
+    thresholds it cannot change."""
+    bal = doc["balance_uy"]
+    if state_of(bal, acc) != doc["state"]:
+        return (bal, bal - 1)
+    points = (-T.yuan_to_micro(acc["overdraft_limit"]) - 1, 0,
+              T.yuan_to_micro(acc["alarm2"]), T.yuan_to_micro(acc["alarm1"]))
+    low = max([p for p in points if p < bal], default=-_FAR)
+    high = min([p for p in points if p >= bal], default=_FAR)
+    return (low, high)
 
 
 def notice_given(doc, now, notice_s):

@@ -26,7 +26,7 @@ import os
 import stat
 import threading
 
-from tinydb import TinyDB, where
+from tinydb import TinyDB
 from tinydb.storages import Storage
 
 from gateway.model import GatewayError
@@ -293,35 +293,93 @@ class StateStore:
         self._db = TinyDB(path, storage=AtomicStorage, recover=recover, reserve=reserve)
         self._storage = self._db.storage
         self._batch_depth = 0
+        self._index = {}            # table -> (its cached documents, {key: [doc ids]})
 
     def close(self):
         with self._lock:
             self._db.close()
 
+    # Documents are found through an index {key: [doc ids]} per table, built from the cached
+    # tables in one pass and kept in step with every change made here, so get and put cost
+    # O(1) instead of a query over the whole table (a billing cycle over 1,000 accounts was
+    # O(accounts^2)). Changes are made to the cached tables the way TinyDB's upsert and
+    # remove make them (fields merged into the stored document in place, new documents under
+    # TinyDB's next id, every document of a key changed), so the file written is the same.
+    # The index belongs to one table object of the cache: when the cache is replaced (a
+    # failed write or a rolled-back batch reloads it from disk) it is rebuilt.
+
+    def _tables(self):
+        tables = self._storage.read()
+        if tables is None:
+            tables = {}
+            self._storage._cache = tables
+        return tables
+
+    def _ids(self, tables, table):
+        """(the table's documents {doc id: doc}, index {key: [doc ids]}); the table may be
+        absent (then an empty dict not yet in `tables`)."""
+        raw = tables.get(table)
+        if raw is None:
+            return {}, {}
+        entry = self._index.get(table)
+        if entry is not None and entry[0] is raw:
+            return raw, entry[1]
+        index = {}
+        for doc_id, doc in raw.items():
+            try:
+                index.setdefault(doc["_key"], []).append(doc_id)
+            except (KeyError, TypeError):
+                pass                # no key, or one no get could ask for (a list)
+        self._index[table] = (raw, index)
+        return raw, index
+
     def get(self, table, key, default=None):
         with self._lock:
-            doc = self._db.table(table).get(where("_key") == key)
-            if doc is None:
+            raw, index = self._ids(self._tables(), table)
+            ids = index.get(key)
+            if not ids:
                 return default
-            doc = dict(doc)
+            doc = dict(raw[ids[0]])
             doc.pop("_key", None)
             return doc
 
     def put(self, table, key, doc):
         with self._lock:
-            try:
-                self._db.table(table).upsert(dict(doc, _key=key), where("_key") == key)
-            except StateError:
-                self._clear_caches()
-                raise
+            tables = self._tables()
+            raw, index = self._ids(tables, table)
+            fields = dict(doc, _key=key)
+            ids = index.get(key)
+            if ids:
+                for doc_id in ids:
+                    raw[doc_id].update(fields)
+            else:
+                doc_id = str(self._db.table(table)._get_next_id())
+                if table not in tables:
+                    tables[table] = raw
+                    self._index[table] = (raw, index)
+                raw[doc_id] = fields
+                index[key] = [doc_id]
+            self._write(tables)
 
     def delete(self, table, key):
         with self._lock:
-            try:
-                self._db.table(table).remove(where("_key") == key)
-            except StateError:
-                self._clear_caches()
-                raise
+            tables = self._tables()
+            raw, index = self._ids(tables, table)
+            ids = index.pop(key, None)
+            if table not in tables:
+                # TinyDB writes the empty table of a remove that finds nothing
+                tables[table] = raw
+                self._index[table] = (raw, index)
+            for doc_id in ids or ():
+                del raw[doc_id]
+            self._write(tables)
+
+    def _write(self, tables):
+        try:
+            self._storage.write(tables)
+        except StateError:
+            self._clear_caches()
+            raise
 
     def all(self, table):
         with self._lock:
@@ -357,5 +415,6 @@ class StateStore:
                         self._clear_caches()
 
     def _clear_caches(self):
+        self._index.clear()
         for table in self._db._tables.values():
             table.clear_cache()
