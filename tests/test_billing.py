@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from gateway.billing import costcontrol
-from gateway.billing import tariff as T
+from gateway.billing.tariff import from_config, split_interval
 from gateway.billing.pricing import Billing, hold
 from gateway.config import ConfigError
 from gateway.service.config import validate
@@ -31,13 +31,13 @@ SCHEDULE = [{"from": "00:00", "to": "08:00", "rate": "valley"},
 PRICES = {"sharp": "1.0253", "peak": "0.8653", "flat": "0.5283", "valley": "0.3015"}
 LADDER = [{"upto_kwh": "2760", "surcharge": "0"}, {"upto_kwh": "4800", "surcharge": "0.05"},
           {"surcharge": "0.30"}]
-BOTH = T.from_config("both", {"kind": "tiered_tou", "prices": PRICES, "schedule": SCHEDULE,
+BOTH = from_config("both", {"kind": "tiered_tou", "prices": PRICES, "schedule": SCHEDULE,
                               "ladder": LADDER, "reset_day": 15})
-PEAK_VALLEY = T.from_config("pv", {
+PEAK_VALLEY = from_config("pv", {
     "kind": "tou", "prices": {"peak": "0.6000", "valley": "0.3000"},
     "schedule": [{"from": "08:00", "to": "22:00", "rate": "peak"},
                  {"from": "22:00", "to": "08:00", "rate": "valley"}]})
-FLAT = T.from_config("flat", {"kind": "flat", "price": "0.5000"})
+FLAT = from_config("flat", {"kind": "flat", "price": "0.5000"})
 NOON = dt.datetime(2026, 6, 10, 12, 0)
 
 
@@ -121,7 +121,7 @@ def test_a_reading_that_cannot_be_priced_holds_that_meter_only(tmp_path):
         assert gw.state.get("accounts", "m2")["charges_uy"] == 200 * 5000
         assert len([e for e in gw.events if e[0] == "billing.held"]) == 1
         # the tariff is corrected: the held energy is billed from where billing stopped
-        fixed = T.from_config("pv3", {
+        fixed = from_config("pv3", {
             "kind": "tou", "prices": {"peak": "0.6000", "flat": "0.4000", "valley": "0.3000"},
             "schedule": [{"from": "08:00", "to": "22:00", "rate": "peak"},
                          {"from": "22:00", "to": "08:00", "rate": "valley"}]})
@@ -248,7 +248,7 @@ def test_a_register_reading_across_the_billing_date_is_divided_by_time():
 
 
 def test_annual_period_from_a_billing_month():
-    t = T.from_config("x", {"kind": "tiered", "price": "0.5", "reset_month": 7,
+    t = from_config("x", {"kind": "tiered", "price": "0.5", "reset_month": 7,
                             "reset_day": 1, "ladder": [{"upto_kwh": "10"}, {"surcharge": "1"}]})
     assert t.period_start(dt.datetime(2026, 3, 1)) == dt.datetime(2025, 7, 1)
     assert t.period_start(dt.datetime(2026, 7, 1)) == dt.datetime(2026, 7, 1)
@@ -282,7 +282,7 @@ def test_no_one_minute_floor_on_the_jump_limit():
 
 # ---------------------------------------------------------------- finding 5
 
-VALLEY_LATE = T.from_config("vl", {
+VALLEY_LATE = from_config("vl", {
     "kind": "tou", "prices": {"flat": "0.5000", "valley": "0.3000"},
     "schedule": [{"from": "22:15", "to": "06:00", "rate": "valley"},
                  {"from": "06:00", "to": "22:15", "rate": "flat"}]})
@@ -296,14 +296,14 @@ def test_a_window_across_midnight_is_one_run_in_the_split():
     t0 = dt.datetime(2026, 6, 10, 20, 45)
     run(billing, doc, group(t0, "10.00"), group(t0 + dt.timedelta(hours=5), "10.02"))
     assert doc["charges_uy"] == 5000 + 3000
-    parts = T.split_interval(2, t0, t0 + dt.timedelta(hours=5), VALLEY_LATE)
+    parts = split_interval(2, t0, t0 + dt.timedelta(hours=5), VALLEY_LATE)
     assert [(p[0].hour, p[1]) for p in parts] == [(20, 1), (22, 1)]
 
 
 def test_an_exact_tie_in_the_split_goes_to_the_earliest_run():
     """16:00-22:00, 0.02 kWh over peak 4 h, sharp 1 h, flat 1 h: shares 4/3, 1/3, 1/3; the
     left-over step goes to the earliest of the tied remainders (peak)."""
-    tou = T.from_config("t", {"kind": "tou", "prices": PRICES, "schedule": [
+    tou = from_config("t", {"kind": "tou", "prices": PRICES, "schedule": [
         {"from": "16:00", "to": "20:00", "rate": "peak"},
         {"from": "20:00", "to": "21:00", "rate": "sharp"},
         {"from": "21:00", "to": "16:00", "rate": "flat"}]})

@@ -19,7 +19,7 @@ from fractions import Fraction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.billing import tariff as T
+from gateway.billing.tariff import from_config
 from gateway.billing.pricing import Billing
 from gateway.billing.costcontrol import new_account_doc
 
@@ -388,7 +388,7 @@ def test_billing_agrees_with_the_reference_model(scenario):
     acc = {"meter": "m1", "opening_balance": Decimal("100.00"), "alarm1": Decimal("20.00"),
            "alarm2": Decimal("10.00"), "overdraft_limit": Decimal("0.00"),
            "restore_threshold": Decimal("0.00"), "max_kw": Decimal(max_kw), "mode": "local"}
-    billing = Billing(acc, T.from_config("t", tdoc))
+    billing = Billing(acc, from_config("t", tdoc))
     doc = new_account_doc(acc)
     model = Model(tdoc, max_kw)
     for i, (values, ts) in enumerate(readings):
@@ -422,7 +422,7 @@ def test_a_batch_bills_as_the_rules_reading_by_reading(scenario, cut):
     acc = {"meter": "m1", "opening_balance": Decimal("100.00"), "alarm1": Decimal("20.00"),
            "alarm2": Decimal("10.00"), "overdraft_limit": Decimal("0.00"),
            "restore_threshold": Decimal("0.00"), "max_kw": Decimal(max_kw), "mode": "local"}
-    tariff = T.from_config("t", tdoc)
+    tariff = from_config("t", tdoc)
     rules, batch = Billing(acc, tariff), Billing(acc, tariff)
     doc_r = new_account_doc(acc)
     doc_b = copy.deepcopy(doc_r)
@@ -495,7 +495,7 @@ def test_long_runs_bill_in_batches_as_the_rules_do(run, cut):
     acc = {"meter": "m1", "opening_balance": Decimal("300.00"), "alarm1": Decimal("200.00"),
            "alarm2": Decimal("100.00"), "overdraft_limit": Decimal("50.00"),
            "restore_threshold": Decimal("0.00"), "max_kw": Decimal("60"), "mode": "local"}
-    tariff = T.from_config("t", tdoc)
+    tariff = from_config("t", tdoc)
     rules, batch = Billing(acc, tariff), Billing(acc, tariff)
     doc_r = new_account_doc(acc)
     doc_b = copy.deepcopy(doc_r)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.billing import tariff as T
+from gateway.billing.tariff import from_config, micro_to_yuan, split_interval
 from gateway.billing.pricing import Billing
 from gateway.billing.costcontrol import new_account_doc
 
@@ -15,14 +15,14 @@ ACC = {"opening_balance": Decimal("100.00"), "alarm1": Decimal("20.00"),
        "alarm2": Decimal("10.00"), "overdraft_limit": Decimal("0.00"),
        "restore_threshold": Decimal("0.00"), "max_kw": Decimal("60"), "mode": "local"}
 
-FLAT = T.from_config("flat", {"kind": "flat", "price": "0.5283"})
-TIERED = T.from_config("tiered", {"kind": "tiered", "price": "0.5283", "ladder": [
+FLAT = from_config("flat", {"kind": "flat", "price": "0.5283"})
+TIERED = from_config("tiered", {"kind": "tiered", "price": "0.5283", "ladder": [
     {"upto_kwh": "2760", "surcharge": "0"}, {"upto_kwh": "4800", "surcharge": "0.05"},
     {"surcharge": "0.30"}], "reset_day": 15})
-TOU = T.from_config("tou", {"kind": "tou", "prices": {"valley": "0.3015", "flat": "0.5283"},
+TOU = from_config("tou", {"kind": "tou", "prices": {"valley": "0.3015", "flat": "0.5283"},
                             "schedule": [{"from": "22:00", "to": "06:00", "rate": "valley"},
                                          {"from": "06:00", "to": "22:00", "rate": "flat"}]})
-BOTH = T.from_config("both", {
+BOTH = from_config("both", {
     "kind": "tiered_tou",
     "prices": {"sharp": "1.0253", "peak": "0.8653", "flat": "0.5283", "valley": "0.3015"},
     "schedule": [{"from": "00:00", "to": "08:00", "rate": "valley"},
@@ -39,7 +39,7 @@ NOON = dt.datetime(2026, 6, 10, 12, 0)
 def test_flat_price_per_step():
     cost, _ = FLAT.charge(1234, NOON, 0)
     assert cost == 1234 * 5283 == 6519222
-    assert T.micro_to_yuan(cost) == Decimal("6.52")
+    assert micro_to_yuan(cost) == Decimal("6.52")
 
 
 def test_tier_boundary_inside_one_reading_is_priced_on_both_sides():
@@ -49,7 +49,7 @@ def test_tier_boundary_inside_one_reading_is_priced_on_both_sides():
 
 def test_time_of_use_across_midnight():
     t0, t1 = dt.datetime(2026, 6, 10, 21, 0), dt.datetime(2026, 6, 10, 23, 0)
-    parts = T.split_interval(100, t0, t1, TOU)
+    parts = split_interval(100, t0, t1, TOU)
     assert [(p[0].hour, p[1]) for p in parts] == [(21, 50), (22, 50)]
     cost = sum(TOU.charge(n, when, 0)[0] for when, n in parts)
     assert cost == 50 * 5283 + 50 * 3015
@@ -61,7 +61,7 @@ def test_time_of_use_across_midnight():
 def test_tier_year_starts_on_the_billing_date_not_january():
     assert TIERED.period_start(dt.datetime(2026, 1, 10)) == dt.datetime(2025, 1, 15)
     assert TIERED.period_start(dt.datetime(2026, 1, 20)) == dt.datetime(2026, 1, 15)
-    monthly = T.from_config("m", {"kind": "tiered", "price": "0.5", "period": "monthly",
+    monthly = from_config("m", {"kind": "tiered", "price": "0.5", "period": "monthly",
                                   "reset_day": 28, "reset_hour": 8,
                                   "ladder": [{"upto_kwh": "100"}, {"surcharge": "0.1"}]})
     assert monthly.period_start(dt.datetime(2026, 3, 28, 7, 59)) == dt.datetime(2026, 2, 28, 8)
@@ -98,7 +98,7 @@ def test_worked_example_tiered_and_time_of_use():
     # T2 peak 2.00 kWh: 100 steps at 0.8653 (tier 1), 100 at 0.8653 + 0.05 (tier 2);
     # then T4 valley 1.00 kWh: 100 steps at 0.3015 + 0.05
     assert doc["charges_uy"] == 100 * 8653 + 100 * 9153 + 100 * 3515 == 2132100
-    assert T.micro_to_yuan(doc["charges_uy"]) == Decimal("2.13")
+    assert micro_to_yuan(doc["charges_uy"]) == Decimal("2.13")
 
 
 def test_register_sanity_no_charge_and_an_event():
@@ -152,7 +152,7 @@ def test_splitting_consumption_never_changes_the_charge(steps, which, start_tier
 @given(st.integers(1, 100000), st.integers(0, 23), st.integers(0, 59), st.integers(1, 600))
 def test_time_of_use_split_adds_up_exactly(centi, hour, minute, minutes):
     t0 = dt.datetime(2026, 6, 10, hour, minute)
-    parts = T.split_interval(centi, t0, t0 + dt.timedelta(minutes=minutes), BOTH)
+    parts = split_interval(centi, t0, t0 + dt.timedelta(minutes=minutes), BOTH)
     assert sum(n for _, n in parts) == centi
     for when, _ in parts:
         assert t0 <= when < t0 + dt.timedelta(minutes=minutes)
@@ -160,9 +160,9 @@ def test_time_of_use_split_adds_up_exactly(centi, hour, minute, minutes):
 
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="price"):
-        T.from_config("x", {"kind": "flat", "price": 0.5})
+        from_config("x", {"kind": "flat", "price": 0.5})
     with pytest.raises(ValueError, match="schedule"):
-        T.from_config("x", {"kind": "tou", "prices": {"flat": "0.5"},
+        from_config("x", {"kind": "tou", "prices": {"flat": "0.5"},
                             "schedule": [{"from": "00:00", "to": "12:00", "rate": "flat"}]})
     with pytest.raises(ValueError, match="more than 4 decimals"):
-        T.from_config("x", {"kind": "flat", "price": "0.52831"})
+        from_config("x", {"kind": "flat", "price": "0.52831"})

@@ -24,7 +24,8 @@ import threading
 import time
 from decimal import Decimal
 
-from gateway.billing import settings, tariff as T
+from gateway.billing import settings
+from gateway.billing.tariff import micro_to_yuan, yuan_to_micro
 from gateway.billing.pricing import ENERGY_TOTAL, TARIFF_QUANTITIES, Billing  # noqa: F401
 from gateway.money import parse_yuan
 
@@ -49,20 +50,20 @@ POLICY_DEFAULTS = {f.name: f.default for f in settings.COST_CONTROL.fields}
 
 def state_of(balance_uy, acc):
     """The account state for a balance (micro-yuan)."""
-    if balance_uy < -T.yuan_to_micro(acc["overdraft_limit"]) or \
+    if balance_uy < -yuan_to_micro(acc["overdraft_limit"]) or \
             (balance_uy <= 0 and acc["overdraft_limit"] == 0):
         return "exhausted"
     if balance_uy <= 0:
         return "zero"
-    if balance_uy <= T.yuan_to_micro(acc["alarm2"]):
+    if balance_uy <= yuan_to_micro(acc["alarm2"]):
         return "alarm2"
-    if balance_uy <= T.yuan_to_micro(acc["alarm1"]):
+    if balance_uy <= yuan_to_micro(acc["alarm1"]):
         return "alarm1"
     return "normal"
 
 
 def new_account_doc(acc):
-    opening = T.yuan_to_micro(acc["opening_balance"])
+    opening = yuan_to_micro(acc["opening_balance"])
     return {"balance_uy": opening, "opening_uy": opening, "topups_uy": 0, "charges_uy": 0,
             "charged_to_seq": 0, "registers": {}, "register_ts": None, "tier_centi": 0,
             "tier_period": None, "state": state_of(opening, acc), "state_since": time.time(),
@@ -191,7 +192,7 @@ class CostControl(threading.Thread):
         return self.store.get(meter_id)
 
     def balances(self):
-        return {m: str(T.micro_to_yuan(d["balance_uy"]))
+        return {m: str(micro_to_yuan(d["balance_uy"]))
                 for m, d in self.store.all().items() if m in self.accounts}
 
     def relay_states(self):
@@ -202,7 +203,7 @@ class CostControl(threading.Thread):
         for m, d in self.store.all().items():
             if m not in self.accounts:
                 continue
-            out[m] = {"balance": str(T.micro_to_yuan(d["balance_uy"])), "state": d["state"],
+            out[m] = {"balance": str(micro_to_yuan(d["balance_uy"])), "state": d["state"],
                       "mode": self.accounts[m]["mode"], "tariff": self.accounts[m]["tariff"],
                       "cut_by_costcontrol": d.get("cut_by_costcontrol", False),
                       "billing_hold": d.get("billing_hold")}
@@ -325,7 +326,7 @@ class CostControl(threading.Thread):
             if STATES.index(new) > STATES.index(old) or new == "normal":
                 doc.setdefault("warned", {})[new] = time.time()
                 events.append((etype, dict(fields, meter=meter, previous=old,
-                                           balance=str(T.micro_to_yuan(doc["balance_uy"])))))
+                                           balance=str(micro_to_yuan(doc["balance_uy"])))))
 
     # ---------------------------------------------------------------- top-ups
 
@@ -334,9 +335,9 @@ class CostControl(threading.Thread):
         events = []
         with self._lock:
             doc, applied = self.store.topup(
-                meter_id, txn, T.yuan_to_micro(amount), command=command_id,
+                meter_id, txn, yuan_to_micro(amount), command=command_id,
                 on_change=lambda d: self._transition(meter_id, d, events))
-        balance = T.micro_to_yuan(doc["balance_uy"])
+        balance = micro_to_yuan(doc["balance_uy"])
         if not applied:
             return balance, False
         for etype, fields in events:
@@ -348,9 +349,11 @@ class CostControl(threading.Thread):
 
     # ---------------------------------------------------------------- actions
 
+    now = staticmethod(_dt.datetime.now)      # local time; tests put a fixed one here
+
     def protected_now(self, now=None):
         """Inside a friendly-credit / protected window: no automatic cut-off."""
-        return protected_reason(now or _dt.datetime.now(), self.policy,
+        return protected_reason(now or self.now(), self.policy,
                                 self.store.flags().get("weather_hold"))
 
     def act(self, only=None):
@@ -374,7 +377,7 @@ class CostControl(threading.Thread):
             doc = self.store.get(meter)
             if doc is None:
                 continue
-            restore_at = T.yuan_to_micro(acc["restore_threshold"])
+            restore_at = yuan_to_micro(acc["restore_threshold"])
             # cost control cut it (or meant to): restore once paid, whatever the mode now
             if doc.get("cut_by_costcontrol") and doc["balance_uy"] > restore_at:
                 self.request_relay(meter, "restore", "balance above the restore threshold",
@@ -453,8 +456,8 @@ def _same_state(doc, acc):
     bal = doc["balance_uy"]
     if state_of(bal, acc) != doc["state"]:
         return (bal, bal - 1)
-    points = (-T.yuan_to_micro(acc["overdraft_limit"]) - 1, 0,
-              T.yuan_to_micro(acc["alarm2"]), T.yuan_to_micro(acc["alarm1"]))
+    points = (-yuan_to_micro(acc["overdraft_limit"]) - 1, 0,
+              yuan_to_micro(acc["alarm2"]), yuan_to_micro(acc["alarm1"]))
     low = max([p for p in points if p < bal], default=-_FAR)
     high = min([p for p in points if p >= bal], default=_FAR)
     return (low, high)

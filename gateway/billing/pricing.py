@@ -29,7 +29,8 @@ import time
 from decimal import Decimal
 from fractions import Fraction
 
-from gateway.billing import tariff as T
+from gateway.billing.tariff import (DAY_MS, RATES, largest_remainder, local_ms, segments,
+                                    to_datetime)
 log = logging.getLogger(__name__)
 
 ENERGY_TOTAL = "energy.import.total"
@@ -142,9 +143,8 @@ class Billing:
         tiered = tariff.tiered
         ladder_price = tariff.charge_steps
         price_of = tariff.price_of
-        local_ms = T.local_ms
         rates_of = TARIFF_QUANTITIES
-        order = T.RATES
+        order = RATES
         if watch is not None:
             low, high, moved = watch
         n = len(items)
@@ -227,7 +227,7 @@ class Billing:
                                     # the whole run of this rate (within the tier period):
                                     # the next readings inside it need no look-up
                                     rate, stop = tou.run(pl, end if tiered else
-                                                         max(b, pl + 2 * T.DAY_MS))
+                                                         max(b, pl + 2 * DAY_MS))
                                     run = self._run = (pl, stop, rate)
                                     if b > stop:
                                         raise _Slow      # across a change of rate
@@ -313,7 +313,7 @@ class Billing:
             if type(bal) is not int or type(chg) is not int or type(tier) is not int:
                 return None
             return (bal, chg, tier, doc.get("tier_period"), centi(total), total, rates, ts,
-                    T.local_ms(ts))
+                    local_ms(ts))
         except (Unpriceable, KeyError, AttributeError, TypeError):
             return None
 
@@ -380,7 +380,7 @@ class Billing:
         if steps < 0:
             down = (ENERGY_TOTAL, prev_text, value)
         else:
-            for rate in T.RATES:             # T1..T4: the first that went down is named
+            for rate in RATES:             # T1..T4: the first that went down is named
                 p = regs.get(rate)
                 if p is not None and rate in rates and rates[rate][0] < centi(
                         p, "a stored register"):
@@ -408,12 +408,12 @@ class Billing:
 
         pending = []
         tariff = self.tariff
-        a, b = T.local_ms(prev_ts), T.local_ms(ts)
+        a, b = local_ms(prev_ts), local_ms(ts)
         parts = None
         if tariff.tou is not None and rates and len(rates) == len(regs) - 1 and \
                 all(r in regs for r in rates):
             deltas = [(r, rates[r][0] - centi(regs[r], "a stored register"))
-                      for r in T.RATES if r in rates]
+                      for r in RATES if r in rates]
             summed = sum(d for _, d in deltas)
             if abs(steps - summed) <= REMAINDER_STEPS:
                 parts = self._register_parts(deltas, a, b)
@@ -477,7 +477,7 @@ class Billing:
         if start <= x < end:
             return self._period
         start, end = self.tariff.period_bounds(x)
-        self._period = (start, end, T.to_datetime(start).isoformat())
+        self._period = (start, end, to_datetime(start).isoformat())
         return self._period
 
     def _register_parts(self, deltas, a, b):
@@ -500,7 +500,7 @@ class Billing:
             periods.append((x, min(end, b), name))
             x = end
         lengths = [e - s for s, e, _ in periods]
-        split = [T.largest_remainder(d, lengths) for _, d in deltas]
+        split = [largest_remainder(d, lengths) for _, d in deltas]
         out = []
         for k, (_, _, name) in enumerate(periods):
             for (r, _), parts in zip(deltas, split):
@@ -531,7 +531,7 @@ class Billing:
             rate, end = tou.run(a, end)
         if end >= b:                      # one rate and one period: the common case
             return [(name, rate, steps)]
-        segs = T.segments(tariff, a, b)
-        parts = T.largest_remainder(steps, [e - s for s, e, _ in segs])
+        segs = segments(tariff, a, b)
+        parts = largest_remainder(steps, [e - s for s, e, _ in segs])
         return [(self._period_of(s)[2] if tariff.tiered else None, r, n)
                 for (s, _, r), n in zip(segs, parts) if n]

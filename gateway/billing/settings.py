@@ -5,11 +5,11 @@ accounts' rules see the configured meters and tariffs."""
 
 import datetime as _dt
 
-from gateway.billing import tariff as T
+from gateway.billing.tariff import from_config, parse_hhmm
 from gateway.config import (NAME, NUMBER, DecimalNumber, Field, ListOf, ListOfTables, Money,
                             NamedTables, Table)
 
-TARIFFS = NamedTables("tariffs", T.from_config,
+TARIFFS = NamedTables("tariffs", from_config,
                       doc="[tariffs.NAME]: flat, tiered, tou or tiered_tou (cost-control.md)")
 
 
@@ -57,7 +57,7 @@ def _hours(ranges):
         parts = r.split("-")
         if len(parts) != 2:
             raise ValueError(r)
-        out.append(tuple(T.parse_hhmm(x) for x in parts))
+        out.append(tuple(parse_hhmm(x) for x in parts))
     return tuple(out)
 
 

@@ -9,7 +9,6 @@ status-word exchange the relay operation reads. Frames come from protocols.dlt64
 import datetime as _dt
 
 from gateway.line.reads import UnknownQuantity
-from gateway.clock import near_the_hour
 from gateway.model import TxError
 from gateway.store.journal import BACKFILLED, GOOD
 from protocols import dlt645
@@ -256,7 +255,7 @@ def _clock(poller, worker, meter):
     if not poller.clock_trusted() or h.last_sync_day == today:
         return
     now = _dt.datetime.fromtimestamp(poller.wall())
-    if near_the_hour(now):
+    if poller.sync_guard(now):
         return                  # never near the hour or midnight: it would hit freezes
     h.last_sync_day = today
     frame = dlt645.broadcast_time_sync(_dt.datetime.fromtimestamp(poller.wall()).replace(

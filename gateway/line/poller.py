@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Callable, List
 
+from gateway.clock import near_the_hour
 from gateway.line.reads import driver
 from gateway.registry import DEFAULT_PROTOCOL
 from gateway.store.journal import CLOCK_UNTRUSTED, GOOD, Reading
@@ -104,7 +105,8 @@ def local_ms(naive):
 class LinePoller:
     def __init__(self, meters: List[MeterSpec], sink: Callable, event: Callable,
                  clock_trusted: Callable[[], bool] = lambda: True, offline_after=3,
-                 max_probe_s=3600.0, wall=time.time, first_poll=True, freeze_after_s=300):
+                 max_probe_s=3600.0, wall=time.time, first_poll=True, freeze_after_s=300,
+                 sync_guard=near_the_hour):
         self.meters = {m.id: m for m in meters}
         self.sink = sink
         self.event = event
@@ -112,6 +114,7 @@ class LinePoller:
         self.offline_after = offline_after
         self.max_probe_s = max_probe_s
         self.wall = wall
+        self.sync_guard = sync_guard      # local time -> True where no time sync may go
         self.freeze_after_s = freeze_after_s
         self.health = {m.id: MeterHealth() for m in meters}
         self._heap = []
