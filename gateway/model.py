@@ -45,3 +45,20 @@ class RejectCode(str, enum.Enum):
     RATE_LIMIT = "rate_limit"
     EXPIRED_LOCAL = "expired_local"
     NOT_ALLOWED_LOCALLY = "not_allowed_locally"
+
+
+MAX_TOPIC_BYTES = 256             # a response topic we will publish to, at most
+
+
+def valid_topic(topic):
+    """topic if it is an MQTT topic name we may publish to (a command's response topic):
+    UTF-8, 1..MAX_TOPIC_BYTES bytes, no wildcards or NUL, not $SYS; else None."""
+    if not isinstance(topic, str) or not topic or topic.startswith("$"):
+        return None
+    if "+" in topic or "#" in topic or "\0" in topic:
+        return None
+    try:
+        n = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:        # lone surrogates
+        return None
+    return topic if n <= MAX_TOPIC_BYTES else None

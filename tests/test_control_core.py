@@ -1,6 +1,7 @@
 """The control core against what an attacker with broker access, a technician with a shell
 and a power cut do: each test is named after what it protects."""
 
+import datetime as dt
 import json
 import os
 import signal
@@ -174,18 +175,14 @@ serve(gw, threading.Event())
 '''
 
 
-def test_a_crash_during_an_automatic_cut_off_still_restores_after_payment(tmp_path):
-    """Killed just after the trip frame went; restarted inside protected hours; the customer
-    pays: the relay closes within 20 s."""
-    protected = dict(FAST, protected_hours=["00:00-23:59"], protected_weekends=True)
-    h = Harness(tmp_path, meters=1, accounts=[ACCOUNT], cost_control=protected,
-                sim_kw={"load_kw": 0.001, "start_kwh": 1000})
-    child_doc = dict(h.doc, cost_control=FAST)
-    child_doc["control"] = dict(child_doc["control"], require_synced_clock=False)
+def run_child_until_killed(tmp_path, doc, failpoint):
+    """A gateway process on the harness's configuration, killed by SIGKILL at `failpoint`
+    of the command path."""
+    doc = dict(doc, control=dict(doc["control"], require_synced_clock=False))
     script = tmp_path / "child.py"
     script.write_text(CHILD % {"root": ROOT})
-    child = subprocess.Popen([sys.executable, str(script), json.dumps(child_doc)],
-                             env=dict(os.environ, MGW_FAILPOINT="after_send"),
+    child = subprocess.Popen([sys.executable, str(script), json.dumps(doc)],
+                             env=dict(os.environ, MGW_FAILPOINT=failpoint),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         child.wait(40)
@@ -193,6 +190,19 @@ def test_a_crash_during_an_automatic_cut_off_still_restores_after_payment(tmp_pa
         if child.poll() is None:
             child.kill()
     assert child.returncode == -signal.SIGKILL, child.stderr.read()[-2000:]
+
+
+def test_a_crash_during_an_automatic_cut_off_still_restores_after_payment(tmp_path,
+                                                                         monkeypatch):
+    """Killed just after the trip frame went; restarted inside protected hours; the customer
+    pays: the relay closes within 20 s."""
+    from gateway.billing import costcontrol
+    monkeypatch.setattr(costcontrol.CostControl, "now",
+                        staticmethod(lambda: dt.datetime(2026, 11, 25, 23)))      # inside
+    protected = dict(FAST, protected_hours=["22:00-06:00"])
+    h = Harness(tmp_path, meters=1, accounts=[ACCOUNT], cost_control=protected,
+                sim_kw={"load_kw": 0.001, "start_kwh": 1000})
+    run_child_until_killed(tmp_path, dict(h.doc, cost_control=FAST), "after_send")
     assert h.sim_meters[0].relay_open                 # the trip frame went
     h.start()
     try:
@@ -261,19 +271,7 @@ def test_a_cut_off_whose_frame_never_left_does_not_count_as_cut(tmp_path):
     the interrupted cut-off is concluded failed and cost control cuts the account again."""
     h = Harness(tmp_path, meters=1, accounts=[ACCOUNT], cost_control=FAST,
                 sim_kw={"load_kw": 0.001, "start_kwh": 1000})
-    child_doc = dict(h.doc)
-    child_doc["control"] = dict(child_doc["control"], require_synced_clock=False)
-    script = tmp_path / "child.py"
-    script.write_text(CHILD % {"root": ROOT})
-    child = subprocess.Popen([sys.executable, str(script), json.dumps(child_doc)],
-                             env=dict(os.environ, MGW_FAILPOINT="after_ledger"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        child.wait(40)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == -signal.SIGKILL, child.stderr.read()[-2000:]
+    run_child_until_killed(tmp_path, dict(h.doc), "after_ledger")
     assert not h.sim_meters[0].relay_open
     from gateway.store.state import StateStore
     state = StateStore(os.path.join(h.cfg.gateway.data_dir, "state.json"))

@@ -13,7 +13,7 @@ import json
 import re
 
 from gateway.control import signing
-from gateway.model import GatewayError, RejectCode
+from gateway.model import GatewayError, RejectCode, valid_topic
 from gateway.money import parse_yuan
 
 ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
@@ -27,7 +27,6 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}", re.ASCII)
 TXN_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,64}", re.ASCII)
 # JSON nesting a command needs: the object, params, a list of quantities
 MAX_DEPTH = 8
-MAX_TOPIC_BYTES = 256
 MAX_CORRELATION_BYTES = 256
 
 
@@ -174,15 +173,8 @@ def valid_txn(value):
 
 
 def response_topic_ok(topic):
-    """A topic we may publish a result to: UTF-8, bounded, no wildcards, no NUL, not $SYS."""
-    if not isinstance(topic, str) or not topic or topic.startswith("$"):
-        return False
-    if "+" in topic or "#" in topic or "\x00" in topic:
-        return False
-    try:
-        return len(topic.encode("utf-8")) <= MAX_TOPIC_BYTES
-    except UnicodeEncodeError:
-        return False
+    """A topic we may publish a result to (the rule of gateway.model.valid_topic)."""
+    return valid_topic(topic) is not None
 
 
 def correlation_ok(data):

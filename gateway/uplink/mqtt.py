@@ -37,6 +37,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import __version__
+from gateway.model import valid_topic
 
 log = logging.getLogger(__name__)
 
@@ -47,24 +48,10 @@ RECEIVE_MAXIMUM = 64              # unacknowledged commands the broker may hand 
 MAX_COMMAND_BYTES = 64 * 1024     # larger ones are acked and dropped (the executor's limit
                                   # is far lower); counted
 MAX_PACKET_BYTES = 1024 * 1024    # MQTT 5: the broker drops anything larger for us
-MAX_TOPIC_BYTES = 256
 MAX_CORRELATION_BYTES = 256
 STUCK_MAX = 16                    # unacked commands that found the queue full: reconnect
 
 _done_lock = threading.Lock()     # Command.done() from any thread; shared, done() is rare
-
-
-def valid_topic(topic):
-    """topic if it is a topic name we may publish to (a response topic), else None."""
-    if not isinstance(topic, str) or not topic or topic.startswith("$"):
-        return None
-    if "+" in topic or "#" in topic or "\0" in topic:
-        return None
-    try:
-        n = len(topic.encode("utf-8"))
-    except UnicodeEncodeError:        # lone surrogates
-        return None
-    return topic if n <= MAX_TOPIC_BYTES else None
 
 
 def valid_correlation(hex_text):
