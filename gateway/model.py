@@ -4,6 +4,14 @@ matching the text of an error. Text is for people; the enumerations are for prog
 import enum
 
 
+# the command actions (CONTRACT.md, docs/mqtt.md): one list for the executor and `mgw command
+# sign`; gateway-wide actions take meter "*"
+ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
+           "sync_time", "release_breaker", "weather_hold", "account_update")
+GATEWAY_ACTIONS = ("release_breaker", "weather_hold")
+RELAY_ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off")
+
+
 class GatewayError(Exception):
     """Base of the gateway's own errors: one line for people, naming the file, key or value
     at fault. Subfamilies: storage (StateError, JournalError), configuration (ConfigError),

@@ -2,7 +2,6 @@
 
 import datetime as _dt
 import json
-import os
 import time
 
 from gateway.cli.common import (EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, CliError, emit,

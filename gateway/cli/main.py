@@ -16,6 +16,7 @@ from gateway import registry
 from gateway.cli import admin, field, run
 from gateway.sim import PROTOCOLS as SIM_PROTOCOLS
 from gateway.cli.common import EXIT_FAILED, EXIT_OK, CliError
+from gateway.model import ACTIONS
 from gateway.logs import setup_logging
 
 def _profiles():
@@ -149,9 +150,7 @@ def build_parser():
     p.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
     p.add_argument("--meter", required=True)
     p.add_argument("--action", dest="cmd_action", required=True,
-                   choices=("cut_off", "restore", "guarantee_on", "guarantee_off", "topup",
-                            "read", "sync_time", "account_update", "release_breaker",
-                            "weather_hold"))
+                   choices=ACTIONS)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="command parameter (repeat), e.g. amount=50.00 txn=T1")
     p.add_argument("--valid", type=int, default=900, help="seconds the command is valid")

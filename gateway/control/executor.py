@@ -57,8 +57,8 @@ class StorageFull(GatewayError):
     """The ledger or the journal could not be written (a full or failing disk)."""
 
 
-class GatewayTarget:
-    """The target of a gateway-wide command."""
+class WholeGateway:
+    """What a gateway-wide command (meter "*") acts on, in place of a meter."""
     id = "*"
     protocol = None
     secured = False
@@ -232,7 +232,7 @@ class Executor(threading.Thread):
         return self._run_accepted(cmd, self._target_of(cmd), meta, source)
 
     def _target_of(self, cmd):
-        return GatewayTarget() if cmd["meter"] == "*" and cmd["action"] in GATEWAY_ACTIONS \
+        return WholeGateway() if cmd["meter"] == "*" and cmd["action"] in GATEWAY_ACTIONS \
             else self.meter_of(cmd["meter"])
 
     def _admit(self, cmd, meta, source):
@@ -356,7 +356,7 @@ class Executor(threading.Thread):
                                "false")
             if self.prepaid() is None:
                 raise Rejected(RejectCode.NO_ACCOUNT, "no cost control on this gateway")
-            return GatewayTarget()
+            return WholeGateway()
         meter = self.meter_of(cmd["meter"])
         if meter is None:
             raise Rejected(RejectCode.UNKNOWN_METER, "unknown meter %s" % cmd["meter"][:64])
@@ -690,10 +690,10 @@ class Executor(threading.Thread):
                    "params": doc.get("params") or {}}
             source = doc.get("source", "remote")
             self._audit("command.resume", id=cid, state=doc.get("state"))
-            meter = GatewayTarget() if doc.get("meter") == "*" else \
+            meter = WholeGateway() if doc.get("meter") == "*" else \
                 self.meter_of(doc.get("meter"))
             if meter is None:
-                self._finish(cid, cmd, GatewayTarget(), meta, source, "failed",
+                self._finish(cid, cmd, WholeGateway(), meta, source, "failed",
                              "meter no longer configured", {"code": "unknown_meter"})
                 continue
             if doc["action"] in RELAY_ACTIONS and doc["state"] == "sent":
@@ -773,4 +773,4 @@ def _jsonable(v):
     return v
 
 
-__all__ = ["Executor", "GatewayTarget", "StorageFull"]
+__all__ = ["Executor", "WholeGateway", "StorageFull"]

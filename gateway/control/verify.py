@@ -16,11 +16,7 @@ from gateway.control import signing
 from gateway.model import GatewayError, RejectCode, valid_topic
 from gateway.money import parse_yuan
 
-ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
-           "sync_time", "release_breaker", "weather_hold", "account_update")
-# gateway-wide actions (an extension of the contract, docs/mqtt.md): meter is "*"
-GATEWAY_ACTIONS = ("release_breaker", "weather_hold")
-RELAY_ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off")
+from gateway.model import ACTIONS, GATEWAY_ACTIONS, RELAY_ACTIONS  # noqa: F401 (re-export)
 FINAL = ("done", "failed", "rejected")
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}", re.ASCII)
