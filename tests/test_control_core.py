@@ -286,3 +286,50 @@ def test_a_cut_off_whose_frame_never_left_does_not_count_as_cut(tmp_path):
         assert [r["code"] for r in finals if r["status"] == "failed"] == ["interrupted"]
     finally:
         h.close()
+
+
+def test_audit_verify_and_logs_are_answered_from_the_box_and_rate_limited(h):
+    cut = h.command("m1", "cut_off")
+    h.send(cut)
+    h.wait_result(cut["id"])
+    check = h.command("*", "audit_verify")
+    h.send(check)
+    r = h.wait_result(check["id"])
+    assert r["status"] == "done" and r["whole"] is True and r["entries"] >= 5
+    logs = h.command("*", "logs", {"lines": 5, "level": "debug"})
+    h.send(logs)
+    r = h.wait_result(logs["id"])
+    assert r["status"] == "done" and len(r["lines"]) <= 5
+    bad = h.command("*", "logs", {"lines": 100000})
+    h.send(bad)
+    assert h.wait_result(bad["id"])["code"] == "bad_params"
+    codes = []
+    for _ in range(8):
+        c = h.command("*", "audit_verify")
+        h.send(c)
+        codes.append(h.wait_result(c["id"]).get("code"))
+    assert "rate_limit" in codes
+
+
+def test_mgw_audit_verify_finds_an_edited_entry(h, tmp_path):
+    import subprocess as sp
+    cut = h.command("m1", "cut_off")
+    h.send(cut)
+    h.wait_result(cut["id"])
+    h.stop()
+    data = h.cfg.gateway.data_dir
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nid = "gw-test"\ndata_dir = "%s"\n[[ports]]\nname = "p1"\n'
+                   'device = "/dev/null"\n[[meters]]\nid = "m1"\nport = "p1"\n'
+                   'address = "000000000001"\n' % data)
+    run = [sys.executable, "-m", "gateway", "audit", "verify", "--config", str(cfg), "--json"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = sp.run(run, capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and json.loads(p.stdout)["whole"] is True, p.stderr
+    path = os.path.join(data, "audit.log")
+    lines = open(path).read().splitlines()
+    lines[2] = lines[2].replace('"n": 3', '"n": 33')
+    open(path, "w").write("\n".join(lines) + "\n")
+    p = sp.run(run, capture_output=True, text=True, env=env)
+    out = json.loads(p.stdout)
+    assert p.returncode == 1 and not out["whole"] and "line 3" in out["broken_at"]

@@ -1,11 +1,12 @@
-"""Administration: `mgw config check`, `mgw status`, `mgw buffer`, `mgw completion`."""
+"""Administration: `mgw config check`, `mgw status`, `mgw buffer`, `mgw audit verify`,
+`mgw completion`."""
 
 import datetime as _dt
 import json
 import time
 
-from gateway.cli.common import (EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, CliError, emit,
-                                load_config, table)
+from gateway.cli.common import (EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, CliError,
+                                emit, load_config, table)
 from gateway.store import paths
 
 
@@ -122,3 +123,22 @@ _mgw() {
 }
 complete -F _mgw mgw"""
 
+
+
+def cmd_audit(args):
+    """Walk the audit trail's hash chain (audit.log and its rotated files)."""
+    from gateway.store.audit import verify
+    cfg = load_config(args)
+    path = paths.path(cfg.gateway.data_dir, paths.AUDIT)
+    try:
+        entries, problem = verify(path)
+    except FileNotFoundError:
+        raise CliError("%s: no audit trail yet (the service has not run with this data_dir)"
+                       % path) from None
+    except OSError as exc:
+        raise CliError("%s: %s" % (path, exc.strerror)) from None
+    out = {"path": path, "entries": entries, "whole": problem is None, "broken_at": problem}
+    emit(args, out, lambda o: print(
+        "%s: %d entries, chain whole" % (path, entries) if o["whole"] else
+        "%s: chain BROKEN at %s (%d entries before it verify)" % (path, problem, entries)))
+    return EXIT_OK if problem is None else EXIT_FAILED

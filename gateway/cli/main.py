@@ -139,6 +139,9 @@ def build_parser():
         admin.cmd_status)
     add("buffer", "pending readings and events, oldest unsent, disk used", admin.cmd_buffer)
 
+    p = add("audit", "`mgw audit verify`: walk the audit trail's hash chain", admin.cmd_audit)
+    p.add_argument("action", choices=("verify",))
+
     p = add("keys", "commissioning: `mgw keys gen --out DIR` makes an Ed25519 key pair",
             lambda a: _control("keys", a))
     p.add_argument("action", choices=("gen",))

@@ -18,16 +18,17 @@ import threading
 import time
 from decimal import Decimal
 
-from gateway.line import reads
+from gateway import logs
+from gateway.clock import near_the_hour
 from gateway.control import policy, relay, spool as spool_mod, verify
+from gateway.control.signing import KeyError_, load_public_key
 from gateway.control.verify import (FINAL, GATEWAY_ACTIONS, RELAY_ACTIONS, Rejected,
                                     RejectCode)
-from gateway.clock import near_the_hour
-from gateway.model import GatewayError
+from gateway.line import reads
+from gateway.line.port import ON_DEMAND, RELAY
+from gateway.model import DIAGNOSTIC_ACTIONS, GatewayError
 from gateway.store import paths
 from gateway.store.journal import JournalError
-from gateway.line.port import ON_DEMAND, RELAY
-from gateway.control.signing import KeyError_, load_public_key
 from gateway.store.state import StateError
 from protocols import dlt645
 
@@ -41,6 +42,9 @@ LOCAL_VALIDITY_S = 900          # a local command's own validity window
 READ_TIMEOUT_S = 60
 TIME_SYNC_WAIT_S = 10
 IDLE_WAIT_S = 0.3
+DIAGNOSTICS_PER_MIN = 6         # audit_verify, logs: each may read megabytes
+LOG_LINES_DEFAULT = 100
+LOG_LINES_MAX = 500
 # below this much free disk (beside the reserve) no command starts: its audit entries,
 # ledger writes and results need room, and a relay operation is never run unaudited
 MIN_FREE_BYTES = 256 * 1024
@@ -98,6 +102,7 @@ class Executor(threading.Thread):
         # policy check and ledger entry: one step, shared with a replaced executor
         self._admission = _ADMISSION
         self._unauth = policy.TokenBucket(UNAUTH_RESULTS_PER_MIN, 60)
+        self._diagnostics = policy.TokenBucket(DIAGNOSTICS_PER_MIN, 60)
         self._callers = threading.local()
         self._answered = {}                   # id -> when a duplicate was last answered
         self.heartbeat = time.monotonic()
@@ -354,6 +359,9 @@ class Executor(threading.Thread):
             if action == "weather_hold" and not isinstance(params.get("on"), bool):
                 raise Rejected(RejectCode.BAD_PARAMS, "weather_hold needs params.on, true or "
                                "false")
+            if action in DIAGNOSTIC_ACTIONS:
+                self._check_diagnostic(action, params)
+                return WholeGateway()
             if self.prepaid() is None:
                 raise Rejected(RejectCode.NO_ACCOUNT, "no cost control on this gateway")
             return WholeGateway()
@@ -605,7 +613,32 @@ class Executor(threading.Thread):
             "values": [{"q": v.quantity, "value": _jsonable(v.value), "unit": v.unit}
                        for v in values]}
 
+    def _check_diagnostic(self, action, params):
+        if action == "logs":
+            lines = params.get("lines", LOG_LINES_DEFAULT)
+            if type(lines) is not int or not 1 <= lines <= LOG_LINES_MAX:
+                raise Rejected(RejectCode.BAD_PARAMS, "logs: params.lines is 1 to %d"
+                               % LOG_LINES_MAX)
+            if params.get("level", "info") not in ("debug", "info", "warning", "error"):
+                raise Rejected(RejectCode.BAD_PARAMS, "logs: params.level is debug, info, "
+                               "warning or error")
+        if not self._diagnostics.take(time.monotonic()):
+            raise Rejected(RejectCode.RATE_LIMIT, "%s: at most %d diagnostic commands a "
+                           "minute" % (action, DIAGNOSTICS_PER_MIN))
+
+    def _diagnostic(self, cmd):
+        params = cmd.get("params") or {}
+        if cmd["action"] == "audit_verify":
+            entries, problem = self.audit.verify()
+            return "done", None, {"entries": entries, "whole": problem is None,
+                                  "broken_at": problem}
+        lines = logs.recent_lines(params.get("lines", LOG_LINES_DEFAULT),
+                                  params.get("level", "info"))
+        return "done", None, {"lines": lines}     # the service never logs meter secrets
+
     def _gateway_action(self, cmd):
+        if cmd["action"] in DIAGNOSTIC_ACTIONS:
+            return self._diagnostic(cmd)
         cc = self.prepaid()
         if cmd["action"] == "release_breaker":
             cc.release_breaker()

@@ -115,6 +115,11 @@ class AuditTrail:
         self._fd, self._size = _open_append(path)
         self._unauth = None
 
+    def verify(self):
+        """verify() of this trail, with appends held off (no torn last line is read)."""
+        with self._lock:
+            return verify(self.path, self.keep)
+
     def _recover_rotation(self):
         """A crash inside _rotate leaves audit.log.new: finish or undo the rotation."""
         new = self.path + ".new"
