@@ -844,7 +844,7 @@ def quantities(oad, value):
         names, scaler, unit = _OBJECTS[oad.oi]
         if oad.index:
             if oad.index > len(names):
-                return [Value("oad.%s" % oad, _plain(value), "raw")]
+                return [Value("oad." + str(oad), _plain(value), "raw")]
             return [Value(names[oad.index - 1], _scaled(value, scaler), unit)]
         if not isinstance(value, list):
             raise DataError("%s: expected an array, got %r" % (oad, value))
@@ -856,7 +856,7 @@ def quantities(oad, value):
         items = [value] if oad.index else value
         first = oad.index - 1 if oad.index else 0
         if not isinstance(items, list):
-            raise DataError("%s: expected an array" % oad)
+            raise DataError("%s: expected an array" % (oad,))
         return [Value(base + _TARIFFS[first + k], _scaled(v, -4), "kWh")
                 for k, v in enumerate(items[:len(_TARIFFS) - first])]
     if oad.attr == 2 and oad.index == 0 and oad.oi in _SINGLE:
@@ -878,7 +878,7 @@ def quantities(oad, value):
                 Value("balance.purchases", value[1], None)]
     if oad == STATUS_WORDS:
         return status_values(value)
-    return [Value("oad.%s" % oad, _plain(value), "raw")]
+    return [Value("oad." + str(oad), _plain(value), "raw")]
 
 
 def _plain(value):
@@ -1039,7 +1039,7 @@ def get_record_exchange(address, oad, rsd, columns, logical=0, piid=None):
     columns = [c if isinstance(c, CSD) else CSD(OAD(*c)) for c in columns]
     return exchange(get_record_request(address, oad, rsd, columns, piid, logical),
                     FRAME_OVERHEAD + 8 + 5 * len(columns) + 2 + 8 * len(columns),
-                    label="record:%s" % OAD(*oad))
+                    label="record:" + str(OAD(*oad)))
 
 
 def action_exchange(frame, label=""):

@@ -382,3 +382,11 @@ def test_deep_nesting_and_huge_counts_are_refused_cheaply():
     msg = D.decode(D.frame_from_scanner(D.build_frame(
         0xC3, D.server_address("1"), H("85 01 00 00 10 02 00 01") + deep, preamble=False)))
     assert isinstance(msg, D.Unknown)
+
+
+def test_objects_not_in_the_table_come_back_raw():
+    assert D.quantities(OAD(0xEEEE, 2, 0), b"\x01\xAB") == [
+        D.Value("oad.EEEE0200", "01AB", "raw")]
+    assert D.quantities(OAD(0x2000, 2, 9), 5)[0].quantity == "oad.20000209"
+    with pytest.raises(D.DataError):
+        D.quantities(OAD(0x0010, 2, 0), b"not an array")
