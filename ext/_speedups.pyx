@@ -12,11 +12,14 @@ from protocols._pyframing import bcd_to_int as _py_bcd_to_int
 cdef enum:
     DLT645 = 0
     MODBUS = 1
+    DLT698 = 2
 
 MAX_DLT645_FRAME = 12 + 255
 MAX_MODBUS_FRAME = 256
+MAX_DLT698_FRAME = 0x3FFF + 2
 
 cdef unsigned short CRC_TABLE[256]
+cdef unsigned short X25_TABLE[256]
 
 
 cdef void _init_crc_table():
@@ -30,6 +33,13 @@ cdef void _init_crc_table():
             else:
                 crc = crc >> 1
         CRC_TABLE[i] = crc
+        crc = i
+        for k in range(8):
+            if crc & 1:
+                crc = (crc >> 1) ^ 0x8408
+            else:
+                crc = crc >> 1
+        X25_TABLE[i] = crc
 
 
 _init_crc_table()
@@ -43,6 +53,14 @@ cdef inline unsigned short _crc(const unsigned char* p, Py_ssize_t n) nogil:
     return crc
 
 
+cdef inline unsigned short _x25(const unsigned char* p, Py_ssize_t n) nogil:
+    cdef unsigned short crc = 0xFFFF
+    cdef Py_ssize_t i
+    for i in range(n):
+        crc = (crc >> 8) ^ X25_TABLE[(crc ^ p[i]) & 0xFF]
+    return crc ^ 0xFFFF
+
+
 def dlt645_checksum(const unsigned char[:] data):
     """Sum mod 256 of the bytes (DL/T 645 CS covers first 0x68 .. last data byte)."""
     cdef unsigned int s = 0
@@ -52,11 +70,19 @@ def dlt645_checksum(const unsigned char[:] data):
     return s & 0xFF
 
 
-def crc16_modbus(const unsigned char[:] data):
+def crc16_modbus(const unsigned char[::1] data not None):
     """CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF); sent low byte first."""
     if data.shape[0] == 0:
         return 0xFFFF
     return _crc(&data[0], data.shape[0])
+
+
+def crc16_x25(const unsigned char[::1] data not None):
+    """CRC-16/X.25, the PPP FCS-16 (poly 0x1021 reflected, init 0xFFFF, xorout 0xFFFF):
+    DL/T 698.45's HCS and FCS, sent low byte first. crc16_x25(b"123456789") == 0x906E."""
+    if data.shape[0] == 0:
+        return 0x0000
+    return _x25(&data[0], data.shape[0])
 
 
 def add_33(const unsigned char[:] data):
@@ -141,8 +167,10 @@ cdef class Scanner:
             self._proto = DLT645
         elif protocol == "modbus":
             self._proto = MODBUS
+        elif protocol == "dlt698":
+            self._proto = DLT698
         else:
-            raise ValueError("unknown protocol %r (dlt645 or modbus)" % (protocol,))
+            raise ValueError("unknown protocol %r (dlt645, dlt698 or modbus)" % (protocol,))
         self._requests = bool(requests)
         self._cap = 1024
         self._buf = <unsigned char*>malloc(self._cap)
@@ -156,7 +184,11 @@ cdef class Scanner:
 
     @property
     def protocol(self):
-        return "dlt645" if self._proto == DLT645 else "modbus"
+        if self._proto == DLT645:
+            return "dlt645"
+        if self._proto == DLT698:
+            return "dlt698"
+        return "modbus"
 
     @property
     def pending(self):
@@ -204,6 +236,35 @@ cdef class Scanner:
         for k in range(m - 2):
             s += p[k]
         if (s & 0xFF) != p[m - 2]:
+            return -2
+        if p[m - 1] != 0x16:
+            return -3
+        return 1
+
+    cdef inline int _check_dlt698(self, Py_ssize_t i, Py_ssize_t end, Py_ssize_t* n):
+        cdef const unsigned char* p = self._buf + i
+        cdef Py_ssize_t avail = end - i, alen, m
+        cdef unsigned int length
+        cdef unsigned short crc
+        if avail < 5:
+            return 0
+        length = p[1] | (<unsigned int>p[2] << 8)
+        if (length & 0xC000) or ((p[3] & 0x07) != 1 and (p[3] & 0x07) != 3):
+            return -1
+        alen = (p[4] & 0x0F) + 1
+        m = length + 2
+        if m < 12 + alen:
+            return -1
+        if avail < 8 + alen:
+            return 0
+        crc = _x25(p + 1, 5 + alen)
+        n[0] = m
+        if p[6 + alen] != (crc & 0xFF) or p[7 + alen] != (crc >> 8):
+            return -2
+        if avail < m:
+            return 0
+        crc = _x25(p + 1, m - 4)
+        if p[m - 3] != (crc & 0xFF) or p[m - 2] != (crc >> 8):
             return -2
         if p[m - 1] != 0x16:
             return -3
@@ -261,10 +322,12 @@ cdef class Scanner:
     cdef inline int _check(self, Py_ssize_t i, Py_ssize_t end, Py_ssize_t* n):
         if self._proto == DLT645:
             return self._check_dlt645(i, end, n)
+        if self._proto == DLT698:
+            return self._check_dlt698(i, end, n)
         return self._check_modbus(i, end, n)
 
     cdef inline Py_ssize_t _next_start(self, Py_ssize_t i, Py_ssize_t end):
-        if self._proto == DLT645:
+        if self._proto != MODBUS:
             while i < end and self._buf[i] != 0x68:
                 i += 1
         return i
@@ -280,7 +343,7 @@ cdef class Scanner:
             j += 1
         return -1
 
-    cdef void _append(self, const unsigned char[:] data) except *:
+    cdef void _append(self, const unsigned char[::1] data) except *:
         cdef Py_ssize_t n = data.shape[0], live = self._end - self._start
         cdef Py_ssize_t need
         cdef unsigned char* nb
@@ -301,7 +364,10 @@ cdef class Scanner:
         memcpy(self._buf + self._end, &data[0], n)
         self._end += n
 
-    def feed(self, data):
+    def feed(self, const unsigned char[::1] data not None):
+        """Frames complete in the bytes fed so far. `data` is a contiguous bytes-like object
+        (bytes, bytearray, a C-contiguous memoryview): a strided or reversed view is
+        refused, never read past or in the wrong order; None is a TypeError, as in the twin."""
         self._append(data)
         cdef list out = []
         cdef Py_ssize_t pos = self._start, end = self._end, i, j, n = 0

@@ -9,6 +9,7 @@ drivers are imported on first use, so a gateway without Modbus meters never load
 PROTOCOLS = {
     "dlt645": "gateway.line.dlt645",      # DL/T 645-2007 and -1997
     "modbus": "gateway.line.modbus",      # Modbus RTU meters with a register profile
+    "dlt698": "gateway.line.dlt698",      # DL/T 698.45 (object-oriented, A-XDR)
 }
 DEFAULT_PROTOCOL = "dlt645"
 NAMES = tuple(PROTOCOLS)

@@ -7,12 +7,16 @@ random streams.
 
 DLT645 = 0
 MODBUS = 1
+DLT698 = 2
 
-_PROTOCOLS = {"dlt645": DLT645, "modbus": MODBUS}
+_PROTOCOLS = {"dlt645": DLT645, "modbus": MODBUS, "dlt698": DLT698}
+_NAMES = {v: k for k, v in _PROTOCOLS.items()}
 
-# Largest frames: DL/T 645 is 12 + L (L <= 255); a Modbus RTU ADU is at most 256 bytes.
+# Largest frames: DL/T 645 is 12 + L (L <= 255); a Modbus RTU ADU is at most 256 bytes;
+# a DL/T 698.45 link frame is L + 2 with L in bits 0-13 of its length field.
 MAX_DLT645_FRAME = 12 + 255
 MAX_MODBUS_FRAME = 256
+MAX_DLT698_FRAME = 0x3FFF + 2
 
 
 def _crc_table():
@@ -28,6 +32,19 @@ def _crc_table():
 _CRC_TABLE = _crc_table()
 
 
+def _x25_table():
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x8408 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_X25_TABLE = _x25_table()
+
+
 def dlt645_checksum(data):
     """Sum mod 256 of the bytes (DL/T 645 CS covers first 0x68 .. last data byte)."""
     return sum(data) & 0xFF
@@ -40,6 +57,16 @@ def crc16_modbus(data):
     for b in data:
         crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
     return crc
+
+
+def crc16_x25(data):
+    """CRC-16/X.25, the PPP FCS-16 (poly 0x1021 reflected, init 0xFFFF, xorout 0xFFFF):
+    DL/T 698.45's HCS and FCS, sent low byte first. crc16_x25(b"123456789") == 0x906E."""
+    crc = 0xFFFF
+    table = _X25_TABLE
+    for b in data:
+        crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
+    return crc ^ 0xFFFF
 
 
 def add_33(data):
@@ -96,6 +123,11 @@ class Scanner:
     DL/T 645: frames are found by `68 a0..a5 68` and positioned from the length byte only
     (data bytes are +0x33 and can be 0x68 or 0x16); CS and the 0x16 end byte are checked.
     Modbus RTU: the length comes from the function code (and byte count); the CRC is checked.
+    DL/T 698.45: `68 L L C AF A.. CA HCS HCS`, positioned from the 14-bit length field (bit 14,
+    the kilobyte unit, and bit 15 refuse the candidate: see docs/frame-layer.md), the
+    function code (1 or 3) and the address length nibble; the HCS is checked as soon as the
+    header is in (so a bogus 0x68 never makes the scanner wait for a long body), then the
+    FCS and the 0x16 end byte. 0xFE wake-up bytes before it are counted as preamble.
     A candidate that fails its check costs one byte, never the valid frame after it. A
     candidate still waiting for bytes does not hold back a complete valid frame that starts
     inside it. Returned frames are bytes without preamble. Memory stays bounded.
@@ -105,7 +137,8 @@ class Scanner:
         try:
             self._proto = _PROTOCOLS[protocol]
         except KeyError:
-            raise ValueError("unknown protocol %r (dlt645 or modbus)" % (protocol,)) from None
+            raise ValueError("unknown protocol %r (dlt645, dlt698 or modbus)"
+                             % (protocol,)) from None
         self._requests = bool(requests)
         self._buf = bytearray()
         self.frames = 0
@@ -116,7 +149,7 @@ class Scanner:
 
     @property
     def protocol(self):
-        return "dlt645" if self._proto == DLT645 else "modbus"
+        return _NAMES[self._proto]
 
     @property
     def pending(self):
@@ -157,6 +190,30 @@ class Scanner:
         if end - i < n:
             return 0, n
         if sum(buf[i:i + n - 2]) & 0xFF != buf[i + n - 2]:
+            return -2, n
+        if buf[i + n - 1] != 0x16:
+            return -3, n
+        return 1, n
+
+    def _check_dlt698(self, buf, i, end):
+        if end - i < 5:
+            return 0, 0
+        length = buf[i + 1] | buf[i + 2] << 8
+        if length & 0xC000 or buf[i + 3] & 0x07 not in (1, 3):
+            return -1, 0            # length unit bit / reserved bit, or no function code
+        alen = (buf[i + 4] & 0x0F) + 1
+        n = length + 2
+        if n < 12 + alen:           # 68 L L C AF A.. CA HCS HCS, >= 1 byte, FCS FCS 16
+            return -1, 0
+        if end - i < 8 + alen:
+            return 0, 0
+        hcs = crc16_x25(buf[i + 1:i + 6 + alen])
+        if buf[i + 6 + alen] != hcs & 0xFF or buf[i + 7 + alen] != hcs >> 8:
+            return -2, n
+        if end - i < n:
+            return 0, n
+        fcs = crc16_x25(buf[i + 1:i + n - 3])
+        if buf[i + n - 3] != fcs & 0xFF or buf[i + n - 2] != fcs >> 8:
             return -2, n
         if buf[i + n - 1] != 0x16:
             return -3, n
@@ -203,7 +260,7 @@ class Scanner:
         return 1, n
 
     def _next_start(self, buf, i, end):
-        if self._proto == DLT645:
+        if self._proto != MODBUS:
             j = buf.find(0x68, i, end)
             return end if j < 0 else j
         return i
@@ -213,7 +270,9 @@ class Scanner:
         buf += data
         end = len(buf)
         out = []
-        check = self._check_dlt645 if self._proto == DLT645 else self._check_modbus
+        proto = self._proto
+        check = (self._check_dlt645 if proto == DLT645 else
+                 self._check_dlt698 if proto == DLT698 else self._check_modbus)
         pos = 0
         while pos < end:
             i = self._next_start(buf, pos, end)

@@ -9,20 +9,21 @@ import os
 
 if os.environ.get("MGW_PURE_PYTHON", "") not in ("", "0"):
     from protocols._pyframing import (  # noqa: F401
-        MAX_DLT645_FRAME, MAX_MODBUS_FRAME, Scanner, add_33, bcd_to_int, crc16_modbus,
-        dlt645_checksum, int_to_bcd, sub_33)
+        MAX_DLT645_FRAME, MAX_DLT698_FRAME, MAX_MODBUS_FRAME, Scanner, add_33, bcd_to_int,
+        crc16_modbus, crc16_x25, dlt645_checksum, int_to_bcd, sub_33)
     IMPLEMENTATION = "python"
 else:
     try:
         from protocols._speedups import (  # noqa: F401
-            MAX_DLT645_FRAME, MAX_MODBUS_FRAME, Scanner, add_33, bcd_to_int, crc16_modbus,
-            dlt645_checksum, int_to_bcd, sub_33)
+            MAX_DLT645_FRAME, MAX_DLT698_FRAME, MAX_MODBUS_FRAME, Scanner, add_33,
+            bcd_to_int, crc16_modbus, crc16_x25, dlt645_checksum, int_to_bcd, sub_33)
         IMPLEMENTATION = "compiled"
     except ImportError:
         from protocols._pyframing import (  # noqa: F401
-            MAX_DLT645_FRAME, MAX_MODBUS_FRAME, Scanner, add_33, bcd_to_int, crc16_modbus,
-            dlt645_checksum, int_to_bcd, sub_33)
+            MAX_DLT645_FRAME, MAX_DLT698_FRAME, MAX_MODBUS_FRAME, Scanner, add_33,
+            bcd_to_int, crc16_modbus, crc16_x25, dlt645_checksum, int_to_bcd, sub_33)
         IMPLEMENTATION = "python"
 
 __all__ = ["Scanner", "add_33", "sub_33", "bcd_to_int", "int_to_bcd", "crc16_modbus",
-           "dlt645_checksum", "IMPLEMENTATION", "MAX_DLT645_FRAME", "MAX_MODBUS_FRAME"]
+           "crc16_x25", "dlt645_checksum", "IMPLEMENTATION", "MAX_DLT645_FRAME",
+           "MAX_DLT698_FRAME", "MAX_MODBUS_FRAME"]

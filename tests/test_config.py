@@ -238,7 +238,7 @@ WORDING = [
      ['f.toml: meters[1].address: two meters with address 000000000001 on port p',
       'f.toml: meters[2].unit: is required',
       'f.toml: meters[2].profile: is required',
-      "f.toml: meters[3].protocol: must be one of 'dlt645', 'modbus', not 'iec'",
+      "f.toml: meters[3].protocol: must be one of 'dlt645', 'modbus', 'dlt698', not 'iec'",
       'f.toml: meters[3].address: two meters with address 000000000001 on port p']),
     ({'gateway': {'id': 'g'},
       'ports': [{'name': 'p', 'device': '/dev/null'}],

@@ -95,7 +95,8 @@ PORTS = ListOfTables("ports", "PortConfig", [
 # ---------------------------------------------------------------- [[meters]]
 
 def _dlt645(meter):
-    return meter["protocol"] == "dlt645"
+    """Meters addressed by a 12-digit address: DL/T 645 and DL/T 698.45."""
+    return meter["protocol"] in ("dlt645", "dlt698")
 
 
 def _modbus(meter):
@@ -113,12 +114,14 @@ def _check_meter(meter, bad, context):
             % (meter["port"], ", ".join(sorted(ports)) or "none"))
     if _dlt645(meter) and meter["address"] is not None:
         if not re.match(r"^[0-9]{1,12}$", meter["address"]):
-            bad("address", "a DL/T 645 address is up to 12 digits as on the nameplate, "
-                "not %r" % meter["address"])
+            bad("address", "a %s address is up to 12 digits as on the nameplate, not %r"
+                % ("DL/T 645" if meter["protocol"] == "dlt645" else "DL/T 698.45",
+                   meter["address"]))
             return
         meter["address"] = meter["address"].rjust(12, "0")
         if any(m.port == meter["port"] and m.address == meter["address"] and
-               m.protocol == "dlt645" for m in context.earlier):
+               m.protocol == meter["protocol"] and m.logical_address ==
+               meter["logical_address"] for m in context.earlier):
             bad("address", "two meters with address %s on port %s"
                 % (meter["address"], meter["port"]))
 
@@ -127,8 +130,11 @@ METERS = ListOfTables("meters", "MeterConfig", [
     Field("id", str, required=True, doc="letters, digits, `.`, `_`, `-`"),
     Field("port", str, required=True, doc="the `[[ports]]` `name` of its line"),
     Field("protocol", str, DEFAULT_PROTOCOL, choices=PROTOCOLS, doc="the meter's protocol"),
-    Field("address", str, required=_dlt645, doc_default="required for DL/T 645",
+    Field("address", str, required=_dlt645, doc_default="required for DL/T 645 and 698.45",
           doc="12 digits as on the nameplate (shorter ones are padded with 0)"),
+    Field("logical_address", int, 0, minimum=0, maximum=255,
+          doc="DL/T 698.45: the meter's logical address (0 management core, 1 metering "
+              "core; 2-255 are sent as the extended logical address)"),
     Field("version", int, 2007, choices=(2007, 1997),
           doc="`1997` for old meters (reads only; they have no relay control)"),
     Field("unit", int, required=_modbus, minimum=1, maximum=247,

@@ -1,7 +1,7 @@
 """Simulated meters (DL/T 645 and Modbus RTU) on pseudo-terminals, and the demo. Shipped,
 since `mgw simulate` and `mgw demo` are features; imported by the command line only."""
 
-PROTOCOLS = ("dlt645", "modbus")      # what `mgw simulate --protocol` can simulate
+PROTOCOLS = ("dlt645", "modbus", "dlt698")   # what `mgw simulate --protocol` can simulate
 
 
 def simulated_line(protocol, count, first, faults, baudrate, profile=None, on_relay=None):
@@ -12,6 +12,13 @@ def simulated_line(protocol, count, first, faults, baudrate, profile=None, on_re
         meters = [ModbusSimMeter(first + i, profile, faults=Faults(**vars(faults)))
                   for i in range(count)]
         return ModbusSimLine(meters, baudrate=baudrate), ["unit %d" % m.unit for m in meters]
+    if protocol == "dlt698":
+        from gateway.sim.dlt645 import SimLine
+        from gateway.sim.dlt698 import make_meters698
+        meters = make_meters698(count, first_address=first, faults=faults, prepaid=True)
+        for m in meters:
+            m.on_relay = on_relay
+        return SimLine(meters, baudrate=baudrate), [m.address for m in meters]
     from gateway.sim.dlt645 import SimLine, make_meters
     meters = make_meters(count, first_address=first, faults=faults, prepaid=True)
     for m in meters:

@@ -321,6 +321,7 @@ class SimLine(threading.Thread):
         self.device = os.ttyname(self._slave)
         self._halt = threading.Event()
         self._scanner = Scanner("dlt645")
+        self._scanner698 = Scanner("dlt698")    # DL/T 698.45 meters share the line
         self.stats = collections.Counter()
         self.start_time = None
 
@@ -359,6 +360,37 @@ class SimLine(threading.Thread):
                 except Exception:      # a simulator bug must not kill the line silently
                     log.exception("simulated line %s", self.name)
                 pending = b""
+            for raw in self._scanner698.feed(data):
+                try:
+                    self._serve698(raw, now, len(pending) or len(raw))
+                except Exception:
+                    log.exception("simulated line %s", self.name)
+                pending = b""
+
+    def _meters_of(self, protocol):
+        return [m for m in self.meters.values()
+                if getattr(m, "protocol", "dlt645") == protocol]
+
+    def _serve698(self, raw, t_rx, request_bytes):
+        from protocols import dlt698
+        frame = dlt698.frame_from_scanner(raw)
+        if frame.is_response:
+            return
+        self.stats["requests"] += 1
+        answers = []
+        for m in self._meters_of("dlt698"):
+            if not m.matches698(frame.sa):
+                continue
+            f = m.faults
+            if f.silent or (f.drop_rate and self.rng.random() < f.drop_rate):
+                m.requests += 1
+                continue
+            ans = m.handle698(frame, t_rx)
+            if ans is None:
+                continue
+            m.answers += 1
+            answers.append((m, self._damage(m, ans)))
+        self._reply(answers, t_rx, request_bytes)
 
     def _serve(self, raw, t_rx, request_bytes):
         frame = dlt645.frame_from_scanner(raw)
@@ -368,14 +400,14 @@ class SimLine(threading.Thread):
         if frame.function == dlt645.TIME_SYNC:
             msg = dlt645.decode(frame)
             if isinstance(msg, dlt645.TimeSync):
-                for m in self.meters.values():
+                for m in self._meters_of("dlt645"):
                     if frame.address == dlt645.BROADCAST or m.matches(frame.address):
                         m.time_sync(msg.when, t_rx)
             return
         if frame.address == dlt645.BROADCAST:
             return                                        # nobody answers a broadcast
         answers = []
-        for m in self.meters.values():
+        for m in self._meters_of("dlt645"):
             if not m.matches(frame.address):
                 continue
             f = m.faults
@@ -387,6 +419,10 @@ class SimLine(threading.Thread):
                 continue
             m.answers += 1
             answers.append((m, self._damage(m, ans)))
+        self._reply(answers, t_rx, request_bytes)
+
+    def _reply(self, answers, t_rx, request_bytes):
+        """The answer(s) on the wire after the meter's latency; several garble each other."""
         if not answers:
             return
         meter = answers[0][0]
@@ -412,7 +448,8 @@ class SimLine(threading.Thread):
         f = meter.faults
         rng = self.rng
         ans = bytearray(ans)
-        if f.wrong_address_rate and rng.random() < f.wrong_address_rate:
+        if f.wrong_address_rate and rng.random() < f.wrong_address_rate and \
+                getattr(meter, "protocol", "dlt645") == "dlt645":
             other = dlt645.address_to_wire("%012d" % rng.randint(1, 10 ** 12 - 1))
             ans[1:7] = other
             ans[-2] = sum(ans[:-2]) & 0xFF

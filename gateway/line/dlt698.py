@@ -1,0 +1,333 @@
+"""The DL/T 698.45 driver: what the line does with DL/T 698.45 meters.
+
+Poll tasks (energy and prepaid money in one GET-Request-NormalList, instantaneous values and
+the status words in another; one OAD at a time for a meter that refuses lists), the clock
+with drift tracking and broadcast time sync (ACTION 4000 method 127, the same rules as for
+DL/T 645 meters), the daily freeze and its backfill with GET-Request-Record on 5004 (the
+record's own freeze time checked), reads by quantity name or raw OAD, the wildcard address
+search, and the status exchange the relay read-back uses. Frames come from protocols.dlt698
+only; the quantity names are the DL/T 645 meters' (protocols.dlt698.quantities).
+"""
+
+import datetime as _dt
+
+from gateway.line.reads import UnknownQuantity
+from gateway.model import TxError
+from gateway.store.journal import BACKFILLED, GOOD
+from protocols import dlt698
+from protocols.dlt698 import OAD, RSD, DataError
+from protocols.dlt698_data import DATE_TIME_S
+
+SCAN_KEY = "address"             # what a scan reports a meter by
+HAS_RELAY = False                # relay commands go through control/relay.py, DL/T 645 only
+
+ENERGY = [OAD(0x0010, 2, 0), OAD(0x0020, 2, 0)]
+PREPAID = [OAD(0x202C, 2, 0), OAD(0x202D, 2, 0)]
+INSTANT = [OAD(0x2000, 2, 0), OAD(0x2001, 2, 0), OAD(0x2004, 2, 0), OAD(0x200A, 2, 0),
+           OAD(0x200F, 2, 0)]
+STATUS = [dlt698.STATUS_WORDS]
+CLOCK = [dlt698.CLOCK]
+GROUPS = {"energy": ENERGY, "instant": INSTANT, "status": STATUS, "clock": CLOCK,
+          "balance": PREPAID}
+
+FREEZE_COLUMNS = [dlt698.FREEZE_TIME, OAD(0x0010, 2, 0), OAD(0x0020, 2, 0)]
+FREEZE_DAYS = 62                  # daily freezes looked back at most (as for DL/T 645)
+SYNC_MAX_S = 300.0                # broadcast time corrects at most +-5 min (reference 7)
+UNSUPPORTED_DARS = (4, 5, 6)      # object undefined / class mismatch / does not exist
+
+# not readings of their own: decoded into the meter's health, or clock checks
+SKIP_QUANTITIES = {"relay.command", "meter.clock"}
+
+_QUANTITY_OAD = {}
+for _oi, (_names, _s, _u) in dlt698._OBJECTS.items():
+    for _i, _name in enumerate(_names, 1):
+        _QUANTITY_OAD.setdefault(_name, OAD(_oi, 2, _i))
+_QUANTITY_OAD.update({"frequency": OAD(0x200F, 2, 0), "meter.clock": dlt698.CLOCK,
+                      "meter.address": dlt698.COMM_ADDRESS,
+                      "balance.remaining": OAD(0x202C, 2, 0),
+                      "balance.overdraft": OAD(0x202D, 2, 0),
+                      "relay.state": dlt698.STATUS_WORDS,
+                      "guarantee.state": dlt698.STATUS_WORDS})
+
+
+def server_address(meter):
+    return dlt698.server_address(meter.address, logical=getattr(meter, "logical", 0) or 0)
+
+
+def oads_for(meter, quantities):
+    """The OADs to read for quantity names, group names or raw OADs (8 hex digits)."""
+    if not quantities:
+        quantities = ["energy", "instant", "status", "clock"] + \
+            (["balance"] if meter.prepaid else [])
+    oads = []
+    for q in quantities:
+        if q in GROUPS:
+            new = GROUPS[q]
+        elif q in _QUANTITY_OAD:
+            new = [_QUANTITY_OAD[q]]
+        else:
+            try:
+                new = [OAD.parse(q[2:] if q.lower().startswith("0x") else q)]
+            except ValueError:
+                raise UnknownQuantity("unknown quantity %r (groups: %s; or an OAD of 8 hex "
+                                      "digits)" % (q, ", ".join(sorted(GROUPS)))) from None
+        oads += [o for o in new if o not in oads]
+    return oads
+
+
+def check_quantities(meter, quantities):
+    """UnknownQuantity if a name cannot be read from this meter."""
+    oads_for(meter, quantities)
+
+
+def key_of(meter):
+    """How a scan names this meter: its address."""
+    return meter.address
+
+
+def read_exchange(meter, oads):
+    """One OAD as GET-Request-Normal, several as one GET-Request-NormalList."""
+    sa = server_address(meter)
+    if len(oads) == 1:
+        return dlt698.get_exchange(sa, oads[0]).for_meter(meter.id)
+    return dlt698.get_list_exchange(sa, oads).for_meter(meter.id)
+
+
+def status_exchange(meter):
+    """The exchange reading the status words (relay state, protection)."""
+    return read_exchange(meter, STATUS)
+
+
+def _apdu(msg):
+    apdu = msg.apdu if isinstance(msg, dlt698.Message) else None
+    if isinstance(apdu, dlt698.SecurityResponse):
+        apdu = apdu.inner
+    return apdu
+
+
+def values_of(msg):
+    """(values, errors, unsupported OADs) of an answer to a GET."""
+    values, errors, unsupported = [], [], []
+    apdu = _apdu(msg)
+    if isinstance(apdu, dlt698.ErrorResponse):
+        return values, ["meter says ERROR-Response %d" % apdu.code], unsupported
+    if not isinstance(apdu, dlt698.GetResponse):
+        return values, ["unexpected answer %s" % dlt698.service_name(apdu)], unsupported
+    for r in apdu.results:
+        if not r.ok:
+            errors.append("%s: meter says DAR %d (%s)" % (r.oad, r.dar, dlt698.dar_name(r.dar)))
+            if r.dar in UNSUPPORTED_DARS:
+                unsupported.append(r.oad)
+            continue
+        try:
+            values += dlt698.quantities(r.oad, r.value)
+        except DataError as exc:
+            errors.append("%s: %s" % (r.oad, exc))
+            values.append(dlt698.Value("oad." + str(r.oad), repr(r.value), "raw"))
+    return values, errors, unsupported
+
+
+def read_now(worker, meter, quantities=()):
+    """Reads a meter through a worker (on the calling thread): (values, errors)."""
+    values, errors = [], []
+    oads = oads_for(meter, quantities)
+    res = worker.transact(read_exchange(meter, oads))
+    if res.ok and isinstance(_apdu(res.answer), dlt698.GetResponse):
+        v, e, _ = values_of(res.answer)
+        return v, e
+    # no list answer: one OAD at a time (meters that refuse lists, or a list too long)
+    for oad in oads if len(oads) > 1 else ():
+        r = worker.transact(read_exchange(meter, [oad]))
+        if not r.ok:
+            errors.append("%s: %s" % (oad, r.error))
+            continue
+        v, e, _ = values_of(r.answer)
+        values += v
+        errors += e
+    if len(oads) == 1:
+        if res.ok:
+            v, e, _ = values_of(res.answer)
+            values, errors = v, e
+        else:
+            errors.append("%s: %s" % (oads[0], res.error))
+    return values, errors
+
+
+def scan(worker, progress=lambda done, total, found: None, **_):
+    """Finds the DL/T 698.45 meter on a line by a wildcard read of its address (4001 0200
+    to AA x 6, flag 45: reference section 7). Several meters answering at once garble each
+    other: then the search narrows the wildcard by the lowest address byte, as for
+    DL/T 645 (00..99 for each byte, from the right)."""
+    found = set()
+    probes = [""]
+    done = 0
+    total = 1
+    while probes:
+        suffix = probes.pop(0)
+        pattern = "A" * (12 - len(suffix)) + suffix
+        sa = dlt698.server_address(pattern, dlt698.WILDCARD)
+        res = worker.transact(dlt698.get_exchange(sa, dlt698.COMM_ADDRESS).for_meter("scan"))
+        done += 1
+        if res.ok and isinstance(res.answer, dlt698.Message):
+            found.add(res.answer.sa.address)
+        elif res.code == TxError.GARBLED and len(suffix) < 12:
+            probes.extend("%02d" % b + suffix for b in range(100))
+            total += 100
+        progress(done, total, len(found))
+    return [{"address": a} for a in sorted(found)]
+
+
+# ---------------------------------------------------------------- poll tasks
+
+def tasks(meter):
+    """The tasks this meter is polled for beyond energy and instantaneous values."""
+    return ("clock", "freeze") if meter.clock_interval_s else ()
+
+
+def poll(poller, worker, meter, task):
+    if task == "energy":
+        _read(poller, worker, meter, ENERGY + (PREPAID if meter.prepaid else []))
+    elif task == "instant":
+        _read(poller, worker, meter, INSTANT + STATUS)
+    elif task == "clock":
+        _clock(poller, worker, meter)
+    elif task == "freeze":
+        _freeze(poller, worker, meter)
+
+
+def _readings(poller, meter, values, ts=None, quality=None):
+    for v in values:
+        if v.quantity == "relay.state":
+            poller.health[meter.id].relay = v.value
+    return poller.readings(meter, [v for v in values if v.quantity not in SKIP_QUANTITIES],
+                           ts, quality)
+
+
+def _read(poller, worker, meter, oads):
+    """The OADs in one NormalList (or one by one for a meter that refuses lists); the
+    OADs a meter says it lacks are not asked again."""
+    h = poller.health[meter.id]
+    oads = [o for o in oads if o not in h.unsupported]
+    if not oads:
+        return []
+    groups = [oads] if h.block_ok or len(oads) == 1 else [[o] for o in oads]
+    readings = []
+    for group in groups:
+        result = worker.transact(read_exchange(meter, group))
+        if not poller.outcome(meter, result):
+            if not h.online:
+                break
+            continue
+        apdu = _apdu(result.answer)
+        if len(group) > 1 and not isinstance(apdu, dlt698.GetResponse):
+            h.block_ok = False             # ERROR-Response to a list: one at a time next
+            continue
+        values, _errors, unsupported = values_of(result.answer)
+        if unsupported:
+            h.unsupported = set(h.unsupported) | set(unsupported)
+        readings += _readings(poller, meter, values)
+    if readings:
+        poller.sink(readings)
+    return readings
+
+
+def _clock(poller, worker, meter):
+    h = poller.health[meter.id]
+    t0 = poller.wall()
+    result = worker.transact(read_exchange(meter, CLOCK))
+    if not poller.outcome(meter, result):
+        return
+    values, _, _ = values_of(result.answer)
+    clock = next((v.value for v in values if v.quantity == "meter.clock"), None)
+    if not isinstance(clock, _dt.datetime):
+        return
+    t1 = poller.wall()
+    gw_time = _dt.datetime.fromtimestamp((t0 + t1) / 2)
+    drift = (clock - gw_time).total_seconds()
+    if abs(drift) < 1.0 + (t1 - t0) / 2:
+        drift = 0.0
+    h.drift_s = drift
+    today = gw_time.date()
+    if abs(drift) < meter.sync_threshold_s:
+        return
+    if abs(drift) > SYNC_MAX_S:
+        if h.last_drift_event_day != today:
+            h.last_drift_event_day = today
+            poller.event("meter.clock_drift", meter=meter.id, drift_s=round(drift, 1),
+                         action="none: beyond broadcast sync range, needs a technician")
+        return
+    if not poller.clock_trusted() or h.last_sync_day == today:
+        return
+    now = _dt.datetime.fromtimestamp(poller.wall())
+    if poller.sync_guard(now):
+        return                  # never near the hour or midnight: it would hit freezes
+    h.last_sync_day = today
+    when = _dt.datetime.fromtimestamp(poller.wall()).replace(microsecond=0) + \
+        _dt.timedelta(seconds=1)
+    worker.broadcast(dlt698.broadcast_time_sync(when))
+    poller.event("meter.time_synced", meter=meter.id, drift_s=round(drift, 1))
+
+
+def freeze_exchange(meter, day):
+    """GET-Request-Record of the daily freeze of `day` (5004 0200, selector 1 on the freeze
+    time 2021 0200 = day 00:00), with its freeze time and the energy columns."""
+    rsd = RSD(1, dlt698.FREEZE_TIME, ((DATE_TIME_S, _dt.datetime.combine(day, _dt.time())),))
+    return dlt698.get_record_exchange(server_address(meter), dlt698.DAY_FREEZE, rsd,
+                                      FREEZE_COLUMNS).for_meter(meter.id)
+
+
+def freeze_values(apdu, day):
+    """(freeze time, values) of a day-freeze record answer, or (None, why)."""
+    if not isinstance(apdu, dlt698.GetRecordResponse):
+        return None, "unexpected answer %s" % dlt698.service_name(apdu)
+    if apdu.dar is not None:
+        return None, "meter says DAR %d (%s)" % (apdu.dar, dlt698.dar_name(apdu.dar))
+    if not apdu.rows:
+        return None, "no freeze with that date"
+    cols = [c.oad for c in apdu.columns]
+    for row in apdu.rows:
+        cells = dict(zip(cols, row))
+        stamp = cells.get(dlt698.FREEZE_TIME)
+        if not isinstance(stamp, _dt.datetime) or stamp.date() != day:
+            continue                  # the record's own freeze time must say that day
+        values = []
+        for oad, prefix in ((OAD(0x0010, 2, 0), "freeze.daily.energy.import."),
+                            (OAD(0x0020, 2, 0), "freeze.daily.energy.export.")):
+            if cells.get(oad) is None:
+                continue
+            try:
+                for v in dlt698.quantities(oad, cells[oad]):
+                    values.append(dlt698.Value(prefix + v.quantity.rsplit(".", 1)[1],
+                                               v.value, v.unit))
+            except DataError:
+                continue
+        return stamp, values
+    return None, "no record with the freeze time of that day"
+
+
+def _freeze(poller, worker, meter):
+    """Today's daily freeze, and any missed day backfilled, timestamp checked."""
+    h = poller.health[meter.id]
+    today = _dt.datetime.fromtimestamp(poller.wall()).date()
+    if h.last_freeze_day is None:
+        h.last_freeze_day = today - _dt.timedelta(days=1)
+    day = h.last_freeze_day + _dt.timedelta(days=1)
+    while day <= today:
+        if (today - day).days >= FREEZE_DAYS:
+            poller.event("freeze.missing", meter=meter.id, day=day.isoformat(),
+                         reason="older than the gateway looks back")
+            day += _dt.timedelta(days=1)
+            continue
+        result = worker.transact(freeze_exchange(meter, day))
+        if not poller.outcome(meter, result):
+            return                        # no answer: try again at the next round
+        stamp, values = freeze_values(_apdu(result.answer), day)
+        if stamp is None:
+            poller.event("freeze.missing", meter=meter.id, day=day.isoformat(),
+                         reason=values)
+        elif values:
+            quality = GOOD if day == today else BACKFILLED
+            poller.sink(poller.readings(meter, values, ts=poller.local_ms(stamp),
+                                        quality=quality))
+        h.last_freeze_day = day
+        day += _dt.timedelta(days=1)

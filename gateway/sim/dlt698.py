@@ -1,0 +1,223 @@
+"""A simulated DL/T 698.45 meter, for the same SimLine (pseudo-terminal RS-485 line) as the
+DL/T 645 meters, so one line can carry both, as in the field.
+
+It is the DL/T 645 simulator's meter model (energy by tariff, load profile, drifting clock,
+relay and protection, prepaid money, 62 daily freezes, fault injection) answering in
+DL/T 698.45: GET-Request-Normal and -NormalList on the objects the gateway polls, GET-Request-
+Record on the day freeze 5004 (selector 1 on the freeze time, or 9), broadcast time
+(ACTION 4000 method 127), SET 4000 0200, and, when `plaintext_relay` is set (a test meter),
+plaintext ACTION 8000 trip/close and 8001 protection. Every answer is logged in `truth`
+with the values the gateway should report.
+"""
+
+import datetime as _dt
+from decimal import Decimal
+
+from gateway.sim.dlt645 import SimMeter
+from protocols import dlt698 as D
+from protocols.dlt698_data import (ARRAY, BIT_STRING, DATE_TIME_S, DOUBLE_LONG,
+                                   DOUBLE_LONG_UNSIGNED, LONG, LONG_UNSIGNED, OCTET_STRING,
+                                   OAD, OMD, STRUCTURE, encode_data)
+
+OBJECT_UNDEFINED = 4
+OBJECT_MISSING = 6
+READ_WRITE_REFUSED = 3
+
+
+def _int(d, decimals):
+    return int(Decimal(d).scaleb(decimals).to_integral_value())
+
+
+class SimMeter698(SimMeter):
+    """A DL/T 698.45 meter (the DL/T 645 model underneath)."""
+
+    protocol = "dlt698"
+
+    def __init__(self, address, *, logical=0, plaintext_relay=True, **kw):
+        super().__init__(address, **kw)
+        self.logical = logical
+        self.plaintext_relay = plaintext_relay
+        self.sa = D.server_address(address, logical=logical)
+        self.list_ok = True          # False: answers lists with ERROR-Response (old meters)
+
+    # ---------------------------------------------------------------- data
+
+    def data(self, oad, now):
+        """Encoded Data for an OAD (element index honoured), or a DAR."""
+        whole = self._whole(oad.whole, now)
+        if whole is None:
+            return None, OBJECT_MISSING
+        tag, items = whole
+        if not oad.index:
+            return encode_data(tag, items), None
+        if tag not in (ARRAY, STRUCTURE) or oad.index > len(items):
+            return None, OBJECT_MISSING
+        return encode_data(*items[oad.index - 1]), None
+
+    def _whole(self, oad, now):
+        v = self.values
+        if oad == OAD(0x0010, 2, 0):
+            return ARRAY, [(DOUBLE_LONG_UNSIGNED, _int(x, 2)) for x in v(0x0001FF00, now)]
+        if oad == OAD(0x0020, 2, 0):
+            exp = _int(v(0x00020000, now)[0], 2)
+            return ARRAY, [(DOUBLE_LONG_UNSIGNED, exp)] + [(DOUBLE_LONG_UNSIGNED, 0)] * 4
+        if oad == OAD(0x2000, 2, 0):
+            return ARRAY, [(LONG_UNSIGNED, _int(x, 1)) for x in v(0x0201FF00, now)]
+        if oad == OAD(0x2001, 2, 0):
+            return ARRAY, [(DOUBLE_LONG, _int(x, 3)) for x in v(0x0202FF00, now)]
+        if oad == OAD(0x2004, 2, 0):
+            return ARRAY, [(DOUBLE_LONG, _int(x, 4)) for x in v(0x0203FF00, now)]
+        if oad == OAD(0x200A, 2, 0):
+            pf = _int(v(0x02060000, now)[0], 3)
+            return ARRAY, [(LONG, pf)] * 4
+        if oad == OAD(0x200F, 2, 0):
+            return LONG_UNSIGNED, _int(v(0x02800002, now)[0], 2)
+        if oad == D.CLOCK:
+            return DATE_TIME_S, self.meter_now(now).replace(microsecond=0)
+        if oad == D.COMM_ADDRESS:
+            return OCTET_STRING, bytes.fromhex(self.address)
+        if oad == D.STATUS_WORDS:
+            word = D.status_word(self.relay_open, self.relay_command_trip, self.guarantee)
+            zero = D.BitString(16, b"\x00\x00")
+            return ARRAY, [(BIT_STRING, zero), (BIT_STRING, zero), (BIT_STRING, word)] + \
+                [(BIT_STRING, zero)] * 4
+        if self.prepaid and oad == OAD(0x202C, 2, 0):
+            return STRUCTURE, [(DOUBLE_LONG_UNSIGNED, _int(v(0x00900200, now)[0], 2)),
+                               (DOUBLE_LONG_UNSIGNED, 1)]
+        if self.prepaid and oad == OAD(0x202D, 2, 0):
+            return DOUBLE_LONG_UNSIGNED, _int(v(0x00900201, now)[0], 2)
+        return None
+
+    # ---------------------------------------------------------------- protocol
+
+    def matches698(self, sa):
+        if sa.kind == D.BROADCAST:
+            return True
+        if sa.kind == D.SINGLE:
+            return sa.field == self.sa.field
+        if sa.kind == D.WILDCARD:
+            return len(sa.address) == len(self.address) and all(
+                w == "A" or w == g for w, g in zip(sa.address, self.address))
+        return False
+
+    def handle698(self, frame, now):
+        """The answer frame (no wake-up bytes) to a request for this meter, or None."""
+        self.requests += 1
+        msg = D.decode(frame)
+        if isinstance(msg, D.Unknown):
+            return None
+        apdu = msg.apdu
+        broadcast = frame.sa.kind == D.BROADCAST
+        if isinstance(apdu, D.ActionRequest) and apdu.omd == OMD(0x4000, 127):
+            if isinstance(apdu.value, _dt.datetime):
+                self.time_sync(apdu.value, now)
+            return None if broadcast else self._out(D.action_response(
+                self.sa, apdu.piid, apdu.omd, 0))
+        if broadcast:
+            return None                           # nobody answers a broadcast
+        if isinstance(apdu, D.GetRequest):
+            if apdu.listed and not self.list_ok:
+                return self._out(D.error_response(self.sa, apdu.piid, 2))
+            results = []
+            for oad in apdu.oads:
+                data, dar = self.data(oad, now)
+                results.append((oad, data, dar))
+                if data is not None:
+                    v = D.Reader(data).data_value()
+                    try:
+                        self.truth.append((now, str(oad), D.quantities(oad, v)))
+                    except D.DataError:
+                        pass
+            if apdu.listed:
+                return self._out(D.get_list_response(self.sa, apdu.piid, results))
+            oad, data, dar = results[0]
+            return self._out(D.get_response(self.sa, apdu.piid, oad, data, dar))
+        if isinstance(apdu, D.GetRecordRequest):
+            return self._out(self._record(apdu, now))
+        if isinstance(apdu, D.SetRequest):
+            dar = READ_WRITE_REFUSED
+            if apdu.oad == D.CLOCK and isinstance(apdu.value, _dt.datetime):
+                self.time_sync(apdu.value, now)
+                dar = 0
+            return self._out(D.set_response(self.sa, apdu.piid, apdu.oad, dar))
+        if isinstance(apdu, D.ActionRequest):
+            return self._out(D.action_response(self.sa, apdu.piid, apdu.omd,
+                                               self._action(apdu, now)))
+        return None
+
+    def _out(self, frame):
+        return frame[4:]
+
+    def _record(self, req, now):
+        cols = req.columns
+        if req.oad != D.DAY_FREEZE:
+            return D.get_record_response(self.sa, req.piid, req.oad, cols, dar=OBJECT_UNDEFINED)
+        self.advance(now)
+        with self.lock:
+            freezes = list(self._freezes)
+        picked = []
+        if req.rsd.selector == 1 and req.rsd.oad == D.FREEZE_TIME:
+            want = req.rsd.values[0][1]
+            picked = [f for f in freezes if f[0] == want]
+        elif req.rsd.selector == 9:
+            n = req.rsd.values[0]
+            picked = freezes[n - 1:n] if n >= 1 else []
+        rows = []
+        for stamp, block in picked:
+            row = []
+            for c in cols:
+                if c.oad == D.FREEZE_TIME:
+                    row.append(encode_data(DATE_TIME_S, stamp))
+                elif c.oad == OAD(0x0010, 2, 0):
+                    row.append(encode_data(ARRAY, [(DOUBLE_LONG_UNSIGNED, _int(x, 2))
+                                                   for x in block]))
+                else:
+                    row.append(b"\x00")
+            rows.append(row)
+        return D.get_record_response(self.sa, req.piid, req.oad, cols, rows=rows)
+
+    def _action(self, req, now):
+        """DAR of a plaintext ACTION on 8000 / 8001."""
+        if req.omd.oi not in (D.REMOTE_CONTROL, D.PROTECT):
+            return OBJECT_UNDEFINED
+        if not self.plaintext_relay:
+            return 20                               # security authentication mismatch
+        m = req.omd.method
+        with self.lock:
+            self.advance(now)
+            if req.omd.oi == D.PROTECT:
+                if m == D.ProtectMethod.ON:
+                    self.guarantee = True
+                elif m == D.ProtectMethod.OFF:
+                    self.guarantee = False
+                else:
+                    return OBJECT_UNDEFINED
+                return 0
+            if m == D.RelayMethod.TRIP:
+                if self.guarantee:
+                    return READ_WRITE_REFUSED
+                self.relay_command_trip = True
+                self._move(True, now, _Cmd("TRIP"))
+            elif m == D.RelayMethod.CLOSE:
+                direct = bool(req.value) and req.value[0][-1] == 1
+                self.relay_command_trip = False
+                if direct or not self.button_required:
+                    self._move(False, now, _Cmd("DIRECT_CLOSE" if direct else
+                                                "CLOSE_ALLOWED"))
+            else:
+                return OBJECT_UNDEFINED
+        return 0
+
+
+class _Cmd:
+    """What SimMeter._move logs as the command (it reads `.name`)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+def make_meters698(n, first_address=1, faults=None, **kwargs):
+    import copy
+    return [SimMeter698("%012d" % (first_address + i), seed=first_address + i,
+                        faults=copy.copy(faults) if faults else None, **kwargs)
+            for i in range(n)]
