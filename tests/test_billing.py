@@ -111,7 +111,7 @@ def test_a_reading_that_cannot_be_priced_holds_that_meter_only(tmp_path):
         assert "flat" in held["reason"] and held["seq"] > 0 and held["since"] > 0
         assert [e for e in gw.events if e[0] == "billing.held"] == [
             ("billing.held", {"reason": held["reason"], "seq": held["seq"], "meter": "m1"})]
-        assert gw.journal.cursor("billing", "readings") == 12     # acknowledged
+        assert gw.journal.cursor("billing", "energy") == 12       # acknowledged
         # more readings: still held, no second event, the neighbour still billed
         gw.feed("m1", NOON + dt.timedelta(minutes=30), "35.20", **dict(regs, t2="10.10",
                                                                          t3="5.10"))

@@ -24,13 +24,14 @@ docs/cost-control.md ("How a charge is computed"); in short:
 """
 
 import logging
+import operator
 import re
 import time
 from decimal import Decimal
 from fractions import Fraction
 
-from gateway.billing.tariff import (DAY_MS, RATES, largest_remainder, local_ms, segments,
-                                    to_datetime)
+from gateway.billing.tariff import (DAY_MS, RATES, _offsets, largest_remainder, local_ms,
+                                    segments, to_datetime)
 log = logging.getLogger(__name__)
 
 ENERGY_TOTAL = "energy.import.total"
@@ -77,6 +78,27 @@ def centi(value, what="value"):
     return c
 
 
+# the journal's energy table's columns, and the T1..T4 rates by index
+_QUANTITIES = (ENERGY_TOTAL,) + tuple(QUANTITY_OF_RATE[r] for r in RATES)
+_RATE_INDEX = {r: k for k, r in enumerate(RATES)}
+_NO_REGISTERS = (None, None, None, None)
+
+
+def _same_presence(a, b):
+    return (a is None) == (b is None)
+
+
+def _went_down(c, p):
+    return c is not None and p is not None and c < p
+
+
+def _as_tuple(values):
+    """{quantity: value} -> (total, t1, t2, t3, t4), None where absent."""
+    get = values.get
+    return (get(ENERGY_TOTAL), get(_QUANTITIES[1]), get(_QUANTITIES[2]), get(_QUANTITIES[3]),
+            get(_QUANTITIES[4]))
+
+
 class _Slow(Exception):
     """The fast path hands a reading to the rules."""
 
@@ -106,8 +128,9 @@ class Billing:
         self._max_kw = None
         self._jump = (0, 1)
         self._period = (1, 0, None)          # (start, end, name) in local ms: none yet
-        self._run = (1, 0, None)             # (start, end, rate): one rate, local ms
+        self._run = (1, 0, None, None)       # (start, end, rate, price): local ms
         self._seg = self._segment(0)         # the ladder stretch of the last tier counter
+        self._memo = {}                      # register text -> its steps (bounded)
 
     # ------------------------------------------------------------ the entry points
 
@@ -127,11 +150,14 @@ class Billing:
         """Several readings of the account in order, as `apply` of each in turn would bill
         them (same document, same events), without the cost per reading of `apply`.
 
-        items: [(tag, seq, ts, {quantity: value})]; events are appended as
-        (tag, event_type, fields). watch: None or [low, high, fn]: after a reading that
-        leaves the balance outside (low, high], fn(doc, tag) is called (the document then
-        holds the balance) and returns the new (low, high); cost control re-derives the
-        account's state there, so it runs exactly when a reading could change it.
+        items: [(tag, seq, ts, values)], values either {quantity: value} or the tuple
+        (total, t1, t2, t3, t4) of the register values, None where the reading has none
+        (the journal's energy table gives these; quantities other than the five are not
+        billed either way); events are appended as (tag, event_type, fields). watch: None
+        or [low, high, fn]: after a reading that leaves the balance outside (low, high],
+        fn(doc, tag) is called (the document then holds the balance) and returns the new
+        (low, high); cost control re-derives the account's state there, so it runs exactly
+        when a reading could change it.
 
         The common reading (registers grew, within the meter's rating, inside one tier
         period and one rate, not held) is priced here from integers kept between readings;
@@ -143,8 +169,11 @@ class Billing:
         tiered = tariff.tiered
         ladder_price = tariff.charge_steps
         price_of = tariff.price_of
-        rates_of = TARIFF_QUANTITIES
-        order = RATES
+        rate_prices = tuple(map(price_of, RATES))        # T1..T4's, None where unpriced
+        sub = operator.sub
+        memo = self._memo
+        memo_get = memo.get
+        offsets_get = _offsets.get
         if watch is not None:
             low, high, moved = watch
         n = len(items)
@@ -152,12 +181,14 @@ class Billing:
         while i < n:
             st = self._load(doc)
             if st is not None:
-                bal, chg, tier, period, tot, totx, prev, pts, pl = st
+                bal, chg, tier, period, tot, totx, prevc, prevx, pts, pl = st
                 dirty = False
                 while i < n:
                     tag, seq, ts, values = items[i]
                     try:
-                        text = values.get(ENERGY_TOTAL)
+                        if type(values) is not tuple:
+                            values = _as_tuple(values)
+                        text = values[0]
                         if text is not None:     # (nothing to bill without the total)
                             # the total, in steps (a text like the last one: same steps)
                             if text == totx:
@@ -170,31 +201,43 @@ class Billing:
                             steps = cur - tot
                             if steps < 0:
                                 raise _Slow      # went down: an event
-                            rates = {}
-                            if len(values) > 1:
-                                for q, v in values.items():
-                                    r = rates_of.get(q)
-                                    if r is None:
-                                        continue
-                                    p = prev.get(r)
-                                    if p is not None and v == p[1]:
-                                        rates[r] = p
-                                        continue
-                                    if type(v) is str and len(v) > 3 and v[-3] == "." and \
-                                            v.isascii() and (v[:-3] + v[-2:]).isdigit():
-                                        c = int(v[:-3] + v[-2:])
-                                    else:
-                                        raise _Slow
-                                    if p is not None and c < p[0]:
-                                        raise _Slow      # went down: an event
-                                    rates[r] = (c, v)
+                            # T1..T4: texts, steps; `same`: the same ones as the last time
+                            regx = values[1:]
+                            if regx == prevx:
+                                regc = prevc
+                                same = True
+                            else:
+                                # the steps of a text seen before come from the memo (in
+                                # C); the rest are parsed here (usually the one that grew)
+                                regc = list(map(memo_get, regx))
+                                if None in regc:
+                                    for k in (0, 1, 2, 3):
+                                        v = regx[k]
+                                        if regc[k] is None and v is not None:
+                                            if type(v) is str and len(v) > 3 and \
+                                                    v[-3] == "." and v.isascii() and \
+                                                    (v[:-3] + v[-2:]).isdigit():
+                                                regc[k] = memo[v] = int(v[:-3] + v[-2:])
+                                            else:
+                                                raise _Slow
+                                    if len(memo) > 4096:
+                                        memo.clear()
+                                same = None not in regx and None not in prevx or \
+                                    all(map(_same_presence, regx, prevx))
+                                if None in regc or None in prevc:
+                                    if any(map(_went_down, regc, prevc)):
+                                        raise _Slow          # went down: an event
+                                elif min(map(sub, regc, prevc)) < 0:
+                                    raise _Slow              # went down: an event
+                                regc = tuple(regc)
                             if ts <= pts:
                                 raise _Slow      # no interval: the instant before
                             if steps > 100:
                                 jp, jq = self._jump_limit()
                                 if (steps - 100) * jq * 30000 > jp * (ts - pts):
                                     raise _Slow  # a jump: an event
-                            b = local_ms(ts)
+                            off = offsets_get(ts // 900000)
+                            b = ts + off if off is not None else local_ms(ts)
                             if b <= pl:
                                 raise _Slow
                             name = None
@@ -204,23 +247,26 @@ class Billing:
                                     start, end, name = self._period_of(pl)
                                 if b > end:
                                     raise _Slow  # across a billing date
-                            if tou is not None and rates and len(rates) == len(prev) and \
-                                    all(r in prev for r in rates):
-                                parts = []
-                                summed = 0
-                                for r in order:
-                                    c = rates.get(r)
-                                    if c is not None:
-                                        d = c[0] - prev[r][0]
-                                        summed += d
-                                        if d > 0:
-                                            parts.append((r, d))
-                                if not -REMAINDER_STEPS <= steps - summed <= REMAINDER_STEPS:
+                            if tou is not None and same and regx != _NO_REGISTERS:
+                                # the registers' growth, in the order sharp .. valley
+                                if None in regc:
+                                    ds = tuple(c - prevc[k] if c is not None else 0
+                                               for k, c in enumerate(regc))
+                                else:
+                                    ds = tuple(map(sub, regc, prevc))
+                                if not -REMAINDER_STEPS <= steps - sum(ds) <= REMAINDER_STEPS:
                                     raise _Slow  # registers against the total: an event
+                                grew = 4 - ds.count(0)
+                                if grew == 1:    # the usual reading: one rate's register
+                                    d = max(ds)
+                                    parts = ((rate_prices[ds.index(d)], d),)
+                                else:
+                                    parts = [(rate_prices[k], d) for k, d in enumerate(ds)
+                                             if d > 0]
                             elif steps <= 0:
                                 parts = ()
                             elif tou is None:
-                                parts = ((None, steps),)
+                                parts = ((price_of(None), steps),)
                             else:
                                 run = self._run
                                 if not (run[0] <= pl and b <= run[1]):
@@ -228,15 +274,14 @@ class Billing:
                                     # the next readings inside it need no look-up
                                     rate, stop = tou.run(pl, end if tiered else
                                                          max(b, pl + 2 * DAY_MS))
-                                    run = self._run = (pl, stop, rate)
+                                    run = self._run = (pl, stop, rate, price_of(rate))
                                     if b > stop:
                                         raise _Slow      # across a change of rate
-                                parts = ((run[2], steps),)
+                                parts = ((run[3], steps),)
                             cost = 0
                             new_tier = tier
                             new_period = period
-                            for r, k in parts:
-                                price = price_of(r)
+                            for price, k in parts:
                                 if price is None:
                                     raise _Slow  # no price: the account is held
                                 if tiered:
@@ -260,7 +305,8 @@ class Billing:
                             period = new_period
                             tot = cur
                             totx = text
-                            prev = rates
+                            prevc = regc
+                            prevx = regx
                             pts = ts
                             pl = b
                             dirty = True
@@ -271,18 +317,22 @@ class Billing:
                         break
                     i += 1
                     if watch is not None and not low < bal <= high:
-                        self._store(doc, bal, chg, tier, period, totx, prev, pts)
+                        self._store(doc, bal, chg, tier, period, totx, prevx, pts)
                         dirty = False
                         low, high = moved(doc, tag)
                 if dirty:
-                    self._store(doc, bal, chg, tier, period, totx, prev, pts)
+                    self._store(doc, bal, chg, tier, period, totx, prevx, pts)
                 if i == n:
                     break
             # this reading through the rules
             tag, seq, ts, values = items[i]
             i += 1
             evs = []
-            self._apply_checked(doc, {q: (v, ts) for q, v in values.items()}, evs, seq, now)
+            if type(values) is tuple:
+                group = {q: (v, ts) for q, v in zip(_QUANTITIES, values) if v is not None}
+            else:
+                group = {q: (v, ts) for q, v in values.items()}
+            self._apply_checked(doc, group, evs, seq, now)
             for etype, fields in evs:
                 events.append((tag, etype, fields))
             if watch is not None and not low < doc["balance_uy"] <= high:
@@ -290,9 +340,9 @@ class Billing:
 
     def _load(self, doc):
         """The fast path's state (balance, charges, tier counter, tier period, total steps,
-        total text, {rate: (steps, text)}, register_ts, its local ms) from the document, or
-        None if its next reading must go through the rules (the first reading, a held
-        account, anything it does not recognise)."""
+        total text, T1..T4 steps, T1..T4 texts (None where absent), register_ts, its local
+        ms) from the document, or None if its next reading must go through the rules (the
+        first reading, a held account, anything it does not recognise)."""
         try:
             if doc.get("billing_hold"):
                 return None
@@ -301,23 +351,26 @@ class Billing:
             ts = doc.get("register_ts")
             if type(total) is not str or type(ts) is not int:
                 return None
-            rates = {}
+            texts = [None] * 4
+            steps = [None] * 4
             for r, text in regs.items():
                 if r == "total":
                     continue
-                if r not in QUANTITY_OF_RATE or type(text) is not str:
+                k = _RATE_INDEX.get(r)
+                if k is None or type(text) is not str:
                     return None
-                rates[r] = (centi(text), text)
+                texts[k] = text
+                steps[k] = centi(text)
             bal, chg = doc["balance_uy"], doc["charges_uy"]
             tier = doc.get("tier_centi", 0)
             if type(bal) is not int or type(chg) is not int or type(tier) is not int:
                 return None
-            return (bal, chg, tier, doc.get("tier_period"), centi(total), total, rates, ts,
-                    local_ms(ts))
+            return (bal, chg, tier, doc.get("tier_period"), centi(total), total,
+                    tuple(steps), tuple(texts), ts, local_ms(ts))
         except (Unpriceable, KeyError, AttributeError, TypeError):
             return None
 
-    def _store(self, doc, bal, chg, tier, period, total, rates, ts):
+    def _store(self, doc, bal, chg, tier, period, total, texts, ts):
         """The fast path's state into the document, as _commit writes it."""
         doc["balance_uy"] = bal
         doc["charges_uy"] = chg
@@ -325,8 +378,10 @@ class Billing:
             doc["tier_centi"] = tier
             doc["tier_period"] = period
         regs = {"total": total}
-        for r, (_, text) in rates.items():
-            regs[r] = text
+        if texts != _NO_REGISTERS:
+            for r, text in zip(RATES, texts):
+                if text is not None:
+                    regs[r] = text
         doc["registers"] = regs
         doc["register_ts"] = ts
 
