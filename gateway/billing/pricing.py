@@ -23,6 +23,8 @@ docs/cost-control.md ("How a charge is computed"); in short:
   again (the tariff is corrected) the held energy is billed from where it stopped.
 """
 
+import bisect
+import itertools
 import logging
 import operator
 import re
@@ -82,6 +84,123 @@ def centi(value, what="value"):
 _QUANTITIES = (ENERGY_TOTAL,) + tuple(QUANTITY_OF_RATE[r] for r in RATES)
 _RATE_INDEX = {r: k for k, r in enumerate(RATES)}
 _NO_REGISTERS = (None, None, None, None)
+
+
+_RUN_MIN = 8               # readings in a batch before its columns are worth making
+_RUN_MAX = 2048            # readings looked at for one run
+_CLEAN = re.compile(r"[0-9]+\.[0-9][0-9](?:\x1f[0-9]+\.[0-9][0-9])*\Z")
+
+
+class _Columns:
+    """A batch's readings as columns, for billing runs of them at once: each register's
+    steps and text, the time and local time, and for each reading its growth over the
+    reading before it in the batch (registers' steps, priced), and `bad`: the readings
+    (in order, ending with len(items)) the fast path must bill one by one, as a reading
+    on its own would go there (a register down, registers against the total, no
+    interval, local time not after the one before, a possible jump, a rate with no
+    price, a register missing or a value that is not a plain number with two decimals).
+    For batches where T1..T4 are there (a time-of-use tariff: priced by them) or where no
+    reading has any (priced by the total)."""
+
+    __slots__ = ("texts", "total", "regs", "ts", "local", "grown", "priced", "bad")
+
+    @classmethod
+    def of(cls, items, tariff):
+        values = list(map(_ITEM_VALUES, items))
+        if set(map(type, values)) != {tuple}:
+            values = [v if type(v) is tuple else _as_tuple(v) for v in values]
+        texts = list(zip(*values))
+        if len(texts) != 5:
+            return None
+        # priced by the registers (every reading has T1..T4; a time-of-use tariff), or by
+        # the total (no reading has any)
+        by_total = all(col.count(None) == len(col) for col in texts[1:])
+        if not by_total and tariff.tou is None:
+            return None
+        steps = []
+        odd = set()                     # readings with a register missing or not plain
+        for col in (texts[:1] if by_total else texts):
+            if None not in col:
+                joined = "\x1f".join(col)
+                if _CLEAN.match(joined):
+                    steps.append(list(map(int, joined.replace(".", "").split("\x1f"))))
+                    continue
+            col = list(map(_plain_steps, col))
+            odd.update(itertools.compress(range(len(col)), map(
+                operator.is_, col, itertools.repeat(None))))
+            steps.append([0 if c is None else c for c in col])
+        prices = [tariff.price_of(r) for r in RATES]
+        if any(p is not None and p < 0 for p in prices) or \
+                any(extra < 0 for _, extra in tariff.ladder):
+            return None                 # costs must only grow along a run (bisect)
+        self = cls()
+        self.texts = texts
+        self.total = total = steps[0]
+        self.regs = regs = steps[1:] if not by_total else [texts[1]] * 4
+        self.ts = tss = list(map(_ITEM_TS, items))
+        offsets = list(map(_offsets.get, map(operator.floordiv, tss,
+                                              itertools.repeat(900000))))
+        if None in offsets:
+            self.local = local = list(map(local_ms, tss))
+        else:
+            self.local = local = list(map(operator.add, tss, offsets))
+        add, sub, mul = operator.add, operator.sub, operator.mul
+        # growth over the reading before (index 0: none; it is bad)
+        grown_total = [0] + list(map(sub, total[1:], total[:-1]))
+        checks = []                     # (values, test, bound) where test fails: bad
+        if by_total:
+            self.grown = grown_total
+            self.priced = None
+            checks += [(grown_total, operator.lt, 0), (grown_total, operator.gt, 100)]
+            return self._flag(checks, odd, tss, local, len(items))
+        d = [[0] + list(map(sub, r[1:], r[:-1])) for r in regs]
+        self.grown = grown = list(map(add, map(add, d[0], d[1]), map(add, d[2], d[3])))
+        priced = None
+        for k in range(4):
+            checks.append((d[k], operator.lt, 0))
+            if prices[k] is None:
+                checks.append((d[k], operator.gt, 0))
+                continue
+            term = map(mul, d[k], itertools.repeat(prices[k]))
+            priced = list(term) if priced is None else list(map(add, priced, term))
+        self.priced = priced if priced is not None else [0] * len(items)
+        rem = list(map(sub, grown_total, grown))
+        checks += [(grown_total, operator.lt, 0), (grown_total, operator.gt, 100),
+                   (rem, operator.gt, REMAINDER_STEPS), (rem, operator.lt, -REMAINDER_STEPS)]
+        return self._flag(checks, odd, tss, local, len(items))
+
+    def _flag(self, checks, odd, tss, local, n):
+        """`bad` from the checks ((values, test, bound): test true is bad), the odd
+        readings, and times that do not go forward."""
+        bad = {0}
+        # an odd reading goes through the fast path's own checks, and so does the next
+        # (its growth over an odd one is no number here)
+        bad.update(odd)
+        bad.update(k + 1 for k in odd)
+        for col, test, bound in checks:
+            # one pass in C; the per-reading flags only where something is there
+            extreme = min(col) if test is operator.lt else max(col)
+            if test(extreme, bound):
+                bad.update(itertools.compress(range(len(col)),
+                                              map(test, col, itertools.repeat(bound))))
+        for col in (tss, local):
+            if not all(map(operator.lt, col[:-1], col[1:])):
+                bad.update(k + 1 for k in itertools.compress(
+                    range(len(col) - 1), map(operator.ge, col[:-1], col[1:])))
+        self.bad = sorted(bad) + [n]
+        return self
+
+
+def _plain_steps(v):
+    """Steps of a text with two decimals, or None (what _CLEAN matches, one at a time)."""
+    if type(v) is str and len(v) > 3 and v[-3] == "." and v.isascii() and \
+            (v[:-3] + v[-2:]).isdigit():
+        return int(v[:-3] + v[-2:])
+    return None
+
+
+_ITEM_VALUES = operator.itemgetter(3)
+_ITEM_TS = operator.itemgetter(2)
 
 
 def _same_presence(a, b):
@@ -177,13 +296,45 @@ class Billing:
         if watch is not None:
             low, high, moved = watch
         n = len(items)
+        vec = _Columns.of(items, tariff) if n >= _RUN_MIN else None
         i = 0
         while i < n:
             st = self._load(doc)
             if st is not None:
                 bal, chg, tier, period, tot, totx, prevc, prevx, pts, pl = st
                 dirty = False
+                fast = -1                # the last reading the fast path billed
                 while i < n:
+                    if fast == i - 1 and vec is not None and \
+                            (watch is None or low < bal <= high):
+                        run = self._run_at(vec, i, bal, tier, period, pl,
+                                           None if watch is None else low)
+                        if run is not None:
+                            # readings i .. m-1 at once (each as the loop below bills it)
+                            m, cost, grown, seg, name = run
+                            bal -= cost
+                            chg += cost
+                            if grown and tiered:
+                                tier = (tier if name == period else 0) + grown
+                                period = name
+                                self._seg = seg
+                            k = m - 1
+                            tot = vec.total[k]
+                            totx = vec.texts[0][k]
+                            prevc = (vec.regs[0][k], vec.regs[1][k], vec.regs[2][k],
+                                     vec.regs[3][k])
+                            prevx = (vec.texts[1][k], vec.texts[2][k], vec.texts[3][k],
+                                     vec.texts[4][k])
+                            pts = vec.ts[k]
+                            pl = vec.local[k]
+                            dirty = True
+                            fast = k
+                            i = m
+                            if watch is not None and not low < bal <= high:
+                                self._store(doc, bal, chg, tier, period, totx, prevx, pts)
+                                dirty = False
+                                low, high = moved(doc, items[k][0])
+                            continue
                     tag, seq, ts, values = items[i]
                     try:
                         if type(values) is not tuple:
@@ -310,6 +461,7 @@ class Billing:
                             pts = ts
                             pl = b
                             dirty = True
+                            fast = i
                     except _Slow:
                         break
                     except Exception:         # never a reason not to bill: the rules decide
@@ -369,6 +521,72 @@ class Billing:
                     tuple(steps), tuple(texts), ts, local_ms(ts))
         except (Unpriceable, KeyError, AttributeError, TypeError):
             return None
+
+    def _run_at(self, vec, i, bal, tier, period, pl, low):
+        """The readings from i on that the fast path would bill alike (in one tier period
+        and one stretch of the ladder; priced by their T1..T4 growth, or by the total's
+        within one run of one rate; the balance not leaving its watched range before the
+        last): (end, cost, steps, ladder stretch, period name), or None if not even
+        reading i. The reading before i was billed by the fast path, so it is the
+        previous reading of i; vec has each reading's growth over the one before it, and
+        `bad` the readings the fast path must look at one by one."""
+        bad = vec.bad
+        # (at most _RUN_MAX readings: the work here grows with the run)
+        m = min(bad[bisect.bisect_left(bad, i)], i + _RUN_MAX)    # bad ends with n
+        if m <= i:
+            return None
+        local = vec.local
+        name = None
+        extra = 0
+        tariff = self.tariff
+        tiered = tariff.tiered
+        if tiered:
+            start, end, name = self._period
+            if not (start <= pl < end):
+                start, end, name = self._period_of(pl)
+            # within the period: local time <= its end (a reading exactly at the end is
+            # the old period's, and the last of the run)
+            m = min(m, bisect.bisect_right(local, end, i, m),
+                    bisect.bisect_left(local, end, i, m) + 1)
+            if m <= i:
+                return None
+            tier0 = tier if name == period else 0
+            seg = self._segment(tier0)
+            lo, hi, extra = seg
+            if not lo <= tier0:
+                return None
+        price = None
+        if vec.priced is None:                       # by the total
+            if tariff.tou is None:
+                price = tariff.price_of(None)
+            else:
+                rate, stop = tariff.tou.run(pl, end if tiered else
+                                            max(local[m - 1], pl + 2 * DAY_MS))
+                price = tariff.price_of(rate)
+                m = min(m, bisect.bisect_right(local, stop, i, m))
+            if price is None or price < 0 or m <= i:
+                return None
+        grown = list(itertools.accumulate(vec.grown[i:m]))
+        if tiered and hi is not None:
+            m = i + bisect.bisect_right(grown, hi - tier0)
+            if m <= i:
+                return None
+            del grown[m - i:]
+        if price is not None:
+            costs = list(map(operator.mul, grown, itertools.repeat(price + extra)))
+        elif extra:
+            costs = list(itertools.accumulate(map(operator.add, vec.priced[i:m],
+                                                  map(operator.mul, vec.grown[i:m],
+                                                      itertools.repeat(extra)))))
+        else:
+            costs = list(itertools.accumulate(vec.priced[i:m]))
+        if low is not None:
+            # the balance goes below the watched range at the first reading whose cost
+            # reaches bal - low: that reading is the last (the state is looked at there)
+            k = bisect.bisect_left(costs, bal - low)
+            if k < len(costs):
+                m = i + k + 1
+        return m, costs[m - i - 1], grown[m - i - 1], (seg if tiered else None), name
 
     def _store(self, doc, bal, chg, tier, period, total, texts, ts):
         """The fast path's state into the document, as _commit writes it."""
