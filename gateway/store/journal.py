@@ -703,20 +703,31 @@ class Journal:
 
 def _energy_rows(first, rows):
     """The energy table's rows for readings rows appended from seq `first`: one per (meter,
-    ts) with any of ENERGY_COLUMNS, with the seq of its last such row (a quantity repeated
-    keeps its last value)."""
+    ts) with any of ENERGY_COLUMNS, keyed by the seq of its last energy.import.* row, as
+    billing's read grouped them before the table (a quantity repeated keeps its last
+    value)."""
     groups = {}
     index = _ENERGY_INDEX
     for i, (meter, q, value, _, ts, _, _) in enumerate(rows):
         k = index.get(q)
         if k is None:
+            if not q.startswith("energy.import."):
+                continue
+            g = groups.get((meter, ts))
+            if g is not None:
+                g[0] = first + i
+            else:
+                groups[(meter, ts)] = [first + i, meter, ts, None, None, None, None, None]
             continue
         g = groups.get((meter, ts))
         if g is None:
             g = groups[(meter, ts)] = [0, meter, ts, None, None, None, None, None]
         g[0] = first + i
         g[3 + k] = value
-    return list(groups.values())
+    return [g for g in groups.values() if g[3:] != _NO_VALUES]
+
+
+_NO_VALUES = [None] * 5
 
 
 def _group(seqs, meters, tss, qs, vals):
