@@ -606,6 +606,14 @@ def test_runs_of_readings_are_billed_at_once_as_the_rules_bill_them(monkeypatch,
     batch.apply_batch(doc_b, items, events_b, list(around(doc_b["balance_uy"])) + [moved],
                       now=0)
     assert doc_b == doc_r and events_b == events_r
+    # the same with the columns cost control passes along (the journal's, not unzipped)
+    columns = [[it[2] for it in items]] + [list(c) for c in zip(*(it[3] for it in items))]
+    doc_c, events_c = new_account_doc(acc), []
+    doc_c["state_since"] = doc_r["state_since"]
+    Billing(acc, tariff).apply_batch(doc_c, items, events_c,
+                                     list(around(doc_c["balance_uy"])) + [lambda d, t: around(
+                                         d["balance_uy"])], now=0, columns=columns)
+    assert doc_c == doc_r and events_c == events_r
     low, high = around(balances_r[0] + 1)
     expected = []
     for tag, bal in enumerate(balances_r):

@@ -275,14 +275,17 @@ class CostControl(threading.Thread):
                     # (tag, seq, ts, values): the tag is the seq; values the registers'
                     # texts (total, t1, t2, t3, t4), None where the reading had none
                     items = list(zip(seqs, seqs, tss, zip(*cols)))
+                    columns = [tss] + cols           # the same, as columns
                     if not all(map(operator.le, tss, tss[1:])):
                         items.sort(key=_time_then_seq)
                         seqs = list(map(_item_seq, items))
+                        columns = None
                     charged = doc.get("charged_to_seq", 0)
                     if seqs[0] > charged and all(map(operator.lt, seqs, seqs[1:])):
                         todo = items                 # the usual batch: all new, in order
                         charged = seqs[-1]
                     else:
+                        columns = None
                         todo = []
                         for item in items:
                             if item[1] > charged:    # charged before a restart: never twice
@@ -292,7 +295,8 @@ class CostControl(threading.Thread):
                             continue
                     evs = []
                     self.billing[meter].apply_batch(doc, todo, evs,
-                                                    self._watch(meter, doc, evs))
+                                                    self._watch(meter, doc, evs),
+                                                    columns=columns)
                     doc["charged_to_seq"] = charged
                     if evs:
                         ts_of = dict(zip(seqs, tss))

@@ -105,11 +105,15 @@ class _Columns:
     __slots__ = ("texts", "total", "regs", "ts", "local", "grown", "priced", "bad")
 
     @classmethod
-    def of(cls, items, tariff):
-        values = list(map(_ITEM_VALUES, items))
-        if set(map(type, values)) != {tuple}:
-            values = [v if type(v) is tuple else _as_tuple(v) for v in values]
-        texts = list(zip(*values))
+    def of(cls, items, tariff, columns=None):
+        if columns is not None:
+            tss, texts = columns[0], columns[1:]
+        else:
+            values = list(map(_ITEM_VALUES, items))
+            if set(map(type, values)) != {tuple}:
+                values = [v if type(v) is tuple else _as_tuple(v) for v in values]
+            texts = list(zip(*values))
+            tss = list(map(_ITEM_TS, items))
         if len(texts) != 5:
             return None
         # priced by the registers (every reading has T1..T4; a time-of-use tariff), or by
@@ -121,9 +125,16 @@ class _Columns:
         odd = set()                     # readings with a register missing or not plain
         for col in (texts[:1] if by_total else texts):
             if None not in col:
-                joined = "\x1f".join(col)
+                # each text once (a register stands still while its rate is not on)
+                known = dict.fromkeys(col)
+                joined = "\x1f".join(known)
                 if _CLEAN.match(joined):
-                    steps.append(list(map(int, joined.replace(".", "").split("\x1f"))))
+                    if len(known) < len(col):
+                        known = dict(zip(known, map(int, joined.replace(".", "").split(
+                            "\x1f"))))
+                        steps.append(list(map(known.__getitem__, col)))
+                    else:
+                        steps.append(list(map(int, joined.replace(".", "").split("\x1f"))))
                     continue
             col = list(map(_plain_steps, col))
             odd.update(itertools.compress(range(len(col)), map(
@@ -137,7 +148,7 @@ class _Columns:
         self.texts = texts
         self.total = total = steps[0]
         self.regs = regs = steps[1:] if not by_total else [texts[1]] * 4
-        self.ts = tss = list(map(_ITEM_TS, items))
+        self.ts = tss
         offsets = list(map(_offsets.get, map(operator.floordiv, tss,
                                               itertools.repeat(900000))))
         if None in offsets:
@@ -265,7 +276,7 @@ class Billing:
                          tagged, now=now)
         events.extend((etype, fields) for _, etype, fields in tagged)
 
-    def apply_batch(self, doc, items, events, watch=None, now=None):
+    def apply_batch(self, doc, items, events, watch=None, now=None, columns=None):
         """Several readings of the account in order, as `apply` of each in turn would bill
         them (same document, same events), without the cost per reading of `apply`.
 
@@ -276,7 +287,8 @@ class Billing:
         or [low, high, fn]: after a reading that leaves the balance outside (low, high],
         fn(doc, tag) is called (the document then holds the balance) and returns the new
         (low, high); cost control re-derives the account's state there, so it runs exactly
-        when a reading could change it.
+        when a reading could change it. columns: None, or the items' (ts, total, t1, t2, t3,
+        t4) as lists, in their order (what the journal gives: no unzipping).
 
         The common reading (registers grew, within the meter's rating, inside one tier
         period and one rate, not held) is priced here from integers kept between readings;
@@ -296,7 +308,7 @@ class Billing:
         if watch is not None:
             low, high, moved = watch
         n = len(items)
-        vec = _Columns.of(items, tariff) if n >= _RUN_MIN else None
+        vec = _Columns.of(items, tariff, columns) if n >= _RUN_MIN else None
         i = 0
         while i < n:
             st = self._load(doc)
