@@ -343,7 +343,7 @@ def test_the_energy_table_has_a_row_per_energy_reading_while_billing_is_register
 
 def _as_schema_1(path, billing_acked):
     """Make the journal at `path` one written before the energy table: billing's cursor on
-    the readings at `billing_acked`."""
+    the readings at `billing_acked` (schema 1 still: the table is additive)."""
     import sqlite3
     db = sqlite3.connect(path)
     db.execute("DROP TABLE energy")
@@ -355,16 +355,22 @@ def _as_schema_1(path, billing_acked):
     db.close()
 
 
-def test_a_journal_from_before_the_energy_table_moves_billing_to_it(tmp_path):
-    """Opened by this version, a schema-1 journal gains the table; billing's cursor on the
-    readings moves to it when billing registers, and the readings after that cursor become
-    energy rows exactly as billing grouped them before (windows of 20,000 rows from the
-    cursor, a meter and time seen again later in a window joined, its last row's seq),
-    in one transaction; the uplink's cursor and rows are untouched."""
+@pytest.mark.parametrize("history", ["from before", "downgraded and back"])
+def test_a_journal_from_before_the_energy_table_moves_billing_to_it(tmp_path, history):
+    """Opened by this version, a journal from before the table gains it; billing's cursor on
+    the readings moves to it when billing registers, and the readings after that cursor
+    become energy rows exactly as billing grouped them before (windows of 20,000 rows from
+    the cursor, a meter and time seen again later in a window joined, its last row's seq),
+    in one transaction; the uplink's cursor is untouched. "downgraded and back": a gateway
+    from before the table ran on this journal for a while (it billed from the readings and
+    wrote no energy rows): its readings cursor is the truth, the stale rows and cursor go."""
     import gateway.store.journal as journal
     path = str(tmp_path / "j.db")
     rng = random.Random(7)
     j = Journal(path, consumers={"uplink": ["readings"], "billing": ["readings"]})
+    if history == "downgraded and back":
+        j.register("billing", "energy")            # this version first ...
+        j.register("billing", "readings")          # ... then an older one again
     for k in range(40):
         ts = 1000 * (k // 3)
         batch = []
@@ -372,15 +378,18 @@ def test_a_journal_from_before_the_energy_table_moves_billing_to_it(tmp_path):
             for q in ("energy.import.total", "energy.import.t1", "energy.import.t2",
                       "energy.import.t3", "energy.import.t4", "voltage.a")[:rng.randrange(1, 7)]:
                 batch.append(r(m, "%d.%02d" % (k, rng.randrange(100)), q=q, ts=ts))
+        if k == 20:
+            j._energy_on = False                   # the older version writes no rows
         j.append_readings(batch)
     j.ack("uplink", "readings", 50)
     j.ack("billing", "readings", 30)
     assert j.stats()["streams"]["readings"]["first_seq"] == 31
     last = j.next_seqs()["readings"] - 1
     j.close()
-    _as_schema_1(path, 30)
-    old = Journal(path, consumers={"billing": ["readings"]})   # what billing read before
-    assert old._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    if history == "from before":
+        _as_schema_1(path, 30)
+    old = Journal(path)
+    assert old._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("1",)
     expected, start = {}, 30
     orig = journal._FILL_ROWS
     journal._FILL_ROWS = 25                                   # several windows
@@ -398,6 +407,7 @@ def test_a_journal_from_before_the_energy_table_moves_billing_to_it(tmp_path):
     finally:
         journal._FILL_ROWS = orig
     assert _energy(old) == expected and max(expected) <= last and min(expected) > 30
+    assert old._db.execute("SELECT MIN(seq) FROM energy").fetchone()[0] == min(expected)
     assert old.cursor("billing", "energy") == 30
     with pytest.raises(KeyError):
         old.cursor("billing", "readings")                      # moved: no longer held

@@ -65,10 +65,10 @@ CREATE TABLE IF NOT EXISTS energy (seq INTEGER PRIMARY KEY, meter TEXT NOT NULL,
                                    ts INTEGER NOT NULL, total TEXT, t1 TEXT, t2 TEXT,
                                    t3 TEXT, t4 TEXT);
 """
-# 2: the energy table (added to a journal of version 1 when it is opened; billing's cursor
-# on the readings moves to it when billing registers, see register)
-SCHEMA_VERSION = "2"
-OLDER_SCHEMAS = ("1",)
+# the energy table is additive: a journal from before it gains it when opened (billing's
+# cursor on the readings moves to it when billing registers, see register), and a gateway
+# from before it opens a journal that has it (and bills from the readings again)
+SCHEMA_VERSION = "1"
 
 # billing's table: one row per energy reading, these quantities in its columns
 ENERGY = "energy"
@@ -191,11 +191,6 @@ class Journal:
             with self._tx():
                 self.created = self._db.execute(
                     "SELECT COUNT(*) FROM streams").fetchone()[0] == 0
-                # a journal of an older schema: its tables are all still here, the energy
-                # table was added by the script above (empty, filled when billing registers)
-                self._db.execute("UPDATE meta SET value=? WHERE key='schema' AND value IN "
-                                 "(%s)" % ",".join("?" * len(OLDER_SCHEMAS)),
-                                 (SCHEMA_VERSION,) + OLDER_SCHEMAS)
                 for s in STREAMS:
                     self._db.execute("INSERT OR IGNORE INTO streams (name, next_seq) "
                                      "VALUES (?, ?)", (s, floor[s]))
@@ -298,11 +293,16 @@ class Journal:
 
     def _register_energy(self, consumer):
         db = self._db
+        row = db.execute("SELECT acked FROM cursors WHERE consumer=? AND stream='readings'",
+                         (consumer,)).fetchone()
+        moved = row[0] if row is not None else None
+        if moved is not None:
+            # the consumer read the readings until now (a journal from before the table,
+            # or one a gateway from before it has used since): that cursor is the truth
+            db.execute("DELETE FROM cursors WHERE consumer=? AND stream=?",
+                       (consumer, ENERGY))
         if db.execute("SELECT 1 FROM cursors WHERE consumer=? AND stream=?",
                       (consumer, ENERGY)).fetchone() is None:
-            row = db.execute("SELECT acked FROM cursors WHERE consumer=? AND stream="
-                             "'readings'", (consumer,)).fetchone()
-            moved = row[0] if row is not None else None
             (nxt,) = db.execute("SELECT next_seq FROM streams WHERE name='readings'"
                                 ).fetchone()
             if db.execute("SELECT 1 FROM cursors WHERE stream=? LIMIT 1",
