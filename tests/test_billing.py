@@ -111,7 +111,7 @@ def test_a_reading_that_cannot_be_priced_holds_that_meter_only(tmp_path):
         assert "flat" in held["reason"] and held["seq"] > 0 and held["since"] > 0
         assert [e for e in gw.events if e[0] == "billing.held"] == [
             ("billing.held", {"reason": held["reason"], "seq": held["seq"], "meter": "m1"})]
-        assert gw.journal.cursor("billing", "readings") == 12     # acknowledged
+        assert gw.journal.cursor("billing", "energy") == 12       # acknowledged
         # more readings: still held, no second event, the neighbour still billed
         gw.feed("m1", NOON + dt.timedelta(minutes=30), "35.20", **dict(regs, t2="10.10",
                                                                          t3="5.10"))
@@ -430,3 +430,68 @@ def test_splitting_register_readings_never_changes_the_charge():
     mid2 = ("10.90", "1.30", "2.20", "3.30", "4.10")
     end = ("11.50", "1.50", "2.20", "3.50", "4.30")
     assert bill([start, mid1, mid2, end]) == bill([start, end])
+
+
+# ---------------------------------------------------------------- the energy table
+
+def _as_schema_1(path, billing_acked):
+    """The journal at `path` as version 1 wrote it: no energy table, billing's cursor on the
+    readings at `billing_acked` (the readings are all still there: no uplink here)."""
+    import sqlite3
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE energy")
+    db.execute("DELETE FROM cursors WHERE stream='energy'")
+    db.execute("INSERT INTO cursors VALUES ('billing', 'readings', ?)", (billing_acked,))
+    db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    db.commit()
+    db.close()
+
+
+def _feed_days(gw, first, days):
+    """Quarter-hour readings of m1 (total and T1..T4) and m2 (total only), days
+    first .. first + days - 1 of one sequence."""
+    wh = [300000, 200000, 500000, 100000]
+    for k in range((first + days) * 96):
+        when = NOON + dt.timedelta(minutes=15 * k)
+        wh[k % 4] += 37 * (k % 11) + 5
+        if k < first * 96:
+            continue
+        regs = {"t%d" % (i + 1): str(Decimal(w // 10).scaleb(-2)) for i, w in enumerate(wh)}
+        gw.feed("m1", when, str(Decimal(sum(wh) // 10).scaleb(-2)), **regs)
+        gw.feed("m2", when, str(Decimal(2 * sum(wh) // 10).scaleb(-2)))
+
+
+def _bill_all(gw):
+    while gw.cc.bill_once(limit=150):
+        pass
+    return {m: {k: v for k, v in gw.state.get("accounts", m).items()
+                if k not in ("state_since", "warned")} for m in ("m1", "m2")}
+
+
+@pytest.mark.parametrize("crashed", [False, True])
+def test_an_upgraded_gateway_bills_what_its_old_journal_held_once(tmp_path, crashed):
+    """A gateway upgraded in place: its journal (schema 1) holds readings billing had not
+    acknowledged. They are billed from the energy table filled at start, each once: the
+    accounts end as on a gateway that always had the table. `crashed`: the old version
+    wrote the state of its last cycle but was killed before acknowledging it, so the
+    first readings filled in were charged already (charged_to_seq): not charged again."""
+    accounts = [("m1", "both"), ("m2", "both")]
+    ref = _Gateway(tmp_path / "ref", {"both": BOTH}, accounts)
+    _feed_days(ref, 0, 3)
+    expected = _bill_all(ref)
+    ref.close()
+
+    gw = _Gateway(tmp_path / "old", {"both": BOTH}, accounts)
+    _feed_days(gw, 0, 1)
+    _bill_all(gw)
+    acked = gw.journal.cursor("billing", "energy")
+    _feed_days(gw, 1, 2)
+    gw.close()
+    _as_schema_1(str(tmp_path / "old" / "journal.db"), acked - 30 if crashed else acked)
+    gw = _Gateway(tmp_path / "old", {"both": BOTH}, accounts)
+    assert gw.journal.cursor("billing", "energy") == (acked - 30 if crashed else acked)
+    with pytest.raises(KeyError):
+        gw.journal.cursor("billing", "readings")
+    assert _bill_all(gw) == expected
+    assert not [e for e in gw.events if e[0].startswith("billing.")]
+    gw.close()

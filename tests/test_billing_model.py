@@ -16,11 +16,12 @@ import os
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from fractions import Fraction
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.billing.tariff import from_config
-from gateway.billing.pricing import Billing
+from gateway.billing.pricing import Billing, _as_tuple
 from gateway.billing.costcontrol import new_account_doc
 
 EXAMPLES = int(os.environ.get("MGW_BILLING_EXAMPLES", "300"))
@@ -499,14 +500,126 @@ def test_long_runs_bill_in_batches_as_the_rules_do(run, cut):
     rules, batch = Billing(acc, tariff), Billing(acc, tariff)
     doc_r = new_account_doc(acc)
     doc_b = copy.deepcopy(doc_r)
-    events_r, events_b, items = [], [], []
+    events_r, events_b, items, balances_r = [], [], [], []
     for i, (values, ts) in enumerate(readings):
         group = {QUANTITY[k]: (v, ts) for k, v in values.items()}
         evs = []
         rules._apply_checked(doc_r, group, evs, seq=i + 1, now=0)
         events_r += [(i, t, f) for t, f in evs]
+        balances_r.append(doc_r["balance_uy"])
         items.append((i, i + 1, ts, {q: v for q, (v, _) in group.items()}))
     for k in range(0, len(items), cut):
         batch.apply_batch(doc_b, items[k:k + cut], events_b, now=0)
     assert doc_b == doc_r
     assert events_b == events_r
+    # the same readings as the journal's energy table gives them, (total, t1..t4) tuples,
+    # watched as cost control watches them: runs of readings billed at once stop exactly
+    # where the balance leaves the watched range
+    rows = Billing(acc, tariff)
+    doc_t = new_account_doc(acc)
+    events_t, seen = [], []
+
+    def around(bal, tag):
+        return bal - 1 - (tag % 7) * 20000, bal + (tag % 2)
+
+    def moved(doc, tag):
+        seen.append((tag, doc["balance_uy"]))
+        watch[:2] = around(doc["balance_uy"], tag)      # the next batch starts from it
+        return watch[0], watch[1]
+    watch = [0, 0, moved]
+    tuples = [(tag, seq, ts, _as_tuple(values)) for tag, seq, ts, values in items]
+    for k in range(0, len(tuples), cut):
+        rows.apply_batch(doc_t, tuples[k:k + cut], events_t, watch, now=0)
+    doc_t["state_since"] = doc_r["state_since"]
+    assert doc_t == doc_r
+    assert events_t == events_r
+    expected, (low, high) = [], (0, 0)
+    for tag, bal in enumerate(balances_r):
+        if not low < bal <= high:
+            expected.append((tag, bal))
+            low, high = around(bal, tag)
+    assert seen == expected
+
+
+@pytest.mark.parametrize("registers", [True, False])
+def test_runs_of_readings_are_billed_at_once_as_the_rules_bill_them(monkeypatch, registers):
+    """A long clean batch (the journal's energy rows after an outage: the total, with or
+    without T1..T4, every quarter hour) on a tiered time-of-use tariff, across a billing
+    date, ladder steps, changes of rate and the balance thresholds: apply_batch bills most
+    readings in runs (`_run_at`), and the document, the events and the watch's calls are
+    those of the rules reading by reading."""
+    import gateway.billing.pricing as pricing
+    tdoc = {"kind": "tiered_tou", "period": "monthly", "reset_day": 1,
+            "prices": {"sharp": "1.0253", "peak": "0.8653", "flat": "0.5283",
+                       "valley": "0.3015"},
+            "schedule": [{"from": "00:00", "to": "08:00", "rate": "valley"},
+                         {"from": "08:00", "to": "17:00", "rate": "peak"},
+                         {"from": "17:00", "to": "21:00", "rate": "sharp"},
+                         {"from": "21:00", "to": "24:00", "rate": "flat"}],
+            "ladder": [{"upto_kwh": "30", "surcharge": "0"},
+                       {"upto_kwh": "60", "surcharge": "0.05"}, {"surcharge": "0.30"}]}
+    tariff = from_config("t", tdoc)
+    acc = {"meter": "m1", "opening_balance": Decimal("80.00"), "alarm1": Decimal("60.00"),
+           "alarm2": Decimal("30.00"), "overdraft_limit": Decimal("20.00"),
+           "restore_threshold": Decimal("0.00"), "max_kw": Decimal("60"), "mode": "local"}
+    rate_of_hour = [3] * 8 + [1] * 9 + [0] * 4 + [2] * 3
+    wh = [1234560, 2345670, 3456780, 456780]
+    ts = int(dt.datetime(2026, 3, 30, 18, 0).timestamp()) * 1000
+    items = []
+    for i in range(600):
+        hour = dt.datetime.fromtimestamp(ts / 1000).hour
+        wh[rate_of_hour[hour]] += (i * 37) % 400 + (3 if i % 50 == 7 else 0)
+        texts = tuple(str(Decimal(w // 10).scaleb(-2)) for w in wh)
+        total = str(Decimal(sum(wh) // 10).scaleb(-2))
+        items.append((i, i + 1, ts, (total,) + (texts if registers else (None,) * 4)))
+        ts += 900000
+    runs = []
+    real = Billing._run_at
+
+    def counted(self, *a):
+        got = real(self, *a)
+        if got is not None:
+            runs.append(got[0] - a[1])
+        return got
+    monkeypatch.setattr(Billing, "_run_at", counted)
+
+    rules, batch = Billing(acc, tariff), Billing(acc, tariff)
+    doc_r, doc_b = new_account_doc(acc), new_account_doc(acc)
+    doc_b["state_since"] = doc_r["state_since"]
+    events_r, balances_r = [], []
+    for tag, seq, when, values in items:
+        evs = []
+        group = {q: (v, when) for q, v in zip(pricing._QUANTITIES, values) if v is not None}
+        rules._apply_checked(doc_r, group, evs, seq=seq, now=0)
+        events_r += [(tag, t, f) for t, f in evs]
+        balances_r.append(doc_r["balance_uy"])
+    seen, events_b = [], []
+    thresholds = [yuan * 10 ** 6 for yuan in (60, 30, 0, -20)]
+
+    def around(bal):
+        return (max([p for p in thresholds if p < bal], default=-10 ** 30),
+                min([p for p in thresholds if p >= bal], default=10 ** 30))
+
+    def moved(doc, tag):
+        seen.append((tag, doc["balance_uy"]))
+        return around(doc["balance_uy"])
+    batch.apply_batch(doc_b, items, events_b, list(around(doc_b["balance_uy"])) + [moved],
+                      now=0)
+    assert doc_b == doc_r and events_b == events_r
+    # the same with the columns cost control passes along (the journal's, not unzipped)
+    columns = [[it[2] for it in items]] + [list(c) for c in zip(*(it[3] for it in items))]
+    doc_c, events_c = new_account_doc(acc), []
+    doc_c["state_since"] = doc_r["state_since"]
+    Billing(acc, tariff).apply_batch(doc_c, items, events_c,
+                                     list(around(doc_c["balance_uy"])) + [lambda d, t: around(
+                                         d["balance_uy"])], now=0, columns=columns)
+    assert doc_c == doc_r and events_c == events_r
+    low, high = around(balances_r[0] + 1)
+    expected = []
+    for tag, bal in enumerate(balances_r):
+        if not low < bal <= high:
+            expected.append((tag, bal))
+            low, high = around(bal)
+    assert seen == expected and len(expected) >= 3
+    assert doc_r["tier_period"] and doc_r["tier_centi"] > 6000
+    assert sum(runs) > (500 if registers else 400) and len(runs) > 5

@@ -292,3 +292,147 @@ def test_billing_grouped_read_equals_grouping_the_rows(tmp_path):
     assert j.read_grouped("billing", limit=10 ** 6)[1] is not None
     j.ack("billing", "readings", j.read_grouped("billing", limit=10 ** 6)[1])
     assert j.read_grouped("billing") == (0, None, [])
+
+
+# ---------------------------------------------------------------- the energy table
+
+def _energy(j, consumer="billing"):
+    """Every energy row after the consumer's cursor: {seq: (meter, ts, total, t1..t4)}."""
+    _, _, per_meter = j.read_energy(consumer, limit=10 ** 6)
+    return {seq: (meter, ts) + tuple(cols)
+            for meter, seqs, tss, *columns in per_meter
+            for seq, ts, cols in zip(seqs, tss, zip(*columns))}
+
+
+def test_the_energy_table_has_a_row_per_energy_reading_while_billing_is_registered(tmp_path):
+    """One row per meter and time with its total and T1..T4 texts, keyed by the seq of the
+    reading's last row, written in the append's transaction; none while no one bills;
+    acknowledged rows deleted; a consumer that goes takes the rows with it."""
+    j = Journal(str(tmp_path / "j.db"), consumers={"uplink": ["readings"]})
+    j.append_readings([r("m1", "1.00")])                       # seq 1: no one bills yet
+    j.register("billing", "energy")                            # starts at the oldest kept
+    assert _energy(j) == {1: ("m1", 1, "1.00", None, None, None, None)}
+    batch = [r("m1", "5.00", ts=2), r("m1", "1.25", q="energy.import.t1", ts=2),
+             r("m1", "3.75", q="energy.import.t4", ts=2), r("m1", "230.1", q="voltage.a", ts=2),
+             r("m2", "7.5", ts=2), r("m1", "0.50", q="energy.import.a", ts=2),
+             r("m2", "8.00", ts=3), r("m2", "2.00", q="energy.import.t2", ts=3),
+             r("m3", "9.00", q="energy.export.total", ts=2)]
+    assert j.append_readings(batch) == (2, 10)
+    # (m1 at 2 ends with its energy.import.a row, seq 7: the seq billing gave it before)
+    assert _energy(j) == {1: ("m1", 1, "1.00", None, None, None, None),
+                          6: ("m2", 2, "7.5", None, None, None, None),
+                          7: ("m1", 2, "5.00", "1.25", None, None, "3.75"),
+                          9: ("m2", 3, "8.00", None, "2.00", None, None)}
+    assert j.read_energy("billing", limit=2)[:2] == (2, 6)
+    j.ack("billing", "energy", 6)
+    assert sorted(_energy(j)) == [7, 9]
+    st = j.stats()
+    assert st["energy"]["first_seq"] == 7 and st["energy"]["last_seq"] == 9
+    assert st["energy"]["consumers"] == {"billing": {"acked": 6}}
+    assert st["streams"]["readings"]["stored"] == 10       # the readings are the uplink's
+    assert "billing" not in st["streams"]["readings"]["consumers"]
+    j.close()
+    j = Journal(str(tmp_path / "j.db"))                     # kept across a restart
+    assert sorted(_energy(j)) == [7, 9]
+    j.unregister("billing", "energy")
+    j.append_readings([r("m1", "6.00", ts=4)])
+    assert j._db.execute("SELECT COUNT(*) FROM energy").fetchone()[0] == 0
+    j.register("billing", "energy")                        # again: the readings kept
+    assert sorted(_energy(j)) == [1, 6, 7, 9, 11]
+
+
+def _as_schema_1(path, billing_acked):
+    """Make the journal at `path` one written before the energy table: billing's cursor on
+    the readings at `billing_acked` (schema 1 still: the table is additive)."""
+    import sqlite3
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE energy")
+    db.execute("DELETE FROM cursors WHERE stream='energy'")
+    db.execute("INSERT OR REPLACE INTO cursors VALUES ('billing', 'readings', ?)",
+               (billing_acked,))
+    db.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("history", ["from before", "downgraded and back"])
+def test_a_journal_from_before_the_energy_table_moves_billing_to_it(tmp_path, history):
+    """Opened by this version, a journal from before the table gains it; billing's cursor on
+    the readings moves to it when billing registers, and the readings after that cursor
+    become energy rows exactly as billing grouped them before (windows of 20,000 rows from
+    the cursor, a meter and time seen again later in a window joined, its last row's seq),
+    in one transaction; the uplink's cursor is untouched. "downgraded and back": a gateway
+    from before the table ran on this journal for a while (it billed from the readings and
+    wrote no energy rows): its readings cursor is the truth, the stale rows and cursor go."""
+    import gateway.store.journal as journal
+    path = str(tmp_path / "j.db")
+    rng = random.Random(7)
+    j = Journal(path, consumers={"uplink": ["readings"], "billing": ["readings"]})
+    if history == "downgraded and back":
+        j.register("billing", "energy")            # this version first ...
+        j.register("billing", "readings")          # ... then an older one again
+    for k in range(40):
+        ts = 1000 * (k // 3)
+        batch = []
+        for m in ("m1", "m2"):
+            for q in ("energy.import.total", "energy.import.t1", "energy.import.t2",
+                      "energy.import.t3", "energy.import.t4", "voltage.a")[:rng.randrange(1, 7)]:
+                batch.append(r(m, "%d.%02d" % (k, rng.randrange(100)), q=q, ts=ts))
+        if k == 20:
+            j._energy_on = False                   # the older version writes no rows
+        j.append_readings(batch)
+    j.ack("uplink", "readings", 50)
+    j.ack("billing", "readings", 30)
+    assert j.stats()["streams"]["readings"]["first_seq"] == 31
+    last = j.next_seqs()["readings"] - 1
+    j.close()
+    if history == "from before":
+        _as_schema_1(path, 30)
+    old = Journal(path)
+    assert old._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("1",)
+    expected, start = {}, 30
+    orig = journal._FILL_ROWS
+    journal._FILL_ROWS = 25                                   # several windows
+    try:
+        while True:
+            n, end, groups = old._grouped_window(start, journal._FILL_ROWS, "energy.import.")
+            if end is None:
+                break
+            for meter, ts, _, seq, values in groups:
+                cols = tuple(values.get(q) for q in journal.ENERGY_COLUMNS)
+                if cols != (None,) * 5:
+                    expected[seq] = (meter, ts) + cols
+            start = end
+        old.register("billing", "energy")
+    finally:
+        journal._FILL_ROWS = orig
+    assert _energy(old) == expected and max(expected) <= last and min(expected) > 30
+    assert old._db.execute("SELECT MIN(seq) FROM energy").fetchone()[0] == min(expected)
+    assert old.cursor("billing", "energy") == 30
+    with pytest.raises(KeyError):
+        old.cursor("billing", "readings")                      # moved: no longer held
+    assert old.cursor("uplink", "readings") == 50
+    # the readings the uplink has are deleted once billing no longer holds them
+    assert old.stats()["streams"]["readings"]["first_seq"] == 51
+    old.close()
+
+
+def test_the_quota_drops_unbilled_energy_rows_after_the_readings(tmp_path):
+    """Billing stalls while the uplink sends everything: the energy table is what grows, and
+    past the quota its oldest rows go (counted, logged; no journal.dropped: no published
+    stream lost a seq), after the readings still kept and before any event."""
+    j = Journal(str(tmp_path / "j.db"), quota_bytes=256 * 1024,
+                consumers={"uplink": ["readings", "events"], "billing": ["energy"]})
+    for i in range(400):
+        j.append_readings([r(meter="m%d" % k, value=str(i), ts=i) for k in range(32)])
+        j.ack("uplink", "readings", j.next_seqs()["readings"] - 1)
+    s = j.stats()
+    assert s["used_bytes"] <= 256 * 1024
+    assert s["energy"]["dropped"] >= 2000 and s["streams"]["events"]["dropped"] == 0
+    assert s["energy"]["last_seq"] == 400 * 32                  # the newest kept
+    rows = _energy(j)
+    assert min(rows) > s["energy"]["dropped"] and len(rows) == 400 * 32 - s["energy"]["dropped"]
+    dropped = [e.body for e in j.read("uplink", "events", limit=1000)
+               if e.body["type"] == "journal.dropped"]
+    assert {e["stream"] for e in dropped} == {"readings"}        # (the batch not yet sent)
+    assert sum(e["count"] for e in dropped) == s["streams"]["readings"]["dropped"]

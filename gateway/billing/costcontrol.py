@@ -28,6 +28,7 @@ from gateway.billing import settings
 from gateway.billing.tariff import micro_to_yuan, yuan_to_micro
 from gateway.billing.pricing import ENERGY_TOTAL, TARIFF_QUANTITIES, Billing  # noqa: F401
 from gateway.money import parse_yuan
+from gateway.store.journal import ENERGY
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,13 @@ class CostControl(threading.Thread):
         self._cutoffs = []                      # times of automatic cut-offs (breaker)
         self.heartbeat = time.monotonic()
         if self.accounts:
-            self.journal.register(CONSUMER, "readings")
+            # billing reads the journal's energy table (a journal from before it moves
+            # billing's readings cursor there, see Journal.register)
+            self.journal.register(CONSUMER, ENERGY)
         else:
-            # nothing to bill: read nothing, and hold no readings back for billing
-            self.journal.unregister(CONSUMER, "readings")
+            # nothing to bill: read nothing, and hold nothing back for billing
+            self.journal.unregister(CONSUMER, ENERGY)
+            self.journal.unregister(CONSUMER, "readings")    # a journal from before it
         self._init_accounts()
 
     # ---------------------------------------------------------------- head-end updates
@@ -243,43 +247,45 @@ class CostControl(threading.Thread):
                 self._halt.wait(2)
 
     def bill_once(self, limit=None):
-        """Charge the readings after the billing cursor (at most `limit` journal rows); one
-        state write for the batch, read and written under the state's lock (no other
-        writer's change is lost). Returns the number of journal rows consumed.
+        """Charge the energy readings after the billing cursor (at most `limit` rows of the
+        journal's energy table, one per meter and time); one state write for the batch, read
+        and written under the state's lock (no other writer's change is lost). Returns the
+        number of energy rows consumed.
 
-        The readings of one meter at one time are one group; groups are billed in the order
-        of their time (a group's charged-to position is its last row, and a group at or
-        below the account's `charged_to_seq` was charged before a restart: never twice).
-        Each account's groups are billed in one `apply_batch`; events come out in the
-        order of the readings that raised them, as billing them one by one would."""
+        Each account's readings are billed in the order of their time (a tie: in seq order)
+        in one `apply_batch`. A reading's position is its seq (the seq of its last row in
+        the readings); one at or below the account's `charged_to_seq` was charged before a
+        restart: never twice. Events come out in the order of the readings that raised them
+        (time, then seq), as billing them one by one would."""
         if not self.accounts:
             return 0
         with self._lock:
-            n, last, groups = self.journal.read_grouped(CONSUMER, "energy.import.",
-                                                        limit=limit or BILL_ROWS)
+            n, last, per_meter = self.journal.read_energy(CONSUMER, limit=limit or BILL_ROWS)
             if not n:
                 return 0
-            per_meter = {}
             accounts = self.accounts
-            groups.sort(key=_group_ts)                  # stable: first rows' order on a tie
-            for tag, (meter, ts, _, seq, values) in enumerate(groups):
-                if meter in accounts:
-                    items = per_meter.get(meter)
-                    if items is None:
-                        items = per_meter[meter] = []
-                    items.append((tag, seq, ts, values))
             events = []
             with self.store.transaction() as tx:
-                for meter, items in per_meter.items():
+                for meter, seqs, tss, *cols in per_meter:
+                    if meter not in accounts:
+                        continue
                     doc = tx.get(meter)
                     if doc is None:
                         continue
+                    # (tag, seq, ts, values): the tag is the seq; values the registers'
+                    # texts (total, t1, t2, t3, t4), None where the reading had none
+                    items = list(zip(seqs, seqs, tss, zip(*cols)))
+                    columns = [tss] + cols           # the same, as columns
+                    if not all(map(operator.le, tss, tss[1:])):
+                        items.sort(key=_time_then_seq)
+                        seqs = list(map(_item_seq, items))
+                        columns = None
                     charged = doc.get("charged_to_seq", 0)
-                    seqs = list(map(_item_seq, items))
                     if seqs[0] > charged and all(map(operator.lt, seqs, seqs[1:])):
                         todo = items                 # the usual batch: all new, in order
                         charged = seqs[-1]
                     else:
+                        columns = None
                         todo = []
                         for item in items:
                             if item[1] > charged:    # charged before a restart: never twice
@@ -289,17 +295,20 @@ class CostControl(threading.Thread):
                             continue
                     evs = []
                     self.billing[meter].apply_batch(doc, todo, evs,
-                                                    self._watch(meter, doc, evs))
+                                                    self._watch(meter, doc, evs),
+                                                    columns=columns)
                     doc["charged_to_seq"] = charged
-                    for tag, etype, fields in evs:
-                        if "meter" not in fields:
-                            fields = dict(fields, meter=meter)
-                        events.append((tag, etype, fields))
+                    if evs:
+                        ts_of = dict(zip(seqs, tss))
+                        for tag, etype, fields in evs:
+                            if "meter" not in fields:
+                                fields = dict(fields, meter=meter)
+                            events.append(((ts_of[tag], tag), etype, fields))
                     tx.put(meter, doc)
             events.sort(key=_event_tag)
             for _, etype, fields in events:
                 self.events(etype, **fields)
-            self.journal.ack(CONSUMER, "readings", last)
+            self.journal.ack(CONSUMER, ENERGY, last)
             return n
 
     def _watch(self, meter, doc, events):
@@ -439,11 +448,11 @@ class CostControl(threading.Thread):
 
 # ---------------------------------------------------------------- billing cycles
 
-BILL_ROWS = 20000            # journal rows per billing cycle (one state write each)
+BILL_ROWS = 20000            # energy rows per billing cycle (one state write each)
 _FAR = 10 ** 30              # beyond any balance in micro-yuan (an int: no float)
 
 
-_group_ts = operator.itemgetter(1)
+_time_then_seq = operator.itemgetter(2, 1)
 _item_seq = operator.itemgetter(1)
 _event_tag = operator.itemgetter(0)
 

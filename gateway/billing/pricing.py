@@ -23,14 +23,17 @@ docs/cost-control.md ("How a charge is computed"); in short:
   again (the tariff is corrected) the held energy is billed from where it stopped.
 """
 
+import bisect
+import itertools
 import logging
+import operator
 import re
 import time
 from decimal import Decimal
 from fractions import Fraction
 
-from gateway.billing.tariff import (DAY_MS, RATES, largest_remainder, local_ms, segments,
-                                    to_datetime)
+from gateway.billing.tariff import (DAY_MS, RATES, _offsets, largest_remainder, local_ms,
+                                    segments, to_datetime)
 log = logging.getLogger(__name__)
 
 ENERGY_TOTAL = "energy.import.total"
@@ -77,6 +80,155 @@ def centi(value, what="value"):
     return c
 
 
+# the journal's energy table's columns, and the T1..T4 rates by index
+_QUANTITIES = (ENERGY_TOTAL,) + tuple(QUANTITY_OF_RATE[r] for r in RATES)
+_RATE_INDEX = {r: k for k, r in enumerate(RATES)}
+_NO_REGISTERS = (None, None, None, None)
+
+
+_RUN_MIN = 8               # readings in a batch before its columns are worth making
+_RUN_MAX = 2048            # readings looked at for one run
+_CLEAN = re.compile(r"[0-9]+\.[0-9][0-9](?:\x1f[0-9]+\.[0-9][0-9])*\Z")
+
+
+class _Columns:
+    """A batch's readings as columns, for billing runs of them at once: each register's
+    steps and text, the time and local time, and for each reading its growth over the
+    reading before it in the batch (registers' steps, priced), and `bad`: the readings
+    (in order, ending with len(items)) the fast path must bill one by one, as a reading
+    on its own would go there (a register down, registers against the total, no
+    interval, local time not after the one before, a possible jump, a rate with no
+    price, a register missing or a value that is not a plain number with two decimals).
+    For batches where T1..T4 are there (a time-of-use tariff: priced by them) or where no
+    reading has any (priced by the total)."""
+
+    __slots__ = ("texts", "total", "regs", "ts", "local", "grown", "priced", "bad")
+
+    @classmethod
+    def of(cls, items, tariff, columns=None):
+        if columns is not None:
+            tss, texts = columns[0], columns[1:]
+        else:
+            values = list(map(_ITEM_VALUES, items))
+            if set(map(type, values)) != {tuple}:
+                values = [v if type(v) is tuple else _as_tuple(v) for v in values]
+            texts = list(zip(*values))
+            tss = list(map(_ITEM_TS, items))
+        if len(texts) != 5:
+            return None
+        # priced by the registers (every reading has T1..T4; a time-of-use tariff), or by
+        # the total (no reading has any)
+        by_total = all(col.count(None) == len(col) for col in texts[1:])
+        if not by_total and tariff.tou is None:
+            return None
+        steps = []
+        odd = set()                     # readings with a register missing or not plain
+        for col in (texts[:1] if by_total else texts):
+            if None not in col:
+                # each text once (a register stands still while its rate is not on)
+                known = dict.fromkeys(col)
+                joined = "\x1f".join(known)
+                if _CLEAN.match(joined):
+                    if len(known) < len(col):
+                        known = dict(zip(known, map(int, joined.replace(".", "").split(
+                            "\x1f"))))
+                        steps.append(list(map(known.__getitem__, col)))
+                    else:
+                        steps.append(list(map(int, joined.replace(".", "").split("\x1f"))))
+                    continue
+            col = list(map(_plain_steps, col))
+            odd.update(itertools.compress(range(len(col)), map(
+                operator.is_, col, itertools.repeat(None))))
+            steps.append([0 if c is None else c for c in col])
+        prices = [tariff.price_of(r) for r in RATES]
+        if any(p is not None and p < 0 for p in prices) or \
+                any(extra < 0 for _, extra in tariff.ladder):
+            return None                 # costs must only grow along a run (bisect)
+        self = cls()
+        self.texts = texts
+        self.total = total = steps[0]
+        self.regs = regs = steps[1:] if not by_total else [texts[1]] * 4
+        self.ts = tss
+        offsets = list(map(_offsets.get, map(operator.floordiv, tss,
+                                              itertools.repeat(900000))))
+        if None in offsets:
+            self.local = local = list(map(local_ms, tss))
+        else:
+            self.local = local = list(map(operator.add, tss, offsets))
+        add, sub, mul = operator.add, operator.sub, operator.mul
+        # growth over the reading before (index 0: none; it is bad)
+        grown_total = [0] + list(map(sub, total[1:], total[:-1]))
+        checks = []                     # (values, test, bound) where test fails: bad
+        if by_total:
+            self.grown = grown_total
+            self.priced = None
+            checks += [(grown_total, operator.lt, 0), (grown_total, operator.gt, 100)]
+            return self._flag(checks, odd, tss, local, len(items))
+        d = [[0] + list(map(sub, r[1:], r[:-1])) for r in regs]
+        self.grown = grown = list(map(add, map(add, d[0], d[1]), map(add, d[2], d[3])))
+        priced = None
+        for k in range(4):
+            checks.append((d[k], operator.lt, 0))
+            if prices[k] is None:
+                checks.append((d[k], operator.gt, 0))
+                continue
+            term = map(mul, d[k], itertools.repeat(prices[k]))
+            priced = list(term) if priced is None else list(map(add, priced, term))
+        self.priced = priced if priced is not None else [0] * len(items)
+        rem = list(map(sub, grown_total, grown))
+        checks += [(grown_total, operator.lt, 0), (grown_total, operator.gt, 100),
+                   (rem, operator.gt, REMAINDER_STEPS), (rem, operator.lt, -REMAINDER_STEPS)]
+        return self._flag(checks, odd, tss, local, len(items))
+
+    def _flag(self, checks, odd, tss, local, n):
+        """`bad` from the checks ((values, test, bound): test true is bad), the odd
+        readings, and times that do not go forward."""
+        bad = {0}
+        # an odd reading goes through the fast path's own checks, and so does the next
+        # (its growth over an odd one is no number here)
+        bad.update(odd)
+        bad.update(k + 1 for k in odd)
+        for col, test, bound in checks:
+            # one pass in C; the per-reading flags only where something is there
+            extreme = min(col) if test is operator.lt else max(col)
+            if test(extreme, bound):
+                bad.update(itertools.compress(range(len(col)),
+                                              map(test, col, itertools.repeat(bound))))
+        for col in (tss, local):
+            if not all(map(operator.lt, col[:-1], col[1:])):
+                bad.update(k + 1 for k in itertools.compress(
+                    range(len(col) - 1), map(operator.ge, col[:-1], col[1:])))
+        self.bad = sorted(bad) + [n]
+        return self
+
+
+def _plain_steps(v):
+    """Steps of a text with two decimals, or None (what _CLEAN matches, one at a time)."""
+    if type(v) is str and len(v) > 3 and v[-3] == "." and v.isascii() and \
+            (v[:-3] + v[-2:]).isdigit():
+        return int(v[:-3] + v[-2:])
+    return None
+
+
+_ITEM_VALUES = operator.itemgetter(3)
+_ITEM_TS = operator.itemgetter(2)
+
+
+def _same_presence(a, b):
+    return (a is None) == (b is None)
+
+
+def _went_down(c, p):
+    return c is not None and p is not None and c < p
+
+
+def _as_tuple(values):
+    """{quantity: value} -> (total, t1, t2, t3, t4), None where absent."""
+    get = values.get
+    return (get(ENERGY_TOTAL), get(_QUANTITIES[1]), get(_QUANTITIES[2]), get(_QUANTITIES[3]),
+            get(_QUANTITIES[4]))
+
+
 class _Slow(Exception):
     """The fast path hands a reading to the rules."""
 
@@ -106,8 +258,9 @@ class Billing:
         self._max_kw = None
         self._jump = (0, 1)
         self._period = (1, 0, None)          # (start, end, name) in local ms: none yet
-        self._run = (1, 0, None)             # (start, end, rate): one rate, local ms
+        self._run = (1, 0, None, None)       # (start, end, rate, price): local ms
         self._seg = self._segment(0)         # the ladder stretch of the last tier counter
+        self._memo = {}                      # register text -> its steps (bounded)
 
     # ------------------------------------------------------------ the entry points
 
@@ -123,15 +276,19 @@ class Billing:
                          tagged, now=now)
         events.extend((etype, fields) for _, etype, fields in tagged)
 
-    def apply_batch(self, doc, items, events, watch=None, now=None):
+    def apply_batch(self, doc, items, events, watch=None, now=None, columns=None):
         """Several readings of the account in order, as `apply` of each in turn would bill
         them (same document, same events), without the cost per reading of `apply`.
 
-        items: [(tag, seq, ts, {quantity: value})]; events are appended as
-        (tag, event_type, fields). watch: None or [low, high, fn]: after a reading that
-        leaves the balance outside (low, high], fn(doc, tag) is called (the document then
-        holds the balance) and returns the new (low, high); cost control re-derives the
-        account's state there, so it runs exactly when a reading could change it.
+        items: [(tag, seq, ts, values)], values either {quantity: value} or the tuple
+        (total, t1, t2, t3, t4) of the register values, None where the reading has none
+        (the journal's energy table gives these; quantities other than the five are not
+        billed either way); events are appended as (tag, event_type, fields). watch: None
+        or [low, high, fn]: after a reading that leaves the balance outside (low, high],
+        fn(doc, tag) is called (the document then holds the balance) and returns the new
+        (low, high); cost control re-derives the account's state there, so it runs exactly
+        when a reading could change it. columns: None, or the items' (ts, total, t1, t2, t3,
+        t4) as lists, in their order (what the journal gives: no unzipping).
 
         The common reading (registers grew, within the meter's rating, inside one tier
         period and one rate, not held) is priced here from integers kept between readings;
@@ -143,21 +300,58 @@ class Billing:
         tiered = tariff.tiered
         ladder_price = tariff.charge_steps
         price_of = tariff.price_of
-        rates_of = TARIFF_QUANTITIES
-        order = RATES
+        rate_prices = tuple(map(price_of, RATES))        # T1..T4's, None where unpriced
+        sub = operator.sub
+        memo = self._memo
+        memo_get = memo.get
+        offsets_get = _offsets.get
         if watch is not None:
             low, high, moved = watch
         n = len(items)
+        vec = _Columns.of(items, tariff, columns) if n >= _RUN_MIN else None
         i = 0
         while i < n:
             st = self._load(doc)
             if st is not None:
-                bal, chg, tier, period, tot, totx, prev, pts, pl = st
+                bal, chg, tier, period, tot, totx, prevc, prevx, pts, pl = st
                 dirty = False
+                fast = -1                # the last reading the fast path billed
                 while i < n:
+                    if fast == i - 1 and vec is not None and \
+                            (watch is None or low < bal <= high):
+                        run = self._run_at(vec, i, bal, tier, period, pl,
+                                           None if watch is None else low)
+                        if run is not None:
+                            # readings i .. m-1 at once (each as the loop below bills it)
+                            m, cost, grown, seg, name = run
+                            bal -= cost
+                            chg += cost
+                            if grown and tiered:
+                                tier = (tier if name == period else 0) + grown
+                                period = name
+                                self._seg = seg
+                            k = m - 1
+                            tot = vec.total[k]
+                            totx = vec.texts[0][k]
+                            prevc = (vec.regs[0][k], vec.regs[1][k], vec.regs[2][k],
+                                     vec.regs[3][k])
+                            prevx = (vec.texts[1][k], vec.texts[2][k], vec.texts[3][k],
+                                     vec.texts[4][k])
+                            pts = vec.ts[k]
+                            pl = vec.local[k]
+                            dirty = True
+                            fast = k
+                            i = m
+                            if watch is not None and not low < bal <= high:
+                                self._store(doc, bal, chg, tier, period, totx, prevx, pts)
+                                dirty = False
+                                low, high = moved(doc, items[k][0])
+                            continue
                     tag, seq, ts, values = items[i]
                     try:
-                        text = values.get(ENERGY_TOTAL)
+                        if type(values) is not tuple:
+                            values = _as_tuple(values)
+                        text = values[0]
                         if text is not None:     # (nothing to bill without the total)
                             # the total, in steps (a text like the last one: same steps)
                             if text == totx:
@@ -170,31 +364,43 @@ class Billing:
                             steps = cur - tot
                             if steps < 0:
                                 raise _Slow      # went down: an event
-                            rates = {}
-                            if len(values) > 1:
-                                for q, v in values.items():
-                                    r = rates_of.get(q)
-                                    if r is None:
-                                        continue
-                                    p = prev.get(r)
-                                    if p is not None and v == p[1]:
-                                        rates[r] = p
-                                        continue
-                                    if type(v) is str and len(v) > 3 and v[-3] == "." and \
-                                            v.isascii() and (v[:-3] + v[-2:]).isdigit():
-                                        c = int(v[:-3] + v[-2:])
-                                    else:
-                                        raise _Slow
-                                    if p is not None and c < p[0]:
-                                        raise _Slow      # went down: an event
-                                    rates[r] = (c, v)
+                            # T1..T4: texts, steps; `same`: the same ones as the last time
+                            regx = values[1:]
+                            if regx == prevx:
+                                regc = prevc
+                                same = True
+                            else:
+                                # the steps of a text seen before come from the memo (in
+                                # C); the rest are parsed here (usually the one that grew)
+                                regc = list(map(memo_get, regx))
+                                if None in regc:
+                                    for k in (0, 1, 2, 3):
+                                        v = regx[k]
+                                        if regc[k] is None and v is not None:
+                                            if type(v) is str and len(v) > 3 and \
+                                                    v[-3] == "." and v.isascii() and \
+                                                    (v[:-3] + v[-2:]).isdigit():
+                                                regc[k] = memo[v] = int(v[:-3] + v[-2:])
+                                            else:
+                                                raise _Slow
+                                    if len(memo) > 4096:
+                                        memo.clear()
+                                same = None not in regx and None not in prevx or \
+                                    all(map(_same_presence, regx, prevx))
+                                if None in regc or None in prevc:
+                                    if any(map(_went_down, regc, prevc)):
+                                        raise _Slow          # went down: an event
+                                elif min(map(sub, regc, prevc)) < 0:
+                                    raise _Slow              # went down: an event
+                                regc = tuple(regc)
                             if ts <= pts:
                                 raise _Slow      # no interval: the instant before
                             if steps > 100:
                                 jp, jq = self._jump_limit()
                                 if (steps - 100) * jq * 30000 > jp * (ts - pts):
                                     raise _Slow  # a jump: an event
-                            b = local_ms(ts)
+                            off = offsets_get(ts // 900000)
+                            b = ts + off if off is not None else local_ms(ts)
                             if b <= pl:
                                 raise _Slow
                             name = None
@@ -204,23 +410,26 @@ class Billing:
                                     start, end, name = self._period_of(pl)
                                 if b > end:
                                     raise _Slow  # across a billing date
-                            if tou is not None and rates and len(rates) == len(prev) and \
-                                    all(r in prev for r in rates):
-                                parts = []
-                                summed = 0
-                                for r in order:
-                                    c = rates.get(r)
-                                    if c is not None:
-                                        d = c[0] - prev[r][0]
-                                        summed += d
-                                        if d > 0:
-                                            parts.append((r, d))
-                                if not -REMAINDER_STEPS <= steps - summed <= REMAINDER_STEPS:
+                            if tou is not None and same and regx != _NO_REGISTERS:
+                                # the registers' growth, in the order sharp .. valley
+                                if None in regc:
+                                    ds = tuple(c - prevc[k] if c is not None else 0
+                                               for k, c in enumerate(regc))
+                                else:
+                                    ds = tuple(map(sub, regc, prevc))
+                                if not -REMAINDER_STEPS <= steps - sum(ds) <= REMAINDER_STEPS:
                                     raise _Slow  # registers against the total: an event
+                                grew = 4 - ds.count(0)
+                                if grew == 1:    # the usual reading: one rate's register
+                                    d = max(ds)
+                                    parts = ((rate_prices[ds.index(d)], d),)
+                                else:
+                                    parts = [(rate_prices[k], d) for k, d in enumerate(ds)
+                                             if d > 0]
                             elif steps <= 0:
                                 parts = ()
                             elif tou is None:
-                                parts = ((None, steps),)
+                                parts = ((price_of(None), steps),)
                             else:
                                 run = self._run
                                 if not (run[0] <= pl and b <= run[1]):
@@ -228,15 +437,14 @@ class Billing:
                                     # the next readings inside it need no look-up
                                     rate, stop = tou.run(pl, end if tiered else
                                                          max(b, pl + 2 * DAY_MS))
-                                    run = self._run = (pl, stop, rate)
+                                    run = self._run = (pl, stop, rate, price_of(rate))
                                     if b > stop:
                                         raise _Slow      # across a change of rate
-                                parts = ((run[2], steps),)
+                                parts = ((run[3], steps),)
                             cost = 0
                             new_tier = tier
                             new_period = period
-                            for r, k in parts:
-                                price = price_of(r)
+                            for price, k in parts:
                                 if price is None:
                                     raise _Slow  # no price: the account is held
                                 if tiered:
@@ -260,10 +468,12 @@ class Billing:
                             period = new_period
                             tot = cur
                             totx = text
-                            prev = rates
+                            prevc = regc
+                            prevx = regx
                             pts = ts
                             pl = b
                             dirty = True
+                            fast = i
                     except _Slow:
                         break
                     except Exception:         # never a reason not to bill: the rules decide
@@ -271,18 +481,22 @@ class Billing:
                         break
                     i += 1
                     if watch is not None and not low < bal <= high:
-                        self._store(doc, bal, chg, tier, period, totx, prev, pts)
+                        self._store(doc, bal, chg, tier, period, totx, prevx, pts)
                         dirty = False
                         low, high = moved(doc, tag)
                 if dirty:
-                    self._store(doc, bal, chg, tier, period, totx, prev, pts)
+                    self._store(doc, bal, chg, tier, period, totx, prevx, pts)
                 if i == n:
                     break
             # this reading through the rules
             tag, seq, ts, values = items[i]
             i += 1
             evs = []
-            self._apply_checked(doc, {q: (v, ts) for q, v in values.items()}, evs, seq, now)
+            if type(values) is tuple:
+                group = {q: (v, ts) for q, v in zip(_QUANTITIES, values) if v is not None}
+            else:
+                group = {q: (v, ts) for q, v in values.items()}
+            self._apply_checked(doc, group, evs, seq, now)
             for etype, fields in evs:
                 events.append((tag, etype, fields))
             if watch is not None and not low < doc["balance_uy"] <= high:
@@ -290,9 +504,9 @@ class Billing:
 
     def _load(self, doc):
         """The fast path's state (balance, charges, tier counter, tier period, total steps,
-        total text, {rate: (steps, text)}, register_ts, its local ms) from the document, or
-        None if its next reading must go through the rules (the first reading, a held
-        account, anything it does not recognise)."""
+        total text, T1..T4 steps, T1..T4 texts (None where absent), register_ts, its local
+        ms) from the document, or None if its next reading must go through the rules (the
+        first reading, a held account, anything it does not recognise)."""
         try:
             if doc.get("billing_hold"):
                 return None
@@ -301,23 +515,92 @@ class Billing:
             ts = doc.get("register_ts")
             if type(total) is not str or type(ts) is not int:
                 return None
-            rates = {}
+            texts = [None] * 4
+            steps = [None] * 4
             for r, text in regs.items():
                 if r == "total":
                     continue
-                if r not in QUANTITY_OF_RATE or type(text) is not str:
+                k = _RATE_INDEX.get(r)
+                if k is None or type(text) is not str:
                     return None
-                rates[r] = (centi(text), text)
+                texts[k] = text
+                steps[k] = centi(text)
             bal, chg = doc["balance_uy"], doc["charges_uy"]
             tier = doc.get("tier_centi", 0)
             if type(bal) is not int or type(chg) is not int or type(tier) is not int:
                 return None
-            return (bal, chg, tier, doc.get("tier_period"), centi(total), total, rates, ts,
-                    local_ms(ts))
+            return (bal, chg, tier, doc.get("tier_period"), centi(total), total,
+                    tuple(steps), tuple(texts), ts, local_ms(ts))
         except (Unpriceable, KeyError, AttributeError, TypeError):
             return None
 
-    def _store(self, doc, bal, chg, tier, period, total, rates, ts):
+    def _run_at(self, vec, i, bal, tier, period, pl, low):
+        """The readings from i on that the fast path would bill alike (in one tier period
+        and one stretch of the ladder; priced by their T1..T4 growth, or by the total's
+        within one run of one rate; the balance not leaving its watched range before the
+        last): (end, cost, steps, ladder stretch, period name), or None if not even
+        reading i. The reading before i was billed by the fast path, so it is the
+        previous reading of i; vec has each reading's growth over the one before it, and
+        `bad` the readings the fast path must look at one by one."""
+        bad = vec.bad
+        # (at most _RUN_MAX readings: the work here grows with the run)
+        m = min(bad[bisect.bisect_left(bad, i)], i + _RUN_MAX)    # bad ends with n
+        if m <= i:
+            return None
+        local = vec.local
+        name = None
+        extra = 0
+        tariff = self.tariff
+        tiered = tariff.tiered
+        if tiered:
+            start, end, name = self._period
+            if not (start <= pl < end):
+                start, end, name = self._period_of(pl)
+            # within the period: local time <= its end (a reading exactly at the end is
+            # the old period's, and the last of the run)
+            m = min(m, bisect.bisect_right(local, end, i, m),
+                    bisect.bisect_left(local, end, i, m) + 1)
+            if m <= i:
+                return None
+            tier0 = tier if name == period else 0
+            seg = self._segment(tier0)
+            lo, hi, extra = seg
+            if not lo <= tier0:
+                return None
+        price = None
+        if vec.priced is None:                       # by the total
+            if tariff.tou is None:
+                price = tariff.price_of(None)
+            else:
+                rate, stop = tariff.tou.run(pl, end if tiered else
+                                            max(local[m - 1], pl + 2 * DAY_MS))
+                price = tariff.price_of(rate)
+                m = min(m, bisect.bisect_right(local, stop, i, m))
+            if price is None or price < 0 or m <= i:
+                return None
+        grown = list(itertools.accumulate(vec.grown[i:m]))
+        if tiered and hi is not None:
+            m = i + bisect.bisect_right(grown, hi - tier0)
+            if m <= i:
+                return None
+            del grown[m - i:]
+        if price is not None:
+            costs = list(map(operator.mul, grown, itertools.repeat(price + extra)))
+        elif extra:
+            costs = list(itertools.accumulate(map(operator.add, vec.priced[i:m],
+                                                  map(operator.mul, vec.grown[i:m],
+                                                      itertools.repeat(extra)))))
+        else:
+            costs = list(itertools.accumulate(vec.priced[i:m]))
+        if low is not None:
+            # the balance goes below the watched range at the first reading whose cost
+            # reaches bal - low: that reading is the last (the state is looked at there)
+            k = bisect.bisect_left(costs, bal - low)
+            if k < len(costs):
+                m = i + k + 1
+        return m, costs[m - i - 1], grown[m - i - 1], (seg if tiered else None), name
+
+    def _store(self, doc, bal, chg, tier, period, total, texts, ts):
         """The fast path's state into the document, as _commit writes it."""
         doc["balance_uy"] = bal
         doc["charges_uy"] = chg
@@ -325,8 +608,10 @@ class Billing:
             doc["tier_centi"] = tier
             doc["tier_period"] = period
         regs = {"total": total}
-        for r, (_, text) in rates.items():
-            regs[r] = text
+        if texts != _NO_REGISTERS:
+            for r, text in zip(RATES, texts):
+                if text is not None:
+                    regs[r] = text
         doc["registers"] = regs
         doc["register_ts"] = ts
 

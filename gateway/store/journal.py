@@ -7,6 +7,12 @@ gap-free sequence that continues across restarts (kept in the `streams` table in
 transaction as the rows, never derived from what is left). Consumers (the uplink, cost
 control) each have a durable cursor per stream; rows every consumer is past are deleted.
 
+Billing reads the `energy` table, not the readings: one row per energy reading (one meter at
+one time: its total and T1..T4 register texts), keyed by the seq of the reading's last row,
+written by the transaction that appends the readings (so exactly as durable), while some
+consumer of it is registered. It is no stream of its own (nothing is published from it):
+its consumers' cursors count readings seqs, and acknowledged rows are deleted.
+
 A disk quota bounds the file: past it the oldest rows go first, counted, and reported as a
 `journal.dropped` event, so the head-end sees both the count and the gap in `seq`. A full
 disk is handled the same way; a disk that fails (read-only, I/O error) raises JournalError
@@ -55,8 +61,22 @@ CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL,
                                    body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL,
                                     body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS energy (seq INTEGER PRIMARY KEY, meter TEXT NOT NULL,
+                                   ts INTEGER NOT NULL, total TEXT, t1 TEXT, t2 TEXT,
+                                   t3 TEXT, t4 TEXT);
 """
+# the energy table is additive: a journal from before it gains it when opened (billing's
+# cursor on the readings moves to it when billing registers, see register), and a gateway
+# from before it opens a journal that has it (and bills from the readings again)
 SCHEMA_VERSION = "1"
+
+# billing's table: one row per energy reading, these quantities in its columns
+ENERGY = "energy"
+ENERGY_COLUMNS = ("energy.import.total", "energy.import.t1", "energy.import.t2",
+                  "energy.import.t3", "energy.import.t4")
+_ENERGY_INDEX = {q: k for k, q in enumerate(ENERGY_COLUMNS)}
+_FILL_ROWS = 20000     # readings per window when the energy table is filled from them
+                       # (the window billing read before the table existed)
 
 
 class JournalError(GatewayError):
@@ -205,6 +225,8 @@ class Journal:
             raise JournalError("%s: cannot open the journal (%s)" % (path, exc),
                                damaged=not isinstance(exc, sqlite3.OperationalError)) from None
         self._page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        self._energy_on = self._db.execute(
+            "SELECT 1 FROM cursors WHERE stream=? LIMIT 1", (ENERGY,)).fetchone() is not None
         for consumer, streams in (consumers or {}).items():
             for stream in streams:
                 self.register(consumer, stream)
@@ -244,7 +266,21 @@ class Journal:
         return JournalError("%s: cannot %s (%s)" % (self.path, what, exc))
 
     def register(self, consumer, stream):
-        """A consumer starts at the oldest row still kept (or where it left off)."""
+        """A consumer starts at the oldest row still kept (or where it left off).
+
+        stream "energy" (billing): the first consumer of the energy table fills it from the
+        readings still kept after where it starts, grouped as billing grouped them before
+        the table existed; a consumer that had a cursor on the readings (a journal from
+        before the table) starts there and gives that cursor up, in the same transaction,
+        so readings not yet billed are billed once, from the table."""
+        if stream == ENERGY:
+            with self._lock:
+                try:
+                    with self._tx():
+                        self._register_energy(consumer)
+                except sqlite3.DatabaseError as exc:
+                    raise self._fail(exc, "register %s" % consumer) from None
+            return
         if stream not in STREAMS:
             raise ValueError("unknown stream %r" % stream)
         with self._lock, self._tx():
@@ -255,16 +291,84 @@ class Journal:
             self._db.execute("INSERT OR IGNORE INTO cursors VALUES (?, ?, ?)",
                              (consumer, stream, start))
 
+    def _register_energy(self, consumer):
+        db = self._db
+        row = db.execute("SELECT acked FROM cursors WHERE consumer=? AND stream='readings'",
+                         (consumer,)).fetchone()
+        moved = row[0] if row is not None else None
+        if moved is not None:
+            # the consumer read the readings until now (a journal from before the table,
+            # or one a gateway from before it has used since): that cursor is the truth
+            db.execute("DELETE FROM cursors WHERE consumer=? AND stream=?",
+                       (consumer, ENERGY))
+        if db.execute("SELECT 1 FROM cursors WHERE consumer=? AND stream=?",
+                      (consumer, ENERGY)).fetchone() is None:
+            (nxt,) = db.execute("SELECT next_seq FROM streams WHERE name='readings'"
+                                ).fetchone()
+            if db.execute("SELECT 1 FROM cursors WHERE stream=? LIMIT 1",
+                          (ENERGY,)).fetchone() is None:
+                # the first consumer: the table holds nothing yet (rows left by a consumer
+                # that went are gone with it); fill it from the readings kept
+                db.execute("DELETE FROM energy")
+                if moved is not None:
+                    start = moved
+                else:
+                    first = db.execute("SELECT MIN(seq) FROM readings").fetchone()[0]
+                    start = first - 1 if first is not None else nxt - 1
+                self._fill_energy(start)
+            else:
+                first = db.execute("SELECT MIN(seq) FROM energy").fetchone()[0]
+                start = first - 1 if first is not None else nxt - 1
+            db.execute("INSERT INTO cursors VALUES (?, ?, ?)", (consumer, ENERGY, start))
+        # the consumer reads the energy table now, not the readings
+        if db.execute("DELETE FROM cursors WHERE consumer=? AND stream='readings'",
+                      (consumer,)).rowcount:
+            self._delete_acked("readings")
+        self._energy_on = True
+
+    def _fill_energy(self, start):
+        """Energy rows for the readings after seq `start`: windows of _FILL_ROWS readings
+        from there, grouped as billing's read grouped them (so a reading's row has the seq
+        it was billed under before, and charged_to_seq keeps its meaning)."""
+        (nxt,) = self._db.execute("SELECT next_seq FROM streams WHERE name='readings'"
+                                  ).fetchone()
+        while start < nxt - 1:
+            rows, last, groups = self._grouped_window(start, _FILL_ROWS, "energy.import.")
+            if last is None:
+                break
+            out = []
+            for meter, ts, _, seq, values in groups:
+                cols = [None] * 5
+                for q, v in values.items():
+                    k = _ENERGY_INDEX.get(q)
+                    if k is not None:
+                        cols[k] = v
+                if cols != [None] * 5:
+                    out.append((seq, meter, ts, *cols))
+            self._db.executemany("INSERT INTO energy VALUES (?, ?, ?, ?, ?, ?, ?, ?)", out)
+            start = last
+
+    def _delete_acked(self, stream):
+        """Delete the rows of `stream` (or the energy table) every consumer is past; with no
+        consumer left, the energy table is emptied (a stream keeps its rows)."""
+        (low,) = self._db.execute("SELECT MIN(acked) FROM cursors WHERE stream=?",
+                                  (stream,)).fetchone()
+        if low is not None:
+            self._db.execute("DELETE FROM %s WHERE seq <= ?" % stream, (low,))
+        elif stream == ENERGY:
+            self._db.execute("DELETE FROM energy")
+
     def unregister(self, consumer, stream):
         """A consumer that is gone (e.g. cost control with no accounts left) must not hold
         rows back for ever: its cursor goes, and rows the others are past are deleted."""
         with self._lock, self._tx():
             self._db.execute("DELETE FROM cursors WHERE consumer=? AND stream=?",
                              (consumer, stream))
-            (low,) = self._db.execute("SELECT MIN(acked) FROM cursors WHERE stream=?",
-                                      (stream,)).fetchone()
-            if low is not None:
-                self._db.execute("DELETE FROM %s WHERE seq <= ?" % stream, (low,))
+            self._delete_acked(stream)
+            if stream == ENERGY:
+                self._energy_on = self._db.execute(
+                    "SELECT 1 FROM cursors WHERE stream=? LIMIT 1",
+                    (ENERGY,)).fetchone() is not None
 
     # ------------------------------------------------------------ appends
 
@@ -290,6 +394,11 @@ class Journal:
             self._db.executemany(
                 "INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(first + i,) + row for i, row in enumerate(rows)])
+            if self._energy_on:
+                energy = _energy_rows(first, rows)
+                if energy:
+                    self._db.executemany(
+                        "INSERT INTO energy VALUES (?, ?, ?, ?, ?, ?, ?, ?)", energy)
             return first, first + len(rows) - 1
         return self._append(write)
 
@@ -368,12 +477,31 @@ class Journal:
 
     def _drop_oldest(self, max_rows, reason):
         """Delete the oldest rows (readings first: they are the bulk), count them per
-        stream and append a journal.dropped event. Returns the rows dropped."""
-        for stream in ("readings", "events", "results"):
+        stream and append a journal.dropped event. Returns the rows dropped.
+
+        The energy table goes after the readings and before the events: its rows are
+        billing's, and only pile up while billing stalls. Dropping them loses no money
+        (the registers count on: the next reading billed charges the energy between), only
+        the time it was used in; they are counted (meta `energy_dropped`, stats) and
+        logged, not reported as journal.dropped (no published stream lost a seq)."""
+        for stream in ("readings", ENERGY, "events", "results"):
             lo = self._db.execute("SELECT MIN(seq) FROM %s" % stream).fetchone()[0]
             if lo is None:
                 continue
             top = self._db.execute("SELECT MAX(seq) FROM %s" % stream).fetchone()[0]
+            if stream == ENERGY:
+                # max_rows energy rows (their seqs are readings seqs, with gaps)
+                hi = self._db.execute("SELECT MAX(seq) FROM (SELECT seq FROM energy ORDER "
+                                      "BY seq LIMIT ?)", (max_rows,)).fetchone()[0]
+                with self._tx():
+                    n = self._db.execute("DELETE FROM energy WHERE seq <= ?", (hi,)).rowcount
+                    self._db.execute(
+                        "INSERT INTO meta VALUES ('energy_dropped', ?) ON CONFLICT(key) DO "
+                        "UPDATE SET value = CAST(value AS INTEGER) + ?", (str(n), n))
+                log.warning("journal %s: dropped %d oldest energy rows, not yet billed "
+                            "(readings seq %d..%d, %s): billed at the next reading, by time",
+                            self.path, n, lo, hi, reason)
+                return n
             hi = min(top, lo + max_rows - 1)
             with self._tx():
                 n = self._db.execute("DELETE FROM %s WHERE seq BETWEEN ? AND ?" % stream,
@@ -424,46 +552,93 @@ class Journal:
     _SEP = "\x1f"
 
     def read_grouped(self, consumer, prefix="energy.import.", limit=10000):
-        """Billing's read of the readings after the consumer's cursor: the same window of at
-        most `limit` rows that `read` gives, but only the rows whose quantity starts with
+        """The readings after the consumer's cursor, grouped as billing read them before the
+        energy table (kept for the migration to it, see _fill_energy): the same window of
+        at most `limit` rows that `read` gives, but only the rows whose quantity starts with
         `prefix` (filtered in SQL), grouped by (meter, ts).
 
         Returns (rows, last, groups): the number of rows in the window and the seq of its
-        last row, of any quantity (what to acknowledge; 0 and None if there are no rows
-        after the cursor), and `groups`, a list of
-        (meter, ts, first_seq, last_seq, {quantity: value_json}) in the order of each
-        group's first row; a quantity repeated in a group keeps its last value. Rows come
-        back from SQLite as one text per column (group_concat), not as a tuple per row: most
-        of the cost of `read` is building 8 Python objects per row."""
-        glob = prefix.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]") + "*"
+        last row, of any quantity (0 and None if there are no rows after the cursor), and
+        `groups`, a list of (meter, ts, first_seq, last_seq, {quantity: value_json}) in the
+        order of each group's first row; a quantity repeated in a group keeps its last
+        value."""
         with self._lock:
             try:
-                start = self.cursor(consumer, "readings")
-                rows, last = self._db.execute(
-                    "SELECT COUNT(*), MAX(seq) FROM (SELECT seq FROM readings WHERE seq > ? "
+                return self._grouped_window(self.cursor(consumer, "readings"), limit, prefix)
+            except sqlite3.DatabaseError as exc:
+                raise self._fail(exc, "read") from None
+
+    def _grouped_window(self, start, limit, prefix):
+        """read_grouped's answer for the window after seq `start`. Rows come back from
+        SQLite as one text per column (group_concat), not as a tuple per row."""
+        glob = prefix.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]") + "*"
+        rows, last = self._db.execute(
+            "SELECT COUNT(*), MAX(seq) FROM (SELECT seq FROM readings WHERE seq > ? "
+            "ORDER BY seq LIMIT ?)", (start, limit)).fetchone()
+        if last is None:
+            return 0, None, []
+        sep = self._SEP
+        n, seqs, meters, tss, qs, vals = self._db.execute(
+            "SELECT COUNT(*), group_concat(seq, ?1), group_concat(meter, ?1), "
+            "group_concat(ts, ?1), group_concat(q, ?1), group_concat(value, ?1) "
+            "FROM readings WHERE seq > ?2 AND seq <= ?3 AND q GLOB ?4",
+            (sep, start, last, glob)).fetchone()
+        if not n:
+            return rows, last, []
+        seqs = list(map(int, seqs.split(sep)))
+        meters, tss, qs, vals = (meters.split(sep), tss.split(sep), qs.split(sep),
+                                 vals.split(sep))
+        if not (len(seqs) == len(meters) == len(tss) == len(qs) == len(vals) == n) \
+                or not all(map(operator.lt, seqs, seqs[1:])):
+            found = self._db.execute(
+                "SELECT seq, meter, ts, q, value FROM readings WHERE seq > ? AND "
+                "seq <= ? AND q GLOB ? ORDER BY seq", (start, last, glob)).fetchall()
+            seqs, meters, tss, qs, vals = (list(c) for c in zip(*found))
+        return rows, last, _group(seqs, meters, tss, qs, vals)
+
+    def read_energy(self, consumer, limit=20000):
+        """Billing's read: the energy rows after the consumer's cursor (at most `limit`),
+        per meter, as texts from SQLite (group_concat: no tuple per row).
+
+        Returns (count, last, per_meter): the number of rows and the seq of the last one
+        (0 and None if there are none), and per_meter a list of
+        (meter, seqs, tss, totals, t1s, t2s, t3s, t4s): lists of equal length, seqs and tss
+        ints in seq order, the registers' JSON texts or None where the reading had none."""
+        sep = self._SEP
+        with self._lock:
+            try:
+                start = self.cursor(consumer, ENERGY)
+                count, last = self._db.execute(
+                    "SELECT COUNT(*), MAX(seq) FROM (SELECT seq FROM energy WHERE seq > ? "
                     "ORDER BY seq LIMIT ?)", (start, limit)).fetchone()
                 if last is None:
                     return 0, None, []
-                sep = self._SEP
-                n, seqs, meters, tss, qs, vals = self._db.execute(
-                    "SELECT COUNT(*), group_concat(seq, ?1), group_concat(meter, ?1), "
-                    "group_concat(ts, ?1), group_concat(q, ?1), group_concat(value, ?1) "
-                    "FROM readings WHERE seq > ?2 AND seq <= ?3 AND q GLOB ?4",
-                    (sep, start, last, glob)).fetchone()
-                if not n:
-                    return rows, last, []
-                seqs = list(map(int, seqs.split(sep)))
-                meters, tss, qs, vals = (meters.split(sep), tss.split(sep), qs.split(sep),
-                                         vals.split(sep))
-                if not (len(seqs) == len(meters) == len(tss) == len(qs) == len(vals) == n) \
-                        or not all(map(operator.lt, seqs, seqs[1:])):
-                    found = self._db.execute(
-                        "SELECT seq, meter, ts, q, value FROM readings WHERE seq > ? AND "
-                        "seq <= ? AND q GLOB ? ORDER BY seq", (start, last, glob)).fetchall()
-                    seqs, meters, tss, qs, vals = (list(c) for c in zip(*found))
+                found = self._db.execute(
+                    "SELECT meter, COUNT(*), group_concat(seq, ?1), group_concat(ts, ?1), "
+                    "group_concat(ifnull(total, ''), ?1), group_concat(ifnull(t1, ''), ?1), "
+                    "group_concat(ifnull(t2, ''), ?1), group_concat(ifnull(t3, ''), ?1), "
+                    "group_concat(ifnull(t4, ''), ?1) FROM energy WHERE seq > ?2 AND "
+                    "seq <= ?3 GROUP BY meter", (sep, start, last)).fetchall()
+                out = []
+                for meter, n, seqs, tss, *cols in found:
+                    seqs = list(map(int, seqs.split(sep)))
+                    tss = list(map(int, tss.split(sep)))
+                    cols = [c.split(sep) for c in cols]
+                    if len(seqs) != n or len(tss) != n or any(len(c) != n for c in cols) \
+                            or not all(map(operator.lt, seqs, seqs[1:])):
+                        # a text with the separator in it, or SQLite's own order: by rows
+                        rows = self._db.execute(
+                            "SELECT seq, ts, total, t1, t2, t3, t4 FROM energy WHERE "
+                            "seq > ? AND seq <= ? AND meter=? ORDER BY seq",
+                            (start, last, meter)).fetchall()
+                        seqs, tss, *cols = (list(c) for c in zip(*rows))
+                    else:
+                        cols = [c if "" not in c else [v if v else None for v in c]
+                                for c in cols]
+                    out.append((meter, seqs, tss, *cols))
             except sqlite3.DatabaseError as exc:
                 raise self._fail(exc, "read") from None
-        return rows, last, _group(seqs, meters, tss, qs, vals)
+        return count, last, out
 
     def ack(self, consumer, stream, upto):
         """The consumer has everything up to seq `upto`; durable when this returns. Rows
@@ -473,10 +648,7 @@ class Journal:
                 with self._tx():
                     self._db.execute("UPDATE cursors SET acked=MAX(acked, ?) "
                                      "WHERE consumer=? AND stream=?", (upto, consumer, stream))
-                    (low,) = self._db.execute("SELECT MIN(acked) FROM cursors WHERE stream=?",
-                                              (stream,)).fetchone()
-                    if low is not None:
-                        self._db.execute("DELETE FROM %s WHERE seq <= ?" % stream, (low,))
+                    self._delete_acked(stream)
             except sqlite3.DatabaseError as exc:
                 raise self._fail(exc, "acknowledge") from None
 
@@ -511,7 +683,51 @@ class Journal:
                 out["streams"][name] = {"next_seq": nxt, "stored": count, "first_seq": lo,
                                         "last_seq": hi, "oldest_ts": oldest,
                                         "dropped": dropped, "consumers": consumers}
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
+                                "name=?", (ENERGY,)).fetchone():
+                out[ENERGY] = self._energy_stats()
             return out
+
+    def _energy_stats(self):
+        """The energy table: its seq range, rows dropped, each consumer's cursor (no
+        COUNT(*), a scan: its seqs have gaps, so the range is no count)."""
+        lo = self._db.execute("SELECT MIN(seq) FROM energy").fetchone()[0]
+        hi = self._db.execute("SELECT MAX(seq) FROM energy").fetchone()[0]
+        dropped = self._db.execute("SELECT value FROM meta WHERE key='energy_dropped'"
+                                   ).fetchone()
+        consumers = {consumer: {"acked": acked} for consumer, acked in self._db.execute(
+            "SELECT consumer, acked FROM cursors WHERE stream=?", (ENERGY,)).fetchall()}
+        return {"first_seq": lo, "last_seq": hi,
+                "dropped": int(dropped[0]) if dropped else 0, "consumers": consumers}
+
+
+def _energy_rows(first, rows):
+    """The energy table's rows for readings rows appended from seq `first`: one per (meter,
+    ts) with any of ENERGY_COLUMNS, keyed by the seq of its last energy.import.* row, as
+    billing's read grouped them before the table (a quantity repeated keeps its last
+    value)."""
+    groups = {}
+    index = _ENERGY_INDEX
+    for i, (meter, q, value, _, ts, _, _) in enumerate(rows):
+        k = index.get(q)
+        if k is None:
+            if not q.startswith("energy.import."):
+                continue
+            g = groups.get((meter, ts))
+            if g is not None:
+                g[0] = first + i
+            else:
+                groups[(meter, ts)] = [first + i, meter, ts, None, None, None, None, None]
+            continue
+        g = groups.get((meter, ts))
+        if g is None:
+            g = groups[(meter, ts)] = [0, meter, ts, None, None, None, None, None]
+        g[0] = first + i
+        g[3 + k] = value
+    return [g for g in groups.values() if g[3:] != _NO_VALUES]
+
+
+_NO_VALUES = [None] * 5
 
 
 def _group(seqs, meters, tss, qs, vals):
