@@ -129,6 +129,11 @@ METERS = ListOfTables("meters", "MeterConfig", [
     Field("protocol", str, DEFAULT_PROTOCOL, choices=PROTOCOLS, doc="the meter's protocol"),
     Field("address", str, required=_dlt645, doc_default="required for DL/T 645",
           doc="12 digits as on the nameplate (shorter ones are padded with 0)"),
+    Field("baudrate", int, None, choices=BAUDRATES, doc_default="the port's",
+          doc="this meter's baud rate where it differs from its port's (1997 meters often "
+              "1200 on a 2400 line); the line is switched between transactions"),
+    Field("parity", str, None, choices=("E", "N", "O"), doc_default="the port's",
+          doc="this meter's parity where it differs from its port's"),
     Field("version", int, 2007, choices=(2007, 1997),
           doc="`1997` for old meters (reads only; they have no relay control)"),
     Field("unit", int, required=_modbus, minimum=1, maximum=247,

@@ -21,7 +21,8 @@ def key_of(meter):
 
 def block_exchange(meter, block, count=None):
     return modbus.block_exchange(meter.unit, block.function, block.address,
-                            block.count if count is None else count).for_meter(meter.id)
+                            block.count if count is None else count).for_meter(meter.id).on_line(
+        getattr(meter, "baudrate", None), getattr(meter, "parity", None))
 
 
 def check_quantities(meter, quantities):

@@ -40,12 +40,13 @@ class MeterSpec:
     # slots: a concentrator may carry a thousand of these
     __slots__ = ("id", "port", "protocol", "address", "unit", "profile", "interval_s",
                  "instant_interval_s", "clock_interval_s", "version", "prepaid",
-                 "sync_threshold_s", "extra")
+                 "sync_threshold_s", "baudrate", "parity", "extra")
 
     def __init__(self, id, port, protocol=DEFAULT_PROTOCOL, address=None, unit=None,
                  profile=None,
                  interval_s=900, instant_interval_s=300, clock_interval_s=3600,
-                 version=2007, prepaid=False, sync_threshold_s=30.0, **extra):
+                 version=2007, prepaid=False, sync_threshold_s=30.0, baudrate=None,
+                 parity=None, **extra):
         self.id = id
         self.port = port
         self.protocol = protocol
@@ -58,6 +59,8 @@ class MeterSpec:
         self.version = version
         self.prepaid = prepaid
         self.sync_threshold_s = sync_threshold_s
+        self.baudrate = baudrate          # None: the port's line settings
+        self.parity = parity
         self.extra = extra or None
 
     @classmethod
@@ -66,7 +69,8 @@ class MeterSpec:
         return cls(m.id, m.port, protocol=m.protocol, address=m.address, unit=m.unit,
                    profile=m.profile, interval_s=m.interval_s,
                    instant_interval_s=m.instant_interval_s,
-                   clock_interval_s=m.clock_interval_s, version=m.version, prepaid=m.prepaid)
+                   clock_interval_s=m.clock_interval_s, version=m.version, prepaid=m.prepaid,
+                   baudrate=m.baudrate, parity=m.parity)
 
 
 class MeterHealth:
