@@ -8,7 +8,7 @@ status-word exchange the relay operation reads. Frames come from protocols.dlt64
 
 import datetime as _dt
 
-from gateway.line.reads import UnknownQuantity
+from gateway.line.reads import SILENT, ReadError, UnknownQuantity
 from gateway.model import TxError
 from gateway.store.journal import BACKFILLED, GOOD
 from protocols import dlt645
@@ -71,13 +71,29 @@ def dis_for(meter, quantities):
             new = groups[q]
         elif meter.version == 2007 and q in _QUANTITY_DI:
             new = [_QUANTITY_DI[q]]
-        elif q.lower().startswith("0x") or (len(q) in (4, 8) and _is_hex(q)):
+        elif _is_di(q, meter.version):
             new = [int(q, 16)]
+        elif _is_hex(q):
+            # a bare 0001 is not silently a data identifier: say what one looks like
+            raise UnknownQuantity(
+                "%r is not a data identifier of a DL/T 645-%d meter: give %d hex digits "
+                "(such as %s) or 0x%s" % (q, meter.version, 8 if meter.version == 2007 else 4,
+                                          "00010000" if meter.version == 2007 else "9010",
+                                          q.lower().replace("0x", "")))
         else:
             raise UnknownQuantity("unknown quantity %r (groups: %s; or a data identifier in "
                                   "hex)" % (q, ", ".join(sorted(groups))))
         dis += [d for d in new if d not in dis]
     return dis
+
+
+def _is_di(q, version):
+    """A data identifier as a technician types it: 0x plus hex digits, or exactly the
+    version's width (8 hex digits for 2007, 4 for 1997)."""
+    width = 8 if version == 2007 else 4
+    if q.lower().startswith("0x"):
+        return 2 < len(q) <= 2 + width and _is_hex(q[2:])
+    return len(q) == width and _is_hex(q)
 
 
 def _is_hex(s):
@@ -157,16 +173,23 @@ def key_of(meter):
 def read_now(worker, meter, quantities=()):
     """Reads a meter through a worker (on the calling thread): (values, errors)."""
     values, errors = [], []
+    answered = False
+    form = "%08X" if meter.version == 2007 else "%04X"
     for di in dis_for(meter, quantities):
         res = transact_read(worker, meter, di)
         msg = res.answer
         if not res.ok:
-            errors.append("%08X: %s" % (di, res.error))
-        elif isinstance(msg, dlt645.ErrorResponse):
-            errors.append("%08X: meter says %s" % (di, ", ".join(msg.flags) or msg.code))
+            errors.append(ReadError("%s: %s" % (form % di, res.error), res.code))
+            if not answered and res.code in SILENT:
+                break                    # the meter does not answer: say so now
+            continue
+        answered = True
+        if isinstance(msg, dlt645.ErrorResponse):
+            errors.append(ReadError("%s: meter says %s" % (form % di, ", ".join(msg.flags)
+                                                           or msg.code), None, msg.flags))
         elif isinstance(msg, dlt645.ReadResponse):
             if msg.values is None:
-                values.append(dlt645.Value("di.%08X" % di, msg.payload.hex(), "raw"))
+                values.append(dlt645.Value("di." + form % di, msg.payload.hex(), "raw"))
             else:
                 values += [v for v in msg.values if v.quantity not in SKIP_QUANTITIES
                            or v.quantity == "meter.clock"]

@@ -1,7 +1,7 @@
 """The Modbus RTU driver: register blocks of a meter's profile (protocols.modbus_profiles)
 read as poll tasks or on demand, and the unit-id sweep. No relay."""
 
-from gateway.line.reads import UnknownQuantity
+from gateway.line.reads import SILENT, ReadError, UnknownQuantity
 from protocols import modbus
 from protocols.modbus_profiles import PROFILES, decode_block
 
@@ -39,13 +39,20 @@ def read_now(worker, meter, quantities=()):
     profile = PROFILES[meter.profile]
     groups = quantities or list(profile.groups)
     check_quantities(meter, groups)
+    answered = False
     for g in groups:
         for block in profile.groups[g]:
             res = worker.transact(block_exchange(meter, block))
             if not res.ok:
-                errors.append("%04X: %s" % (block.address, res.error))
-            elif res.answer.exception is not None:
-                errors.append("%04X: %s" % (block.address, res.answer.exception_name))
+                errors.append(ReadError("%04X: %s" % (block.address, res.error), res.code))
+                if not answered and res.code in SILENT:
+                    return values, errors        # the meter does not answer: say so now
+                continue
+            answered = True
+            if res.answer.exception is not None:
+                errors.append(ReadError("%04X: %s" % (block.address,
+                                                      res.answer.exception_name), None,
+                                        (res.answer.exception_name,)))
             else:
                 values += decode_block(block, res.answer.registers)
     return values, errors

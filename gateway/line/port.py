@@ -389,14 +389,22 @@ class PortWorker(threading.Thread):
             ser.write(request.frame)
             wait = budget.budget() * (2 if attempt else 1)
             deadline = t_write + req_wire + wait + ans_wire + SLACK_S
+            # the budget is for the first byte: a meter that has not started by then will
+            # not answer this attempt (no need to wait out the answer's wire time too)
+            first_byte_by = t_write + req_wire + wait + SLACK_S
             fd = ser.fileno()
             bad_before = scanner.checksum_errors + scanner.end_errors
             garbled = False
             quiet = wire_time(4, baud) + SLACK_S
-            last_rx = t_write
+            last_rx = None
             while True:
                 now = time.monotonic()
-                limit = min(deadline, last_rx + quiet) if garbled else deadline
+                if last_rx is None:
+                    limit = first_byte_by
+                elif garbled:
+                    limit = min(deadline, last_rx + quiet)
+                else:
+                    limit = deadline
                 if now >= limit:
                     break
                 if not select.select([fd], [], [], limit - now)[0]:
