@@ -63,8 +63,8 @@ def dis_for(meter, quantities):
     """DL/T 645 identifiers to read for quantity names or group names."""
     groups = GROUPS_2007 if meter.version == 2007 else GROUPS_1997
     if not quantities:
-        quantities = ["energy", "instant", "status", "clock"] + \
-            (["balance"] if meter.prepaid else [])
+        quantities = [g for g in ["energy", "instant", "status", "clock"] +
+                      (["balance"] if meter.prepaid else []) if g in groups]
     dis = []
     for q in quantities:
         if q in groups:

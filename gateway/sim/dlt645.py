@@ -214,6 +214,10 @@ class SimMeter:
                 table[0x9010 + i] = [v]
             for i, v in enumerate(volts):
                 table[0xB611 + i] = [v]
+            amps = Decimal(round(min(self.power_kw(now) * 1000 / 220.0, 99.99), 2)).quantize(
+                Decimal("0.01"))
+            for i, a in enumerate((amps, Decimal("0.00"), Decimal("0.00"))):
+                table[0xB621 + i] = [a]
         return table.get(di)
 
     def values(self, di, now):
