@@ -291,7 +291,9 @@ def test_the_simulator_practises_the_customers_button(tmp_path):
     lines = []
     try:
         while not lines or not lines[-1].startswith("stop with"):
-            lines.append(sim.stdout.readline().strip())
+            line = sim.stdout.readline()
+            assert line, "mgw simulate ended: %s" % sim.stderr.read()
+            lines.append(line.strip())
         assert any("type `press ADDRESS`" in line for line in lines), lines
         port = serial.Serial(os.path.realpath(link), 19200, timeout=2)
 
