@@ -316,3 +316,45 @@ def test_the_simulator_practises_the_customers_button(tmp_path):
     finally:
         sim.send_signal(signal.SIGINT)
         sim.wait(10)
+
+
+def test_config_check_hints_warnings_and_json_errors(tmp_path):
+    cfg = config(tmp_path, str(tmp_path / "ttyUSB7"), meters=1)
+    code, out, err = run("config", "check", "--config", cfg)
+    assert code == 0, err
+    assert out.splitlines()[1:] == [
+        "warning: %s: ports[0].device: %s does not exist (yet?): port rs485-1 cannot open "
+        "until it does" % (cfg, tmp_path / "ttyUSB7"),
+        "warning: %s: control.public_keys: no head-end key: every signed command (relay, "
+        "top-up, read) will be rejected" % cfg]
+    with open(cfg, "a") as f:
+        f.write('baud = 1200\n')
+    code, out, err = run("config", "check", "--config", cfg)
+    assert code == 2 and err == "%s: meters[0].baud: unknown key (did you mean " \
+        "'baudrate'?)\n" % cfg
+    code, out, err = run("config", "check", "--config", cfg, "--json")
+    assert code == 2 and json.loads(out) == {
+        "config": cfg, "ok": False,
+        "errors": ["%s: meters[0].baud: unknown key (did you mean 'baudrate'?)" % cfg]}
+
+
+def test_status_says_not_running_first_and_names_a_dead_port_and_the_clock(tmp_path):
+    cfg = config(tmp_path, "/dev/null", meters=1)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    port = {"port": "rs485-1", "device": "/dev/ttyUSB7", "open": False,
+            "last_error": "port rs485-1: /dev/ttyUSB7 does not exist", "requests": 0,
+            "answers": 0, "timeouts": 0, "checksum_errors": 0, "utilisation": 0.0}
+    meter = {"id": "m1", "port": "rs485-1", "online": True}
+    (data / "status.json").write_text(json.dumps({
+        "v": 1, "gateway": "gw-cli", "stopped": True, "written_at": time.time(),
+        "clock_trusted": False, "ports": [port], "meters": [meter]}))
+    code, out, err = run("status", "--config", cfg)
+    assert code == 3
+    lines = out.splitlines()
+    assert lines[0].startswith("NOT RUNNING: the service is not running")
+    assert any(line.startswith("warning: the gateway clock is not synchronised") and
+               "NTP" in line and "require_synced_clock = false" in line for line in lines)
+    assert "error: port rs485-1: /dev/ttyUSB7 does not exist" in lines
+    assert any(line.split()[:3] == ["rs485-1", "/dev/ttyUSB7", "ERROR"] for line in lines)
+    assert any(line.split()[:3] == ["m1", "rs485-1", "unknown"] for line in lines)
