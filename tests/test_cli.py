@@ -358,3 +358,10 @@ def test_status_says_not_running_first_and_names_a_dead_port_and_the_clock(tmp_p
     assert "error: port rs485-1: /dev/ttyUSB7 does not exist" in lines
     assert any(line.split()[:3] == ["rs485-1", "/dev/ttyUSB7", "ERROR"] for line in lines)
     assert any(line.split()[:3] == ["m1", "rs485-1", "unknown"] for line in lines)
+
+
+def test_run_and_demo_reject_json_in_one_line():
+    for cmd in ("run", "demo"):
+        code, out, err = run(cmd, "--json", "--config", "/nonexistent.toml")
+        assert code == 2 and err == "mgw %s: --json is not for `mgw %s` (it logs; use " \
+            "`mgw status --json` for its state)\n" % (cmd, cmd)

@@ -410,3 +410,22 @@ def test_1997_and_2007_meters_at_their_own_baud_rates_share_one_line():
         stop(line, worker)
     assert worker.line_stats()["line_switches"] == 4
     assert line.stats["baud_mismatch"] >= 1
+
+
+def test_modbus_scan_names_the_profile_each_unit_matches():
+    from gateway.line import modbus as driver
+    from gateway.sim.modbus import ModbusSimLine, ModbusSimMeter
+    meters = [ModbusSimMeter(1, "chint-ddsu666", faults=Faults(latency_s=0.005)),
+              ModbusSimMeter(2, "eastron-sdm120", faults=Faults(latency_s=0.005)),
+              ModbusSimMeter(3, "chint-ddsu666", faults=Faults(silent=True))]
+    line = ModbusSimLine(meters, baudrate=38400)
+    line.start()
+    worker = PortWorker("p", line.device, baudrate=38400, retries=0)
+    worker.start()
+    try:
+        found = _on_worker(worker, lambda w: driver.scan(w, first=1, last=4), timeout=60)
+    finally:
+        worker.stop()
+        line.stop()
+    assert found == [{"unit": 1, "profile": "chint-ddsu666"},
+                     {"unit": 2, "profile": "eastron-sdm120"}]
