@@ -309,7 +309,7 @@ class RelayControl(NamedTuple):
     password: str
     operator_code: str
     command: Optional[RelayCommand]   # None on the secured path (ciphertext)
-    valid_until: Optional[_dt.datetime]
+    valid_until: Optional[_dt.datetime]   # None: secured path, or a deadline of all zeros
     payload: bytes                    # the whole data field, -0x33 applied
 
     @property
@@ -394,7 +394,11 @@ def _decode(frame):
             if not payload:
                 return Unknown(frame, "follow-up answer without SEQ")
             payload, seq = payload[:-1], payload[-1]
-        values = decode_values(di, payload, version)
+        # a part of a longer answer (0xB1 says more follows, 0x92/0xB2 continue one) is
+        # never decoded on its own: its values would be labelled from the wrong offset.
+        # join_follow_ups() puts the parts together and decodes them once.
+        partial = frame.has_follow_up or fn in (READ_FOLLOW_UP, READ_FOLLOW_UP_1997)
+        values = None if partial else decode_values(di, payload, version)
         return ReadResponse(addr, di, version, bytes(payload),
                             tuple(values) if values is not None else None,
                             frame.has_follow_up, seq)
@@ -407,6 +411,26 @@ def _decode(frame):
     return Unknown(frame, "answer with control %02X" % frame.control)
 
 
+MAX_FOLLOW_UPS = 255              # SEQ is one byte
+
+
+def join_follow_ups(first, parts):
+    """The whole answer of a read that came in several frames: the first answer (0xB1) and
+    its follow-ups (0x92 last, 0xB2 more) in order, their data joined and decoded once.
+    ValueError if the parts do not belong together."""
+    payload = bytearray(first.payload)
+    for part in parts:
+        if part.di != first.di or part.address != first.address:
+            raise ValueError("follow-up for %s/%X joined to %s/%X"
+                             % (part.address, part.di, first.address, first.di))
+        payload += part.payload
+    if parts and parts[-1].follow_up:
+        raise ValueError("the meter has more follow-up frames")
+    values = decode_values(first.di, bytes(payload), first.version)
+    return ReadResponse(first.address, first.di, first.version, bytes(payload),
+                        tuple(values) if values is not None else None, False, None)
+
+
 def _decode_relay(addr, data):
     level = data[0]
     password = bytes(data[1:4][::-1]).hex()
@@ -417,8 +441,10 @@ def _decode_relay(addr, data):
         command = RelayCommand(data[8])
     except ValueError:
         command = None
-    return RelayControl(addr, level, password, operator, command, decode_ymdhms(data[10:16]),
-                        bytes(data))
+    deadline = data[10:16]
+    # a deadline of all zeros (seen in a real concentrator's traffic) means none was set
+    valid_until = None if not any(deadline) else decode_ymdhms(deadline)
+    return RelayControl(addr, level, password, operator, command, valid_until, bytes(data))
 
 
 def match_answer(request, answer):
@@ -477,6 +503,14 @@ def read_exchange(address, di, version=2007):
     width = 4 if version == 2007 else 2
     plen = payload_length(di, version) or UNKNOWN_PAYLOAD
     return exchange(read_data(address, di, version), width + plen, label="%X" % di)
+
+
+def follow_up_exchange(address, di, seq, version=2007):
+    """Read follow-up frame SEQ of a long answer (0x12 with SEQ; 0x02 for 1997)."""
+    width = 4 if version == 2007 else 2
+    return exchange(read_follow_up(address, di, seq, version),
+                    width + UNKNOWN_PAYLOAD + (1 if version == 2007 else 0),
+                    label="%X+%d" % (di, seq))
 
 
 def read_address_exchange(address=WILDCARD):

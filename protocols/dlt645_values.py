@@ -137,10 +137,27 @@ _ENERGY_KINDS = {
     0x08: ("energy.reactive.q4", "kvarh", False),
     0x09: ("energy.apparent.import", "kVAh", False),
     0x0A: ("energy.apparent.export", "kVAh", False),
-    0x15: ("energy.import.a", "kWh", False),
-    0x29: ("energy.import.b", "kWh", False),
-    0x3D: ("energy.import.c", "kWh", False),
 }
+
+# Per-phase energies (DL/T 645-2007 appendix A, the DI2 layout of Kelu DL645V07.cpp):
+# phase A from DI2 0x15, B from 0x29, C from 0x3D, each 0x14 apart, the same order as the
+# totals above. The combined reactive energies are signed like their totals (reference 2).
+_PHASE_ENERGY = (
+    ("energy.import", "kWh", False),
+    ("energy.export", "kWh", False),
+    ("energy.reactive.combined1", "kvarh", True),
+    ("energy.reactive.combined2", "kvarh", True),
+    ("energy.reactive.q1", "kvarh", False),
+    ("energy.reactive.q2", "kvarh", False),
+    ("energy.reactive.q3", "kvarh", False),
+    ("energy.reactive.q4", "kvarh", False),
+    ("energy.apparent.import", "kVAh", False),
+    ("energy.apparent.export", "kVAh", False),
+)
+PHASE_ENERGY_BASE = {"a": 0x15, "b": 0x29, "c": 0x3D}
+for _phase, _base in PHASE_ENERGY_BASE.items():
+    for _k, (_name, _unit, _signed) in enumerate(_PHASE_ENERGY):
+        _ENERGY_KINDS[_base + _k] = ("%s.%s" % (_name, _phase), _unit, _signed)
 
 TARIFF_NAMES = ("total", "t1", "t2", "t3", "t4")
 
@@ -218,12 +235,18 @@ def _energy_fields(di):
     di2, di1, di0 = (di >> 16) & 0xFF, (di >> 8) & 0xFF, di & 0xFF
     kind = _ENERGY_KINDS.get(di2)
     if kind is None:
-        # an energy-class DI the tables do not name: the format is still XXXXXX.XX
-        return [_F("di.%08X" % di, 4, 2, False, None)], True
+        # an energy-class DI the tables do not name: its sign and unit are unknown, so it
+        # stays raw bytes (a guess would turn -12.34 into 800012.34)
+        return None, False
     name, unit, signed = kind
     suffix = "" if di0 == 0 else ".settlement%d" % di0 if di0 <= 0x0C else None
     if suffix is None:
         return None, False
+    if di2 >= PHASE_ENERGY_BASE["a"]:
+        # per-phase energies have no tariff registers: one value, named by its phase
+        if di1 != 0:
+            return None, False
+        return [_F(name + suffix, 4, 2, signed, unit)], False
     if di1 == 0xFF:
         return [_F("%s.%s%s" % (name, "total" if k == 0 else "t%d" % k, suffix), 4, 2, signed,
                    unit) for k in range(64)], True
@@ -310,7 +333,9 @@ def fields_1997(di):
     kind = _ENERGY_1997.get(hi)
     direction = {1: "import", 2: "export"}.get(lo >> 4)
     if kind is None or direction is None:
-        # an energy-class DI (9xxx) the tables do not name: still XXXXXX.XX
+        # an energy-class DI (9xxx) the tables do not name: 1997 energies are unsigned
+        # XXXXXX.XX (1997 has no signed combined energy), so the number is safe; it keeps
+        # the identifier as its name and a unit only where the DI says kWh
         unit = "kWh" if hi in (0x90, 0x94, 0x98) else None
         return [_F("di.%04X" % di, 4, 2, False, unit)], False
     name, unit, suffix = kind

@@ -3,13 +3,15 @@
 Built by a codec's constructors (`dlt645.read_exchange`, `modbus.block_exchange`, ...), it
 knows the bytes to send, how long the answer will be (for the timeout), which stream
 framing finds the answer on the line, the address key (some meters need a pause when the
-address changes), and whether a received frame answers it, and why not. The port worker only
-moves bytes and asks the exchange: it knows no protocol.
+address changes), the line settings its meter talks at when they differ from the port's
+(a 1997 meter at 1200 baud on a 2400 baud line), and whether a received frame answers it,
+and why not. The port worker only moves bytes and asks the exchange: it knows no protocol.
 """
 
 
 class Exchange:
-    __slots__ = ("frame", "answer_len", "framing", "address_key", "label", "meter", "_match")
+    __slots__ = ("frame", "answer_len", "framing", "address_key", "label", "meter", "baudrate",
+                 "parity", "_match")
 
     def __init__(self, frame, answer_len, framing, address_key, match, label="", meter=""):
         self.frame = bytes(frame)
@@ -18,6 +20,8 @@ class Exchange:
         self.address_key = address_key
         self.label = label
         self.meter = meter                    # the meter's id: latency budgets and logs
+        self.baudrate = None                  # None: the port's own line settings
+        self.parity = None
         self._match = match                   # raw frame -> (answer, None) or (None, why)
 
     def accept(self, raw):
@@ -26,6 +30,12 @@ class Exchange:
 
     def for_meter(self, meter_id):
         self.meter = meter_id
+        return self
+
+    def on_line(self, baudrate=None, parity=None):
+        """Talk at these line settings (the meter's own); None keeps the port's."""
+        self.baudrate = baudrate
+        self.parity = parity
         return self
 
     def __repr__(self):

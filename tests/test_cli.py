@@ -1,6 +1,7 @@
 """The technician's command line against simulated meters: real processes, real exit codes."""
 
 import json
+import re
 import time
 import os
 import signal
@@ -194,3 +195,173 @@ def test_broken_configs_are_one_line_per_problem_never_a_traceback(tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.strip() and all(line.startswith(str(path)) for line in err.strip().splitlines())
+
+
+# ---------------------------------------------------------------- issue 14: the technician's hour
+
+def test_a_silent_meter_is_reported_after_one_timeout_with_the_hint(tmp_path, sim):
+    path = tmp_path / "gw.toml"
+    cfg = config(tmp_path, sim.link, meters=4)
+    path.write_text(path.read_text().replace('address = "000000000004"',
+                                             'address = "000000000099"'))
+    t = time.monotonic()
+    code, out, err = run("read", "--meter", "m4", "--config", cfg)   # every group asked
+    elapsed = time.monotonic() - t
+    assert code == 1 and out == ""
+    assert err == ("mgw read: meter m4 (address 000000000099 on rs485-1, 19200 8E1) did not "
+                   "answer: check the address, the A/B wiring, the baud rate and the "
+                   "parity\n")
+    assert elapsed < 4.0, elapsed            # one quantity's timeout, not every group's
+
+
+def test_read_tells_a_meter_without_the_value_from_a_silent_one(tmp_path, sim):
+    cfg = config(tmp_path, sim.link)
+    code, out, err = run("read", "--meter", "m1", "--config", cfg, "04000B01")
+    assert code == 1 and "did not answer" not in err
+    assert "meter says no_data" in err and "answered but has none" in err
+
+
+def test_read_json_keeps_the_meters_precision_and_a_bare_0001_is_no_di(tmp_path, sim):
+    cfg = config(tmp_path, sim.link)
+    code, out, err = run("read", "--meter", "m1", "--config", cfg, "--json", "energy",
+                         "frequency")
+    assert code == 0, err
+    # XXXXXX.XX and XX.XX as the meter sent them: 50.00 Hz is not 50.0
+    assert '"value": 50.00,' in out
+    energy = [line for line in out.splitlines() if '"value"' in line][0]
+    assert re.search(r'"value": \d+\.\d\d,$', energy), energy
+    code, out, err = run("read", "--meter", "m1", "--config", cfg, "0001")
+    assert code == 2 and "'0001' is not a data identifier" in err and "00010000" in err
+    code, out, err = run("read", "--meter", "m1", "--config", cfg, "0x00010000")
+    assert code == 0 and "energy.import.total" in out
+
+
+def test_commissioning_walk_through_of_a_mixed_line(tmp_path):
+    """A technician on a line with two 2007 meters at 2400 baud and a 1997 meter at 1200:
+    simulate, scan --auto --toml, append, config check, read both kinds."""
+    link = str(tmp_path / "tty645")
+    sim = mgw("simulate", "--port", link, "--meters", "2", "--meters-1997", "1",
+              "--latency-ms", "5")
+    try:
+        first = sim.stdout.readline()
+        assert first.startswith("simulating 2 dlt645 meters at 2400 baud and 1 DL/T "
+                                "645-1997 meter at 1200 baud on %s" % link), first
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text('[gateway]\nid = "gw-walk"\ndata_dir = "%s"\n\n[[ports]]\n'
+                       'name = "rs485-1"\ndevice = "%s"\n' % (tmp_path / "data", link))
+        code, out, err = run("scan", "--port", "rs485-1", "--config", str(cfg), "--auto",
+                             "--append", str(cfg))
+        assert code == 0, err
+        assert "answered at: 2400 8E1 (2), 1200 8E1 (1)" in out
+        guide = open(os.path.join(ROOT, "docs", "commissioning.md"), encoding="utf-8").read()
+        assert "mgw scan --port rs485-1 --auto\n" + out in guide        # byte for byte
+        assert "scanning rs485-1 at 1200 8E1: 2/2, found 1\n" in err     # not a terminal
+        assert 'address = "000000000003"\nversion = 1997\nbaudrate = 1200\n' in \
+            cfg.read_text()
+        code, out, err = run("config", "check", "--config", str(cfg))
+        assert code == 0 and "3 meters" in out, err
+        code, out, err = run("read", "--meter", "m3", "--config", str(cfg))
+        assert code == 0 and "energy.import.total" in out and "current.a" in out, err
+        assert err == ""
+        code, out, err = run("read", "--meter", "m1", "--config", str(cfg), "energy")
+        assert code == 0 and "energy.import.t4" in out, err
+        assert 'id = "m3"\nport = "rs485-1"\nprotocol = "dlt645"\naddress = "000000000003"' \
+            '\nversion = 1997\nbaudrate = 1200\n' in guide.replace("  ", "")
+        # the guide's silent meter, as the technician sees it
+        cfg.write_text(cfg.read_text().replace('"000000000002"', '"000000000009"'))
+        code, out, err = run("read", "--meter", "m2", "--config", str(cfg))
+        assert code == 1 and "```\n" + err + "```" in guide
+        # a scan of the same line now: everything is configured, --toml has nothing to add
+        code, out, err = run("scan", "--port", "rs485-1", "--config", str(cfg), "--toml",
+                             "--baudrate", "1200")
+        assert code == 0 and out == ""
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.wait(10)
+
+
+def test_the_simulator_practises_the_customers_button(tmp_path):
+    import datetime as dt
+    import serial
+    from protocols import dlt645 as D
+    from protocols.framing import Scanner
+    link = str(tmp_path / "tty")
+    sim = mgw("simulate", "--port", link, "--meters", "1", "--latency-ms", "5",
+              "--baudrate", "19200", "--button", stdin=subprocess.PIPE)
+    lines = []
+    try:
+        while not lines or not lines[-1].startswith("stop with"):
+            line = sim.stdout.readline()
+            assert line, "mgw simulate ended: %s" % sim.stderr.read()
+            lines.append(line.strip())
+        assert any("type `press ADDRESS`" in line for line in lines), lines
+        port = serial.Serial(os.path.realpath(link), 19200, timeout=2)
+
+        def send(command):
+            port.write(D.relay_control("000000000001", command, password_level=2,
+                                       password="000000", operator_code="00000000",
+                                       valid_until=dt.datetime.now() + dt.timedelta(
+                                           minutes=5)))
+            frames = Scanner().feed(port.read(12 + 4))
+            assert D.decode(D.frame_from_scanner(frames[0])).__class__ is D.Ack
+        send(D.RelayCommand.TRIP)
+        assert sim.stdout.readline().strip() == "relay 000000000001 open TRIP"
+        send(D.RelayCommand.CLOSE_ALLOWED)
+        assert sim.stdout.readline().strip() == \
+            "relay 000000000001 awaiting_customer CLOSE_ALLOWED"
+        sim.stdin.write("press 1\n")
+        sim.stdin.flush()
+        assert sim.stdout.readline().strip() == "relay 000000000001 closed CLOSE_ALLOWED"
+        port.close()
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.wait(10)
+
+
+def test_config_check_hints_warnings_and_json_errors(tmp_path):
+    cfg = config(tmp_path, str(tmp_path / "ttyUSB7"), meters=1)
+    code, out, err = run("config", "check", "--config", cfg)
+    assert code == 0, err
+    assert out.splitlines()[1:] == [
+        "warning: %s: ports[0].device: %s does not exist (yet?): port rs485-1 cannot open "
+        "until it does" % (cfg, tmp_path / "ttyUSB7"),
+        "warning: %s: control.public_keys: no head-end key: every signed command (relay, "
+        "top-up, read) will be rejected" % cfg]
+    with open(cfg, "a") as f:
+        f.write('baud = 1200\n')
+    code, out, err = run("config", "check", "--config", cfg)
+    assert code == 2 and err == "%s: meters[0].baud: unknown key (did you mean " \
+        "'baudrate'?)\n" % cfg
+    code, out, err = run("config", "check", "--config", cfg, "--json")
+    assert code == 2 and json.loads(out) == {
+        "config": cfg, "ok": False,
+        "errors": ["%s: meters[0].baud: unknown key (did you mean 'baudrate'?)" % cfg]}
+
+
+def test_status_says_not_running_first_and_names_a_dead_port_and_the_clock(tmp_path):
+    cfg = config(tmp_path, "/dev/null", meters=1)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    port = {"port": "rs485-1", "device": "/dev/ttyUSB7", "open": False,
+            "last_error": "port rs485-1: /dev/ttyUSB7 does not exist", "requests": 0,
+            "answers": 0, "timeouts": 0, "checksum_errors": 0, "utilisation": 0.0}
+    meter = {"id": "m1", "port": "rs485-1", "online": True}
+    (data / "status.json").write_text(json.dumps({
+        "v": 1, "gateway": "gw-cli", "stopped": True, "written_at": time.time(),
+        "clock_trusted": False, "ports": [port], "meters": [meter]}))
+    code, out, err = run("status", "--config", cfg)
+    assert code == 3
+    lines = out.splitlines()
+    assert lines[0].startswith("NOT RUNNING: the service is not running")
+    assert any(line.startswith("warning: the gateway clock is not synchronised") and
+               "NTP" in line and "require_synced_clock = false" in line for line in lines)
+    assert "error: port rs485-1: /dev/ttyUSB7 does not exist" in lines
+    assert any(line.split()[:3] == ["rs485-1", "/dev/ttyUSB7", "ERROR"] for line in lines)
+    assert any(line.split()[:3] == ["m1", "rs485-1", "unknown"] for line in lines)
+
+
+def test_run_and_demo_reject_json_in_one_line():
+    for cmd in ("run", "demo"):
+        code, out, err = run(cmd, "--json", "--config", "/nonexistent.toml")
+        assert code == 2 and err == "mgw %s: --json is not for `mgw %s` (it logs; use " \
+            "`mgw status --json` for its state)\n" % (cmd, cmd)

@@ -121,6 +121,22 @@ def test_no_validation_writes_into_the_document():
     assert document == before
 
 
+def test_a_meter_may_have_its_own_baud_rate_and_parity():
+    document = {"gateway": {"id": "g"},
+                "ports": [{"name": "p", "device": "/dev/null", "baudrate": 2400}],
+                "meters": [{"id": "new", "port": "p", "address": "1"},
+                           {"id": "old", "port": "p", "address": "2", "version": 1997,
+                            "baudrate": 1200, "parity": "E"}]}
+    cfg = validate(document)
+    new, old = cfg.meters
+    assert (new.baudrate, new.parity) == (None, None)            # the port's
+    assert (old.baudrate, old.parity) == (1200, "E")
+    document["meters"][1].update(baudrate=1234, parity="X")
+    found = problems(document)
+    assert any(p.startswith("f.toml: meters[1].baudrate:") for p in found), found
+    assert any(p.startswith("f.toml: meters[1].parity:") for p in found), found
+
+
 # ---------------------------------------------------------------- problems
 
 def test_unknown_keys_are_errors_naming_the_key_at_every_level():

@@ -204,3 +204,58 @@ def test_decode_never_raises(control, data, addr):
     frame = D.parse_frame(D.build_frame("%012d" % addr, control, data))
     msg = D.decode(frame)
     assert msg is not None
+
+
+# ---------------------------------------------------------------- issue 14: field-true frames
+
+def test_follow_up_parts_are_never_labelled_alone_and_are_joined_once():
+    payload = V.encode_values(0x0001FF00, [Decimal("100.00"), Decimal("10.00"),
+                                           Decimal("20.00"), Decimal("30.00"),
+                                           Decimal("40.00")])
+    first = D.decode(D.parse_frame(D.read_response(ADDR, 0x0001FF00, payload[:8],
+                                                   follow_up=True)))
+    assert first.follow_up and first.values is None          # 0xB1: more follows
+    middle = D.decode(D.parse_frame(D.read_response(ADDR, 0x0001FF00, payload[8:16],
+                                                    follow_up=True, seq=1)))
+    last = D.decode(D.parse_frame(D.read_response(ADDR, 0x0001FF00, payload[16:], seq=2)))
+    # a continuation alone decoded from the start of its block would say T2 is the total
+    assert middle.values is None and last.values is None and last.seq == 2
+    whole = D.join_follow_ups(first, [middle, last])
+    assert whole.value("energy.import.total") == Decimal("100.00")
+    assert whole.value("energy.import.t4") == Decimal("40.00")
+    with pytest.raises(ValueError):
+        D.join_follow_ups(first, [middle])                   # the meter said more follows
+    # the follow-up request is the reference's frame, and its answer matches it
+    ex = D.follow_up_exchange(ADDR, 0x0001FF00, 2)
+    answer = D.read_response(ADDR, 0x0001FF00, payload[16:], seq=2)[4:]
+    got, why = ex.accept(answer)
+    assert why is None and got.seq == 2
+
+
+@pytest.mark.parametrize("di, quantity", [
+    (0x00170000, "energy.reactive.combined1.a"), (0x00180000, "energy.reactive.combined2.a"),
+    (0x002B0000, "energy.reactive.combined1.b"), (0x002C0000, "energy.reactive.combined2.b"),
+    (0x003F0000, "energy.reactive.combined1.c"), (0x00400000, "energy.reactive.combined2.c"),
+])
+def test_per_phase_combined_reactive_energy_is_signed(di, quantity):
+    msg = decode_hex(D.read_response(ADDR, di, H("34 12 00 80")).hex())
+    assert msg.values == (V.Value(quantity, Decimal("-12.34"), "kvarh"),)
+
+
+def test_per_phase_energies_are_named_and_unknown_energy_dis_stay_raw():
+    assert V.decode_values(0x00150000, H("34 12 00 00"))[0] == \
+        V.Value("energy.import.a", Decimal("12.34"), "kWh")
+    assert V.decode_values(0x00160000, H("34 12 00 00"))[0].quantity == "energy.export.a"
+    assert V.decode_values(0x00410000, H("34 12 00 00"))[0].quantity == \
+        "energy.reactive.q1.c"
+    # an energy-class DI the tables do not name: raw bytes, never an unsigned guess
+    for di in (0x00700000, 0x00150100):
+        msg = decode_hex(D.read_response(ADDR, di, H("34 12 00 80")).hex())
+        assert msg.values is None and msg.payload == H("34 12 00 80")
+
+
+def test_a_trip_without_a_deadline_decodes_as_a_relay_command():
+    data = H("02 00 00 00") + H("00 00 00 00") + H("1A 00") + bytes(6)
+    msg = D.decode(D.parse_frame(D.build_frame("250619510001", 0x1C, data)))
+    assert isinstance(msg, D.RelayControl)
+    assert msg.command == D.RelayCommand.TRIP and msg.valid_until is None

@@ -337,3 +337,95 @@ def test_modbus_meters_through_pymodbus_server_report_what_they_said():
         want = truth_value(m, r.quantity, r.gw_ts / 1000.0 + 0.001)
         assert want == r.value, r
     assert [e["meter"] for e in col.events if e["type"] == "meter.offline"] == ["mb3"]
+
+
+# ---------------------------------------------------------------- issue 14: field-true lines
+
+def _on_worker(worker, fn, timeout=20):
+    box = {}
+    worker.submit_job(lambda w: box.update(value=fn(w))).result(timeout)
+    return box["value"]
+
+
+def test_a_long_answer_is_read_through_its_follow_up_frames():
+    from gateway.line.reads import read_now
+    # the meter sends at most 8 data bytes a frame: 0xB1, then 0x12 SEQ 1 (0xB2), SEQ 2 (0x92)
+    m = SimMeter("000000000981", max_payload=8, faults=Faults(latency_s=0.005))
+    line = SimLine([m], baudrate=115200)
+    line.start()
+    worker = PortWorker("p", line.device, baudrate=115200)
+    worker.start()
+    spec = MeterSpec(m.address, "p", address=m.address)
+    try:
+        values, errors = _on_worker(worker, lambda w: read_now(w, spec, ["energy"]))
+    finally:
+        stop(line, worker)
+    assert errors == []
+    got = {v.quantity: v.value for v in values}
+    _, di, truth = m.truth[-1]
+    assert di == 0x0001FF00
+    assert got == {v.quantity: v.value for v in truth}
+    assert set(got) == {"energy.import.total", "energy.import.t1", "energy.import.t2",
+                        "energy.import.t3", "energy.import.t4"}
+    assert worker.line_stats()["requests"] == 3           # the read and two follow-ups
+
+
+def test_scan_reads_the_real_address_of_a_meter_that_answers_with_the_wildcard():
+    from gateway.line import dlt645 as driver
+    m = SimMeter("000000000982", echo_wildcard=True, faults=Faults(latency_s=0.005))
+    line = SimLine([m], baudrate=115200)
+    line.start()
+    worker = PortWorker("p", line.device, baudrate=115200, retries=0)
+    worker.start()
+    try:
+        found = _on_worker(worker, lambda w: driver.scan(w))
+    finally:
+        stop(line, worker)
+    assert found == [{"address": "000000000982", "version": 2007}]
+
+
+def test_1997_and_2007_meters_at_their_own_baud_rates_share_one_line():
+    from gateway.line.reads import read_now
+    new = SimMeter("000000000983", faults=Faults(latency_s=0.005))             # line's 2400
+    old = SimMeter("000000000984", version=1997, baudrate=1200,
+                   faults=Faults(latency_s=0.005))
+    line = SimLine([new, old], baudrate=2400)
+    line.start()
+    worker = PortWorker("p", line.device, baudrate=2400, retries=0)
+    worker.start()
+    spec_new = MeterSpec("new", "p", address=new.address)
+    spec_old = MeterSpec("old", "p", address=old.address, version=1997, baudrate=1200)
+    at_port_rate = MeterSpec("old", "p", address=old.address, version=1997)
+    try:
+        for _ in range(2):                          # the line switches both ways, twice
+            v_new, e_new = _on_worker(worker, lambda w: read_now(w, spec_new, ["energy"]))
+            v_old, e_old = _on_worker(worker, lambda w: read_now(w, spec_old, ["energy"]))
+            assert not e_new and not e_old, (e_new, e_old)
+            assert {v.quantity for v in v_new} >= {"energy.import.total", "energy.import.t4"}
+            assert {v.quantity for v in v_old} >= {"energy.import.total", "energy.import.t4"}
+        # at the port's 2400 baud the 1997 meter hears garbled bytes and stays silent
+        v, e = _on_worker(worker, lambda w: read_now(w, at_port_rate, ["energy"]))
+        assert v == [] and "no answer" in e[0]
+    finally:
+        stop(line, worker)
+    assert worker.line_stats()["line_switches"] == 4
+    assert line.stats["baud_mismatch"] >= 1
+
+
+def test_modbus_scan_names_the_profile_each_unit_matches():
+    from gateway.line import modbus as driver
+    from gateway.sim.modbus import ModbusSimLine, ModbusSimMeter
+    meters = [ModbusSimMeter(1, "chint-ddsu666", faults=Faults(latency_s=0.005)),
+              ModbusSimMeter(2, "eastron-sdm120", faults=Faults(latency_s=0.005)),
+              ModbusSimMeter(3, "chint-ddsu666", faults=Faults(silent=True))]
+    line = ModbusSimLine(meters, baudrate=38400)
+    line.start()
+    worker = PortWorker("p", line.device, baudrate=38400, retries=0)
+    worker.start()
+    try:
+        found = _on_worker(worker, lambda w: driver.scan(w, first=1, last=4), timeout=60)
+    finally:
+        worker.stop()
+        line.stop()
+    assert found == [{"unit": 1, "profile": "chint-ddsu666"},
+                     {"unit": 2, "profile": "eastron-sdm120"}]

@@ -3,6 +3,7 @@
 
 import datetime as _dt
 import json
+import os
 import time
 
 from gateway.cli.common import (EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, CliError,
@@ -13,14 +14,46 @@ from gateway.store import paths
 def cmd_config(args):
     if args.action != "check":
         raise CliError("usage: mgw config check", EXIT_USAGE)
-    cfg = load_config(args)
+    if args.json:
+        # the errors as JSON too: a commissioning tool reads them, not a person
+        from gateway.config import ConfigError, config_path
+        from gateway.service.config import load
+        path = config_path(args.config)
+        try:
+            cfg = load(path)
+        except ConfigError as exc:
+            print(json.dumps({"config": path, "ok": False, "errors": exc.problems},
+                             ensure_ascii=False, indent=2))
+            return EXIT_USAGE
+    else:
+        cfg = load_config(args)
+    warnings = config_warnings(cfg)
     summary = {"config": cfg.path, "ok": True, "gateway": cfg.gateway.id,
                "ports": len(cfg.ports), "meters": len(cfg.meters),
-               "accounts": len(cfg.accounts), "uplink": cfg.uplink.host or "none"}
-    emit(args, summary, lambda s: print(
-        "%s: OK (gateway %s, %d ports, %d meters, %d accounts, uplink %s)" % (
-            s["config"], s["gateway"], s["ports"], s["meters"], s["accounts"], s["uplink"])))
+               "accounts": len(cfg.accounts), "uplink": cfg.uplink.host or "none",
+               "warnings": warnings}
+
+    def human(s):
+        print("%s: OK (gateway %s, %d ports, %d meters, %d accounts, uplink %s)" % (
+            s["config"], s["gateway"], s["ports"], s["meters"], s["accounts"], s["uplink"]))
+        for w in s["warnings"]:
+            print("warning: %s" % w)
+    emit(args, summary, human)
     return EXIT_OK
+
+
+def config_warnings(cfg):
+    """What is valid but will not work as the technician expects: one line each, naming the
+    key (the file is still OK: the device may be plugged in later, keys added later)."""
+    out = []
+    for i, port in enumerate(cfg.ports):
+        if not os.path.exists(port.device):
+            out.append("%s: ports[%d].device: %s does not exist (yet?): port %s cannot "
+                       "open until it does" % (cfg.path, i, port.device, port.name))
+    if not cfg.control.public_keys:
+        out.append("%s: control.public_keys: no head-end key: every signed command (relay, "
+                   "top-up, read) will be rejected" % cfg.path)
+    return out
 
 
 def cmd_buffer(args):
@@ -66,20 +99,38 @@ def cmd_status(args):
     status["age_s"] = round(now - (status.get("written_at") or 0), 1)
 
     def human(s):
+        if not s["running"]:
+            # first, before any table that could be read as live
+            print("NOT RUNNING: the service is not running; what follows is its last status, "
+                  "%.0f s old (start it: systemctl start meter-gateway, or mgw run)"
+                  % s["age_s"])
         print("gateway %s %s, %s (status %.0f s old)" % (
             s.get("gateway"), s.get("version"), "running" if s["running"] else
             "NOT RUNNING", s["age_s"]))
+        if s.get("clock_trusted") is False:
+            print("warning: the gateway clock is not synchronised: no cut-off and no meter "
+                  "time sync until it is, readings are flagged; set up NTP (timedatectl "
+                  "set-ntp true), or set require_synced_clock = false in [control] on a box "
+                  "without NTP")
         up = s.get("uplink") or {}
         print("uplink: %s" % (("connected to %s" % up.get("broker")) if up.get("connected")
                               else ("disconnected (%s)" % (up.get("last_error") or "-")
                                     if up else "not configured")))
-        table([(p["port"], p["device"], "open" if p["open"] else "closed", p["requests"],
+        ports = s.get("ports", [])
+        table([(p["port"], p["device"], "open" if p["open"] else
+                "ERROR" if p.get("last_error") else "closed", p["requests"],
                 p["answers"], p["timeouts"], p["checksum_errors"],
-                "%.0f%%" % (100 * p["utilisation"])) for p in s.get("ports", [])],
+                "%.0f%%" % (100 * p["utilisation"])) for p in ports],
               ["port", "device", "state", "requests", "answers", "timeouts", "bad frames",
                "busy"])
+        dead = {p["port"] for p in ports if not p["open"]}
+        for p in ports:
+            if not p["open"] and p.get("last_error"):
+                print("error: %s" % p["last_error"])
         print()
-        table([(m["id"], m["port"], "online" if m["online"] else "OFFLINE",
+        # a meter on a port that cannot open is not known to be online or offline
+        table([(m["id"], m["port"], "unknown" if m["port"] in dead else
+                "online" if m["online"] else "OFFLINE",
                 m.get("last_reading") or "-", m.get("relay") or "-",
                 m.get("balance") if m.get("balance") is not None else "-")
                for m in s.get("meters", [])],

@@ -3,6 +3,7 @@ as exact JSON, loading the configuration, finding a meter or a port in it."""
 
 import datetime as _dt
 import json
+import re
 import sys
 from decimal import Decimal
 
@@ -35,18 +36,26 @@ def emit(args, obj, human):
         human(obj)
 
 
+_NUMBER = "\x00decimal:"
+_NUMBER_JSON = re.compile(r'"\\u0000decimal:([^"]*)"')
+
+
 def _exact_json(obj):
-    """JSON with meter values as numbers: a Decimal of up to 15 significant digits (every
-    meter register) survives the trip through a JSON number exactly."""
+    """JSON with meter values as numbers written with the meter's own precision, as MQTT
+    sends them (12345.60 stays 12345.60, never a float's 12345.6)."""
     def conv(o):
         if isinstance(o, dict):
             return {k: conv(v) for k, v in o.items()}
         if isinstance(o, (list, tuple)):
             return [conv(v) for v in o]
-        if isinstance(o, Decimal):
-            return float(o)
+        if isinstance(o, Decimal) and o.is_finite():
+            text = str(o)
+            if "E" in text or "e" in text:
+                text = format(o, "f")
+            return _NUMBER + text
         return o
-    return json.dumps(conv(obj), default=_json_default, ensure_ascii=False, indent=2)
+    text = json.dumps(conv(obj), default=_json_default, ensure_ascii=False, indent=2)
+    return _NUMBER_JSON.sub(lambda m: m.group(1), text)
 
 
 def table(rows, headers):

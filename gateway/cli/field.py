@@ -33,10 +33,16 @@ def cmd_simulate(args):
     def on_relay(meter, state, command):
         # every relay movement, one line: drills and tests watch this
         print("relay %s %s %s" % (meter.address, state, command), flush=True)
+    if args.protocol != "dlt645" and (args.meters_1997 or args.button):
+        raise CliError("--meters-1997 and --button simulate DL/T 645 meters "
+                       "(--protocol dlt645)", EXIT_USAGE)
     faults = Faults(latency_s=args.latency_ms / 1000.0, drop_rate=args.drop,
                     corrupt_rate=args.corrupt)
     line, names = simulated_line(args.protocol, args.meters, args.first, faults,
-                                 args.baudrate, profile=args.profile, on_relay=on_relay)
+                                 args.baudrate, profile=args.profile, on_relay=on_relay,
+                                 count_1997=args.meters_1997,
+                                 baudrate_1997=args.baudrate_1997,
+                                 button_required=args.button)
     path = args.port
     if path:
         if os.path.lexists(path):
@@ -49,22 +55,52 @@ def cmd_simulate(args):
         except OSError as exc:
             raise CliError("cannot create %s: %s" % (path, exc.strerror), EXIT_USAGE) from None
     line.start()
+    meters = list(getattr(line, "meters", {}).values()) if args.protocol == "dlt645" else []
     info = {"device": path or line.device, "pty": line.device, "protocol": args.protocol,
-            "baudrate": args.baudrate, "meters": names}
+            "baudrate": args.baudrate, "meters": names[:args.meters],
+            "meters_1997": names[args.meters:], "baudrate_1997": args.baudrate_1997}
     if args.json:
         print(_exact_json(info), flush=True)
     else:
-        print("simulating %d %s meters at %d baud on %s%s" % (
-            len(names), args.protocol, args.baudrate, info["device"],
+        old = ""
+        if args.meters_1997:
+            old = " and %d DL/T 645-1997 meter%s at %d baud" % (
+                args.meters_1997, "s" if args.meters_1997 > 1 else "", args.baudrate_1997)
+        print("simulating %d %s meters at %d baud%s on %s%s" % (
+            args.meters, args.protocol, args.baudrate, old, info["device"],
             " (-> %s)" % line.device if path else ""), flush=True)
-        print("addresses: %s" % (", ".join(names[:8]) + (" ..." if len(names) > 8 else "")),
+        shown = names[:args.meters]
+        print("addresses: %s" % (", ".join(shown[:8]) + (" ..." if len(shown) > 8 else "")),
               flush=True)
+        if args.meters_1997:
+            print("1997 addresses: %s" % ", ".join(names[args.meters:][:8]), flush=True)
+        if args.button:
+            print("restore with close allowed waits for the customer: type `press ADDRESS` "
+                  "(or `press`) and Enter to press the meter's button", flush=True)
         print("stop with Ctrl-C", flush=True)
+    if args.button and meters:
+        import threading
+        threading.Thread(target=_buttons, args=(meters,), daemon=True).start()
     stop = _wait_for_signal(args.seconds)
     line.stop()
     if path and os.path.islink(path):
         os.unlink(path)
     return EXIT_OK if stop else EXIT_OK
+
+
+def _buttons(meters):
+    """`press [ADDRESS]` lines on stdin press the button of the meters awaiting their
+    customer after a close-allowed restore."""
+    for text in sys.stdin:
+        words = text.split()
+        if not words or words[0] != "press":
+            continue
+        waiting = [m for m in meters if m.awaiting_customer and
+                   (len(words) < 2 or m.address == words[1].rjust(12, "0"))]
+        if not waiting:
+            print("no meter is waiting for its button", flush=True)
+        for m in waiting:
+            m.press_button()
 
 
 def _wait_for_signal(seconds=None):
@@ -83,8 +119,16 @@ def _wait_for_signal(seconds=None):
     return got
 
 
+def line_settings(port, meter=None):
+    """'2400 8E1' as a technician reads it: the meter's own settings where it has them."""
+    baud = getattr(meter, "baudrate", None) or port.baudrate
+    parity = getattr(meter, "parity", None) or port.parity
+    return "%d %d%s%d" % (baud, port.bytesize, parity, port.stopbits)
+
+
 def cmd_read(args):
     from gateway.line.reads import UnknownQuantity, read_now
+    from gateway.model import TxError
     cfg = load_config(args)
     meter = find_meter(cfg, args.meter)
     port = find_port(cfg, meter.port)
@@ -97,9 +141,25 @@ def cmd_read(args):
             raise CliError(str(exc), EXIT_USAGE) from None
     finally:
         worker.close()
+    answered = bool(values) or any(getattr(e, "code", None) is None for e in errors)
     out = {"meter": meter.id, "ok": bool(values) and not errors,
            "values": [{"q": v.quantity, "value": v.value, "unit": v.unit} for v in values],
-           "errors": errors}
+           "errors": list(errors)}
+    if not answered:
+        garbled = any(getattr(e, "code", None) == TxError.GARBLED for e in errors)
+        who = "meter %s (%s %s on %s, %s)" % (
+            meter.id, "address" if meter.address else "unit",
+            meter.address or meter.unit, port.name, line_settings(port, meter))
+        if garbled:
+            why = "answered with garbled bytes: check the baud rate and parity, then the " \
+                  "A/B wiring"
+        else:
+            why = "did not answer: check the address, the A/B wiring, the baud rate and " \
+                  "the parity"
+        out["error"] = "%s %s" % (who, why)
+        if args.json:
+            print(_exact_json(out))
+        raise CliError(out["error"], EXIT_FAILED)
 
     def human(o):
         if o["values"]:
@@ -110,42 +170,205 @@ def cmd_read(args):
     emit(args, out, human)
     if not values:
         if not args.json:
-            sys.stderr.write("mgw read: meter %s did not answer\n" % meter.id)
+            # the meter is there and answered: it has none of these values (no_data)
+            sys.stderr.write("mgw read: meter %s answered but has none of the values asked "
+                             "for\n" % meter.id)
         return EXIT_FAILED
     return EXIT_OK
+
+
+# what `mgw scan --auto` tries, in this order: the DL/T 645 RS-485 default, the usual rate
+# of 1997 meters, then what Modbus meters and some 645 meters use
+AUTO_SETTINGS = ((2400, "E"), (1200, "E"), (9600, "E"), (9600, "N"))
+PROGRESS_EVERY_S = 5.0              # a progress line this often when stderr is not a terminal
+
+
+class _AdHocPort:
+    """A device that is not (yet) in the configuration, with the port defaults."""
+
+    def __init__(self, device, defaults):
+        self.name = device
+        self.device = device
+        for key in ("baudrate", "parity", "bytesize", "stopbits", "retries", "settle_ms"):
+            setattr(self, key, defaults[key])
+
+
+def _port_with(port, baudrate, parity):
+    ad = _AdHocPort(port.device, {k: getattr(port, k) for k in (
+        "baudrate", "parity", "bytesize", "stopbits", "retries", "settle_ms")})
+    ad.name = port.name
+    ad.baudrate = baudrate or port.baudrate
+    ad.parity = parity or port.parity
+    return ad
+
+
+def _scan_config(args):
+    """(config or None, port): a device path not in the configuration (or with no
+    configuration file yet) is scanned with the port defaults."""
+    from gateway.config import config_path
+    from gateway.config.sections import PORTS
+    defaults = {f.name: f.default for f in PORTS.fields}
+    is_path = "/" in args.port
+    if is_path and not os.path.exists(config_path(args.config)):
+        return None, _AdHocPort(args.port, defaults)
+    cfg = load_config(args)
+    try:
+        return cfg, find_port(cfg, args.port)
+    except CliError:
+        if not is_path:
+            raise
+        return cfg, _AdHocPort(args.port, defaults)
+
+
+def _progress_printer(name, args):
+    state = {"last": 0.0, "drawn": False}
+    tty = sys.stderr.isatty() or args.progress
+
+    def progress(done, total, found):
+        if tty:
+            width = 30
+            filled = int(width * done / max(total, 1))
+            sys.stderr.write("\rscanning %s: [%s%s] %d/%d, found %d" % (
+                name, "#" * filled, " " * (width - filled), done, total, found))
+            sys.stderr.flush()
+            state["drawn"] = True
+        elif time.monotonic() - state["last"] >= PROGRESS_EVERY_S or done == total:
+            # not a terminal (a log, a pipe): whole lines, now and then
+            state["last"] = time.monotonic()
+            sys.stderr.write("scanning %s: %d/%d, found %d\n" % (name, done, total, found))
+            sys.stderr.flush()
+
+    def end():
+        if state["drawn"]:
+            sys.stderr.write("\n")
+            state["drawn"] = False
+    return progress, end
 
 
 def cmd_scan(args):
     from gateway.line import reads
     from gateway.registry import DEFAULT_PROTOCOL
-    cfg = load_config(args)
-    port = find_port(cfg, args.port)
-    protocol = args.protocol or next((m.protocol for m in cfg.meters if m.port == port.name),
+    cfg, port = _scan_config(args)
+    meters = cfg.meters if cfg else ()
+    protocol = args.protocol or next((m.protocol for m in meters if m.port == port.name),
                                      DEFAULT_PROTOCOL)
     driver = reads.driver(protocol)
-    worker = open_worker(port, retries=0)
-
-    def progress(done, total, found):
-        if sys.stderr.isatty() or args.progress:
-            width = 30
-            filled = int(width * done / max(total, 1))
-            sys.stderr.write("\rscanning %s: [%s%s] %d/%d, found %d" % (
-                port.name, "#" * filled, " " * (width - filled), done, total, found))
-            sys.stderr.flush()
-    try:
-        found = reads.scan(worker, protocol, progress, profile=args.profile,
-                           first=args.first, last=args.last)
-    finally:
-        worker.close()
-        if sys.stderr.isatty() or args.progress:
-            sys.stderr.write("\n")
+    if args.auto:
+        settings = AUTO_SETTINGS
+    else:
+        settings = ((args.baudrate or port.baudrate, args.parity or port.parity),)
+    found, answered = [], []
+    for baudrate, parity in settings:
+        line = _port_with(port, baudrate, parity)
+        progress, end = _progress_printer("%s at %s" % (port.name, line_settings(line)), args)
+        worker = open_worker(line, retries=0)
+        try:
+            got = reads.scan(worker, protocol, progress, profile=args.profile,
+                             first=args.first, last=args.last)
+            hint = None
+            if not got and protocol == "dlt645" and not args.auto:
+                hint = _modbus_answers(worker, reads)
+        finally:
+            worker.close()
+            end()
+        for f in got:
+            f["baudrate"], f["parity"] = baudrate, parity
+        if got:
+            answered.append("%s (%d)" % (line_settings(line), len(got)))
+        found += [f for f in got if f[driver.SCAN_KEY] is None or
+                  f[driver.SCAN_KEY] not in {g[driver.SCAN_KEY] for g in found}]
     configured = {reads.driver(m.protocol).key_of(m): m.id
-                  for m in cfg.meters if m.port == port.name and m.protocol == protocol}
+                  for m in meters if m.port == port.name and m.protocol == protocol}
     for f in found:
         f["configured_as"] = configured.get(str(f[driver.SCAN_KEY]))
-    emit(args, {"port": port.name, "protocol": protocol, "found": found},
-         lambda o: table([(f[driver.SCAN_KEY], f.get("profile") or "",
-                           f["configured_as"] or "(not configured)") for f in o["found"]],
-                         [driver.SCAN_KEY, "profile", "configured as"])
-         if o["found"] else print("no meters found"))
+    out = {"port": port.name, "protocol": protocol, "found": found,
+           "answered_at": answered}
+    if args.toml or args.append:
+        blocks = toml_blocks(port, protocol, driver, [f for f in found if not
+                                                      f["configured_as"] and
+                                                      f[driver.SCAN_KEY] is not None])
+        if args.append:
+            _append(args.append, blocks)
+        if args.toml:
+            print(blocks, end="")
+            return EXIT_OK if found else EXIT_FAILED
+
+    def human(o):
+        if not o["found"]:
+            print("no meters found" + (" at %s" % ", ".join(
+                line_settings(_port_with(port, b, p)) for b, p in settings)))
+            if hint:
+                print(hint)
+            return
+        table([(f[driver.SCAN_KEY] or "(answered with the wildcard; address unreadable)",
+                f.get("version") or "", "%d 8%s1" % (f["baudrate"], f["parity"]),
+                f.get("profile") or "", f["configured_as"] or "(not configured)")
+               for f in o["found"]],
+              [driver.SCAN_KEY, "version", "line", "profile", "configured as"])
+        if args.auto:
+            print("answered at: %s" % ", ".join(o["answered_at"]))
+    if not found and hint:
+        out["hint"] = hint
+    emit(args, out, human)
     return EXIT_OK if found else EXIT_FAILED
+
+
+def _modbus_answers(worker, reads):
+    """A line without DL/T 645 answers may be a Modbus line: ask unit ids 1-3."""
+    try:
+        units = reads.scan(worker, "modbus", lambda *a: None, first=1, last=3)
+    except Exception:          # pymodbus missing or the like: no hint, not an error
+        return None
+    if units:
+        return ("no DL/T 645 meter answered, but Modbus unit %s did: scan with "
+                "--protocol modbus" % ", ".join(str(u["unit"]) for u in units))
+    return None
+
+
+def toml_blocks(port, protocol, driver, found):
+    """Ready-to-paste [[meters]] entries for meters found and not configured."""
+    out = []
+    for f in found:
+        lines = ["[[meters]]"]
+        if protocol == "modbus":
+            lines.append('id = "u%d"' % f["unit"])
+        else:
+            lines.append('id = "m%s"' % (f["address"].lstrip("0") or "0"))
+        lines += ['port = "%s"' % port.name, 'protocol = "%s"' % protocol]
+        if protocol == "modbus":
+            lines.append("unit = %d" % f["unit"])
+            if f.get("profile"):
+                lines.append('profile = "%s"' % f["profile"])
+        else:
+            lines.append('address = "%s"' % f["address"])
+            if f.get("version") == 1997:
+                lines.append("version = 1997")
+        if f.get("baudrate") and f["baudrate"] != port.baudrate:
+            lines.append("baudrate = %d" % f["baudrate"])
+        if f.get("parity") and f["parity"] != port.parity:
+            lines.append('parity = "%s"' % f["parity"])
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
+def _append(path, blocks):
+    """Adds the blocks to a configuration file only if the result passes `config check`."""
+    from gateway.config import ConfigError, tomllib
+    from gateway.service.config import SCHEMA
+    if not blocks:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise CliError("%s: %s" % (path, exc.strerror), EXIT_USAGE) from None
+    new = text + ("" if text.endswith("\n") else "\n") + "\n" + blocks
+    try:
+        SCHEMA.validate(tomllib.loads(new), path)
+    except ConfigError as exc:
+        raise CliError("%s: not changed, the new meters would not pass config check: %s"
+                       % (path, exc.problems[0]), EXIT_USAGE) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError("%s: not changed: %s" % (path, exc), EXIT_USAGE) from None
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(new[len(text):])

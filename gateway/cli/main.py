@@ -17,6 +17,7 @@ from gateway.cli import admin, field, run
 from gateway.sim import PROTOCOLS as SIM_PROTOCOLS
 from gateway.cli.common import EXIT_FAILED, EXIT_OK, CliError
 from gateway.model import ACTIONS
+from gateway.config.sections import BAUDRATES
 from gateway.logs import setup_logging
 
 def _profiles():
@@ -67,10 +68,14 @@ def build_parser():
                              "or $MGW_CONFIG)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
+    from protocols.framing import IMPLEMENTATION
     parser = argparse.ArgumentParser(
-        prog="mgw", description="meter-gateway %s: electricity meter concentrator service. "
-        "Exit codes: 0 ok, 1 operation failed, 2 usage or configuration error." % __version__)
-    parser.add_argument("--version", action="version", version="mgw %s" % __version__)
+        prog="mgw", description="meter-gateway %s (frame parser: %s): electricity meter "
+        "concentrator service. Exit codes: 0 ok, 1 operation failed, 2 usage or "
+        "configuration error, 3 (`mgw status`) the service is not running."
+        % (__version__, IMPLEMENTATION))
+    parser.add_argument("--version", action="version",
+                        version="mgw %s (frame parser: %s)" % (__version__, IMPLEMENTATION))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 parser_class=_CommandParser)
     parser.command_parsers = {}          # name -> parser, in the order of `mgw --help`
@@ -101,7 +106,16 @@ def build_parser():
     p.add_argument("--protocol", choices=SIM_PROTOCOLS, default=SIM_PROTOCOLS[0])
     p.add_argument("--profile", default="eastron-sdm120", choices=_profiles(),
                    help="Modbus register map")
-    p.add_argument("--baudrate", type=_positive, default=2400)
+    p.add_argument("--baudrate", type=_positive, default=2400,
+                   help="the line's baud rate (default 2400, the DL/T 645 RS-485 default)")
+    p.add_argument("--meters-1997", type=int, default=0, metavar="N",
+                   help="also N DL/T 645-1997 meters on the same line, at --baudrate-1997")
+    p.add_argument("--baudrate-1997", type=_positive, default=1200, metavar="RATE",
+                   help="the 1997 meters' own baud rate (default 1200); a meter answers "
+                        "only when the line runs at its rate")
+    p.add_argument("--button", action="store_true",
+                   help="a close-allowed restore leaves the relay open until the customer "
+                        "presses the button (type `press ADDRESS` on stdin)")
     p.add_argument("--first", type=int, default=1,
                    help="first address (DL/T 645) or unit id (Modbus)")
     p.add_argument("--latency-ms", type=float, default=30.0, help="meter answer latency")
@@ -110,16 +124,33 @@ def build_parser():
     p.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
 
     p = add("config", "configuration: `mgw config check` validates it", admin.cmd_config)
+    p.usage = "mgw config check [--config PATH] [--json]"
     p.add_argument("action", choices=("check",), help="check: list every problem by key")
 
     p = add("scan", "discover meters on an RS-485 port (DL/T 645 address search, Modbus "
             "unit-id sweep)", field.cmd_scan)
-    p.add_argument("--port", required=True, help="port name (or device) from the config")
+    p.add_argument("--port", required=True, help="port name (or device) from the config, "
+                   "or the path of a device not configured yet (scanned with the port "
+                   "defaults)")
     p.add_argument("--protocol", choices=registry.NAMES)
+    p.add_argument("--baudrate", type=int, choices=BAUDRATES, metavar="RATE",
+                   help="scan at this baud rate instead of the port's")
+    p.add_argument("--parity", choices=("E", "N", "O"),
+                   help="scan with this parity instead of the port's")
+    p.add_argument("--auto", action="store_true",
+                   help="try the usual line settings in turn (2400 8E1, 1200 8E1, 9600 8E1, "
+                        "9600 8N1) and say which answered")
+    p.add_argument("--toml", action="store_true",
+                   help="print ready-to-paste [[meters]] entries for the meters not "
+                        "configured yet")
+    p.add_argument("--append", metavar="FILE",
+                   help="add those [[meters]] entries to FILE, if it still passes "
+                        "`mgw config check` with them")
     p.add_argument("--profile", choices=_profiles(), help="Modbus register map to probe with")
     p.add_argument("--first", type=int, default=1, help="Modbus: first unit id")
     p.add_argument("--last", type=int, default=247, help="Modbus: last unit id")
-    p.add_argument("--progress", action="store_true", help="progress bar even when not a tty")
+    p.add_argument("--progress", action="store_true", help="progress bar even when not a tty "
+                   "(otherwise a progress line every few seconds)")
 
     p = add("read", "read values from one meter now", field.cmd_read)
     p.add_argument("--meter", required=True, help="meter id from the config")
@@ -133,7 +164,9 @@ def build_parser():
     p.add_argument("--direct", action="store_true", help="restore: close directly instead "
                    "of 'close allowed' (the customer presses the meter's button)")
     p.add_argument("--operator", default=os.environ.get("SUDO_USER") or
-                   os.environ.get("USER") or "technician")
+                   os.environ.get("USER") or "technician",
+                   help="who operates the relay, recorded in the audit trail (default: your "
+                        "user name)")
 
     add("status", "ports, meters online/offline, last reading, buffer, uplink, balances",
         admin.cmd_status)
@@ -156,7 +189,8 @@ def build_parser():
                    choices=ACTIONS)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="command parameter (repeat), e.g. amount=50.00 txn=T1")
-    p.add_argument("--valid", type=int, default=900, help="seconds the command is valid")
+    p.add_argument("--valid", type=_positive, default=900,
+                   help="seconds the command is valid (above 0; default 900)")
     p.add_argument("--id", help="command id (default: a random UUID)")
     p = sub.add_parser("completion", help="print a bash completion script",
                        description="mgw completion bash > /etc/bash_completion.d/mgw")

@@ -6,7 +6,16 @@ from gateway.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, load_config
 from gateway.logs import setup_logging
 
 
+def _no_json(args):
+    # the service logs to stderr and has no result to print: `mgw status --json` is the
+    # machine-readable view of a running service
+    if getattr(args, "json", False):
+        raise CliError("--json is not for `mgw %s` (it logs; use `mgw status --json` for "
+                       "its state)" % args.command, EXIT_USAGE)
+
+
 def run(args):
+    _no_json(args)
     from gateway.service.gateway import Gateway, serve
     from gateway.store.journal import JournalError
     from gateway.store.state import StateError
@@ -24,5 +33,6 @@ def run(args):
 
 
 def demo(args):
+    _no_json(args)
     from gateway.sim import demo as demo_mod
     return demo_mod.run(args)

@@ -25,6 +25,17 @@ from gateway.model import GatewayError
 from gateway.money import parse_yuan
 
 
+def unknown_key(key, known):
+    """'unknown key', and the key it was probably meant to be (a typo, a word from another
+    section's vocabulary such as `baud` for `baudrate`)."""
+    import difflib
+    key = str(key)
+    names = [str(k) for k in known]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75) or \
+        [k for k in names if len(key) >= 3 and (k.startswith(key) or key.startswith(k))][:1]
+    return "unknown key (did you mean %r?)" % close[0] if close else "unknown key"
+
+
 class ConfigError(GatewayError):
     """All problems of a configuration file, one line each."""
 
@@ -294,7 +305,7 @@ class Section:
             values[f.name] = f.take(table, where, bad_field, values)
         for key in table:
             if key not in values:
-                bad("%s.%s" % (where, key) if where else key, "unknown key")
+                bad("%s.%s" % (where, key) if where else key, unknown_key(key, values))
         for name in self.derived:
             values[name] = None
         if self.check:
@@ -382,7 +393,7 @@ class FileSchema:
 
         for key in doc:
             if key not in self.record.FIELDS or key == "path":
-                bad(key, "unknown key")
+                bad(key, unknown_key(key, [s.key for s in self.sections]))
         sections = {}
         for s in self.sections:
             absent = {} if isinstance(s, (Table, NamedTables)) else []

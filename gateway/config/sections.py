@@ -135,6 +135,11 @@ METERS = ListOfTables("meters", "MeterConfig", [
     Field("logical_address", int, 0, minimum=0, maximum=255,
           doc="DL/T 698.45: the meter's logical address (0 management core, 1 metering "
               "core; 2-255 are sent as the extended logical address)"),
+    Field("baudrate", int, None, choices=BAUDRATES, doc_default="the port's",
+          doc="this meter's baud rate where it differs from its port's (1997 meters often "
+              "1200 on a 2400 line); the line is switched between transactions"),
+    Field("parity", str, None, choices=("E", "N", "O"), doc_default="the port's",
+          doc="this meter's parity where it differs from its port's"),
     Field("version", int, 2007, choices=(2007, 1997),
           doc="`1997` for old meters (reads only; they have no relay control)"),
     Field("unit", int, required=_modbus, minimum=1, maximum=247,

@@ -167,7 +167,8 @@ def operate(line, spec, meter, rc, params, audit, cmd_id, before_send, restore_h
     audit.append("relay.before", id=cmd_id, state=before, error=err, frames=masked_hex(frames))
     frame = relay_frame(meter, rc, params)
     before_send()
-    res = line.ask(meter, dlt645.relay_exchange(frame, rc.name).for_meter(meter.id))
+    res = line.ask(meter, dlt645.relay_exchange(frame, rc.name).for_meter(meter.id)
+                   .on_line(meter.baudrate, meter.parity))
     failpoint("after_send")
     audit.append("relay.frame", id=cmd_id, command=rc.name, ok=res.ok, error=res.error,
                  frames=masked_hex(res.frames))

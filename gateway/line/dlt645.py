@@ -8,7 +8,7 @@ status-word exchange the relay operation reads. Frames come from protocols.dlt64
 
 import datetime as _dt
 
-from gateway.line.reads import UnknownQuantity
+from gateway.line.reads import SILENT, ReadError, UnknownQuantity
 from gateway.model import TxError
 from gateway.store.journal import BACKFILLED, GOOD
 from protocols import dlt645
@@ -46,7 +46,8 @@ FREEZE_TIME = 0x05060000
 FREEZE_IMPORT = 0x05060100
 FREEZE_DAYS = 62                  # daily freezes a DL/T 645-2007 meter keeps
 SYNC_MAX_S = 300.0                # broadcast time sync corrects at most +-5 min (reference 1.7)
-SCAN_DI = 0x00010000              # what the address search asks every meter for
+SCAN_DI = {2007: 0x00010000, 1997: 0x9010}   # what the address search asks every meter for
+ADDRESS_DI = {2007: 0x04000401, 1997: 0xC032}
 
 _QUANTITY_DI = {}
 for _di in (0x00010000, 0x00010100, 0x00010200, 0x00010300, 0x00010400, 0x00020000,
@@ -62,21 +63,37 @@ def dis_for(meter, quantities):
     """DL/T 645 identifiers to read for quantity names or group names."""
     groups = GROUPS_2007 if meter.version == 2007 else GROUPS_1997
     if not quantities:
-        quantities = ["energy", "instant", "status", "clock"] + \
-            (["balance"] if meter.prepaid else [])
+        quantities = [g for g in ["energy", "instant", "status", "clock"] +
+                      (["balance"] if meter.prepaid else []) if g in groups]
     dis = []
     for q in quantities:
         if q in groups:
             new = groups[q]
         elif meter.version == 2007 and q in _QUANTITY_DI:
             new = [_QUANTITY_DI[q]]
-        elif q.lower().startswith("0x") or (len(q) in (4, 8) and _is_hex(q)):
+        elif _is_di(q, meter.version):
             new = [int(q, 16)]
+        elif _is_hex(q):
+            # a bare 0001 is not silently a data identifier: say what one looks like
+            raise UnknownQuantity(
+                "%r is not a data identifier of a DL/T 645-%d meter: give %d hex digits "
+                "(such as %s) or 0x%s" % (q, meter.version, 8 if meter.version == 2007 else 4,
+                                          "00010000" if meter.version == 2007 else "9010",
+                                          q.lower().replace("0x", "")))
         else:
             raise UnknownQuantity("unknown quantity %r (groups: %s; or a data identifier in "
                                   "hex)" % (q, ", ".join(sorted(groups))))
         dis += [d for d in new if d not in dis]
     return dis
+
+
+def _is_di(q, version):
+    """A data identifier as a technician types it: 0x plus hex digits, or exactly the
+    version's width (8 hex digits for 2007, 4 for 1997)."""
+    width = 8 if version == 2007 else 4
+    if q.lower().startswith("0x"):
+        return 2 < len(q) <= 2 + width and _is_hex(q[2:])
+    return len(q) == width and _is_hex(q)
 
 
 def _is_hex(s):
@@ -96,8 +113,51 @@ def check_quantities(meter, quantities):
     dis_for(meter, quantities)
 
 
+def on_meters_line(exchange, meter):
+    """The exchange for this meter, at its own line settings where it has them."""
+    return exchange.for_meter(meter.id).on_line(getattr(meter, "baudrate", None),
+                                                getattr(meter, "parity", None))
+
+
 def read_exchange(meter, di):
-    return dlt645.read_exchange(meter.address, di, meter.version).for_meter(meter.id)
+    return on_meters_line(dlt645.read_exchange(meter.address, di, meter.version), meter)
+
+
+def transact_read(worker, meter, di, address=None):
+    """Read one identifier through the worker, following a long answer to its end: after a
+    0xB1 answer (more data follows), 0x12 with SEQ 1, 2, ... until the meter says done
+    (0x92), the data joined and decoded once. A Result whose answer is the whole
+    ReadResponse (or the meter's ErrorResponse); a follow-up that fails fails the read."""
+    address = meter.address if address is None else address
+    first = worker.transact(on_meters_line(dlt645.read_exchange(address, di, meter.version),
+                                           meter))
+    msg = first.answer
+    if not first.ok or not isinstance(msg, dlt645.ReadResponse) or not msg.follow_up:
+        return first
+    parts, frames, attempts, elapsed = [], list(first.frames), first.attempts, first.elapsed
+    for seq in range(1, dlt645.MAX_FOLLOW_UPS + 1):
+        res = worker.transact(on_meters_line(
+            dlt645.follow_up_exchange(address, di, seq, meter.version), meter))
+        frames += res.frames
+        attempts += res.attempts
+        elapsed += res.elapsed
+        part = res.answer
+        if not res.ok or not isinstance(part, dlt645.ReadResponse):
+            why = res.error if not res.ok else "meter says %s" % ", ".join(
+                getattr(part, "flags", ()) or ("an unexpected answer",))
+            return res._replace(ok=False, answer=None, attempts=attempts, elapsed=elapsed,
+                                frames=tuple(frames), code=res.code or TxError.GARBLED,
+                                error="follow-up frame %d: %s" % (seq, why))
+        parts.append(part)
+        if not part.follow_up:
+            break
+    try:
+        whole = dlt645.join_follow_ups(msg, parts)
+    except ValueError as exc:
+        return first._replace(ok=False, answer=None, error="follow-up frames: %s" % exc,
+                              code=TxError.GARBLED, frames=tuple(frames))
+    return first._replace(answer=whole, attempts=attempts, elapsed=elapsed,
+                          frames=tuple(frames))
 
 
 def status_exchange(meter):
@@ -113,16 +173,23 @@ def key_of(meter):
 def read_now(worker, meter, quantities=()):
     """Reads a meter through a worker (on the calling thread): (values, errors)."""
     values, errors = [], []
+    answered = False
+    form = "%08X" if meter.version == 2007 else "%04X"
     for di in dis_for(meter, quantities):
-        res = worker.transact(read_exchange(meter, di))
+        res = transact_read(worker, meter, di)
         msg = res.answer
         if not res.ok:
-            errors.append("%08X: %s" % (di, res.error))
-        elif isinstance(msg, dlt645.ErrorResponse):
-            errors.append("%08X: meter says %s" % (di, ", ".join(msg.flags) or msg.code))
+            errors.append(ReadError("%s: %s" % (form % di, res.error), res.code))
+            if not answered and res.code in SILENT:
+                break                    # the meter does not answer: say so now
+            continue
+        answered = True
+        if isinstance(msg, dlt645.ErrorResponse):
+            errors.append(ReadError("%s: meter says %s" % (form % di, ", ".join(msg.flags)
+                                                           or msg.code), None, msg.flags))
         elif isinstance(msg, dlt645.ReadResponse):
             if msg.values is None:
-                values.append(dlt645.Value("di.%08X" % di, msg.payload.hex(), "raw"))
+                values.append(dlt645.Value("di." + form % di, msg.payload.hex(), "raw"))
             else:
                 values += [v for v in msg.values if v.quantity not in SKIP_QUANTITIES
                            or v.quantity == "meter.clock"]
@@ -131,30 +198,60 @@ def read_now(worker, meter, quantities=()):
 
 
 
-def scan(worker, progress=lambda done, total, found: None, **_):
+def scan(worker, progress=lambda done, total, found: None, versions=(2007, 1997), **_):
     """Finds every meter on a DL/T 645 line, addresses unknown: a wildcard read, and where
     answers collide, the same again with one more low byte of the address fixed (short
-    addressing, reference 1.3). Returns sorted addresses."""
-    found = set()
-    probes = [""]                # known low digits (2 per byte), grows from the right
+    addressing, reference 1.3); first for 2007 meters, then for 1997 meters (function 01),
+    which ignore 2007 requests. A meter that answers with the wildcard as its address (a
+    real meter does this) is asked for its real address before it is reported. Returns
+    [{"address", "version"}] sorted by address; an answer whose real address could not be
+    read is reported with "address": None."""
+    found = {}
+    unresolved = 0
     done = 0
-    total = 1
-    while probes:
-        suffix = probes.pop(0)
-        pattern = "A" * (12 - len(suffix)) + suffix
-        res = worker.transact(dlt645.read_exchange(pattern, SCAN_DI).for_meter("scan"))
-        done += 1
-        if res.ok:
-            found.add(res.answer.address if hasattr(res.answer, "address") else
-                      dlt645.parse_frame(res.frames[1]).address)
-        elif res.code == TxError.GARBLED and len(suffix) < 12:
-            # several meters answered at once: split on the next address byte
-            probes.extend("%02d" % b + suffix for b in range(100))
-            total += 100
-        progress(done, total, len(found))
-    return [{"address": a} for a in sorted(found)]
+    total = len(versions)
+    for version in versions:
+        probes = [""]            # known low digits (2 per byte), grows from the right
+        while probes:
+            suffix = probes.pop(0)
+            pattern = "A" * (12 - len(suffix)) + suffix
+            res = worker.transact(dlt645.read_exchange(pattern, SCAN_DI[version], version)
+                                  .for_meter("scan"))
+            done += 1
+            if res.ok:
+                address = getattr(res.answer, "address", None) or \
+                    dlt645.parse_frame(res.frames[1]).address
+                if "A" in address:
+                    address = real_address(worker, pattern, version)
+                if address is None:
+                    unresolved += 1
+                else:
+                    found.setdefault(address, version)
+            elif res.code == TxError.GARBLED and len(suffix) < 12:
+                # several meters answered at once: split on the next address byte
+                probes.extend("%02d" % b + suffix for b in range(100))
+                total += 100
+            progress(done, total, len(found))
+    out = [{"address": a, "version": v} for a, v in sorted(found.items())]
+    return out + [{"address": None, "version": None}] * unresolved
 
 
+def real_address(worker, pattern, version=2007):
+    """The real address of the one meter answering `pattern` (a wildcard or short address):
+    read address (0x13), else DI 04000401 (for 1997 meters C032, the meter number, which
+    is their address on most nameplates). None if it cannot be read."""
+    def clean(address):
+        return address if address and address.isdigit() and len(address) == 12 else None
+    if version == 2007:
+        res = worker.transact(dlt645.read_address_exchange(pattern).for_meter("scan"))
+        if res.ok and isinstance(res.answer, dlt645.AddressResponse) and \
+                clean(res.answer.address):
+            return res.answer.address
+    di = ADDRESS_DI[version]
+    res = worker.transact(dlt645.read_exchange(pattern, di, version).for_meter("scan"))
+    if res.ok and isinstance(res.answer, dlt645.ReadResponse) and res.answer.values:
+        return clean(str(res.answer.values[0].value))
+    return None
 
 
 # ---------------------------------------------------------------- poll tasks
@@ -177,7 +274,7 @@ def poll(poller, worker, meter, task):
 
 def read_di(poller, worker, meter, di):
     """One read through the worker, counted in the meter's health; (Result, message)."""
-    result = worker.transact(read_exchange(meter, di))
+    result = transact_read(worker, meter, di)
     if not poller.outcome(meter, result):
         return result, None
     return result, result.answer
@@ -260,7 +357,7 @@ def _clock(poller, worker, meter):
     h.last_sync_day = today
     frame = dlt645.broadcast_time_sync(_dt.datetime.fromtimestamp(poller.wall()).replace(
         microsecond=0) + _dt.timedelta(seconds=1))
-    worker.broadcast(frame)
+    worker.broadcast(frame, meter.baudrate, meter.parity)
     poller.event("meter.time_synced", meter=meter.id, drift_s=round(drift, 1))
 
 

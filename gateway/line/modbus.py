@@ -1,13 +1,12 @@
 """The Modbus RTU driver: register blocks of a meter's profile (protocols.modbus_profiles)
 read as poll tasks or on demand, and the unit-id sweep. No relay."""
 
-from gateway.line.reads import UnknownQuantity
+from gateway.line.reads import SILENT, ReadError, UnknownQuantity
 from protocols import modbus
 from protocols.modbus_profiles import PROFILES, decode_block
 
 SCAN_KEY = "unit"             # what a scan reports a meter by
 HAS_RELAY = False
-SWEEP_REGISTERS = 2          # enough of a profile's first block to get an answer
 
 
 def tasks(meter):
@@ -21,7 +20,8 @@ def key_of(meter):
 
 def block_exchange(meter, block, count=None):
     return modbus.block_exchange(meter.unit, block.function, block.address,
-                            block.count if count is None else count).for_meter(meter.id)
+                            block.count if count is None else count).for_meter(meter.id).on_line(
+        getattr(meter, "baudrate", None), getattr(meter, "parity", None))
 
 
 def check_quantities(meter, quantities):
@@ -38,13 +38,20 @@ def read_now(worker, meter, quantities=()):
     profile = PROFILES[meter.profile]
     groups = quantities or list(profile.groups)
     check_quantities(meter, groups)
+    answered = False
     for g in groups:
         for block in profile.groups[g]:
             res = worker.transact(block_exchange(meter, block))
             if not res.ok:
-                errors.append("%04X: %s" % (block.address, res.error))
-            elif res.answer.exception is not None:
-                errors.append("%04X: %s" % (block.address, res.answer.exception_name))
+                errors.append(ReadError("%04X: %s" % (block.address, res.error), res.code))
+                if not answered and res.code in SILENT:
+                    return values, errors        # the meter does not answer: say so now
+                continue
+            answered = True
+            if res.answer.exception is not None:
+                errors.append(ReadError("%04X: %s" % (block.address,
+                                                      res.answer.exception_name), None,
+                                        (res.answer.exception_name,)))
             else:
                 values += decode_block(block, res.answer.registers)
     return values, errors
@@ -52,21 +59,46 @@ def read_now(worker, meter, quantities=()):
 
 def scan(worker, progress=lambda done, total, found: None, profile=None, first=1,
          last=247, **_):
-    """Unit ids that answer (a normal or an exception answer) on a Modbus line."""
+    """Unit ids that answer (a normal or an exception answer) on a Modbus line, each with
+    the profile whose registers it has: a unit that answers is asked for a few registers of
+    every known map (its instantaneous block), and the map that answers without exception
+    with a plausible voltage names it (None: the unit answered, no known map fits)."""
     profiles = [PROFILES[profile]] if profile else list(PROFILES.values())
     found = []
     total = last - first + 1
     for n, unit in enumerate(range(first, last + 1), 1):
+        answered, matched = False, None
         for prof in profiles:
-            block = next(iter(prof.groups.values()))[0]
+            block = _probe_block(prof)
             res = worker.transact(modbus.block_exchange(unit, block.function, block.address,
-                                                   SWEEP_REGISTERS).for_meter("scan"))
-            if res.ok:
-                found.append({"unit": unit,
-                              "profile": prof.name if res.answer.exception is None else None})
+                                                        block.count).for_meter("scan"))
+            if not res.ok:
+                if not answered:
+                    break                # silence: no unit here, the other maps are moot
+                continue
+            answered = True
+            if res.answer.exception is None and _plausible(block, res.answer.registers):
+                matched = prof.name
                 break
+        if answered:
+            found.append({"unit": unit, "profile": matched})
         progress(n, total, len(found))
     return found
+
+
+def _probe_block(profile):
+    """The block that tells a profile: its instantaneous values (voltage first)."""
+    groups = profile.groups
+    return (groups.get("instant") or next(iter(groups.values())))[0]
+
+
+def _plausible(block, registers):
+    """A voltage a mains meter can show: another map's registers read as floats are
+    usually zero, huge or not numbers."""
+    for v in decode_block(block, registers):
+        if v.quantity.startswith("voltage."):
+            return 50 <= v.value <= 500
+    return bool(decode_block(block, registers))
 
 
 # ---------------------------------------------------------------- poll tasks

@@ -40,12 +40,13 @@ class MeterSpec:
     # slots: a concentrator may carry a thousand of these
     __slots__ = ("id", "port", "protocol", "address", "unit", "profile", "interval_s",
                  "instant_interval_s", "clock_interval_s", "version", "prepaid",
-                 "sync_threshold_s", "logical", "extra")
+                 "sync_threshold_s", "logical", "baudrate", "parity", "extra")
 
     def __init__(self, id, port, protocol=DEFAULT_PROTOCOL, address=None, unit=None,
                  profile=None,
                  interval_s=900, instant_interval_s=300, clock_interval_s=3600,
-                 version=2007, prepaid=False, sync_threshold_s=30.0, logical=0, **extra):
+                 version=2007, prepaid=False, sync_threshold_s=30.0, logical=0,
+                 baudrate=None, parity=None, **extra):
         self.id = id
         self.port = port
         self.protocol = protocol
@@ -59,6 +60,8 @@ class MeterSpec:
         self.prepaid = prepaid
         self.sync_threshold_s = sync_threshold_s
         self.logical = logical              # DL/T 698.45 logical address
+        self.baudrate = baudrate          # None: the port's line settings
+        self.parity = parity
         self.extra = extra or None
 
     @classmethod
@@ -68,7 +71,8 @@ class MeterSpec:
                    profile=m.profile, interval_s=m.interval_s,
                    instant_interval_s=m.instant_interval_s,
                    clock_interval_s=m.clock_interval_s, version=m.version, prepaid=m.prepaid,
-                   logical=getattr(m, "logical_address", 0))
+                   logical=getattr(m, "logical_address", 0), baudrate=m.baudrate,
+                   parity=m.parity)
 
 
 class MeterHealth:

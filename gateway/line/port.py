@@ -1,8 +1,10 @@
 """Port workers: one thread owns one RS-485 line.
 
 Transactions are taken relay control first, then on-demand reads, then scheduled polls.
-Before each request the receive buffer is cleared (no stray bytes carry over), and after an
-address change the line settles for the configured pause. The answer timeout is derived from
+Before each request the receive buffer is cleared (no stray bytes carry over), the line is
+switched to the baud rate and parity the exchange asks for (a meter's own, when it differs
+from the port's: 1997 meters at 1200 baud beside 2007 meters at 2400), and after an address
+change the line settles for the configured pause. The answer timeout is derived from
 the wire time of the request and of the expected answer at the line's baud rate plus a
 per-meter latency budget that adapts to how the meter really answers (DL/T 645 allows
 20-500 ms before the first byte). An answer is only accepted when its address, function
@@ -129,7 +131,7 @@ class LatencyBudget:
 
 class LineStats:
     FIELDS = ("requests", "answers", "timeouts", "retries", "foreign_frames", "errors",
-              "restarts", "reopens")
+              "restarts", "reopens", "line_switches")
 
     def __init__(self):
         self.started = time.monotonic()
@@ -170,6 +172,8 @@ class PortWorker(threading.Thread):
         self._halt = threading.Event()
         self._budgets = {}
         self._last_address = None
+        self._line = None                   # (baudrate, parity) the open port is set to
+        self._pty = False                   # a pseudo-terminal: parity is not set on it
         self.scanners = {}                  # one per framing met on this line
         self.stats = LineStats()
         self.last_error = None
@@ -191,6 +195,21 @@ class PortWorker(threading.Thread):
                 stopbits=self.stopbits, timeout=0.1, exclusive=True)
         except (serial.SerialException, OSError, ValueError, termios.error) as exc:
             raise open_error(self.port_name, self.device, exc) from None
+        self._pty = parity != self.parity
+        self._line = (self.baudrate, self.parity)
+
+    def use_line(self, baudrate=None, parity=None):
+        """Switch the open port to these settings (None: the port's own) before the next
+        transaction; returns the baud rate now in use."""
+        want = (baudrate or self.baudrate, parity or self.parity)
+        ser = self._ser
+        if ser is not None and want != self._line:
+            ser.baudrate = want[0]
+            if not self._pty:
+                ser.parity = want[1]
+            self._line = want
+            self.stats.line_switches += 1
+        return want[0]
 
     def close(self):
         if self._ser is not None:
@@ -320,16 +339,18 @@ class PortWorker(threading.Thread):
         self._run_queued(below=POLL)
         return self._execute(exchange)
 
-    def broadcast(self, frame):
-        """Send a frame no meter answers (broadcast time sync); waits its wire time."""
+    def broadcast(self, frame, baudrate=None, parity=None):
+        """Send a frame no meter answers (broadcast time sync) at these line settings (None:
+        the port's); waits its wire time."""
         ser = self._ser
         if ser is None:
             return False
+        baud = self.use_line(baudrate, parity)
         ser.reset_input_buffer()
         t = time.monotonic()
         ser.write(frame)
         self._last_address = None
-        time.sleep(wire_time(len(frame), self.baudrate) + SLACK_S)
+        time.sleep(wire_time(len(frame), baud) + SLACK_S)
         self.stats.busy_s += time.monotonic() - t
         return True
 
@@ -348,11 +369,12 @@ class PortWorker(threading.Thread):
             scanner = self.scanners[request.framing] = Scanner(request.framing)
         budget = self.budget(request.meter)
         t_start = time.monotonic()
+        baud = self.use_line(getattr(request, "baudrate", None), getattr(request, "parity", None))
         if self.settle_s and self._last_address not in (None, request.address_key):
             time.sleep(self.settle_s)
         self._last_address = request.address_key
-        req_wire = wire_time(len(request.frame), self.baudrate)
-        ans_wire = wire_time(request.answer_len + PREAMBLE_ALLOWANCE, self.baudrate)
+        req_wire = wire_time(len(request.frame), baud)
+        ans_wire = wire_time(request.answer_len + PREAMBLE_ALLOWANCE, baud)
         why = "no answer"
         code = TxError.NO_ANSWER
         attempts = 0
@@ -367,14 +389,22 @@ class PortWorker(threading.Thread):
             ser.write(request.frame)
             wait = budget.budget() * (2 if attempt else 1)
             deadline = t_write + req_wire + wait + ans_wire + SLACK_S
+            # the budget is for the first byte: a meter that has not started by then will
+            # not answer this attempt (no need to wait out the answer's wire time too)
+            first_byte_by = t_write + req_wire + wait + SLACK_S
             fd = ser.fileno()
             bad_before = scanner.checksum_errors + scanner.end_errors
             garbled = False
-            quiet = wire_time(4, self.baudrate) + SLACK_S
-            last_rx = t_write
+            quiet = wire_time(4, baud) + SLACK_S
+            last_rx = None
             while True:
                 now = time.monotonic()
-                limit = min(deadline, last_rx + quiet) if garbled else deadline
+                if last_rx is None:
+                    limit = first_byte_by
+                elif garbled:
+                    limit = min(deadline, last_rx + quiet)
+                else:
+                    limit = deadline
                 if now >= limit:
                     break
                 if not select.select([fd], [], [], limit - now)[0]:
@@ -398,8 +428,7 @@ class PortWorker(threading.Thread):
                         code = TxError.FOREIGN
                         continue
                     t_done = time.monotonic()
-                    budget.observe(t_done - t_write - req_wire - wire_time(len(raw),
-                                                                          self.baudrate))
+                    budget.observe(t_done - t_write - req_wire - wire_time(len(raw), baud))
                     self.stats.answers += 1
                     self.stats.busy_s += t_done - t_write
                     return Result(True, answer, None, attempts, t_done - t_start,

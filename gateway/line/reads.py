@@ -4,12 +4,29 @@ whatever their protocol: each meter's driver (gateway.registry) does the protoco
 import functools
 import importlib
 
-from gateway.model import GatewayError
+from gateway.model import GatewayError, TxError
 from gateway.registry import DEFAULT_PROTOCOL, PROTOCOLS
 
 
 class UnknownQuantity(GatewayError, ValueError):
     """A quantity name this meter cannot be asked for (one line)."""
+
+
+class ReadError(str):
+    """One failed quantity of a read, for people (the text) and for programs: `code` is the
+    line's TxError when the meter gave no usable answer, None when the meter answered with
+    an error of its own (`flags`, such as no_data: it is there, it has no such value)."""
+
+    def __new__(cls, text, code=None, flags=()):
+        self = super().__new__(cls, text)
+        self.code = code
+        self.flags = tuple(flags)
+        return self
+
+
+# a read stops at the first of these while the meter has not answered at all: one timeout
+# is enough to say it does not answer, the technician should not wait for every quantity
+SILENT = (TxError.NO_ANSWER, TxError.GARBLED, TxError.PORT_CLOSED, TxError.STOPPING)
 
 
 @functools.lru_cache(maxsize=None)

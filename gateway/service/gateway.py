@@ -10,6 +10,7 @@ was appended to the journal.
 """
 
 import collections
+import datetime as _dt
 import json
 import logging
 import os
@@ -370,7 +371,9 @@ class Gateway:
         for p in self.pollers.values():
             for mid, h in p.health.items():
                 if h.last_ok:
-                    out[mid] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(h.last_ok))
+                    # RFC 3339, as everywhere else (+08:00, not +0800)
+                    out[mid] = _dt.datetime.fromtimestamp(h.last_ok).astimezone().isoformat(
+                        timespec="seconds")
         return out
 
     def trim_memory(self):

@@ -4,8 +4,11 @@ since `mgw simulate` and `mgw demo` are features; imported by the command line o
 PROTOCOLS = ("dlt645", "modbus", "dlt698")   # what `mgw simulate --protocol` can simulate
 
 
-def simulated_line(protocol, count, first, faults, baudrate, profile=None, on_relay=None):
-    """(a started-to-be simulated line, the meters' names) for `mgw simulate`."""
+def simulated_line(protocol, count, first, faults, baudrate, profile=None, on_relay=None,
+                   count_1997=0, baudrate_1997=1200, button_required=False):
+    """(a started-to-be simulated line, the meters' names) for `mgw simulate`. DL/T 645
+    lines may carry `count_1997` DL/T 645-1997 meters at their own `baudrate_1997` after
+    the 2007 ones (a mixed line: each answers only at its own rate)."""
     if protocol == "modbus":
         from gateway.sim.dlt645 import Faults
         from gateway.sim.modbus import ModbusSimLine, ModbusSimMeter
@@ -20,7 +23,11 @@ def simulated_line(protocol, count, first, faults, baudrate, profile=None, on_re
             m.on_relay = on_relay
         return SimLine(meters, baudrate=baudrate), [m.address for m in meters]
     from gateway.sim.dlt645 import SimLine, make_meters
-    meters = make_meters(count, first_address=first, faults=faults, prepaid=True)
+    meters = make_meters(count, first_address=first, faults=faults, prepaid=True,
+                         button_required=button_required)
+    meters += make_meters(count_1997, first_address=first + count, faults=faults,
+                          prepaid=False, version=1997,
+                          baudrate=baudrate_1997 if baudrate_1997 != baudrate else None)
     for m in meters:
         m.on_relay = on_relay
     return SimLine(meters, baudrate=baudrate), [m.address for m in meters]

@@ -6,11 +6,16 @@ several meters answering one wildcard request garble each other, as on a real bu
 the time they take on the wire (11 bits per byte at 8E1) and a meter answers after its
 latency, so timings measured against the simulator mean something.
 
-DL/T 645-2007 meters (SimMeter) are modelled here: energy that grows with a load profile and
+DL/T 645-2007 and -1997 meters (SimMeter) are modelled here: energy that grows with a load
+profile and
 lands in the tariff register of the time of day, per-phase instantaneous values, a clock
 that drifts, status words with the relay and guarantee state, relay control that checks
-password, deadline and guarantee, prepaid money, and 62 daily freezes. Modbus meters are
-pymodbus' own server (gateway.simulator_modbus).
+password, deadline and guarantee, prepaid money, and 62 daily freezes. Field faults a
+technician meets can be practised: a meter with its own baud rate hears garbled bytes (and
+stays silent) while the line runs at another rate; a restore with "close allowed" leaves the
+relay open until the customer presses the button (`awaiting_customer`); long answers come in
+follow-up frames (0xB1, then 0x12 with SEQ); some meters answer a wildcard read with the
+wildcard as their address. Modbus meters are pymodbus' own server (gateway.sim.modbus).
 
 Every answer a meter gives is logged with its values (`truth`), so tests compare what the
 gateway reports with what the meter said at that moment.
@@ -24,6 +29,7 @@ import math
 import os
 import random
 import select
+import termios
 import threading
 import time
 import tty
@@ -80,8 +86,14 @@ class SimMeter:
     def __init__(self, address, *, load_kw=None, seed=None, password="000000",
                  password_levels=(2, 4), start_kwh=None, clock_offset_s=0.0,
                  drift_ppm=0.0, prepaid=True, balance="100.00", price="0.5283",
-                 button_required=False, faults=None, history_days=62, now=None):
+                 button_required=False, faults=None, history_days=62, now=None,
+                 version=2007, baudrate=None, max_payload=None, echo_wildcard=False):
         self.address = address
+        self.version = version              # 2007, or 1997 (reads only, no relay)
+        self.baudrate = baudrate            # None: the line's; else it answers only at this
+        self.max_payload = max_payload      # longer answers come in follow-up frames
+        self.echo_wildcard = echo_wildcard  # answers a wildcard read with the wildcard
+        self._follow = {}                   # di -> the parts of a long answer
         self.rng = random.Random(seed if seed is not None else address)
         self.load_kw = self.rng.uniform(0.4, 4.0) if load_kw is None else load_kw
         self.password = password
@@ -181,6 +193,33 @@ class SimMeter:
             word |= 0x1000
         return word
 
+    @property
+    def awaiting_customer(self):
+        """'close allowed' was accepted and the relay is still open: the customer has to
+        press the meter's button (or insert the card)."""
+        return self.relay_open and not self.relay_command_trip
+
+    def values_1997(self, di, now):
+        """Plain values for a 1997 DI, or None (reference 5)."""
+        self.advance(now)
+        mt = self.meter_now(now)
+        with self.lock:
+            block = self._block(self._mwh)
+            volts = [Decimal(220 + self.rng.randint(-3, 3)) for _ in range(3)]
+            table = {0x901F: block, 0xB61F: volts, 0xB630: [Decimal(round(min(
+                self.power_kw(now), 79.9999), 4)).quantize(Decimal("0.0001"))],
+                0xC010: [mt.date()], 0xC011: [mt.time().replace(microsecond=0)],
+                0xC032: [int(self.address) if self.address.isdigit() else 0]}
+            for i, v in enumerate(block):
+                table[0x9010 + i] = [v]
+            for i, v in enumerate(volts):
+                table[0xB611 + i] = [v]
+            amps = Decimal(round(min(self.power_kw(now) * 1000 / 220.0, 99.99), 2)).quantize(
+                Decimal("0.01"))
+            for i, a in enumerate((amps, Decimal("0.00"), Decimal("0.00"))):
+                table[0xB621 + i] = [a]
+        return table.get(di)
+
     def values(self, di, now):
         """Plain values for a DI in field order, or None if this meter does not have it."""
         self.advance(now)
@@ -239,20 +278,43 @@ class SimMeter:
         """The answer frame (no preamble) to a request addressed to this meter, or None."""
         msg = dlt645.decode(frame)
         self.requests += 1
+        if self.version == 1997:
+            if isinstance(msg, dlt645.ReadRequest) and msg.version == 1997 and \
+                    frame.function == dlt645.READ_DATA_1997:
+                values = self.values_1997(msg.di, now)
+                if values is None:
+                    return dlt645.error_response(self.address, dlt645.READ_DATA_1997,
+                                                 0x02)[4:]
+                answer = dlt645.read_values_response(self.address, msg.di, values, 1997)[4:]
+                self.truth.append((now, msg.di, dlt645.decode(
+                    dlt645.frame_from_scanner(answer)).values))
+                return answer
+            return None                 # a 1997 meter knows no 2007 function codes
         if isinstance(msg, dlt645.ReadRequest) and msg.version == 2007 and msg.seq is None:
             values = self.values(msg.di, now)
             if values is None:
                 return dlt645.error_response(self.address, dlt645.READ_DATA, 0x02)[4:]
-            answer = dlt645.read_values_response(self.address, msg.di, values)[4:]
-            self.truth.append((now, msg.di, dlt645.decode(dlt645.frame_from_scanner(answer)).values))
-            return answer
+            payload = dlt645.encode_values(msg.di, values)
+            self.truth.append((now, msg.di, dlt645.decode_values(msg.di, payload)))
+            if self.max_payload and len(payload) > self.max_payload:
+                n = self.max_payload
+                parts = [payload[i:i + n] for i in range(0, len(payload), n)]
+                self._follow[msg.di] = parts
+                return dlt645.read_response(self.address, msg.di, parts[0],
+                                            follow_up=True)[4:]
+            return dlt645.read_response(self.address, msg.di, payload)[4:]
+        if isinstance(msg, dlt645.ReadRequest) and msg.version == 2007:
+            parts = self._follow.get(msg.di)
+            if not parts or not 1 <= msg.seq < len(parts):
+                return dlt645.error_response(self.address, dlt645.READ_FOLLOW_UP, 0x02)[4:]
+            return dlt645.read_response(self.address, msg.di, parts[msg.seq],
+                                        follow_up=msg.seq < len(parts) - 1,
+                                        seq=msg.seq)[4:]
         if isinstance(msg, dlt645.ReadAddressRequest):
             return dlt645.address_response(self.address)[4:]
         if isinstance(msg, dlt645.RelayControl):
             return self._relay(msg, now)
-        if isinstance(msg, dlt645.ReadRequest):
-            return dlt645.error_response(self.address, frame.function, 0x02)[4:]
-        return None
+        return None                     # 1997 requests: this 2007 meter ignores them
 
     def _relay(self, msg, now):
         def refuse(err):
@@ -260,9 +322,10 @@ class SimMeter:
         if msg.secured or msg.password_level not in self.password_levels \
                 or msg.password != self.password:
             return refuse(0x04)
-        if msg.command is None or msg.valid_until is None:
+        if msg.command is None:
             return refuse(0x01)
-        if msg.valid_until < self.meter_now(now).replace(microsecond=0):
+        if msg.valid_until is not None and \
+                msg.valid_until < self.meter_now(now).replace(microsecond=0):
             return refuse(0x04)                       # deadline passed
         cmd = msg.command
         with self.lock:
@@ -276,6 +339,8 @@ class SimMeter:
                 self.relay_command_trip = False
                 if not self.button_required:
                     self._move(False, now, cmd)
+                elif self.relay_open and self.on_relay:
+                    self.on_relay(self, "awaiting_customer", cmd.name)
             elif cmd == dlt645.RelayCommand.DIRECT_CLOSE:
                 self.relay_command_trip = False
                 self._move(False, now, cmd)
@@ -328,6 +393,19 @@ class SimLine(threading.Thread):
     def add(self, meter):
         self.meters[meter.address] = meter
         return meter
+
+    def line_baudrate(self):
+        """The baud rate the other side has set on the line (a pty keeps it in its termios;
+        it carries bytes at any rate, so the simulator compares rates itself)."""
+        try:
+            speed = termios.tcgetattr(self._slave)[4]
+        except (termios.error, OSError):
+            return self.baudrate
+        return _SPEEDS.get(speed, self.baudrate)
+
+    def hears(self, meter, baudrate):
+        """A meter set to another rate than the line's hears garbled bytes: no frame."""
+        return (meter.baudrate or self.baudrate) == baudrate
 
     def stop(self):
         self._halt.set()
@@ -407,8 +485,12 @@ class SimLine(threading.Thread):
         if frame.address == dlt645.BROADCAST:
             return                                        # nobody answers a broadcast
         answers = []
+        baud = self.line_baudrate()
         for m in self._meters_of("dlt645"):
             if not m.matches(frame.address):
+                continue
+            if not self.hears(m, baud):
+                self.stats["baud_mismatch"] += 1
                 continue
             f = m.faults
             if f.silent or (f.drop_rate and self.rng.random() < f.drop_rate):
@@ -417,6 +499,12 @@ class SimLine(threading.Thread):
             ans = m.handle(frame, t_rx)
             if ans is None:
                 continue
+            if m.echo_wildcard and "A" in frame.address:
+                # a real meter does this: its answer keeps the wildcard address
+                ans = bytearray(ans)
+                ans[1:7] = dlt645.address_to_wire(frame.address)
+                ans[-2] = sum(ans[:-2]) & 0xFF
+                ans = bytes(ans)
             m.answers += 1
             answers.append((m, self._damage(m, ans)))
         self._reply(answers, t_rx, request_bytes)
@@ -427,12 +515,13 @@ class SimLine(threading.Thread):
             return
         meter = answers[0][0]
         out = answers[0][1]
+        baud = self.line_baudrate()
         if len(answers) > 1:                               # a collision garbles the bytes
             self.stats["collisions"] += 1
             for _, other in answers[1:]:
                 out = bytes(a & b for a, b in zip(out, other)) + out[len(other):] + \
                     other[len(out):]
-        delay = wire_time(request_bytes, self.baudrate) + meter.faults.latency_s
+        delay = wire_time(request_bytes, baud) + meter.faults.latency_s
         if meter.faults.late_s:
             delay += meter.faults.late_s
         if self.noise_rate and self.rng.random() < self.noise_rate:
@@ -440,9 +529,9 @@ class SimLine(threading.Thread):
             out = bytes(self.rng.getrandbits(8) for _ in range(self.rng.randint(1, 16))) + \
                 b"\xFE\xFE\xFE\xFE" + out
             self.stats["noise_bursts"] += 1
-            self._send(out, t_rx + delay)
+            self._send(out, t_rx + delay, baud)
             return
-        self._send(b"\xFE\xFE\xFE\xFE" + out, t_rx + delay)
+        self._send(b"\xFE\xFE\xFE\xFE" + out, t_rx + delay, baud)
 
     def _damage(self, meter, ans):
         f = meter.faults
@@ -462,9 +551,13 @@ class SimLine(threading.Thread):
             ans = bytearray(rng.getrandbits(8) for _ in range(rng.randint(1, 12))) + ans
         return bytes(ans)
 
-    def _send(self, data, t_start):
-        self.stats["tx_bytes"] += pace_write(self._master, data, t_start, self.baudrate,
-                                             self._halt)
+    def _send(self, data, t_start, baudrate=None):
+        self.stats["tx_bytes"] += pace_write(self._master, data, t_start,
+                                             baudrate or self.baudrate, self._halt)
+
+
+_SPEEDS = {getattr(termios, "B%d" % b): b for b in (600, 1200, 2400, 4800, 9600, 19200,
+                                                  38400, 57600, 115200)}
 
 
 def pace_write(fd, data, t_start, baudrate, halt):
