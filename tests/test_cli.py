@@ -365,3 +365,24 @@ def test_run_and_demo_reject_json_in_one_line():
         code, out, err = run(cmd, "--json", "--config", "/nonexistent.toml")
         assert code == 2 and err == "mgw %s: --json is not for `mgw %s` (it logs; use " \
             "`mgw status --json` for its state)\n" % (cmd, cmd)
+
+
+def test_a_dlt645_scan_of_a_modbus_line_says_modbus_answered(tmp_path):
+    link = str(tmp_path / "ttyMB")
+    sim = mgw("simulate", "--port", link, "--meters", "1", "--protocol", "modbus",
+              "--profile", "chint-ddsu666", "--baudrate", "19200", "--latency-ms", "5")
+    try:
+        assert sim.stdout.readline().startswith("simulating")
+        cfg = config(tmp_path, link, meters=0)
+        code, out, err = run("scan", "--port", "rs485-1", "--config", cfg)
+        assert code == 1
+        assert out == ("no meters found at 19200 8E1\nno DL/T 645 meter answered, but Modbus "
+                       "unit 1 did: scan with --protocol modbus\n")
+        code, out, err = run("scan", "--port", "rs485-1", "--config", cfg, "--protocol",
+                             "modbus", "--last", "2", "--toml")
+        assert code == 0 and out == ('[[meters]]\nid = "u1"\nport = "rs485-1"\n'
+                                     'protocol = "modbus"\nunit = 1\n'
+                                     'profile = "chint-ddsu666"\n')
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.wait(10)

@@ -1,6 +1,7 @@
 """The installed package: console script, module entry point, implementation choice."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,9 @@ def test_mgw_console_script_prints_version():
     if not os.path.exists(mgw):
         pytest.skip("mgw console script not installed in this environment")
     r = run([mgw, "--version"])
-    assert r.returncode == 0 and r.stdout.strip() == "mgw %s" % gateway.__version__
+    # issue 14: the version says which frame parser runs
+    assert r.returncode == 0 and re.match(r"mgw %s \(frame parser: (compiled|python)\)$"
+                                          % re.escape(gateway.__version__), r.stdout.strip())
 
 
 def test_module_entry_point_lists_subcommands():

@@ -33,16 +33,16 @@ def cmd_simulate(args):
     def on_relay(meter, state, command):
         # every relay movement, one line: drills and tests watch this
         print("relay %s %s %s" % (meter.address, state, command), flush=True)
-    if args.protocol != "dlt645" and (args.meters_1997 or args.button):
-        raise CliError("--meters-1997 and --button simulate DL/T 645 meters "
-                       "(--protocol dlt645)", EXIT_USAGE)
     faults = Faults(latency_s=args.latency_ms / 1000.0, drop_rate=args.drop,
                     corrupt_rate=args.corrupt)
-    line, names = simulated_line(args.protocol, args.meters, args.first, faults,
-                                 args.baudrate, profile=args.profile, on_relay=on_relay,
-                                 count_1997=args.meters_1997,
-                                 baudrate_1997=args.baudrate_1997,
-                                 button_required=args.button)
+    try:
+        line, names = simulated_line(args.protocol, args.meters, args.first, faults,
+                                     args.baudrate, profile=args.profile, on_relay=on_relay,
+                                     count_1997=args.meters_1997,
+                                     baudrate_1997=args.baudrate_1997,
+                                     button_required=args.button)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     path = args.port
     if path:
         if os.path.lexists(path):
@@ -55,7 +55,8 @@ def cmd_simulate(args):
         except OSError as exc:
             raise CliError("cannot create %s: %s" % (path, exc.strerror), EXIT_USAGE) from None
     line.start()
-    meters = list(getattr(line, "meters", {}).values()) if args.protocol == "dlt645" else []
+    meters = [m for m in getattr(line, "meters", {}).values()
+              if hasattr(m, "awaiting_customer")]
     info = {"device": path or line.device, "pty": line.device, "protocol": args.protocol,
             "baudrate": args.baudrate, "meters": names[:args.meters],
             "meters_1997": names[args.meters:], "baudrate_1997": args.baudrate_1997}
@@ -266,8 +267,8 @@ def cmd_scan(args):
             got = reads.scan(worker, protocol, progress, profile=args.profile,
                              first=args.first, last=args.last)
             hint = None
-            if not got and protocol == "dlt645" and not args.auto:
-                hint = _modbus_answers(worker, reads)
+            if not got and not args.auto:
+                hint = _other_protocols_answer(worker, reads, protocol)
         finally:
             worker.close()
             end()
@@ -313,15 +314,21 @@ def cmd_scan(args):
     return EXIT_OK if found else EXIT_FAILED
 
 
-def _modbus_answers(worker, reads):
-    """A line without DL/T 645 answers may be a Modbus line: ask unit ids 1-3."""
-    try:
-        units = reads.scan(worker, "modbus", lambda *a: None, first=1, last=3)
-    except Exception:          # pymodbus missing or the like: no hint, not an error
-        return None
-    if units:
-        return ("no DL/T 645 meter answered, but Modbus unit %s did: scan with "
-                "--protocol modbus" % ", ".join(str(u["unit"]) for u in units))
+def _other_protocols_answer(worker, reads, protocol):
+    """A line where none of `protocol`'s meters answers may carry another protocol's: a
+    quick probe of each (Modbus units 1-3, a DL/T 645 wildcard read) says so."""
+    from gateway.registry import NAMES
+    for other in NAMES:
+        if other == protocol:
+            continue
+        try:
+            keys = reads.driver(other).quick_probe(worker)
+        except Exception:      # a driver's library missing or the like: no hint, no error
+            continue
+        if keys:
+            return "no %s meter answered, but %s %s %s did: scan with --protocol %s" % (
+                reads.driver(protocol).LABEL, reads.driver(other).LABEL,
+                reads.driver(other).SCAN_KEY, ", ".join(str(k) for k in keys), other)
     return None
 
 
@@ -329,20 +336,9 @@ def toml_blocks(port, protocol, driver, found):
     """Ready-to-paste [[meters]] entries for meters found and not configured."""
     out = []
     for f in found:
-        lines = ["[[meters]]"]
-        if protocol == "modbus":
-            lines.append('id = "u%d"' % f["unit"])
-        else:
-            lines.append('id = "m%s"' % (f["address"].lstrip("0") or "0"))
-        lines += ['port = "%s"' % port.name, 'protocol = "%s"' % protocol]
-        if protocol == "modbus":
-            lines.append("unit = %d" % f["unit"])
-            if f.get("profile"):
-                lines.append('profile = "%s"' % f["profile"])
-        else:
-            lines.append('address = "%s"' % f["address"])
-            if f.get("version") == 1997:
-                lines.append("version = 1997")
+        lines = ["[[meters]]", 'id = "%s"' % driver.suggested_id(f),
+                 'port = "%s"' % port.name, 'protocol = "%s"' % protocol]
+        lines += driver.toml_lines(f)
         if f.get("baudrate") and f["baudrate"] != port.baudrate:
             lines.append("baudrate = %d" % f["baudrate"])
         if f.get("parity") and f["parity"] != port.parity:

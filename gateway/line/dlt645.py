@@ -15,6 +15,7 @@ from protocols import dlt645
 from protocols.dlt645_values import lookup
 
 SCAN_KEY = "address"             # what a scan reports a meter by
+LABEL = "DL/T 645"               # how messages name the protocol
 HAS_RELAY = True
 
 ENERGY_BLOCK = {2007: 0x0001FF00, 1997: 0x901F}
@@ -234,6 +235,32 @@ def scan(worker, progress=lambda done, total, found: None, versions=(2007, 1997)
             progress(done, total, len(found))
     out = [{"address": a, "version": v} for a, v in sorted(found.items())]
     return out + [{"address": None, "version": None}] * unresolved
+
+
+def quick_probe(worker):
+    """Addresses of DL/T 645 meters answering one wildcard read (another protocol's scan
+    found nothing: is this a DL/T 645 line?); collisions count as one unknown meter."""
+    for version in (2007, 1997):
+        res = worker.transact(dlt645.read_exchange(dlt645.WILDCARD, SCAN_DI[version], version)
+                              .for_meter("scan"))
+        if res.ok:
+            return [getattr(res.answer, "address", "?")]
+        if res.code == TxError.GARBLED:
+            return ["(several)"]
+    return []
+
+
+def suggested_id(found):
+    """A meter id for `mgw scan --toml`: m and the address without its leading zeros."""
+    return "m%s" % (found["address"].lstrip("0") or "0")
+
+
+def toml_lines(found):
+    """The [[meters]] lines that identify a meter found by the scan."""
+    lines = ['address = "%s"' % found["address"]]
+    if found.get("version") == 1997:
+        lines.append("version = 1997")
+    return lines
 
 
 def real_address(worker, pattern, version=2007):

@@ -6,6 +6,7 @@ from protocols import modbus
 from protocols.modbus_profiles import PROFILES, decode_block
 
 SCAN_KEY = "unit"             # what a scan reports a meter by
+LABEL = "Modbus"              # how messages name the protocol
 HAS_RELAY = False
 
 
@@ -84,6 +85,25 @@ def scan(worker, progress=lambda done, total, found: None, profile=None, first=1
             found.append({"unit": unit, "profile": matched})
         progress(n, total, len(found))
     return found
+
+
+def quick_probe(worker):
+    """Unit ids 1-3 that answer (another protocol's scan found nothing: is this a Modbus
+    line?)."""
+    return [f["unit"] for f in scan(worker, first=1, last=3)]
+
+
+def suggested_id(found):
+    """A meter id for `mgw scan --toml`: u and the unit id."""
+    return "u%d" % found["unit"]
+
+
+def toml_lines(found):
+    """The [[meters]] lines that identify a meter found by the sweep."""
+    lines = ["unit = %d" % found["unit"]]
+    if found.get("profile"):
+        lines.append('profile = "%s"' % found["profile"])
+    return lines
 
 
 def _probe_block(profile):

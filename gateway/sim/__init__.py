@@ -10,6 +10,9 @@ def simulated_line(protocol, count, first, faults, baudrate, profile=None, on_re
     lines may carry `count_1997` DL/T 645-1997 meters at their own `baudrate_1997` after
     the 2007 ones (a mixed line: each answers only at its own rate)."""
     if protocol == "modbus":
+        if count_1997 or button_required:
+            raise ValueError("--meters-1997 and --button simulate DL/T 645 meters "
+                             "(--protocol dlt645)")
         from gateway.sim.dlt645 import Faults
         from gateway.sim.modbus import ModbusSimLine, ModbusSimMeter
         meters = [ModbusSimMeter(first + i, profile, faults=Faults(**vars(faults)))
