@@ -47,3 +47,21 @@ def test_protocol_names_appear_only_in_the_configuration_registry():
                 if '"dlt645"' in line or '"modbus"' in line:
                     hits.append("%s:%d: %s" % (rel, n, line.strip()))
     assert hits == [], "\n".join(hits)
+
+
+DRIVER_INTERFACE = ("SCAN_KEY", "LABEL", "HAS_RELAY", "tasks", "poll", "read_now",
+                    "check_quantities", "scan", "quick_probe", "suggested_id", "toml_lines",
+                    "key_of")
+
+
+def test_every_registered_protocol_has_a_whole_driver():
+    """What the line, the CLI and the control core ask of a protocol's driver."""
+    import importlib
+
+    from gateway.registry import PROTOCOLS
+    for name, module in PROTOCOLS.items():
+        driver = importlib.import_module(module)
+        missing = [n for n in DRIVER_INTERFACE if not hasattr(driver, n)]
+        assert missing == [], (name, missing)
+        if driver.HAS_RELAY:
+            assert hasattr(driver, "status_exchange"), name

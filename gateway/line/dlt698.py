@@ -19,6 +19,7 @@ from protocols.dlt698 import OAD, RSD, DataError
 from protocols.dlt698_data import DATE_TIME_S
 
 SCAN_KEY = "address"             # what a scan reports a meter by
+LABEL = "DL/T 698.45"             # how messages name the protocol
 HAS_RELAY = False                # relay commands go through control/relay.py, DL/T 645 only
 
 ENERGY = [OAD(0x0010, 2, 0), OAD(0x0020, 2, 0)]
@@ -175,6 +176,28 @@ def scan(worker, progress=lambda done, total, found: None, **_):
             total += 100
         progress(done, total, len(found))
     return [{"address": a} for a in sorted(found)]
+
+
+def quick_probe(worker):
+    """Addresses of DL/T 698.45 meters answering one wildcard address read (another
+    protocol's scan found nothing: is this a DL/T 698.45 line?)."""
+    sa = dlt698.server_address("A" * 12, dlt698.WILDCARD)
+    res = worker.transact(dlt698.get_exchange(sa, dlt698.COMM_ADDRESS).for_meter("scan"))
+    if res.ok and isinstance(res.answer, dlt698.Message):
+        return [res.answer.sa.address]
+    if res.code == TxError.GARBLED:
+        return ["(several)"]
+    return []
+
+
+def suggested_id(found):
+    """A meter id for `mgw scan --toml`: m and the address without its leading zeros."""
+    return "m%s" % (found["address"].lstrip("0") or "0")
+
+
+def toml_lines(found):
+    """The [[meters]] lines that identify a meter found by the scan."""
+    return ['address = "%s"' % found["address"]]
 
 
 # ---------------------------------------------------------------- poll tasks
