@@ -17,7 +17,6 @@ import os
 import re
 import stat
 import time
-import uuid
 
 from gateway.model import GatewayError
 
@@ -120,7 +119,7 @@ def write_result(spool, rid, body):
     temporary file (O_EXCL|O_NOFOLLOW), then a rename (which replaces a link, never
     writes through it)."""
     out = os.path.join(spool, "%s.res.json" % rid)
-    tmp = os.path.join(spool, ".%s.%s.res.tmp" % (rid, uuid.uuid4().hex[:8]))
+    tmp = os.path.join(spool, ".%s.%s.res.tmp" % (rid, os.urandom(4).hex()))
     data = json.dumps(body, default=str).encode("utf-8")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o660)
     try:
@@ -208,7 +207,7 @@ def _owner(path):
 
 def submit(spool, meter, action, params, operator):
     """Write a request atomically; returns its id."""
-    rid = uuid.uuid4().hex
+    rid = os.urandom(16).hex()            # 32 hex digits, as the request names need
     req = {"meter": meter, "action": action, "params": params, "operator": operator}
     check_request(req)
     tmp = os.path.join(spool, ".%s.tmp" % rid)
