@@ -46,7 +46,6 @@ STATUS_WORD_3 = 0x04000503        # relay state and command, guarantee
 FREEZE_TIME = 0x05060000
 FREEZE_IMPORT = 0x05060100
 FREEZE_DAYS = 62                  # daily freezes a DL/T 645-2007 meter keeps
-SYNC_MAX_S = 300.0                # broadcast time sync corrects at most +-5 min (reference 1.7)
 SCAN_DI = {2007: 0x00010000, 1997: 0x9010}   # what the address search asks every meter for
 ADDRESS_DI = {2007: 0x04000401, 1997: 0xC032}
 
@@ -354,38 +353,13 @@ def _energy(poller, worker, meter):
 
 
 def _clock(poller, worker, meter):
-    h = poller.health[meter.id]
     t0 = poller.wall()
     result, msg = read_di(poller, worker, meter, CLOCK_DI)
     if not isinstance(msg, dlt645.ReadResponse) or not msg.values:
         return
-    t1 = poller.wall()
-    meter_time = msg.values[0].value
-    # the meter stamped its answer about mid-way through the transaction
-    gw_time = _dt.datetime.fromtimestamp((t0 + t1) / 2)
-    drift = (meter_time - gw_time).total_seconds()
-    if abs(drift) < 1.0 + (t1 - t0) / 2:
-        drift = 0.0
-    h.drift_s = drift
-    today = gw_time.date()
-    if abs(drift) < meter.sync_threshold_s:
-        return
-    if abs(drift) > SYNC_MAX_S:
-        if h.last_drift_event_day != today:
-            h.last_drift_event_day = today
-            poller.event("meter.clock_drift", meter=meter.id, drift_s=round(drift, 1),
-                       action="none: beyond broadcast sync range, needs a technician")
-        return
-    if not poller.clock_trusted() or h.last_sync_day == today:
-        return
-    now = _dt.datetime.fromtimestamp(poller.wall())
-    if poller.sync_guard(now):
-        return                  # never near the hour or midnight: it would hit freezes
-    h.last_sync_day = today
-    frame = dlt645.broadcast_time_sync(_dt.datetime.fromtimestamp(poller.wall()).replace(
-        microsecond=0) + _dt.timedelta(seconds=1))
-    worker.broadcast(frame, meter.baudrate, meter.parity)
-    poller.event("meter.time_synced", meter=meter.id, drift_s=round(drift, 1))
+    poller.clock_checked(worker, meter, msg.values[0].value, t0, poller.wall(),
+                         lambda when: worker.broadcast(dlt645.broadcast_time_sync(when),
+                                                       meter.baudrate, meter.parity))
 
 
 def _freeze(poller, worker, meter):

@@ -33,7 +33,6 @@ GROUPS = {"energy": ENERGY, "instant": INSTANT, "status": STATUS, "clock": CLOCK
 
 FREEZE_COLUMNS = [dlt698.FREEZE_TIME, OAD(0x0010, 2, 0), OAD(0x0020, 2, 0)]
 FREEZE_DAYS = 62                  # daily freezes looked back at most (as for DL/T 645)
-SYNC_MAX_S = 300.0                # broadcast time corrects at most +-5 min (reference 7)
 UNSUPPORTED_DARS = (4, 5, 6)      # object undefined / class mismatch / does not exist
 
 # not readings of their own: decoded into the meter's health, or clock checks
@@ -255,7 +254,6 @@ def _read(poller, worker, meter, oads):
 
 
 def _clock(poller, worker, meter):
-    h = poller.health[meter.id]
     t0 = poller.wall()
     result = worker.transact(read_exchange(meter, CLOCK))
     if not poller.outcome(meter, result):
@@ -264,31 +262,8 @@ def _clock(poller, worker, meter):
     clock = next((v.value for v in values if v.quantity == "meter.clock"), None)
     if not isinstance(clock, _dt.datetime):
         return
-    t1 = poller.wall()
-    gw_time = _dt.datetime.fromtimestamp((t0 + t1) / 2)
-    drift = (clock - gw_time).total_seconds()
-    if abs(drift) < 1.0 + (t1 - t0) / 2:
-        drift = 0.0
-    h.drift_s = drift
-    today = gw_time.date()
-    if abs(drift) < meter.sync_threshold_s:
-        return
-    if abs(drift) > SYNC_MAX_S:
-        if h.last_drift_event_day != today:
-            h.last_drift_event_day = today
-            poller.event("meter.clock_drift", meter=meter.id, drift_s=round(drift, 1),
-                         action="none: beyond broadcast sync range, needs a technician")
-        return
-    if not poller.clock_trusted() or h.last_sync_day == today:
-        return
-    now = _dt.datetime.fromtimestamp(poller.wall())
-    if poller.sync_guard(now):
-        return                  # never near the hour or midnight: it would hit freezes
-    h.last_sync_day = today
-    when = _dt.datetime.fromtimestamp(poller.wall()).replace(microsecond=0) + \
-        _dt.timedelta(seconds=1)
-    worker.broadcast(dlt698.broadcast_time_sync(when))
-    poller.event("meter.time_synced", meter=meter.id, drift_s=round(drift, 1))
+    poller.clock_checked(worker, meter, clock, t0, poller.wall(),
+                         lambda when: worker.broadcast(dlt698.broadcast_time_sync(when)))
 
 
 def freeze_exchange(meter, day):

@@ -31,6 +31,7 @@ from gateway.store.journal import CLOCK_UNTRUSTED, GOOD, Reading
 
 log = logging.getLogger(__name__)
 
+SYNC_MAX_S = 300.0           # broadcast time sync corrects at most +-5 min (reference 1.7)
 OFFLINE_PROBE_S = 60.0       # the first probe of an offline meter; doubles up to max_probe_s
 
 
@@ -224,6 +225,35 @@ class LinePoller:
                 for v in values]
 
     local_ms = staticmethod(local_ms)
+
+    def clock_checked(self, worker, meter, meter_time, t0, t1, broadcast):
+        """Drift of a meter clock read between t0 and t1 (the meter stamped its answer about
+        mid-way), the drift event, and, within the +-5 min a broadcast sync corrects, one
+        broadcast a day (`broadcast(when)` sends the protocol's frame) when the gateway clock
+        is trusted and it is not near the hour."""
+        h = self.health[meter.id]
+        gw_time = _dt.datetime.fromtimestamp((t0 + t1) / 2)
+        drift = (meter_time - gw_time).total_seconds()
+        if abs(drift) < 1.0 + (t1 - t0) / 2:
+            drift = 0.0
+        h.drift_s = drift
+        today = gw_time.date()
+        if abs(drift) < meter.sync_threshold_s:
+            return
+        if abs(drift) > SYNC_MAX_S:
+            if h.last_drift_event_day != today:
+                h.last_drift_event_day = today
+                self.event("meter.clock_drift", meter=meter.id, drift_s=round(drift, 1),
+                           action="none: beyond broadcast sync range, needs a technician")
+            return
+        if not self.clock_trusted() or h.last_sync_day == today:
+            return
+        now = _dt.datetime.fromtimestamp(self.wall())
+        if self.sync_guard(now):
+            return                  # never near the hour or midnight: it would hit freezes
+        h.last_sync_day = today
+        broadcast(now.replace(microsecond=0) + _dt.timedelta(seconds=1))
+        self.event("meter.time_synced", meter=meter.id, drift_s=round(drift, 1))
 
     # ---------------------------------------------------------------- status
 
