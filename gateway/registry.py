@@ -6,10 +6,25 @@ module, a driver and one entry here. Nothing else branches on a protocol's name.
 drivers are imported on first use, so a gateway without Modbus meters never loads pymodbus.
 """
 
+from typing import NamedTuple
+
+
+class Protocol(NamedTuple):
+    driver: str            # the driver module in gateway/line
+    label: str             # how messages name it
+    keyed_by: str          # what identifies a meter in [[meters]]: "address" or "unit"
+
+
 PROTOCOLS = {
-    "dlt645": "gateway.line.dlt645",      # DL/T 645-2007 and -1997
-    "modbus": "gateway.line.modbus",      # Modbus RTU meters with a register profile
-    "dlt698": "gateway.line.dlt698",      # DL/T 698.45 (object-oriented, A-XDR)
+    "dlt645": Protocol("gateway.line.dlt645", "DL/T 645", "address"),    # 2007 and 1997
+    "modbus": Protocol("gateway.line.modbus", "Modbus", "unit"),         # with a profile
+    "dlt698": Protocol("gateway.line.dlt698", "DL/T 698.45", "address"),
 }
 DEFAULT_PROTOCOL = "dlt645"
 NAMES = tuple(PROTOCOLS)
+
+
+def keyed_by(name):
+    """"address" or "unit" for a registered protocol, None for an unknown name."""
+    entry = PROTOCOLS.get(name)
+    return entry.keyed_by if entry else None

@@ -317,7 +317,7 @@ def cmd_scan(args):
 def _other_protocols_answer(worker, reads, protocol):
     """A line where none of `protocol`'s meters answers may carry another protocol's: a
     quick probe of each (Modbus units 1-3, a DL/T 645 wildcard read) says so."""
-    from gateway.registry import NAMES
+    from gateway.registry import NAMES, PROTOCOLS
     for other in NAMES:
         if other == protocol:
             continue
@@ -327,7 +327,7 @@ def _other_protocols_answer(worker, reads, protocol):
             continue
         if keys:
             return "no %s meter answered, but %s %s %s did: scan with --protocol %s" % (
-                reads.driver(protocol).LABEL, reads.driver(other).LABEL,
+                PROTOCOLS[protocol].label, PROTOCOLS[other].label,
                 reads.driver(other).SCAN_KEY, ", ".join(str(k) for k in keys), other)
     return None
 

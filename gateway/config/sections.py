@@ -11,7 +11,8 @@ import re
 from protocols.modbus_profiles import PROFILES
 
 from gateway.config.schema import Field, ListOfTables, Table
-from gateway.registry import DEFAULT_PROTOCOL
+from gateway.registry import DEFAULT_PROTOCOL, keyed_by
+from gateway.registry import PROTOCOLS as PROTOCOL_INFO
 from gateway.registry import NAMES as PROTOCOLS
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -95,12 +96,13 @@ PORTS = ListOfTables("ports", "PortConfig", [
 # ---------------------------------------------------------------- [[meters]]
 
 def _dlt645(meter):
-    """Meters addressed by a 12-digit address: DL/T 645 and DL/T 698.45."""
-    return meter["protocol"] in ("dlt645", "dlt698")
+    """Meters identified by a 12-digit address (the registry says which)."""
+    return keyed_by(meter["protocol"]) == "address"
 
 
 def _modbus(meter):
-    return meter["protocol"] == "modbus"
+    """Meters identified by a unit id and a register profile."""
+    return keyed_by(meter["protocol"]) == "unit"
 
 
 def _check_meter(meter, bad, context):
@@ -115,8 +117,7 @@ def _check_meter(meter, bad, context):
     if _dlt645(meter) and meter["address"] is not None:
         if not re.match(r"^[0-9]{1,12}$", meter["address"]):
             bad("address", "a %s address is up to 12 digits as on the nameplate, not %r"
-                % ("DL/T 645" if meter["protocol"] == "dlt645" else "DL/T 698.45",
-                   meter["address"]))
+                % (PROTOCOL_INFO[meter["protocol"]].label, meter["address"]))
             return
         meter["address"] = meter["address"].rjust(12, "0")
         if any(m.port == meter["port"] and m.address == meter["address"] and

@@ -15,7 +15,6 @@ from protocols import dlt645
 from protocols.dlt645_values import lookup
 
 SCAN_KEY = "address"             # what a scan reports a meter by
-LABEL = "DL/T 645"               # how messages name the protocol
 HAS_RELAY = True
 
 ENERGY_BLOCK = {2007: 0x0001FF00, 1997: 0x901F}

@@ -19,7 +19,6 @@ from protocols.dlt698 import OAD, RSD, DataError
 from protocols.dlt698_data import DATE_TIME_S
 
 SCAN_KEY = "address"             # what a scan reports a meter by
-LABEL = "DL/T 698.45"             # how messages name the protocol
 HAS_RELAY = False                # relay commands go through control/relay.py, DL/T 645 only
 
 ENERGY = [OAD(0x0010, 2, 0), OAD(0x0020, 2, 0)]

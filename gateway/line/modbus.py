@@ -6,7 +6,6 @@ from protocols import modbus
 from protocols.modbus_profiles import PROFILES, decode_block
 
 SCAN_KEY = "unit"             # what a scan reports a meter by
-LABEL = "Modbus"              # how messages name the protocol
 HAS_RELAY = False
 
 

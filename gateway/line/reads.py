@@ -32,7 +32,7 @@ SILENT = (TxError.NO_ANSWER, TxError.GARBLED, TxError.PORT_CLOSED, TxError.STOPP
 @functools.lru_cache(maxsize=None)
 def driver(name=DEFAULT_PROTOCOL):
     """The driver module of a protocol named in the registry."""
-    return importlib.import_module(PROTOCOLS[name])
+    return importlib.import_module(PROTOCOLS[name].driver)
 
 
 def driver_of(meter):

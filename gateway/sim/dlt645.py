@@ -82,6 +82,7 @@ class SimMeter:
     """A DL/T 645-2007 meter."""
 
     protocol = "dlt645"
+    serve_method = "_serve"          # the SimLine method that answers this framing
 
     def __init__(self, address, *, load_kw=None, seed=None, password="000000",
                  password_levels=(2, 4), start_kwh=None, clock_offset_s=0.0,
@@ -385,14 +386,24 @@ class SimLine(threading.Thread):
         tty.setraw(self._slave)       # no echo, no line discipline: bytes are bytes
         self.device = os.ttyname(self._slave)
         self._halt = threading.Event()
-        self._scanner = Scanner("dlt645")
-        self._scanner698 = Scanner("dlt698")    # DL/T 698.45 meters share the line
+        # one scanner per framing its meters speak (DL/T 645 and 698.45 share lines); each
+        # meter class names the line's method that answers its frames
+        self._scanners = {}
+        for m in self.meters.values():
+            self._listen(m)
         self.stats = collections.Counter()
         self.start_time = None
 
     def add(self, meter):
         self.meters[meter.address] = meter
+        if hasattr(self, "_scanners"):
+            self._listen(meter)
         return meter
+
+    def _listen(self, meter):
+        if meter.protocol not in self._scanners:
+            self._scanners[meter.protocol] = (Scanner(meter.protocol),
+                                              getattr(self, meter.serve_method))
 
     def line_baudrate(self):
         """The baud rate the other side has set on the line (a pty keeps it in its termios;
@@ -432,22 +443,17 @@ class SimLine(threading.Thread):
             now = time.time()
             self.stats["rx_bytes"] += len(data)
             pending += data
-            for raw in self._scanner.feed(data):
-                try:
-                    self._serve(raw, now, len(pending))
-                except Exception:      # a simulator bug must not kill the line silently
-                    log.exception("simulated line %s", self.name)
-                pending = b""
-            for raw in self._scanner698.feed(data):
-                try:
-                    self._serve698(raw, now, len(pending) or len(raw))
-                except Exception:
-                    log.exception("simulated line %s", self.name)
-                pending = b""
+            for scanner, serve in list(self._scanners.values()):
+                for raw in scanner.feed(data):
+                    try:
+                        serve(raw, now, len(pending) or len(raw))
+                    except Exception:  # a simulator bug must not kill the line silently
+                        log.exception("simulated line %s", self.name)
+                    pending = b""
 
-    def _meters_of(self, protocol):
-        return [m for m in self.meters.values()
-                if getattr(m, "protocol", "dlt645") == protocol]
+    def _meters_served_by(self, method):
+        """The meters whose frames `method` of this line answers."""
+        return [m for m in self.meters.values() if m.serve_method == method]
 
     def _serve698(self, raw, t_rx, request_bytes):
         from protocols import dlt698
@@ -456,7 +462,7 @@ class SimLine(threading.Thread):
             return
         self.stats["requests"] += 1
         answers = []
-        for m in self._meters_of("dlt698"):
+        for m in self._meters_served_by("_serve698"):
             if not m.matches698(frame.sa):
                 continue
             f = m.faults
@@ -478,7 +484,7 @@ class SimLine(threading.Thread):
         if frame.function == dlt645.TIME_SYNC:
             msg = dlt645.decode(frame)
             if isinstance(msg, dlt645.TimeSync):
-                for m in self._meters_of("dlt645"):
+                for m in self._meters_served_by("_serve"):
                     if frame.address == dlt645.BROADCAST or m.matches(frame.address):
                         m.time_sync(msg.when, t_rx)
             return
@@ -486,7 +492,7 @@ class SimLine(threading.Thread):
             return                                        # nobody answers a broadcast
         answers = []
         baud = self.line_baudrate()
-        for m in self._meters_of("dlt645"):
+        for m in self._meters_served_by("_serve"):
             if not m.matches(frame.address):
                 continue
             if not self.hears(m, baud):
@@ -538,7 +544,7 @@ class SimLine(threading.Thread):
         rng = self.rng
         ans = bytearray(ans)
         if f.wrong_address_rate and rng.random() < f.wrong_address_rate and \
-                getattr(meter, "protocol", "dlt645") == "dlt645":
+                meter.protocol == SimMeter.protocol:
             other = dlt645.address_to_wire("%012d" % rng.randint(1, 10 ** 12 - 1))
             ans[1:7] = other
             ans[-2] = sum(ans[:-2]) & 0xFF

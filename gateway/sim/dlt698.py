@@ -32,6 +32,7 @@ class SimMeter698(SimMeter):
     """A DL/T 698.45 meter (the DL/T 645 model underneath)."""
 
     protocol = "dlt698"
+    serve_method = "_serve698"
 
     def __init__(self, address, *, logical=0, plaintext_relay=True, **kw):
         super().__init__(address, **kw)
