@@ -49,7 +49,7 @@ def test_protocol_names_appear_only_in_the_configuration_registry():
     assert hits == [], "\n".join(hits)
 
 
-DRIVER_INTERFACE = ("SCAN_KEY", "HAS_RELAY", "tasks", "poll", "read_now",
+DRIVER_INTERFACE = ("HAS_RELAY", "tasks", "poll", "read_now",
                     "check_quantities", "scan", "quick_probe", "suggested_id", "toml_lines",
                     "key_of")
 

@@ -413,7 +413,8 @@ class CostControl(threading.Thread):
             if self._recent_cutoffs(now - window) >= limit:
                 self._trip_breaker(len(wanted_cut), limit)
                 return
-            self._cutoffs.append(time.time())
+            if self._cutoff_times is None:      # no ledger to count from (bare tests)
+                self._cutoffs.append(time.time())
             self.request_relay(meter, "cut_off", "balance exhausted", tick=self.tick)
 
     def _recent_cutoffs(self, since):

@@ -248,12 +248,13 @@ def _progress_printer(name, args):
 
 def cmd_scan(args):
     from gateway.line import reads
-    from gateway.registry import DEFAULT_PROTOCOL
+    from gateway.registry import DEFAULT_PROTOCOL, PROTOCOLS
     cfg, port = _scan_config(args)
     meters = cfg.meters if cfg else ()
     protocol = args.protocol or next((m.protocol for m in meters if m.port == port.name),
                                      DEFAULT_PROTOCOL)
     driver = reads.driver(protocol)
+    key = PROTOCOLS[protocol].keyed_by           # what a scan reports a meter by
     if args.auto:
         settings = AUTO_SETTINGS
     else:
@@ -276,18 +277,18 @@ def cmd_scan(args):
             f["baudrate"], f["parity"] = baudrate, parity
         if got:
             answered.append("%s (%d)" % (line_settings(line), len(got)))
-        found += [f for f in got if f[driver.SCAN_KEY] is None or
-                  f[driver.SCAN_KEY] not in {g[driver.SCAN_KEY] for g in found}]
+        found += [f for f in got if f[key] is None or
+                  f[key] not in {g[key] for g in found}]
     configured = {reads.driver(m.protocol).key_of(m): m.id
                   for m in meters if m.port == port.name and m.protocol == protocol}
     for f in found:
-        f["configured_as"] = configured.get(str(f[driver.SCAN_KEY]))
+        f["configured_as"] = configured.get(str(f[key]))
     out = {"port": port.name, "protocol": protocol, "found": found,
            "answered_at": answered}
     if args.toml or args.append:
         blocks = toml_blocks(port, protocol, driver, [f for f in found if not
                                                       f["configured_as"] and
-                                                      f[driver.SCAN_KEY] is not None])
+                                                      f[key] is not None])
         if args.append:
             _append(args.append, blocks)
         if args.toml:
@@ -301,11 +302,11 @@ def cmd_scan(args):
             if hint:
                 print(hint)
             return
-        table([(f[driver.SCAN_KEY] or "(answered with the wildcard; address unreadable)",
+        table([(f[key] or "(answered with the wildcard; address unreadable)",
                 f.get("version") or "", "%d 8%s1" % (f["baudrate"], f["parity"]),
                 f.get("profile") or "", f["configured_as"] or "(not configured)")
                for f in o["found"]],
-              [driver.SCAN_KEY, "version", "line", "profile", "configured as"])
+              [key, "version", "line", "profile", "configured as"])
         if args.auto:
             print("answered at: %s" % ", ".join(o["answered_at"]))
     if not found and hint:
@@ -328,7 +329,7 @@ def _other_protocols_answer(worker, reads, protocol):
         if keys:
             return "no %s meter answered, but %s %s %s did: scan with --protocol %s" % (
                 PROTOCOLS[protocol].label, PROTOCOLS[other].label,
-                reads.driver(other).SCAN_KEY, ", ".join(str(k) for k in keys), other)
+                PROTOCOLS[other].keyed_by, ", ".join(str(k) for k in keys), other)
     return None
 
 

@@ -8,13 +8,12 @@ status-word exchange the relay operation reads. Frames come from protocols.dlt64
 
 import datetime as _dt
 
-from gateway.line.reads import SILENT, ReadError, UnknownQuantity
+from gateway.line.reads import SILENT, ReadError, UnknownQuantity, suggested_address_id
 from gateway.model import TxError
 from gateway.store.journal import BACKFILLED, GOOD
 from protocols import dlt645
 from protocols.dlt645_values import lookup
 
-SCAN_KEY = "address"             # what a scan reports a meter by
 HAS_RELAY = True
 
 ENERGY_BLOCK = {2007: 0x0001FF00, 1997: 0x901F}
@@ -248,9 +247,7 @@ def quick_probe(worker):
     return []
 
 
-def suggested_id(found):
-    """A meter id for `mgw scan --toml`: m and the address without its leading zeros."""
-    return "m%s" % (found["address"].lstrip("0") or "0")
+suggested_id = suggested_address_id
 
 
 def toml_lines(found):

@@ -11,14 +11,13 @@ only; the quantity names are the DL/T 645 meters' (protocols.dlt698.quantities).
 
 import datetime as _dt
 
-from gateway.line.reads import UnknownQuantity
+from gateway.line.reads import UnknownQuantity, suggested_address_id
 from gateway.model import TxError
 from gateway.store.journal import BACKFILLED, GOOD
 from protocols import dlt698
 from protocols.dlt698 import OAD, RSD, DataError
 from protocols.dlt698_data import DATE_TIME_S
 
-SCAN_KEY = "address"             # what a scan reports a meter by
 HAS_RELAY = False                # relay commands go through control/relay.py, DL/T 645 only
 
 ENERGY = [OAD(0x0010, 2, 0), OAD(0x0020, 2, 0)]
@@ -188,9 +187,7 @@ def quick_probe(worker):
     return []
 
 
-def suggested_id(found):
-    """A meter id for `mgw scan --toml`: m and the address without its leading zeros."""
-    return "m%s" % (found["address"].lstrip("0") or "0")
+suggested_id = suggested_address_id
 
 
 def toml_lines(found):

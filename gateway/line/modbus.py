@@ -5,7 +5,6 @@ from gateway.line.reads import SILENT, ReadError, UnknownQuantity
 from protocols import modbus
 from protocols.modbus_profiles import PROFILES, decode_block
 
-SCAN_KEY = "unit"             # what a scan reports a meter by
 HAS_RELAY = False
 
 

@@ -49,6 +49,12 @@ def check_quantities(meter, quantities):
     driver_of(meter).check_quantities(meter, quantities)
 
 
+def suggested_address_id(found):
+    """A meter id for `mgw scan --toml`, for meters found by address: m and the address
+    without its leading zeros."""
+    return "m%s" % (found["address"].lstrip("0") or "0")
+
+
 def has_relay(meter):
     return driver_of(meter).HAS_RELAY
 

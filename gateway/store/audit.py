@@ -23,6 +23,8 @@ import stat
 import threading
 import time
 
+from gateway.store.state import fsync_dir
+
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
@@ -78,14 +80,6 @@ def _last_entry(path, repair):
             f.flush()
             os.fsync(f.fileno())
     return found
-
-
-def _fsync_dir(path):
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _open_append(path, extra=0):
@@ -176,7 +170,7 @@ class AuditTrail:
                     os.replace(older, "%s.%d" % (self.path, i + 1))
             os.replace(self.path, self.path + ".1")
             os.replace(new, self.path)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except OSError:
             os.close(fd)
             with contextlib.suppress(OSError):
