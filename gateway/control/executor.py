@@ -71,7 +71,7 @@ class WholeGateway:
 class Executor(threading.Thread):
     def __init__(self, *, control_cfg, data_dir, intake, meter_of, spec_of, line, ledger,
                  accounts, journal, audit, events, clock, prepaid, notify=lambda: None,
-                 reserve=None, local_group="meter-gateway"):
+                 reserve=None, local_group="meter-gateway", config=None):
         super().__init__(name="commands", daemon=True)
         self.cfg = control_cfg
         self.intake = intake                  # queue of uplink.Command
@@ -87,6 +87,7 @@ class Executor(threading.Thread):
         self.prepaid = prepaid                # () -> cost control, or None
         self.notify = notify
         self.reserve = reserve                # paths.DiskReserve or None
+        self.config = config                  # config_update: service.reload.Reloader
         self.keys = []
         for path in self.cfg.public_keys:
             try:
@@ -339,8 +340,9 @@ class Executor(threading.Thread):
                 pass                      # answered all the same: a rejection moves nothing
         self._audit("command.rejected", id=cmd["id"], code=rej.code.value,
                     reason=rej.reason, command=_public(cmd))
+        more = {"problems": rej.problems[:50]} if len(getattr(rej, "problems", ())) > 1 else {}
         return self._result(cmd["id"], "rejected", rej.reason, meta, code=rej.code,
-                            meter=cmd.get("meter"), action=cmd.get("action"))
+                            meter=cmd.get("meter"), action=cmd.get("action"), **more)
 
     def _answer(self, cid, res, meta):
         extra = {k: v for k, v in res.items() if k not in ("id", "status", "reason", "code")}
@@ -361,6 +363,9 @@ class Executor(threading.Thread):
                                "false")
             if action in DIAGNOSTIC_ACTIONS:
                 self._check_diagnostic(action, params)
+                return WholeGateway()
+            if action == "config_update":
+                self._check_config_update(params)
                 return WholeGateway()
             if self.prepaid() is None:
                 raise Rejected(RejectCode.NO_ACCOUNT, "no cost control on this gateway")
@@ -626,6 +631,15 @@ class Executor(threading.Thread):
             raise Rejected(RejectCode.RATE_LIMIT, "%s: at most %d diagnostic commands a "
                            "minute" % (action, DIAGNOSTICS_PER_MIN))
 
+    def _check_config_update(self, params):
+        why = self.config.check(params) if self.config is not None else (
+            RejectCode.BAD_PARAMS, "this gateway was not started from a configuration file",
+            [])
+        if why is not None:
+            rej = Rejected(why[0], why[1])
+            rej.problems = why[2]
+            raise rej
+
     def _diagnostic(self, cmd):
         params = cmd.get("params") or {}
         if cmd["action"] == "audit_verify":
@@ -639,6 +653,8 @@ class Executor(threading.Thread):
     def _gateway_action(self, cmd):
         if cmd["action"] in DIAGNOSTIC_ACTIONS:
             return self._diagnostic(cmd)
+        if cmd["action"] == "config_update":
+            return self.config.update(cmd["params"], cmd["id"], tick=self.tick)
         cc = self.prepaid()
         if cmd["action"] == "release_breaker":
             cc.release_breaker()

@@ -6,7 +6,8 @@ the uplink and the command executor. The main thread supervises: it restarts a d
 or uplink thread (counted), pings systemd's watchdog only while every thread shows signs of
 life, writes status.json for `mgw status`, and publishes a health event at the configured
 interval. SIGTERM/SIGINT stop it cleanly within a few seconds; a SIGKILL loses nothing that
-was appended to the journal.
+was appended to the journal. SIGHUP and a signed config_update reload the configuration in
+place (service/reload.py): lines, meters, schedules, accounts and tariffs, on this thread.
 """
 
 import collections
@@ -27,6 +28,8 @@ from gateway.store import paths
 from gateway.store.journal import JournalError, open_journal, save_marks
 from gateway.line.poller import LinePoller, MeterSpec
 from gateway.line.port import PortWorker
+from gateway.registry import keyed_by
+from gateway.service.reload import Reloader
 from gateway.service.sdnotify import Notifier
 from gateway.service.sink import ReadingSink
 from gateway.store.state import StateError, StateStore
@@ -37,7 +40,7 @@ HUNG_AFTER_S = 120.0          # a thread without a heartbeat this long is hung
 
 
 class Gateway:
-    def __init__(self, cfg, clock_policy=None, notifier=None, simulators=()):
+    def __init__(self, cfg, clock_policy=None, notifier=None, simulators=(), config_file=None):
         self.cfg = cfg
         self.started_at = time.time()
         self.clock = clock_policy or ClockPolicy(cfg.control.require_synced_clock)
@@ -77,6 +80,10 @@ class Gateway:
         self.costcontrol = None
         self.audit = None
         self.accounts = None
+        # config_update and SIGHUP need the file the configuration came from
+        self.reloader = Reloader(self, config_file) if config_file is not None else None
+        self.unconfigured = []          # meters a scan found that are not configured
+        self._meters_sent = None        # (uplink, payload) of the last retained meters list
         self._build_lines()
 
     # ---------------------------------------------------------------- wiring
@@ -90,25 +97,81 @@ class Gateway:
 
     def _build_lines(self):
         saved = self.state.get("meters", "all") or {}
-        offline = set(saved.get("offline", ()))
-        freeze_days = saved.get("last_freeze_day", {})
         for port in self.cfg.ports:
-            poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
-                                clock_trusted=self.clock.trusted,
-                                offline_after=port.offline_after)
+            self.pollers[port.name] = self._new_poller(port, saved)
+            self.workers[port.name] = self._new_worker(port)
+
+    def _new_poller(self, port, saved=None):
+        poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
+                            clock_trusted=self.clock.trusted,
+                            offline_after=port.offline_after)
+        if saved:
+            offline = set(saved.get("offline", ()))
+            freeze_days = saved.get("last_freeze_day", {})
             for mid, h in poller.health.items():
                 h.online = mid not in offline
                 if freeze_days.get(mid):
-                    import datetime as _dt
                     h.last_freeze_day = _dt.date.fromisoformat(freeze_days[mid])
-            self.pollers[port.name] = poller
-            self.workers[port.name] = self._new_worker(port)
+        return poller
 
-    def _new_worker(self, port):
+    def reconfigure(self, cfg, billing=True):
+        """Swap in a validated configuration whose [gateway], [storage], [uplink] and
+        [control] are this one's (service/reload.py checks). Lines whose settings are kept
+        keep their worker and, for kept meters, their schedules and health; a removed
+        line's worker is stopped (what it read is in the journal already); cost control is
+        replaced when accounts, tariffs or its policy changed. The journal is not touched:
+        no seq restarts, and a removed meter's readings still go out. Supervisor's thread
+        only."""
+        old_ports = {p.name: p for p in self.cfg.ports}
+        self.cfg = cfg
+        workers, pollers = dict(self.workers), dict(self.pollers)
+        for name in set(old_ports) - {p.name for p in cfg.ports}:
+            workers.pop(name).stop(2.0)
+            pollers.pop(name)
+        for port in cfg.ports:
+            poller = pollers.get(port.name)
+            if poller is None:
+                poller = pollers[port.name] = self._new_poller(port)
+            else:
+                poller.offline_after = port.offline_after
+                poller.reconfigure(self._specs(port.name))
+            if port.name in workers and old_ports[port.name] == port:
+                continue
+            if port.name in workers:
+                workers[port.name].stop(2.0)    # frees the device for its successor
+            workers[port.name] = self._new_worker(port, poller)
+            workers[port.name].start()
+        # rebound, not mutated: other threads iterate these
+        self.pollers, self.workers = pollers, workers
+        if billing and self.costcontrol is not None:
+            self.costcontrol.stop()
+            self.costcontrol = self._new_costcontrol()
+            self.costcontrol.start()
+        self.save_meter_state()
+
+    def health_marks(self):
+        """What is healthy now: the lines open, whether the uplink is connected."""
+        return {"open": {n for n, w in self.workers.items() if w.line_stats()["open"]},
+                "uplink": bool(self.uplink and self.uplink.state["connected"])}
+
+    def health_problems(self, before, touched=()):
+        """Why the gateway is not healthy after a reload (one line each): a line that was
+        open before, or is new or changed, is not open; the uplink was connected before and
+        is not now."""
+        out = []
+        for name, w in self.workers.items():
+            if (name in before["open"] or name in touched) and not w.line_stats()["open"]:
+                out.append(w.last_error or "port %s: %s not open" % (name, w.device))
+        if before["uplink"] and not (self.uplink and self.uplink.state["connected"]):
+            out.append("uplink: not connected (%s)" % (
+                (self.uplink.state["last_error"] if self.uplink else None) or "no CONNACK"))
+        return out
+
+    def _new_worker(self, port, poller=None):
         return PortWorker(port.name, port.device, baudrate=port.baudrate, parity=port.parity,
                           bytesize=port.bytesize, stopbits=port.stopbits,
                           retries=port.retries, settle_s=port.settle_ms / 1000.0,
-                          poll_source=self.pollers[port.name])
+                          poll_source=poller or self.pollers[port.name])
 
     def _appended(self):
         if self.uplink is not None:
@@ -146,7 +209,8 @@ class Gateway:
                         accounts=self.accounts, journal=self.journal, audit=self.audit,
                         events=self.sink.event, clock=self.clock,
                         prepaid=lambda: self.costcontrol, notify=self._appended,
-                        reserve=self.reserve, local_group=self.cfg.control.local_group)
+                        reserve=self.reserve, local_group=self.cfg.control.local_group,
+                        config=self.reloader)
 
     def _new_costcontrol(self):
         from gateway.billing import costcontrol
@@ -241,6 +305,8 @@ class Gateway:
         wd = self.notifier.watchdog_s
         next_status = 0.0
         while not stop_event.is_set():
+            if self.reloader is not None:
+                self.reloader.run_pending()
             healthy = self.supervise_once()
             if healthy and wd:
                 self.notifier.watchdog()
@@ -254,10 +320,13 @@ class Gateway:
                 if self._health_due:
                     self.sink.event("gateway.health", **self.health())
                 self._health_due = now + self.cfg.uplink.health_interval_s
+            self.publish_meters()
             stop_event.wait(min(1.0, wd / 3 if wd else 1.0))
 
     def stop(self, timeout=4.0):
         self.notifier.stopping()
+        if self.reloader is not None:
+            self.reloader.close()
         deadline = time.monotonic() + timeout
         for w in self.workers.values():
             w._halt.set()
@@ -280,6 +349,41 @@ class Gateway:
         self.instance_lock.release()
 
     # ---------------------------------------------------------------- status
+
+    def meters_list(self):
+        """The retained `{root}/meters` message: the configured meters (id, protocol,
+        address or unit, port, account mode) and their health, the meters a scan found
+        that are not configured, and the configuration's version."""
+        modes = {a.meter: a.mode for a in self.cfg.accounts}
+        meters = []
+        for m in self.cfg.meters:
+            poller = self.pollers.get(m.port)
+            h = poller.health.get(m.id) if poller is not None else None
+            entry = {"id": m.id, "protocol": m.protocol, "port": m.port}
+            if keyed_by(m.protocol) == "unit":
+                entry.update(unit=m.unit, profile=m.profile)
+            else:
+                entry["address"] = m.address
+            entry["account"] = modes.get(m.id)
+            entry["health"] = "unknown" if h is None or (h.online and h.last_ok is None) \
+                else "online" if h.online else "offline"
+            meters.append(entry)
+        return {"v": 1, "config_version": self.reloader.version if self.reloader else None,
+                "meters": meters, "unconfigured": list(self.unconfigured)}
+
+    def publish_meters(self, force=False):
+        """Republish the retained meters list when it changed (or the uplink was
+        replaced: a new one has not sent it)."""
+        if self.uplink is None:
+            return False
+        doc = self.meters_list()
+        if not force and self._meters_sent == (self.uplink, doc):
+            return False
+        self._meters_sent = (self.uplink, doc)
+        payload = dict(doc, ts=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+        self.uplink.retain("meters", json.dumps(payload, separators=(",", ":"),
+                                                ensure_ascii=False))
+        return True
 
     MARKS_EVERY_S = 60.0
 
@@ -357,6 +461,7 @@ class Gateway:
             buffer["bytes"] = jstats["file_bytes"]
             buffer["dropped"] = {s: st["dropped"] for s, st in jstats["streams"].items()}
         return {"v": 1, "gateway": self.cfg.gateway.id, "version": __version__,
+                "config_version": self.reloader.version if self.reloader else None,
                 "pid": os.getpid(), "started_at": self.started_at,
                 "written_at": time.time(),
                 "clock_trusted": self.clock.trusted(),
@@ -410,10 +515,14 @@ def serve(gw, stop_event=None, on_started=None):
     def handler(signum, frame):
         log.info("signal %d: stopping", signum)
         stop_event.set()
+    def reload(signum, frame):
+        gw.reloader.request_file_reload()       # done by the main loop, not in here
     old = {}
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             old[s] = signal.signal(s, handler)
+        if gw.reloader is not None:
+            old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     try:
         gw.start()
         if on_started:

@@ -116,6 +116,8 @@ class Uplink(threading.Thread):
         self._to_ack = collections.deque()    # (gen, mid, qos) from Command.done()
         self._stuck = 0                   # unacked commands of this connection not queued
         self._logged = set()              # conditions logged once (until they clear)
+        self._retained = {}               # sub-topic -> payload, sent again on each connect
+        self._retain_due = set()
         self.heartbeat = time.monotonic()
         self.state = {"connected": False, "broker": "%s:%d" % (cfg.host, cfg.port),
                       "last_ack": None, "last_error": None, "connects": 0,
@@ -145,6 +147,19 @@ class Uplink(threading.Thread):
     def notify(self):
         """New rows in the journal: wake the sender."""
         self._wake.set()
+
+    def retain(self, subtopic, payload):
+        """Publish `{root}/{subtopic}` retained (QoS 1) now if connected, and again on every
+        connect; a newer payload replaces an unsent one (any thread)."""
+        self._retained[subtopic] = payload
+        self._retain_due.add(subtopic)
+        self._wake.set()
+
+    def _send_retained(self, client):
+        while self._retain_due:
+            sub = self._retain_due.pop()
+            client.publish("%s/%s" % (self.root, sub), self._retained[sub], qos=1,
+                           retain=True)
 
     def status(self, journal_stats=None):
         """Connection state, backlog per stream and the age of the oldest unsent reading
@@ -214,6 +229,7 @@ class Uplink(threading.Thread):
         client.subscribe(self.root + "/commands", qos=1)
         client.publish(self.root + "/status", self._status_payload("online"), qos=1,
                        retain=True)
+        self._retain_due.update(self._retained)
         log.info("uplink connected to %s (%s)", self.state["broker"],
                  "MQTT 5" if self.v5 else "MQTT 3.1.1")
 
@@ -377,6 +393,7 @@ class Uplink(threading.Thread):
                 self.heartbeat = time.monotonic()
                 self._send_acks(client)
                 self._collect_acks()
+                self._send_retained(client)
                 self._send()
                 rc = client.loop(timeout=0.02 if self._has_work() else 0.05)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
