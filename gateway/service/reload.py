@@ -48,7 +48,6 @@ RESTART_ONLY = ("gateway", "storage", "uplink", "control")
 # the meter archive: list sections and the key naming an entry, then named tables
 KEYED = {"ports": "name", "meters": "id", "accounts": "meter"}
 OPS = ("remove", "replace", "update", "add")      # applied in this order
-MASKED = ("password", "operator_code")            # never in a diff, an event or a log
 
 
 class ReloadError(GatewayError):
@@ -211,20 +210,10 @@ def secrets_in(payload, where="params"):
         elif isinstance(v, str) and _PRIVATE_KEY.search(v):
             out.append("%s: carries a private key; reference a key file on the box" % at)
     walk(payload, where)
-    if isinstance(payload, dict):
-        up = payload.get("uplink")
-        if isinstance(up, dict) and up.get("password") is not None:
-            out.append("%s.uplink.password: a broker password is not sent over the network; "
-                       "use uplink.password_file (a file already on the box)" % where)
-        text = payload.get("toml")
-        if isinstance(text, str) and re.search(r"(?m)^\s*password\s*=", text) and \
-                "[uplink]" in text:
-            try:
-                if "password" in tomllib.loads(text).get("uplink", {}):
-                    out.append("%s.toml: [uplink] password is not sent over the network; "
-                               "use password_file" % where)
-            except tomllib.TOMLDecodeError:
-                pass                    # reported by the validation
+    up = payload.get("uplink") if isinstance(payload, dict) else None
+    if isinstance(up, dict) and up.get("password") is not None:
+        out.append("%s.uplink.password: a broker password is not sent over the network; "
+                   "use uplink.password_file (a file already on the box)" % where)
     return out
 
 
@@ -381,15 +370,6 @@ class ConfigFile:
         return cls(path, text, doc, validate(copy.deepcopy(doc), path))
 
 
-def mask(value):
-    """A table with its meter secrets masked (for logs and events)."""
-    if isinstance(value, dict):
-        return {k: "***" if k in MASKED else mask(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [mask(v) for v in value]
-    return value
-
-
 # ---------------------------------------------------------------- the reloader
 
 class _Request:
@@ -509,9 +489,6 @@ class Reloader:
         if version != self.version:
             raise ReloadError(RejectCode.STALE_VERSION, "stale: made for configuration %s, "
                               "the gateway runs %s" % (version[:12], self.version[:12]))
-        secrets = secrets_in({k: params[k] for k in given}) if remote else []
-        if secrets:
-            raise ReloadError(RejectCode.SECRET_IN_CONFIG, secrets[0], secrets)
         path = self.current.path
         if "patch" in params:
             doc = apply_patch(self.current.doc, params["patch"])
@@ -531,6 +508,10 @@ class Reloader:
                                   "%s" % exc) from None
             if doc is None:
                 raise ReloadError(RejectCode.BAD_PARAMS, "params.toml: the file as text")
+        secrets = secrets_in(doc if "toml" in params else params[given[0]],
+                             "params." + given[0]) if remote else []
+        if secrets:
+            raise ReloadError(RejectCode.SECRET_IN_CONFIG, secrets[0], secrets)
         return self._validated(path, text, doc)
 
     def _validated(self, path, text, doc):
