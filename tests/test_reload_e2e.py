@@ -11,7 +11,7 @@ import uuid
 
 from gateway.control.signing import load_private_key, sign
 from mqtt_helpers import HeadEnd, unique_seqs
-from test_e2e import Simulator, keys, mgw, write_config
+from test_e2e import ROOT, NotifySocket, Simulator, keys, mgw, write_config
 
 
 def command(key, params, action="config_update", meter="*"):
@@ -174,7 +174,8 @@ def test_sighup_after_a_local_edit_reloads_and_a_removed_meter_keeps_its_reading
     sim = Simulator(tmp_path, meters=5)
     path = write_config(tmp_path, sim.link, broker, pub, meters=4)
     head = HeadEnd(broker)
-    gw = mgw("run", "--config", path)
+    notify = NotifySocket(tmp_path)
+    gw = mgw("run", "--config", path, env={"NOTIFY_SOCKET": notify.path})
     try:
         head.wait(lambda: meter_ids(head) == ["m1", "m2", "m3", "m4"], timeout=30)
         v0 = meters_list(head)["config_version"]
@@ -212,6 +213,11 @@ def test_sighup_after_a_local_edit_reloads_and_a_removed_meter_keeps_its_reading
                                                 "changed": {}}
         head.wait(lambda: readings_after(head, "m5", t_edit - 1), timeout=20)
         assert open(path + ".prev").read() == text
+        # systemd hears the reload begin and end (sd_notify RELOADING=1, then READY=1)
+        msgs = notify.messages
+        reloading = [i for i, m in enumerate(msgs) if m.startswith("RELOADING=1")]
+        assert len(reloading) == 1 and "MONOTONIC_USEC=" in msgs[reloading[0]]
+        assert any(m.startswith("READY=1") for m in msgs[reloading[0] + 1:])
         err = stop(gw)
         assert "baudrate" in err            # the refused edit was named in the log
         # m4's readings buffered while the broker was away were still delivered
@@ -226,3 +232,16 @@ def test_sighup_after_a_local_edit_reloads_and_a_removed_meter_keeps_its_reading
             gw.kill()
         head.close()
         sim.stop()
+
+
+def test_systemctl_reload_checks_the_file_then_signals_the_service():
+    unit = open(os.path.join(ROOT, "systemd", "meter-gateway.service")).read()
+    reload = [line.split("=", 1)[1] for line in unit.splitlines()
+              if line.startswith("ExecReload=")]
+    # run in order, the first failing stops the rest: a file that fails the check never
+    # reaches the running service
+    assert reload == ["/usr/local/bin/mgw config check --config "
+                      "/etc/meter-gateway/gateway.toml", "/bin/kill -HUP $MAINPID"]
+    assert "ReadWritePaths=/etc/meter-gateway" in unit
+    tmpfiles = open(os.path.join(ROOT, "systemd", "meter-gateway.tmpfiles.conf")).read()
+    assert "d /etc/meter-gateway 0770 root meter-gateway -" in tmpfiles

@@ -584,6 +584,8 @@ class Reloader:
             log.error("config_update: %s", reason)
             return "failed", reason, {"code": "write_failed"}
         before = gw.health_marks()
+        # systemd: reloading until READY=1 again (sd_notify(3))
+        gw.notifier.send("RELOADING=1", "MONOTONIC_USEC=%d" % (time.monotonic() * 1e6))
         billing = any(k in changes for k in ("accounts", "tariffs", "cost_control"))
         gw.reconfigure(cand.cfg, billing=billing)
         self.current = cand
@@ -596,6 +598,7 @@ class Reloader:
             gw.sink.event("config.applied", **fields)
             log.info("configuration %s applied (%s): %s", cand.version[:12], source,
                      json.dumps(changes, sort_keys=True))
+            gw.notifier.ready(gw.summary())
             return "done", None, {"version": cand.version, "previous_version": old.version,
                                   "changes": changes}
         reason = "; ".join(problems)
@@ -613,6 +616,7 @@ class Reloader:
         if command_id:
             fields["command"] = command_id
         gw.sink.event("config.rolled_back", **fields)
+        gw.notifier.ready(gw.summary())
         return "failed", "rolled back to %s: %s" % (old.version[:12], reason), {
             "code": "rolled_back", "version": old.version, "rejected_version": cand.version}
 
