@@ -144,17 +144,18 @@ def test_a_candidate_is_validated_like_config_check(reloader):
     ({"version": "0" * 64, "patch": {"meters": {"remove": ["m3"]}}},
      RejectCode.STALE_VERSION, "stale: made for configuration 000000000000"),
     ({"patch": {}}, RejectCode.BAD_PARAMS, "params.version"),
-    ({"version": None}, RejectCode.BAD_PARAMS, "exactly one of"),
-    ({"dry_run": "yes", "patch": {}}, RejectCode.BAD_PARAMS, "dry_run"),
-    ({"toml": "[gateway\n"}, RejectCode.INVALID_CONFIG, "params.toml: not valid TOML"),
-    ({"health_timeout_s": 0, "patch": {}}, RejectCode.BAD_PARAMS, "health_timeout_s"),
+    ({"version": "V"}, RejectCode.BAD_PARAMS, "exactly one of"),
+    ({"version": "V", "dry_run": "yes", "patch": {}}, RejectCode.BAD_PARAMS, "dry_run"),
+    ({"version": "V", "toml": "[gateway\n"}, RejectCode.INVALID_CONFIG,
+     "params.toml: not valid TOML"),
+    ({"version": "V", "health_timeout_s": 0, "patch": {}}, RejectCode.BAD_PARAMS,
+     "health_timeout_s"),
+    ({"version": "V", "patch": {"meters": {"add": [{"id": "m1"}]}}}, RejectCode.BAD_PARAMS,
+     "meter m1 exists already"),
 ])
 def test_candidates_refused_with_a_code_and_a_reason(reloader, params, code, text):
     params = dict(params)
-    if params.get("version", "") is None or "version" not in params and "patch" not in \
-            params:
-        params["version"] = reloader.version
-    if "toml" in params:
+    if params.get("version") == "V":
         params["version"] = reloader.version
     with pytest.raises(rl.ReloadError) as e:
         reloader.candidate(params, remote=True)
@@ -225,11 +226,9 @@ def test_a_line_keeps_its_schedules_and_health_across_a_reload():
 
 # ---------------------------------------------------------------- accounts and tariffs
 
-def test_accounts_and_tariffs_reload_through_a_signed_command(tmp_path):
-    h = Harness(tmp_path, meters=2, accounts=[
-        {"meter": "m1", "tariff": "flat", "opening_balance": "50.00"}])
-    doc = json.loads(json.dumps(h.doc))
-    path = write(tmp_path, doc)
+def start_from_file(h, tmp_path):
+    """The harness's gateway, started from its configuration written as a file."""
+    path = write(tmp_path, json.loads(json.dumps(h.doc)))
     source = rl.ConfigFile.load(path)
     h.gw = Gateway(source.cfg, clock_policy=h.clock, config_file=source)
     h._stop = threading.Event()
@@ -237,8 +236,24 @@ def test_accounts_and_tariffs_reload_through_a_signed_command(tmp_path):
     h._thread = threading.Thread(target=serve, args=(h.gw, h._stop),
                                  kwargs={"on_started": lambda g: started.set()}, daemon=True)
     h._thread.start()
+    assert started.wait(10)
+    return path, source
+
+
+def wait(cond, timeout=15):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("not within %s s" % timeout)
+
+
+def test_accounts_and_tariffs_reload_through_a_signed_command(tmp_path):
+    h = Harness(tmp_path, meters=2, accounts=[
+        {"meter": "m1", "tariff": "flat", "opening_balance": "50.00"}])
     try:
-        assert started.wait(10)
+        path, source = start_from_file(h, tmp_path)
         top = h.command("m1", "topup", {"amount": "10.00", "txn": "PAY-1"})
         h.send(top)
         assert h.wait_result(top["id"])["balance"] == "60.00"
@@ -271,5 +286,36 @@ def test_accounts_and_tariffs_reload_through_a_signed_command(tmp_path):
         r = h.wait_result(cmd["id"])
         assert r["status"] == "rejected" and "not started from a configuration file" in \
             r["reason"]
+    finally:
+        h.close()
+
+
+def test_a_local_edit_whose_port_cannot_open_is_rolled_back(tmp_path):
+    h = Harness(tmp_path, meters=2)
+    try:
+        path, source = start_from_file(h, tmp_path)
+        h.gw.reloader.health_timeout_s = 1.5
+        original = open(path).read()
+        wait(lambda: h.gw.workers["p1"].line_stats()["open"])
+        doc = json.loads(json.dumps(h.doc))
+        doc["ports"].append({"name": "p2", "device": str(tmp_path / "gone")})
+        doc["meters"].append({"id": "m9", "port": "p2", "address": "9"})
+        edited = rl.to_toml(doc)
+        with open(path, "w") as f:
+            f.write(edited)
+        h.gw.reloader.request_file_reload()
+        wait(lambda: [e for e in h.gw.sink.recent if "config.rolled_back" in e])
+        line = [e for e in h.gw.sink.recent if "config.rolled_back" in e][0]
+        assert "gone does not exist" in line and "source=sighup" in line
+        assert open(path).read() == original            # the previous file written back
+        assert open(path + ".prev").read() == original
+        rejected = [n for n in os.listdir(tmp_path / "history") if n.endswith(".rejected.toml")]
+        assert len(rejected) == 1
+        assert open(tmp_path / "history" / rejected[0]).read() == edited
+        assert sorted(h.gw.workers) == ["p1"] and h.gw.reloader.version == source.version
+        assert [m["id"] for m in h.gw.meters_list()["meters"]] == ["m1", "m2"]
+        # the line that was there goes on being read
+        before = h.gw.pollers["p1"].health["m1"].reads
+        wait(lambda: h.gw.pollers["p1"].health["m1"].reads > before, timeout=20)
     finally:
         h.close()

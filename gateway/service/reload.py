@@ -328,10 +328,14 @@ def write_atomic(path, text):
     fsync_dir(path)
 
 
-def keep_previous(path, text, version, suffix=""):
-    """The configuration being replaced, kept as PATH.prev and in history/ (the last
-    HISTORY_KEEP there)."""
+def keep_previous(path, text, version):
+    """The configuration being replaced, kept as PATH.prev and in history/."""
     write_atomic(path + ".prev", text)
+    to_history(path, text, version)
+
+
+def to_history(path, text, version, suffix=""):
+    """A configuration kept in history/ beside PATH (the last HISTORY_KEEP there)."""
     folder = os.path.join(os.path.dirname(os.path.abspath(path)), HISTORY_DIR)
     os.makedirs(folder, mode=0o750, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -587,9 +591,13 @@ class Reloader:
         # systemd: reloading until READY=1 again (sd_notify(3))
         gw.notifier.send("RELOADING=1", "MONOTONIC_USEC=%d" % (time.monotonic() * 1e6))
         billing = any(k in changes for k in ("accounts", "tariffs", "cost_control"))
-        gw.reconfigure(cand.cfg, billing=billing)
         self.current = cand
-        problems = self._wait_healthy(before, changes, timeout)
+        try:
+            gw.reconfigure(cand.cfg, billing=billing)
+            problems = self._wait_healthy(before, changes, timeout)
+        except Exception as exc:            # a bug must not leave half a configuration
+            log.exception("configuration %s", cand.version[:12])
+            problems = ["internal error: %s" % exc]
         if not problems:
             fields = {"version": cand.version, "previous": old.version, "source": source,
                       "changes": changes}
@@ -605,7 +613,7 @@ class Reloader:
         log.error("configuration %s rolled back (%s): %s", cand.version[:12], source, reason)
         try:
             if written:
-                keep_previous(old.path, cand.text, cand.version, suffix=".rejected")
+                to_history(old.path, cand.text, cand.version, suffix=".rejected")
             write_atomic(old.path, old.text)
         except OSError as exc:
             log.error("rollback: cannot write %s back (%s)", old.path, exc.strerror)
