@@ -7,7 +7,6 @@ import copy
 import json
 import os
 import threading
-import time
 
 import pytest
 
@@ -21,6 +20,7 @@ from gateway.model import RejectCode
 from gateway.service import reload as rl
 from gateway.service.gateway import Gateway, serve
 from gwharness import Harness
+from test_costcontrol import wait
 
 DOC = {
     "gateway": {"id": "gw-1", "data_dir": "/tmp/x"},
@@ -238,15 +238,6 @@ def start_from_file(h, tmp_path):
     h._thread.start()
     assert started.wait(10)
     return path, source
-
-
-def wait(cond, timeout=15):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    raise AssertionError("not within %s s" % timeout)
 
 
 def test_accounts_and_tariffs_reload_through_a_signed_command(tmp_path):
