@@ -168,6 +168,51 @@ def test_config_update_adds_and_removes_meters_while_polling(tmp_path, broker):
         sim.stop()
 
 
+def test_a_restart_during_the_health_check_concludes_it_at_start(tmp_path, broker):
+    priv, pub = keys(tmp_path)
+    key = load_private_key(priv)
+    sim = Simulator(tmp_path, meters=4)
+    path = write_config(tmp_path, sim.link, broker, pub, meters=4)
+    original = open(path).read()
+    head = HeadEnd(broker)
+    gw = mgw("run", "--config", path)
+    try:
+        head.wait(lambda: meter_ids(head) == ["m1", "m2", "m3", "m4"], timeout=30)
+        v0 = meters_list(head)["config_version"]
+        dead = {"ports": {"add": [{"name": "rs485-2", "device": str(tmp_path / "no-such-tty"),
+                                   "baudrate": 19200}]},
+                "meters": {"add": [dict(meter(9), port="rs485-2")]}}
+        cmd = command(key, {"version": v0, "patch": dead, "health_timeout_s": 6})
+        head.publish("commands", json.dumps(cmd))
+        # the new file is written and its health check under way: the power goes
+        head.wait(lambda: "no-such-tty" in open(path).read(), timeout=30)
+        gw.send_signal(signal.SIGKILL)
+        gw.wait(10)
+        assert os.path.exists(path + ".pending")
+        gw = mgw("run", "--config", path)
+        # at start the unconfirmed configuration is checked again, found unhealthy, undone
+        head.wait(lambda: events(head, "config.rolled_back"), timeout=40)
+        rolled = events(head, "config.rolled_back")[0]
+        assert rolled["after_restart"] is True and rolled["restored"] == v0
+        assert "no-such-tty" in rolled["reason"] and rolled["command"] == cmd["id"]
+        # the interrupted command is concluded by that check, not applied a second time
+        head.wait(lambda: any(r.get("id") == cmd["id"] and r["status"] == "failed"
+                              for r in head.topic("command-results")), timeout=30)
+        res = [r for r in head.topic("command-results") if r.get("id") == cmd["id"]
+               and r["status"] == "failed"][0]
+        assert res["code"] == "rolled_back" and res["version"] == v0, res
+        assert open(path).read() == original and not os.path.exists(path + ".pending")
+        head.wait(lambda: meters_list(head)["config_version"] == v0)
+        assert meter_ids(head) == ["m1", "m2", "m3", "m4"]
+        assert len(events(head, "config.rolled_back")) == 1
+        stop(gw)
+    finally:
+        if gw.poll() is None:
+            gw.kill()
+        head.close()
+        sim.stop()
+
+
 def test_sighup_after_a_local_edit_reloads_and_a_removed_meter_keeps_its_readings(
         tmp_path):
     from conftest import Broker

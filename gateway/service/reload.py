@@ -39,6 +39,7 @@ from gateway.store.state import fsync_dir
 log = logging.getLogger(__name__)
 
 HISTORY_DIR = "history"          # beside gateway.toml: the last configurations replaced
+PENDING = ".pending"             # PATH.pending: a reload written but not yet found healthy
 HISTORY_KEEP = 10
 HEALTH_TIMEOUT_S = 30.0
 HEALTH_TIMEOUT_MAX_S = 300.0
@@ -394,6 +395,9 @@ class Reloader:
         self.health_timeout_s = health_timeout_s
         self._requests = queue.Queue()
         self._closed = False
+        self._pending_command = None        # a config_update cut short by a restart
+        self._concluded = {}                # its id -> its result, once concluded
+        self._pending_at_start()
 
     @property
     def version(self):
@@ -413,6 +417,12 @@ class Reloader:
 
     def update(self, params, command_id=None, tick=lambda: None):
         """Run a config_update: (status, reason, extra) for the command's result."""
+        if command_id is not None and command_id == self._pending_command:
+            # resumed after a restart that came during its health check: its outcome is
+            # that check's, concluded at start (queued before this), never a second apply
+            req = self.submit(lambda: self._concluded.pop(command_id, (
+                "failed", "interrupted by a restart", {"code": "interrupted"})))
+            return self._wait(req, self.health_timeout_s, tick)
         try:
             cand = self.candidate(params, remote=True)
         except ReloadError as exc:
@@ -423,7 +433,10 @@ class Reloader:
                                   "changes": self.changes(cand)}
         timeout = params.get("health_timeout_s", self.health_timeout_s)
         req = self.submit(lambda: self._apply_checked(params, "remote", command_id, timeout))
-        # the supervisor applies it; the wait is bounded (the executor's heartbeat goes on)
+        return self._wait(req, timeout, tick)
+
+    def _wait(self, req, timeout, tick):
+        # the supervisor does it; the wait is bounded (the executor's heartbeat goes on)
         end = time.monotonic() + timeout + 60
         while not req.done.wait(0.5):
             tick()
@@ -578,7 +591,12 @@ class Reloader:
         timeout = self.health_timeout_s if timeout is None else timeout
         if not changes and cand.version == old.version:
             return "done", "unchanged", {"version": old.version}
+        marker = {"version": cand.version, "previous": old.version, "source": source,
+                  "command": command_id, "timeout": timeout, "changes": changes}
         try:
+            # a restart before the health check ends concludes it at start (see
+            # _pending_at_start): no configuration is kept that was never found healthy
+            write_atomic(old.path + PENDING, json.dumps(marker))
             keep_previous(old.path, old.text, old.version)
             if not written:
                 write_atomic(old.path, cand.text)
@@ -586,6 +604,7 @@ class Reloader:
             reason = "%s: cannot write (%s); nothing changed" % (
                 exc.filename or old.path, exc.strerror)
             log.error("config_update: %s", reason)
+            _remove(old.path + PENDING)
             return "failed", reason, {"code": "write_failed"}
         before = gw.health_marks()
         # systemd: reloading until READY=1 again (sd_notify(3))
@@ -599,34 +618,97 @@ class Reloader:
             log.exception("configuration %s", cand.version[:12])
             problems = ["internal error: %s" % exc]
         if not problems:
-            fields = {"version": cand.version, "previous": old.version, "source": source,
-                      "changes": changes}
-            if command_id:
-                fields["command"] = command_id
-            gw.sink.event("config.applied", **fields)
-            log.info("configuration %s applied (%s): %s", cand.version[:12], source,
-                     json.dumps(changes, sort_keys=True))
-            gw.notifier.ready(gw.summary())
-            return "done", None, {"version": cand.version, "previous_version": old.version,
-                                  "changes": changes}
+            return self._applied(marker)
+        return self._roll_back(old, marker, problems, billing)
+
+    def _applied(self, marker, **more):
+        cand = self.current
+        _remove(cand.path + PENDING)
+        fields = {"version": cand.version, "previous": marker["previous"],
+                  "source": marker["source"], "changes": marker["changes"]}
+        if marker.get("command"):
+            fields["command"] = marker["command"]
+        fields.update(more)
+        self.gw.sink.event("config.applied", **fields)
+        log.info("configuration %s applied (%s): %s", cand.version[:12], marker["source"],
+                 json.dumps(marker["changes"], sort_keys=True))
+        self.gw.notifier.ready(self.gw.summary())
+        return "done", None, {"version": cand.version, "previous_version": marker["previous"],
+                              "changes": marker["changes"]}
+
+    def _roll_back(self, old, marker, problems, billing=True, **more):
+        """Back to `old` (file and running configuration), saying why."""
+        gw, cand = self.gw, self.current
         reason = "; ".join(problems)
-        log.error("configuration %s rolled back (%s): %s", cand.version[:12], source, reason)
+        log.error("configuration %s rolled back (%s): %s", cand.version[:12],
+                  marker["source"], reason)
         try:
-            if written:
-                to_history(old.path, cand.text, cand.version, suffix=".rejected")
+            to_history(old.path, cand.text, cand.version, suffix=".rejected")
             write_atomic(old.path, old.text)
         except OSError as exc:
             log.error("rollback: cannot write %s back (%s)", old.path, exc.strerror)
         gw.reconfigure(old.cfg, billing=billing)
         self.current = old
-        fields = {"version": cand.version, "restored": old.version, "source": source,
-                  "reason": reason, "changes": changes}
-        if command_id:
-            fields["command"] = command_id
+        _remove(old.path + PENDING)
+        fields = {"version": cand.version, "restored": old.version, "source": marker["source"],
+                  "reason": reason, "changes": marker["changes"]}
+        if marker.get("command"):
+            fields["command"] = marker["command"]
+        fields.update(more)
         gw.sink.event("config.rolled_back", **fields)
         gw.notifier.ready(gw.summary())
         return "failed", "rolled back to %s: %s" % (old.version[:12], reason), {
             "code": "rolled_back", "version": old.version, "rejected_version": cand.version}
+
+    def _pending_at_start(self):
+        """A reload the process did not live to confirm (a crash or power cut during its
+        health check): if the file is that configuration, its health is checked now (the
+        lines it added or changed must open; the uplink may still be connecting after a
+        start) and it is rolled back to gateway.toml.prev if they do not."""
+        path = self.current.path + PENDING
+        try:
+            with open(path, encoding="utf-8") as f:
+                marker = json.load(f)
+            marker["version"], marker["previous"], marker["source"]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable (%s); removed", path, exc)
+            _remove(path)
+            return
+        if marker["version"] != self.version:
+            _remove(path)           # the file never changed, or was put back: nothing to do
+            return
+        self._pending_command = marker.get("command")
+        self.submit(lambda: self._confirm(marker))
+
+    def _confirm(self, marker):
+        path = self.current.path
+        timeout = marker.get("timeout") or self.health_timeout_s
+        # what the reload added or changed must open (the uplink may still be connecting)
+        problems = self._wait_healthy({"open": set(), "uplink": False}, marker["changes"],
+                                      timeout)
+        if not problems:
+            result = self._applied(marker, after_restart=True)
+        else:
+            try:
+                prev = ConfigFile.load(path + ".prev")
+                prev = ConfigFile(path, prev.text, prev.doc, prev.cfg)
+                if prev.version != marker["previous"]:
+                    raise ConfigError(["%s.prev: not configuration %s" % (
+                        path, marker["previous"][:12])])
+            except (ConfigError, OSError) as exc:
+                why = exc.problems[0] if isinstance(exc, ConfigError) else str(exc)
+                log.error("configuration %s is not healthy (%s) and cannot be rolled back: "
+                          "%s", self.version[:12], "; ".join(problems), why)
+                _remove(path + PENDING)
+                result = ("failed", "not healthy after a restart, and no previous "
+                          "configuration to go back to: %s" % why, {"code": "rolled_back"})
+            else:
+                result = self._roll_back(prev, marker, problems, after_restart=True)
+        if marker.get("command"):
+            self._concluded[marker["command"]] = result
+        return result
 
     def _wait_healthy(self, before, changes, timeout):
         gw = self.gw
@@ -643,6 +725,15 @@ class Reloader:
             if gw.supervise_once() and gw.notifier.watchdog_s:
                 gw.notifier.watchdog()
             time.sleep(0.1)
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc.strerror)
 
 
 def _failure(exc):
