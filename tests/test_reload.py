@@ -310,3 +310,28 @@ def test_a_local_edit_whose_port_cannot_open_is_rolled_back(tmp_path):
         wait(lambda: h.gw.pollers["p1"].health["m1"].reads > before, timeout=20)
     finally:
         h.close()
+
+
+def test_a_changed_port_gets_a_new_worker_on_the_same_device(tmp_path):
+    h = Harness(tmp_path, meters=2)
+    try:
+        path, source = start_from_file(h, tmp_path)
+        wait(lambda: h.gw.pollers["p1"].health["m1"].reads_ok > 0)
+        old_worker, kept = h.gw.workers["p1"], h.gw.pollers["p1"].health["m1"]
+        cmd = h.command("*", "config_update", {"version": source.version, "patch": {
+            "ports": {"update": [{"name": "p1", "retries": 3, "settle_ms": 5}]}}})
+        h.send(cmd)
+        res = h.wait_result(cmd["id"])
+        assert res["status"] == "done", res
+        assert res["changes"] == {"ports": {"added": [], "removed": [],
+                                            "changed": {"p1": ["retries", "settle_ms"]}}}
+        new = h.gw.workers["p1"]
+        assert new is not old_worker and not old_worker.is_alive()
+        assert new.retries == 3 and new.line_stats()["open"]
+        # the meters on it keep their health and go on being read by the new worker
+        assert h.gw.pollers["p1"].health["m1"] is kept
+        before = new.stats.answers
+        wait(lambda: new.stats.answers > before, timeout=20)
+        assert new.last_error is None
+    finally:
+        h.close()

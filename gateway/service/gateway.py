@@ -125,8 +125,9 @@ class Gateway:
         old_ports = {p.name: p for p in self.cfg.ports}
         self.cfg = cfg
         workers, pollers = dict(self.workers), dict(self.pollers)
+        retired, fresh = [], []
         for name in set(old_ports) - {p.name for p in cfg.ports}:
-            workers.pop(name).stop(2.0)
+            retired.append(workers.pop(name))
             pollers.pop(name)
         for port in cfg.ports:
             poller = pollers.get(port.name)
@@ -138,11 +139,16 @@ class Gateway:
             if port.name in workers and old_ports[port.name] == port:
                 continue
             if port.name in workers:
-                workers[port.name].stop(2.0)    # frees the device for its successor
+                retired.append(workers[port.name])
             workers[port.name] = self._new_worker(port, poller)
-            workers[port.name].start()
-        # rebound, not mutated: other threads iterate these
+            fresh.append(workers[port.name])
+        # rebound, not mutated (other threads iterate them), before the old workers stop:
+        # a job queued from now on goes to a worker that will run it
         self.pollers, self.workers = pollers, workers
+        for w in retired:
+            w.stop(2.0)                         # frees the device for its successor
+        for w in fresh:
+            w.start()
         if billing and self.costcontrol is not None:
             self.costcontrol.stop()
             self.costcontrol = self._new_costcontrol()
