@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -335,3 +336,40 @@ def test_a_changed_port_gets_a_new_worker_on_the_same_device(tmp_path):
         assert new.last_error is None
     finally:
         h.close()
+
+
+def test_the_retained_meters_list_follows_the_meters_health(tmp_path, broker):
+    from mqtt_helpers import HeadEnd
+    head = HeadEnd(broker)
+    h = Harness(tmp_path, broker=broker, meters=2, interval_s=1, accounts=[
+        {"meter": "m2", "tariff": "flat", "opening_balance": "5.00", "mode": "remote"}])
+    h.start()
+
+    def health():
+        msgs = head.topic("meters")
+        return {m["id"]: m["health"] for m in msgs[-1]["meters"]} if msgs else {}
+    try:
+        wait(lambda: health() == {"m1": "online", "m2": "online"})
+        first = head.topic("meters")[-1]
+        assert first["meters"][1] == {"id": "m2", "protocol": "dlt645", "port": "p1",
+                                      "address": "000000000002", "account": "remote",
+                                      "health": "online"}
+        assert first["unconfigured"] == [] and first["v"] == 1
+        h.sim_meters[1].faults.silent = True
+        wait(lambda: health() == {"m1": "online", "m2": "offline"}, timeout=40)
+        h.sim_meters[1].faults.silent = False
+        h.gw.pollers["p1"].health["m2"].next_probe = 0     # probe now, not in a minute
+        wait(lambda: health() == {"m1": "online", "m2": "online"}, timeout=40)
+        # retained: a head-end that comes later gets the current list at once
+        late = HeadEnd(broker, client_id="late")
+        late.wait(lambda: late.topic("meters"))
+        assert {m["id"]: m["health"] for m in late.topic("meters")[-1]["meters"]} == \
+            {"m1": "online", "m2": "online"}
+        late.close()
+        # published on change only, not at every supervision round
+        n = len(head.topic("meters"))
+        time.sleep(3)
+        assert len(head.topic("meters")) == n
+    finally:
+        h.close()
+        head.close()
