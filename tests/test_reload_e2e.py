@@ -64,14 +64,29 @@ def stop(gw):
     return err
 
 
+class Rig:
+    """Keys, a simulated line (`sim_meters` on it, four configured), the head-end and
+    `mgw run` on the configuration file."""
+
+    def __init__(self, tmp_path, broker, sim_meters, head=None, env=None):
+        priv, pub = keys(tmp_path)
+        self.key = load_private_key(priv)
+        self.sim = Simulator(tmp_path, meters=sim_meters)
+        self.path = write_config(tmp_path, self.sim.link, broker, pub, meters=4)
+        self.original = open(self.path).read()
+        self.head = head or HeadEnd(broker)
+        self.gw = mgw("run", "--config", self.path, env=env or {})
+
+    def close(self):
+        if self.gw.poll() is None:
+            self.gw.kill()
+        self.head.close()
+        self.sim.stop()
+
+
 def test_config_update_adds_and_removes_meters_while_polling(tmp_path, broker):
-    priv, pub = keys(tmp_path)
-    key = load_private_key(priv)
-    sim = Simulator(tmp_path, meters=6)
-    path = write_config(tmp_path, sim.link, broker, pub, meters=4)
-    original = open(path).read()
-    head = HeadEnd(broker)
-    gw = mgw("run", "--config", path)
+    rig = Rig(tmp_path, broker, sim_meters=6)
+    key, path, original, head, gw = rig.key, rig.path, rig.original, rig.head, rig.gw
     try:
         # the retained meters list names the configuration's version
         head.wait(lambda: meter_ids(head) == ["m1", "m2", "m3", "m4"], timeout=30)
@@ -162,20 +177,12 @@ def test_config_update_adds_and_removes_meters_while_polling(tmp_path, broker):
         assert len({b["jid"] for b in head.topic("readings")}) == 1
         assert not readings_after(head, "m4", time.time() - 8)
     finally:
-        if gw.poll() is None:
-            gw.kill()
-        head.close()
-        sim.stop()
+        rig.close()
 
 
 def test_a_restart_during_the_health_check_concludes_it_at_start(tmp_path, broker):
-    priv, pub = keys(tmp_path)
-    key = load_private_key(priv)
-    sim = Simulator(tmp_path, meters=4)
-    path = write_config(tmp_path, sim.link, broker, pub, meters=4)
-    original = open(path).read()
-    head = HeadEnd(broker)
-    gw = mgw("run", "--config", path)
+    rig = Rig(tmp_path, broker, sim_meters=4)
+    key, path, original, head, gw = rig.key, rig.path, rig.original, rig.head, rig.gw
     try:
         head.wait(lambda: meter_ids(head) == ["m1", "m2", "m3", "m4"], timeout=30)
         v0 = meters_list(head)["config_version"]
@@ -207,10 +214,8 @@ def test_a_restart_during_the_health_check_concludes_it_at_start(tmp_path, broke
         assert len(events(head, "config.rolled_back")) == 1
         stop(gw)
     finally:
-        if gw.poll() is None:
-            gw.kill()
-        head.close()
-        sim.stop()
+        rig.gw = gw                         # the one running now, after a restart
+        rig.close()
 
 
 def test_sighup_after_a_local_edit_reloads_and_a_removed_meter_keeps_its_readings(
@@ -219,12 +224,10 @@ def test_sighup_after_a_local_edit_reloads_and_a_removed_meter_keeps_its_reading
     # the broker keeps the head-end's session across its restart: what the gateway sends
     # before the head-end is back is kept for it
     broker = Broker(tmp_path, persistence=True).start()
-    priv, pub = keys(tmp_path)
-    sim = Simulator(tmp_path, meters=5)
-    path = write_config(tmp_path, sim.link, broker, pub, meters=4)
-    head = HeadEnd(broker, clean=False)
     notify = NotifySocket(tmp_path)
-    gw = mgw("run", "--config", path, env={"NOTIFY_SOCKET": notify.path})
+    rig = Rig(tmp_path, broker, sim_meters=5, head=HeadEnd(broker, clean=False),
+              env={"NOTIFY_SOCKET": notify.path})
+    path, head, gw = rig.path, rig.head, rig.gw
     try:
         head.wait(lambda: meter_ids(head) == ["m1", "m2", "m3", "m4"], timeout=30)
         v0 = meters_list(head)["config_version"]
@@ -277,10 +280,7 @@ def test_sighup_after_a_local_edit_reloads_and_a_removed_meter_keeps_its_reading
         assert any(t_down < dt.datetime.fromisoformat(r["ts"]).timestamp() < t_edit + 1
                    for r in m4), m4
     finally:
-        if gw.poll() is None:
-            gw.kill()
-        head.close()
-        sim.stop()
+        rig.close()
         broker.stop()
 
 
