@@ -338,8 +338,10 @@ def test_a_changed_port_gets_a_new_worker_on_the_same_device(tmp_path):
         h.close()
 
 
-def test_the_retained_meters_list_follows_the_meters_health(tmp_path, broker):
+def test_the_retained_meters_list_follows_the_meters_health(tmp_path, broker, monkeypatch):
+    from gateway.line import poller
     from mqtt_helpers import HeadEnd
+    monkeypatch.setattr(poller, "OFFLINE_PROBE_S", 1.0)     # an offline meter probed soon
     head = HeadEnd(broker)
     h = Harness(tmp_path, broker=broker, meters=2, interval_s=1, accounts=[
         {"meter": "m2", "tariff": "flat", "opening_balance": "5.00", "mode": "remote"}])
@@ -358,7 +360,6 @@ def test_the_retained_meters_list_follows_the_meters_health(tmp_path, broker):
         h.sim_meters[1].faults.silent = True
         wait(lambda: health() == {"m1": "online", "m2": "offline"}, timeout=40)
         h.sim_meters[1].faults.silent = False
-        h.gw.pollers["p1"].health["m2"].next_probe = 0     # probe now, not in a minute
         wait(lambda: health() == {"m1": "online", "m2": "online"}, timeout=40)
         # retained: a head-end that comes later gets the current list at once
         late = HeadEnd(broker, client_id="late")

@@ -363,15 +363,13 @@ class ConfigFile:
     @classmethod
     def load(cls, path):
         """Read and validate a file once (ConfigError as `load` raises it)."""
-        doc = read(path)
+        read(path)              # the one-line errors every command gives (missing, TOML, ...)
         with open(path, encoding="utf-8") as f:
             text = f.read()
         try:
-            parsed = tomllib.loads(text)
+            doc = tomllib.loads(text)       # the text's own document, kept with it
         except tomllib.TOMLDecodeError as exc:      # changed between the two reads
             raise ConfigError(["%s: not valid TOML: %s" % (path, exc)]) from None
-        if parsed != doc:
-            doc = parsed
         return cls(path, text, doc, validate(copy.deepcopy(doc), path))
 
 
@@ -396,6 +394,7 @@ class Reloader:
         self._requests = queue.Queue()
         self._closed = False
         self._pending_command = None        # a config_update cut short by a restart
+        self._file_reload = False           # SIGHUP seen, not yet done
         self._concluded = {}                # its id -> its result, once concluded
         self._pending_at_start()
 
@@ -454,12 +453,16 @@ class Reloader:
         return req
 
     def request_file_reload(self):
-        """SIGHUP: reload the file on the supervisor's thread (safe in a signal handler)."""
-        self.submit(lambda: self.reload_file())
+        """SIGHUP: reload the file on the supervisor's thread. Only a flag is set here: a
+        signal handler must not take a lock its own thread may hold."""
+        self._file_reload = True
 
     # ------------------------------------------------------------ the supervisor's side
 
     def run_pending(self):
+        if self._file_reload:
+            self._file_reload = False
+            self.submit(self.reload_file)
         while True:
             try:
                 req = self._requests.get_nowait()
