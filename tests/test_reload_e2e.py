@@ -141,6 +141,9 @@ def test_config_update_adds_and_removes_meters_while_polling(tmp_path, broker):
         p = mgw("config", "check", "--config", path, "--json")
         out, err = p.communicate(timeout=30)
         assert p.returncode == 0 and json.loads(out)["meters"] == 5, err
+        p = mgw("status", "--config", path, "--json")
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0 and json.loads(out)["config_version"] == v1, err
 
         # a patch made against the old version is refused, and nothing moves
         res = send(head, command(key, {"version": v0, "patch": {
