@@ -83,7 +83,7 @@ class Gateway:
         # config_update and SIGHUP need the file the configuration came from
         self.reloader = Reloader(self, config_file) if config_file is not None else None
         self.unconfigured = []          # meters a scan found that are not configured
-        self._meters_sent = None        # (uplink, payload) of the last retained meters list
+        self._meters_sent = None        # what the last retained meters list showed
         self._build_lines()
 
     # ---------------------------------------------------------------- wiring
@@ -377,16 +377,26 @@ class Gateway:
         return {"v": 1, "config_version": self.reloader.version if self.reloader else None,
                 "meters": meters, "unconfigured": list(self.unconfigured)}
 
+    def _meters_signature(self):
+        """What the meters list shows, small: compared every round instead of the list."""
+        health = []
+        for m in self.cfg.meters:
+            poller = self.pollers.get(m.port)
+            h = poller.health.get(m.id) if poller is not None else None
+            health.append(None if h is None else (h.online, h.last_ok is None))
+        return (self.uplink, self.cfg, tuple(health), tuple(map(str, self.unconfigured)))
+
     def publish_meters(self, force=False):
         """Republish the retained meters list when it changed (or the uplink was
         replaced: a new one has not sent it)."""
         if self.uplink is None:
             return False
-        doc = self.meters_list()
-        if not force and self._meters_sent == (self.uplink, doc):
+        sig = self._meters_signature()
+        if not force and self._meters_sent == sig:
             return False
-        self._meters_sent = (self.uplink, doc)
-        payload = dict(doc, ts=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+        self._meters_sent = sig
+        payload = dict(self.meters_list(),
+                       ts=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
         self.uplink.retain("meters", json.dumps(payload, separators=(",", ":"),
                                                 ensure_ascii=False))
         return True

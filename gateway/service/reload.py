@@ -25,6 +25,7 @@ import queue
 import re
 import threading
 import time
+import zlib
 
 try:
     import tomllib
@@ -352,25 +353,38 @@ def to_history(path, text, version, suffix=""):
 
 
 class ConfigFile:
-    """The running configuration: its file, text, document, record and version."""
+    """The running configuration: its file, text, record and version. The text is kept
+    compressed and the document parsed again when a change needs it: a thousand meters'
+    worth of text and dicts is not kept in memory for the rare reload (the footprint
+    budget is tight)."""
 
-    __slots__ = ("path", "text", "doc", "cfg", "version")
+    __slots__ = ("path", "_text", "cfg", "version")
 
-    def __init__(self, path, text, doc, cfg):
-        self.path, self.text, self.doc, self.cfg = path, text, doc, cfg
-        self.version = version_of(doc)
+    def __init__(self, path, text, version, cfg):
+        self.path, self.cfg, self.version = path, cfg, version
+        self._text = zlib.compress(text.encode("utf-8"))
+
+    @property
+    def text(self):
+        return zlib.decompress(self._text).decode("utf-8")
+
+    @property
+    def doc(self):
+        return tomllib.loads(self.text)
 
     @classmethod
     def load(cls, path):
-        """Read and validate a file once (ConfigError as `load` raises it)."""
-        read(path)              # the one-line errors every command gives (missing, TOML, ...)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        """Read, parse and validate a file once (ConfigError as `load` raises it)."""
         try:
-            doc = tomllib.loads(text)       # the text's own document, kept with it
-        except tomllib.TOMLDecodeError as exc:      # changed between the two reads
-            raise ConfigError(["%s: not valid TOML: %s" % (path, exc)]) from None
-        return cls(path, text, doc, validate(copy.deepcopy(doc), path))
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+            doc = tomllib.loads(text)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            read(path)      # the one-line error every command gives (missing, TOML, ...)
+            raise ConfigError(["%s: changed while it was read; read it again" % path]) \
+                from None
+        version = version_of(doc)           # before the walk, which may change the dict
+        return cls(path, text, version, validate(doc, path))
 
 
 # ---------------------------------------------------------------- the reloader
@@ -512,13 +526,13 @@ class Reloader:
         path = self.current.path
         if "patch" in params:
             doc = apply_patch(self.current.doc, params["patch"])
-            text = to_toml(doc)
+            text = None
         elif "config" in params:
             if not isinstance(params["config"], dict):
                 raise ReloadError(RejectCode.BAD_PARAMS, "params.config: a whole "
                                   "configuration, an object of sections")
             doc = copy.deepcopy(params["config"])
-            text = to_toml(doc)
+            text = None
         else:
             text = params["toml"]
             try:
@@ -536,8 +550,12 @@ class Reloader:
 
     def _validated(self, path, text, doc):
         try:
-            to_toml(doc)                    # only what a TOML file can hold
-            cfg = validate(copy.deepcopy(doc), path)
+            if text is None:
+                text = to_toml(doc)         # only what a TOML file can hold
+                if tomllib.loads(text) != doc:
+                    raise ValueError("it cannot be written as TOML as it is")
+            version = version_of(doc)       # before the walk, which may change the dict
+            cfg = validate(doc, path)
         except ConfigError as exc:
             raise ReloadError(RejectCode.INVALID_CONFIG, "%d problem(s): %s" % (
                 len(exc.problems), exc.problems[0]), exc.problems) from None
@@ -548,10 +566,10 @@ class Reloader:
             raise ReloadError(RejectCode.RESTART_REQUIRED, "%s changed: only a restart "
                               "applies [%s]" % (", ".join(restart), "], [".join(
                                   sorted({k.split(".")[0] for k in restart}))), restart)
-        return ConfigFile(path, text, doc, cfg)
+        return ConfigFile(path, text, version, cfg)
 
-    def changes(self, cand):
-        return diff(self.current.cfg, cand.cfg, self.current.doc, cand.doc)
+    def changes(self, cand, doc=None):
+        return diff(self.current.cfg, cand.cfg, self.current.doc, doc or cand.doc)
 
     def _apply_checked(self, params, source, command_id, timeout):
         # checked again here: a SIGHUP may have changed the running configuration since
@@ -696,7 +714,7 @@ class Reloader:
         else:
             try:
                 prev = ConfigFile.load(path + ".prev")
-                prev = ConfigFile(path, prev.text, prev.doc, prev.cfg)
+                prev = ConfigFile(path, prev.text, prev.version, prev.cfg)
                 if prev.version != marker["previous"]:
                     raise ConfigError(["%s.prev: not configuration %s" % (
                         path, marker["previous"][:12])])
