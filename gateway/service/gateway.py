@@ -360,45 +360,54 @@ class Gateway:
         """The retained `{root}/meters` message: the configured meters (id, protocol,
         address or unit, port, account mode) and their health, the meters a scan found
         that are not configured, and the configuration's version."""
-        modes = {a.meter: a.mode for a in self.cfg.accounts}
-        meters = []
-        for m in self.cfg.meters:
-            poller = self.pollers.get(m.port)
-            h = poller.health.get(m.id) if poller is not None else None
-            entry = {"id": m.id, "protocol": m.protocol, "port": m.port}
-            if keyed_by(m.protocol) == "unit":
-                entry.update(unit=m.unit, profile=m.profile)
-            else:
-                entry["address"] = m.address
-            entry["account"] = modes.get(m.id)
-            entry["health"] = "unknown" if h is None or (h.online and h.last_ok is None) \
-                else "online" if h.online else "offline"
-            meters.append(entry)
-        return {"v": 1, "config_version": self.reloader.version if self.reloader else None,
-                "meters": meters, "unconfigured": list(self.unconfigured)}
+        return json.loads(self._meters_payload(self._meters_health()))
 
-    def _meters_signature(self):
-        """What the meters list shows, small: compared every round instead of the list."""
-        health = []
+    def _meters_health(self):
+        """One letter per configured meter: u(nknown, not answered yet), o(nline),
+        x (offline); a small signature compared every round instead of the list."""
+        out = []
         for m in self.cfg.meters:
             poller = self.pollers.get(m.port)
             h = poller.health.get(m.id) if poller is not None else None
-            health.append(None if h is None else (h.online, h.last_ok is None))
-        return (self.uplink, self.cfg, tuple(health), tuple(map(str, self.unconfigured)))
+            out.append("u" if h is None or (h.online and h.last_ok is None)
+                       else "o" if h.online else "x")
+        return "".join(out)
+
+    def _meters_payload(self, health, ts=None):
+        # written entry by entry: a thousand meters as dicts at once would stay in the
+        # resident set (freed small objects fragment the heap)
+        modes = {a.meter: a.mode for a in self.cfg.accounts}
+        words = {"u": "unknown", "o": "online", "x": "offline"}
+
+        def entry(m, letter):
+            e = {"id": m.id, "protocol": m.protocol, "port": m.port}
+            if keyed_by(m.protocol) == "unit":
+                e.update(unit=m.unit, profile=m.profile)
+            else:
+                e["address"] = m.address
+            e["account"] = modes.get(m.id)
+            e["health"] = words[letter]
+            return json.dumps(e, separators=(",", ":"), ensure_ascii=False)
+        head = {"v": 1, "config_version": self.reloader.version if self.reloader else None}
+        if ts:
+            head["ts"] = ts
+        return "%s,\"meters\":[%s],\"unconfigured\":%s}" % (
+            json.dumps(head, separators=(",", ":"))[:-1],
+            ",".join(entry(m, c) for m, c in zip(self.cfg.meters, health)),
+            json.dumps(list(self.unconfigured), separators=(",", ":"), ensure_ascii=False))
 
     def publish_meters(self, force=False):
         """Republish the retained meters list when it changed (or the uplink was
         replaced: a new one has not sent it)."""
         if self.uplink is None:
             return False
-        sig = self._meters_signature()
+        health = self._meters_health()
+        sig = (self.uplink, self.cfg, health, tuple(map(str, self.unconfigured)))
         if not force and self._meters_sent == sig:
             return False
         self._meters_sent = sig
-        payload = dict(self.meters_list(),
-                       ts=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
-        self.uplink.retain("meters", json.dumps(payload, separators=(",", ":"),
-                                                ensure_ascii=False))
+        self.uplink.retain("meters", self._meters_payload(
+            health, ts=_dt.datetime.now().astimezone().isoformat(timespec="seconds")))
         return True
 
     MARKS_EVERY_S = 60.0
