@@ -568,8 +568,8 @@ class Reloader:
                                   sorted({k.split(".")[0] for k in restart}))), restart)
         return ConfigFile(path, text, version, cfg)
 
-    def changes(self, cand, doc=None):
-        return diff(self.current.cfg, cand.cfg, self.current.doc, doc or cand.doc)
+    def changes(self, cand):
+        return diff(self.current.cfg, cand.cfg, self.current.doc, cand.doc)
 
     def _apply_checked(self, params, source, command_id, timeout):
         # checked again here: a SIGHUP may have changed the running configuration since
