@@ -125,10 +125,14 @@ def test_config_update_adds_and_removes_meters_while_polling(tmp_path, broker):
         v1 = res["version"]
         assert v1 != v0 and res["previous_version"] == v0
         assert res["changes"]["meters"]["added"] == ["m5", "m6"]
-        # the new meters are read within one interval (10 s)
-        head.wait(lambda: readings_after(head, "m5", t_apply - 1) and
-                  readings_after(head, "m6", t_apply - 1), timeout=10)
-        assert time.time() - t_apply < 10 + 5
+        # the new meters are read within one interval (10 s) of the change (the readings'
+        # own times: delivery under load may take longer)
+        head.wait(lambda: readings_after(head, "m5", t_apply) and
+                  readings_after(head, "m6", t_apply), timeout=30)
+        for mid in ("m5", "m6"):
+            first = min(dt.datetime.fromisoformat(r["ts"]).timestamp()
+                        for r in readings_after(head, mid, t_apply))
+            assert first - t_done < 10, (mid, first - t_done)
         # the retained list follows the change, with the new version
         head.wait(lambda: meter_ids(head) == ["m1", "m2", "m3", "m5", "m6"])
         assert meters_list(head)["config_version"] == v1
@@ -253,7 +257,7 @@ def test_sighup_after_a_local_edit_reloads_and_a_removed_meter_keeps_its_reading
         with open(path, "w") as f:
             f.write(edited.replace("baudrate = 19200", "baudrate = 1234"))
         gw.send_signal(signal.SIGHUP)
-        time.sleep(1.5)
+        time.sleep(3)                       # the main loop takes it within a second
         assert gw.poll() is None
         # the technician fixes it: the same reload takes it
         with open(path, "w") as f:
