@@ -330,12 +330,13 @@ def test_config_check_hints_warnings_and_json_errors(tmp_path):
     with open(cfg, "a") as f:
         f.write('baud = 1200\n')
     code, out, err = run("config", "check", "--config", cfg)
-    assert code == 2 and err == "%s: meters[0].baud: unknown key (did you mean " \
+    # the line the key is on (line 15: the file's last line), as a compiler says it
+    assert code == 2 and err == "%s:15: meters[0].baud: unknown key (did you mean " \
         "'baudrate'?)\n" % cfg
     code, out, err = run("config", "check", "--config", cfg, "--json")
     assert code == 2 and json.loads(out) == {
         "config": cfg, "ok": False,
-        "errors": ["%s: meters[0].baud: unknown key (did you mean 'baudrate'?)" % cfg]}
+        "errors": ["%s:15: meters[0].baud: unknown key (did you mean 'baudrate'?)" % cfg]}
 
 
 def test_status_says_not_running_first_and_names_a_dead_port_and_the_clock(tmp_path):
