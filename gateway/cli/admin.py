@@ -36,7 +36,8 @@ def cmd_config(args):
 
     def human(s):
         print(_("%s: OK (gateway %s, %d ports, %d meters, %d accounts, uplink %s)") % (
-            s["config"], s["gateway"], s["ports"], s["meters"], s["accounts"], s["uplink"]))
+            s["config"], s["gateway"], s["ports"], s["meters"], s["accounts"],
+            _("none") if s["uplink"] == "none" else s["uplink"]))
         for w in s["warnings"]:
             print(_("warning: %s") % w)
     emit(args, summary, human)

@@ -161,7 +161,7 @@ def cmd_read(args):
         else:
             why = _("did not answer: check the address, the A/B wiring, the baud rate and "
                     "the parity")
-        out["error"] = "%s %s" % (who, why)
+        out["error"] = _("%s %s") % (who, why)          # zh: no space between
         if args.json:
             print(_exact_json(out))
         raise CliError(out["error"], EXIT_FAILED)
@@ -267,7 +267,8 @@ def cmd_scan(args):
     found, answered = [], []
     for baudrate, parity in settings:
         line = _port_with(port, baudrate, parity)
-        progress, end = _progress_printer("%s at %s" % (port.name, line_settings(line)), args)
+        progress, end = _progress_printer(_("%s at %s") % (port.name, line_settings(line)),
+                                          args)
         worker = open_worker(line, retries=0)
         try:
             got = reads.scan(worker, protocol, progress, profile=args.profile,
@@ -297,6 +298,11 @@ def cmd_scan(args):
         if args.append:
             _append(args.append, blocks)
         if args.toml:
+            if args.auto:
+                # a TOML comment: the output stays ready to paste
+                print("# " + _("answered at: %s") % (", ".join(answered) or _("none")))
+                if blocks:
+                    print()
             print(blocks, end="")
             return EXIT_OK if found else EXIT_FAILED
 

@@ -230,7 +230,7 @@ def main(argv=None):
         return args.func(args)
     except CliError as exc:
         if exc.args and exc.args[0]:
-            sys.stderr.write("mgw %s: %s\n" % (args.command, exc.args[0]))
+            sys.stderr.write(_("mgw %s: %s") % (args.command, exc.args[0]) + "\n")
         return exc.code
     except KeyboardInterrupt:
         return EXIT_FAILED
