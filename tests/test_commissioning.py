@@ -213,3 +213,123 @@ def test_the_language_comes_from_the_environment():
     assert "合闸允许" in out
     code, out, err = out_of("--version", LANG="zh_CN.UTF-8")
     assert code == 0 and out.startswith("mgw %s（帧解析器：" % __import__("gateway").__version__)
+
+
+def test_the_demo_labels_roles_cuts_the_household_off_within_a_minute_and_its_hint_works(
+        tmp_path, broker):
+    """`mgw demo` (not a terminal: a frame of the view every second): each meter says what
+    it is there to show, events read as sentences, the household is cut off within 60 s
+    and the view says after how long, and the top-up it suggests works as printed."""
+    import shlex
+    import threading
+    demo = mgw("demo", "--seconds", "120", "--data-dir", str(tmp_path / "demo"),
+               "--broker", "%s:%d" % (broker.host, broker.port),
+               env={"LANG": "C.UTF-8", "LANGUAGE": "", "LC_ALL": ""})
+    lines = []
+    threading.Thread(target=lambda: lines.extend(demo.stdout), daemon=True).start()
+
+    def seen(pred, timeout):
+        end = time.time() + timeout
+        while time.time() < end:
+            found = [line for line in list(lines) if pred(line)]
+            if found:
+                return found[-1]
+            time.sleep(0.2)
+        raise AssertionError("not seen in %d s: %s" % (timeout, "".join(lines[-40:])))
+    try:
+        assert "dead: never answers" in seen(lambda l: l.startswith("m6 "), 30)
+        assert "noisy" in seen(lambda l: l.startswith("m2 "), 5)
+        assert "prepaid household running low" in seen(lambda l: l.startswith("m4 "), 5)
+        assert seen(lambda l: "m4: balance low (alarm 1):" in l and "yuan left" in l, 60)
+        cut = seen(lambda l: l.startswith("household m4: cut off "), 70)
+        took = float(cut.split("cut off ")[1].split(" s after")[0])
+        assert took < 60, cut
+        assert seen(lambda l: "m4: relay OPEN: supply cut off (by costcontrol)" in l, 5)
+        hint = seen(lambda l: l.startswith("try: "), 5).strip()
+        p = subprocess.run(shlex.split(hint[len("try: "):]), capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert seen(lambda l: "m4: topped up" in l, 30)
+        assert seen(lambda l: "m4: relay closed: supply restored" in l, 60)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.wait(30)
+
+
+def test_a_simulated_modbus_meter_answers_only_at_its_own_baud_rate(tmp_path):
+    """And `mgw scan` takes a device that is in no configuration yet."""
+    link = str(tmp_path / "ttyMB")
+    sim = mgw("simulate", "--port", link, "--meters", "1", "--protocol", "modbus",
+              "--baudrate", "9600", "--latency-ms", "5")
+    try:
+        assert sim.stdout.readline().startswith("simulating")
+        base = ("scan", "--port", link, "--config", str(tmp_path / "none.toml"),
+                "--protocol", "modbus", "--last", "1", "--parity", "N")
+        code, out, err = run("en", *base, "--baudrate", "19200")
+        assert code == 1 and out.startswith("no meters found at 19200 8N1"), out + err
+        code, out, err = run("en", *base, "--baudrate", "9600", "--json")
+        assert code == 0 and [f["unit"] for f in json.loads(out)["found"]] == [1], err
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.wait(10)
+
+
+def test_command_sign_publishes_itself(tmp_path, broker):
+    """No mosquitto_pub needed: `--publish` sends the signed command at QoS 1."""
+    from mqtt_helpers import HeadEnd
+    code, out, err = run("en", "keys", "gen", "--out", str(tmp_path / "k"), "--json")
+    keys = json.loads(out)
+    head = HeadEnd(broker, root="mgw/v1/gw-0001")
+    try:
+        code, out, err = run("en", "command", "sign", "--key", keys["private_key"], "--meter",
+                             "m1", "--action", "read", "--param", "quantities=energy",
+                             "--publish", "%s:%d" % (broker.host, broker.port), "--topic",
+                             "mgw/v1/gw-0001/commands")
+        assert code == 0 and err == "published to mgw/v1/gw-0001/commands on %s:%d\n" % (
+            broker.host, broker.port), err
+        head.wait(lambda: head.topic("commands"))
+        assert head.topic("commands") == [json.loads(out)]
+    finally:
+        head.close()
+    code, out, err = run("en", "command", "sign", "--key", keys["private_key"], "--meter",
+                         "m1", "--action", "read", "--publish", "127.0.0.1:1")
+    assert code == 2 and "--publish needs --topic" in err
+    code, out, err = run("en", "command", "sign", "--key", keys["private_key"], "--meter",
+                         "m1", "--action", "read", "--publish", "127.0.0.1:1", "--topic", "t")
+    assert code == 1 and err.startswith("mgw command: cannot reach the MQTT broker 127.0.0.1:1")
+
+
+def test_scripts_demo_starts_a_warm_checkout_without_pip(tmp_path):
+    """A second `scripts/demo` on an unchanged checkout goes straight to `mgw demo`; a change
+    to what the install is built from (here a Cython source) sets up again."""
+    import shutil
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    for name in ("demo", "env.sh"):
+        shutil.copy(os.path.join(ROOT, "scripts", name), root / "scripts" / name)
+    for name in ("pyproject.toml", "setup.py", "setup.cfg"):
+        shutil.copy(os.path.join(ROOT, name), root / name)
+    (root / "ext").mkdir()
+    (root / "ext" / "x.pyx").write_text("# one\n")
+    calls = tmp_path / "calls"
+    fake = "#!/bin/sh\necho \"$(basename \"$0\") $*\" >> %s\n" % calls
+    (root / ".venv" / "bin").mkdir(parents=True)
+    for name, body in (("python", fake), ("mgw", fake + "echo \"mgw $*\"\n")):
+        (root / ".venv" / "bin" / name).write_text(body)
+        os.chmod(root / ".venv" / "bin" / name, 0o755)
+    (tmp_path / "python3").write_text(fake)            # the system Python env.sh asks
+    os.chmod(tmp_path / "python3", 0o755)
+    env = dict(os.environ, PYTHON=str(tmp_path / "python3"))
+
+    def demo():
+        if calls.exists():
+            calls.unlink()
+        p = subprocess.run([str(root / "scripts" / "demo"), "--seconds", "1"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and p.stdout == "mgw demo --seconds 1\n", p.stderr
+        return [line.split()[:3] for line in calls.read_text().splitlines()]
+    assert ["python", "-m", "pip"] in demo()                  # cold: sets up
+    assert demo() == [["mgw", "demo", "--seconds"]]           # warm: nothing but the demo
+    (root / "ext" / "x.pyx").write_text("# two\n")
+    assert ["python", "-m", "pip"] in demo()                  # changed: sets up again
+    assert demo() == [["mgw", "demo", "--seconds"]]

@@ -57,8 +57,38 @@ def command_sign(args):
            "action": args.cmd_action, "issued_at": now.isoformat(),
            "expires_at": (now + _dt.timedelta(seconds=args.valid)).isoformat(),
            "params": params}
-    print(json.dumps(sign(cmd, key), ensure_ascii=False, sort_keys=True))
+    if args.publish and not args.topic:
+        raise CliError(_("--publish needs --topic (such as mgw/v1/gw-0001/commands)"),
+                       EXIT_USAGE)
+    text = json.dumps(sign(cmd, key), ensure_ascii=False, sort_keys=True)
+    print(text, flush=True)
+    if args.publish:
+        publish(args.publish, args.topic, text)
+        sys.stderr.write(_("published to %s on %s:%d") % ((args.topic,) + args.publish) +
+                         "\n")
     return EXIT_OK
+
+
+def publish(broker, topic, payload, timeout_s=10.0):
+    """One message at QoS 1, returned once the broker has acknowledged it."""
+    import paho.mqtt.client as mqtt
+    host, port = broker
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    try:
+        client.connect(host, port, keepalive=int(timeout_s) + 5)
+    except (OSError, ValueError) as exc:
+        raise CliError(_("cannot reach the MQTT broker %s:%d: %s") % (
+            host, port, getattr(exc, "strerror", None) or exc)) from None
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout_s)
+        if not info.is_published():
+            raise CliError(_("the MQTT broker %s:%d did not acknowledge the command within "
+                             "%.0f s") % (host, port, timeout_s))
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def relay(args):

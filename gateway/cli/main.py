@@ -193,6 +193,11 @@ def build_parser():
     p.add_argument("--valid", type=_positive, default=900,
                    help=_("seconds the command is valid (above 0; default 900)"))
     p.add_argument("--id", help=_("command id (default: a random UUID)"))
+    p.add_argument("--publish", type=_host_port, metavar="HOST:PORT",
+                   help=_("also publish it to this MQTT broker (QoS 1), on --topic: no "
+                          "mosquitto_pub needed"))
+    p.add_argument("--topic", help=_("the gateway's command topic, "
+                                     "{topic_root}/{gateway id}/commands"))
     p = sub.add_parser("completion", help=_("print a bash completion script"),
                        description="mgw completion bash > /etc/bash_completion.d/mgw")
     p.add_argument("shell", choices=("bash",))
