@@ -333,3 +333,37 @@ def test_scripts_demo_starts_a_warm_checkout_without_pip(tmp_path):
     (root / "ext" / "x.pyx").write_text("# two\n")
     assert ["python", "-m", "pip"] in demo()                  # changed: sets up again
     assert demo() == [["mgw", "demo", "--seconds"]]
+
+
+def test_a_scan_stops_early(tmp_path):
+    """--expect N: once N meters answered, neither the rest of the address space nor the
+    other --auto settings are asked; Ctrl-C stops a sweep and shows what it found."""
+    link = str(tmp_path / "tty645")
+    sim = mgw("simulate", "--port", link, "--meters", "2", "--meters-1997", "1",
+              "--latency-ms", "5")
+    mb = str(tmp_path / "ttyMB")
+    simmb = mgw("simulate", "--port", mb, "--meters", "1", "--protocol", "modbus",
+                "--baudrate", "9600", "--latency-ms", "5")
+    try:
+        assert sim.stdout.readline().startswith("simulating")
+        assert simmb.stdout.readline().startswith("simulating")
+        none = str(tmp_path / "none.toml")
+        code, out, err = run("en", "scan", "--port", link, "--config", none, "--auto",
+                             "--expect", "2", "--json")
+        result = json.loads(out)
+        assert code == 0 and result["stopped"] == "expected", err
+        assert [f["address"] for f in result["found"]] == ["000000000001", "000000000002"]
+        assert "at 2400 8E1" in err and "at 1200 8E1" not in err      # not tried
+        # a whole Modbus sweep (247 unit ids), stopped by the technician
+        p = mgw("scan", "--port", mb, "--config", none, "--protocol", "modbus",
+                "--baudrate", "9600", "--parity", "N", env=LANG["en"])
+        time.sleep(4)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 1, err
+        assert "mgw scan: interrupted: the rest of the line was not asked\n" in err
+        assert out.splitlines()[2].split()[:1] == ["1"], out           # unit 1 is listed
+    finally:
+        for s in (sim, simmb):
+            s.send_signal(signal.SIGINT)
+            s.wait(10)

@@ -207,6 +207,32 @@ def _port_with(port, baudrate, parity):
     return ad
 
 
+class _ScanLine:
+    """The port worker as a scan sees it. Once the scan is to stop (the meters expected have
+    answered, or Ctrl-C), every further request ends at once as `stopping` without touching
+    the line: the driver finishes its walk quickly and returns what it found."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.stopped = None              # None, "expected" or "interrupted"
+
+    def stop(self, why):
+        self.stopped = self.stopped or why
+
+    def transact(self, *args, **kwargs):
+        from gateway.line.port import Result
+        from gateway.model import TxError
+        if not self.stopped:
+            try:
+                return self.worker.transact(*args, **kwargs)
+            except KeyboardInterrupt:
+                self.stop("interrupted")
+        return Result(False, None, "scan stopped", 0, 0.0, code=TxError.STOPPING)
+
+    def __getattr__(self, name):
+        return getattr(self.worker, name)
+
+
 def _scan_config(args):
     """(config or None, port): a device path not in the configuration (or with no
     configuration file yet) is scanned with the port defaults."""
@@ -265,20 +291,29 @@ def cmd_scan(args):
     else:
         settings = ((args.baudrate or port.baudrate, args.parity or port.parity),)
     found, answered = [], []
+    stopped = None
     for baudrate, parity in settings:
+        if stopped:
+            break                               # --auto: the other settings are not tried
         line = _port_with(port, baudrate, parity)
-        progress, end = _progress_printer(_("%s at %s") % (port.name, line_settings(line)),
-                                          args)
-        worker = open_worker(line, retries=0)
+        printer, end = _progress_printer(_("%s at %s") % (port.name, line_settings(line)),
+                                         args)
+        worker = _ScanLine(open_worker(line, retries=0))
+
+        def progress(done, total, count, worker=worker):
+            if args.expect and len(found) + count >= args.expect:
+                worker.stop("expected")
+            printer(done, total, count)
         try:
             got = reads.scan(worker, protocol, progress, profile=args.profile,
                              first=args.first, last=args.last)
             hint = None
-            if not got and not args.auto:
+            if not got and not args.auto and not worker.stopped:
                 hint = _other_protocols_answer(worker, reads, protocol)
         finally:
             worker.close()
             end()
+        stopped = worker.stopped
         for f in got:
             f["baudrate"], f["parity"] = baudrate, parity
         if got:
@@ -290,7 +325,10 @@ def cmd_scan(args):
     for f in found:
         f["configured_as"] = configured.get(str(f[key]))
     out = {"port": port.name, "protocol": protocol, "found": found,
-           "answered_at": answered}
+           "answered_at": answered, "stopped": stopped}
+    if stopped == "interrupted":
+        # what was found is shown (and may be appended), but the line was not all asked
+        sys.stderr.write(_("mgw scan: interrupted: the rest of the line was not asked") + "\n")
     if args.toml or args.append:
         blocks = toml_blocks(port, protocol, driver, [f for f in found if not
                                                       f["configured_as"] and
@@ -298,13 +336,13 @@ def cmd_scan(args):
         if args.append:
             _append(args.append, blocks)
         if args.toml:
-            if args.auto:
+            if args.auto and stopped != "interrupted":
                 # a TOML comment: the output stays ready to paste
                 print("# " + _("answered at: %s") % (", ".join(answered) or _("none")))
                 if blocks:
                     print()
             print(blocks, end="")
-            return EXIT_OK if found else EXIT_FAILED
+            return EXIT_OK if found and stopped != "interrupted" else EXIT_FAILED
 
     def human(o):
         if not o["found"]:
@@ -324,7 +362,7 @@ def cmd_scan(args):
     if not found and hint:
         out["hint"] = hint
     emit(args, out, human)
-    return EXIT_OK if found else EXIT_FAILED
+    return EXIT_OK if found and stopped != "interrupted" else EXIT_FAILED
 
 
 def _key_header(key):

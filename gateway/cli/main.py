@@ -150,6 +150,10 @@ def build_parser():
     p.add_argument("--profile", choices=_profiles(), help=_("Modbus register map to probe with"))
     p.add_argument("--first", type=int, default=1, help=_("Modbus: first unit id"))
     p.add_argument("--last", type=int, default=247, help=_("Modbus: last unit id"))
+    p.add_argument("--expect", type=_positive, metavar="N",
+                   help=_("stop as soon as N meters have answered (the rest of the address "
+                          "space is not asked); Ctrl-C also stops a scan and shows what it "
+                          "found"))
     p.add_argument("--progress", action="store_true", help=_("progress bar even when not a tty "
                    "(otherwise a progress line every few seconds)"))
 
