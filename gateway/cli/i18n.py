@@ -57,12 +57,6 @@ def N_(message):
     return message
 
 
-def language():
-    """'zh_CN' when the Chinese catalogue is in use, else 'en'."""
-    info = catalogue().info()
-    return info.get("language", "en") if info else "en"
-
-
 def width(text):
     """Columns a text takes on a terminal: Chinese characters take two."""
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
