@@ -404,3 +404,23 @@ def test_small_ones_from_the_trial():
     assert code == 2 and "--valid: must be above 0" in err
     code, out, err = run("config")
     assert code == 2 and "usage: mgw config check" in err
+
+
+def test_config_problems_name_their_line():
+    """Tables, arrays of tables, quoted keys and named tables: each problem points at the
+    line its key is set on (tomllib keeps no positions; the text is read for them)."""
+    sys.path.insert(0, ROOT)
+    from gateway.config import ConfigError, tomllib
+    from gateway.service.config import SCHEMA
+    text = ('[gateway]\nid = "g"\nbogus = 1\n\n'
+            '[[ports]]\nname = "a"\ndevice = "/dev/x"\nbaudrate = 1234\n\n'
+            '[[ports]]\nname = "b"\n"device" = "/dev/y"\nparity = "X"\n\n'
+            '# a comment\n[tariffs.t]\nkind = "flat"\nprice = "abc"\n')
+    with pytest.raises(ConfigError) as exc:
+        SCHEMA.validate(tomllib.loads(text), "f.toml", source=text)
+    assert [p.split(": ")[0] for p in exc.value.problems] == [
+        "f.toml:3", "f.toml:8", "f.toml:13", "f.toml:18"]
+    # without the text (a document built in code), no line numbers
+    with pytest.raises(ConfigError) as exc:
+        SCHEMA.validate(tomllib.loads(text), "f.toml")
+    assert exc.value.problems[0] == "f.toml: gateway.bogus: unknown key"
