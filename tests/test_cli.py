@@ -358,8 +358,10 @@ def test_status_speaks_rfc3339_and_keeps_each_map_one_kind(tmp_path):
     port = {"port": "rs485-1", "device": "/dev/null", "open": True, "last_error": None,
             "requests": 10, "answers": 9, "timeouts": 1, "checksum_errors": 0,
             "utilisation": 0.1}
-    meters = [{"id": "m1", "port": "rs485-1", "online": True, "missed": 0},
-              {"id": "m2", "port": "rs485-1", "online": False, "missed": 3}]
+    meters = [{"id": "m1", "port": "rs485-1", "online": True, "missed_slots": 0,
+               "caught_up": 2},
+              {"id": "m2", "port": "rs485-1", "online": False, "missed_slots": 3,
+               "caught_up": 0}]
     (data / "status.json").write_text(json.dumps({
         "v": 1, "gateway": "gw-cli", "version": "0.1.0", "stopped": False,
         "started_at": now - 3600.5, "written_at": now, "clock_trusted": True,
@@ -388,8 +390,8 @@ def test_status_speaks_rfc3339_and_keeps_each_map_one_kind(tmp_path):
                for line in out.splitlines())
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:2] in
             ("m1", "m2")}
-    assert rows["m2"][-1] == "3" and rows["m1"][-1] == "0"          # missed slots
-    assert "missed" in out
+    assert rows["m2"][-2:] == ["0", "3"] and rows["m1"][-2:] == ["2", "0"]  # 补抄, missed
+    assert "caught up" in out and "missed" in out
 
 
 def test_small_ones_from_the_trial():

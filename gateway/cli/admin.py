@@ -162,15 +162,17 @@ def cmd_status(args):
         print()
         # a meter on a port that cannot open is not known to be online or offline
         meters = s.get("meters", [])
-        missed = any("missed" in m for m in meters)    # slots lost after every retry
+        # the poller's catch-up (补抄): slots read again later in their interval, and slots
+        # missed even so; shown where the service counts them
+        slots = any("missed_slots" in m for m in meters)
         table([(m["id"], m["port"], _("unknown") if m["port"] in dead else
                 _("online") if m["online"] else _("OFFLINE"),
                 m.get("last_reading") or "-", relay_word(m.get("relay")),
                 m.get("balance") if m.get("balance") is not None else "-") +
-               ((m.get("missed", "-"),) if missed else ())
+               ((m.get("caught_up", "-"), m.get("missed_slots", "-")) if slots else ())
                for m in meters],
               [_("meter"), _("port"), _("state"), _("last reading"), _("relay"),
-               _("balance")] + ([_("missed")] if missed else []))
+               _("balance")] + ([_("caught up"), _("missed")] if slots else []))
         unsent = s["buffer"].get("unsent") or {}
         print("\n" + _("buffer: %s unsent readings, %s unsent events") % (
             unsent.get("readings", "-"), unsent.get("events", "-")))
