@@ -637,3 +637,128 @@ def test_collection_under_heavy_noise_keeps_every_slot():
                if r.meter == m.address and r.quantity == "energy.import.total"}
         assert len(got) >= h.slots
     assert line.stats["requests"] > sum(h.reads for h in poller.health.values())  # retries
+
+
+# ---------------------------------------------------------------- Modbus read function (03/04)
+
+def _modbus_line(meters, baudrate=38400):
+    from gateway.sim.modbus import ModbusSimLine
+    line = ModbusSimLine(meters, baudrate=baudrate)
+    line.start()
+    worker = PortWorker("p", line.device, baudrate=baudrate, retries=0)
+    worker.start()
+    return line, worker
+
+
+def _ddsu(unit, functions):
+    from gateway.sim.modbus import ModbusSimMeter
+    return ModbusSimMeter(unit, "chint-ddsu666", functions=functions,
+                          faults=Faults(latency_s=0.005))
+
+
+def _ddsu_spec(unit, **kw):
+    return MeterSpec("mb%d" % unit, "p", protocol="modbus", unit=unit,
+                     profile="chint-ddsu666", interval_s=3600, instant_interval_s=3600, **kw)
+
+
+def test_a_meter_refusing_function_04_is_read_with_03_once_and_it_is_said(caplog):
+    from gateway.line.reads import read_now
+    meter = _ddsu(1, functions=(3,))              # answers holding registers only
+    spec = _ddsu_spec(1)
+    line, worker = _modbus_line([meter])
+    try:
+        with caplog.at_level("WARNING", logger="gateway.line.modbus"):
+            values, errors = _on_worker(worker, lambda w: read_now(w, spec))
+        before = meter.requests
+        values2, errors2 = _on_worker(worker, lambda w: read_now(w, spec))
+        second = meter.requests - before
+    finally:
+        worker.stop()
+        line.stop()
+    assert not errors and not errors2, (errors, errors2)
+    assert {v.quantity for v in values} >= {"energy.import.total", "voltage.a", "frequency"}
+    assert spec.function_code == 3
+    # the fallback costs one extra request once; afterwards each block is one request
+    assert second == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert any("refuses function 04" in m and "function_code = 3" in m for m in said), said
+
+
+def test_configured_function_code_is_used_without_a_fallback():
+    from gateway.line.reads import read_now
+    meter = _ddsu(2, functions=(3,))
+    spec = _ddsu_spec(2, function_code=3)
+    line, worker = _modbus_line([meter])
+    try:
+        values, errors = _on_worker(worker, lambda w: read_now(w, spec))
+    finally:
+        worker.stop()
+        line.stop()
+    assert not errors and values
+    assert meter.requests == 2 and not spec.function_tried     # energy + instant blocks
+
+
+def test_a_meter_refusing_both_functions_is_not_asked_again_and_again():
+    from gateway.line.reads import read_now
+    meter = _ddsu(3, functions=())
+    spec = _ddsu_spec(3)
+    line, worker = _modbus_line([meter])
+    try:
+        values, errors = _on_worker(worker, lambda w: read_now(w, spec))
+        before = meter.requests
+        _on_worker(worker, lambda w: read_now(w, spec))
+        second = meter.requests - before
+    finally:
+        worker.stop()
+        line.stop()
+    assert values == [] and errors and all("illegal_function" in e for e in errors)
+    assert spec.function_code is None and spec.function_tried
+    assert second == 2                               # no second fallback
+
+
+def test_polled_meter_reports_the_function_that_worked_in_its_status():
+    meter = _ddsu(4, functions=(3,))
+    spec = _ddsu_spec(4)
+    line, worker = _modbus_line([meter])
+    col = Collector()
+    poller = LinePoller([spec], col.sink, col.event)
+    worker.poll_source = poller
+    try:
+        _wait(lambda: {"energy.import.total", "voltage.a"} <= {r.quantity
+                                                               for r in col.readings})
+    finally:
+        worker.stop()
+        line.stop()
+    assert poller.status()["mb4"]["function_code"] == 3
+    assert poller.health["mb4"].missed_slots == 0
+
+
+def test_modbus_scan_finds_a_ddsu666_that_reads_with_03_and_suggests_it():
+    from gateway.line import modbus as driver
+    meters = [_ddsu(1, functions=(3,)), _ddsu(2, functions=(4,))]
+    line, worker = _modbus_line(meters)
+    try:
+        found = _on_worker(worker, lambda w: driver.scan(w, first=1, last=3), timeout=60)
+    finally:
+        worker.stop()
+        line.stop()
+    assert found == [{"unit": 1, "profile": "chint-ddsu666", "function_code": 3},
+                     {"unit": 2, "profile": "chint-ddsu666"}]
+    assert driver.toml_lines(found[0]) == ["unit = 1", 'profile = "chint-ddsu666"',
+                                           "function_code = 3"]
+    assert driver.toml_lines(found[1]) == ["unit = 2", 'profile = "chint-ddsu666"']
+
+
+def test_function_code_in_the_configuration():
+    from gateway.config import ConfigError
+    from gateway.service.config import validate
+    base = {"gateway": {"id": "g"}, "ports": [{"name": "p", "device": "/dev/null"}]}
+    meter = {"id": "u1", "port": "p", "protocol": "modbus", "unit": 1,
+             "profile": "chint-ddsu666"}
+    cfg = validate(dict(base, meters=[dict(meter, function_code=3)]))
+    assert cfg.meters[0].function_code == 3
+    assert MeterSpec.from_config(cfg.meters[0]).function_code == 3
+    assert validate(dict(base, meters=[meter])).meters[0].function_code is None
+    with pytest.raises(ConfigError, match="function_code"):
+        validate(dict(base, meters=[dict(meter, function_code=6)]))
+    assert validate(base).ports[0].catch_up_s == 1.0

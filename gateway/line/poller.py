@@ -52,13 +52,14 @@ class MeterSpec:
     # slots: a concentrator may carry a thousand of these
     __slots__ = ("id", "port", "protocol", "address", "unit", "profile", "interval_s",
                  "instant_interval_s", "clock_interval_s", "version", "prepaid",
-                 "sync_threshold_s", "logical", "baudrate", "parity", "extra")
+                 "sync_threshold_s", "logical", "baudrate", "parity", "function_code",
+                 "function_tried", "extra")
 
     def __init__(self, id, port, protocol=DEFAULT_PROTOCOL, address=None, unit=None,
                  profile=None,
                  interval_s=900, instant_interval_s=300, clock_interval_s=3600,
                  version=2007, prepaid=False, sync_threshold_s=30.0, logical=0,
-                 baudrate=None, parity=None, **extra):
+                 baudrate=None, parity=None, function_code=None, **extra):
         self.id = id
         self.port = port
         self.protocol = protocol
@@ -74,6 +75,10 @@ class MeterSpec:
         self.logical = logical              # DL/T 698.45 logical address
         self.baudrate = baudrate          # None: the port's line settings
         self.parity = parity
+        # Modbus: the register-read function (None: the profile's); the driver sets it to
+        # the one the meter answers after falling back once from the other
+        self.function_code = function_code
+        self.function_tried = False
         self.extra = extra or None
 
     @classmethod
@@ -84,7 +89,7 @@ class MeterSpec:
                    instant_interval_s=m.instant_interval_s,
                    clock_interval_s=m.clock_interval_s, version=m.version, prepaid=m.prepaid,
                    logical=getattr(m, "logical_address", 0), baudrate=m.baudrate,
-                   parity=m.parity)
+                   parity=m.parity, function_code=getattr(m, "function_code", None))
 
 
 class MeterHealth:
@@ -335,8 +340,11 @@ class LinePoller:
     def status(self):
         out = {}
         for mid, h in self.health.items():
+            fn = self.meters[mid].function_code
             out[mid] = {"online": h.online, "failures": h.failures, "last_ok": h.last_ok,
                         "last_error": h.last_error, "drift_s": h.drift_s, "reads": h.reads,
                         "reads_ok": h.reads_ok, "slots": h.slots,
                         "missed_slots": h.missed_slots, "caught_up": h.caught_up}
+            if fn is not None:
+                out[mid]["function_code"] = fn       # Modbus: the read function in use
         return out

@@ -95,7 +95,8 @@ class Gateway:
         for port in self.cfg.ports:
             poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
                                 clock_trusted=self.clock.trusted,
-                                offline_after=port.offline_after)
+                                offline_after=port.offline_after,
+                                catch_up_s=port.catch_up_s)
             for mid, h in poller.health.items():
                 h.online = mid not in offline
                 if freeze_days.get(mid):
