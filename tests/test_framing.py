@@ -367,42 +367,58 @@ def test_twins_agree_on_random_streams(chunks, sizes, mode):
     assert a.stats() == b.stats()
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.binary(max_size=12), st.booleans())
-def test_bcd_twins_agree(data, signed):
+def _compiled():
     import importlib
     try:
-        compiled = importlib.import_module("protocols._speedups")
+        return importlib.import_module("protocols._speedups")
     except ImportError:
         pytest.skip("compiled scanner not built")
 
-    def run(f):
-        try:
-            return f(data, signed)
-        except ValueError:
-            return "error"
-    assert run(compiled.bcd_to_int) == run(_pyframing.bcd_to_int)
-    assert compiled.add_33(data) == _pyframing.add_33(data)
-    assert compiled.sub_33(data) == _pyframing.sub_33(data)
-    assert compiled.crc16_modbus(data) == _pyframing.crc16_modbus(data)
-    assert compiled.dlt645_checksum(data) == _pyframing.dlt645_checksum(data)
+
+def _outcome(f, *args):
+    """A function's result, or the type of the exception it raised (twins must agree on
+    both)."""
+    try:
+        return f(*args)
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=12), st.booleans())
+def test_bcd_twins_agree(data, signed):
+    compiled = _compiled()
+    for name in ("bcd_to_int",):
+        assert _outcome(getattr(compiled, name), data, signed) == \
+            _outcome(getattr(_pyframing, name), data, signed)
+    for name in ("add_33", "sub_33", "crc16_modbus", "crc16_x25", "dlt645_checksum"):
+        assert getattr(compiled, name)(data) == getattr(_pyframing, name)(data)
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(-10 ** 14, 10 ** 14), st.integers(0, 8), st.booleans())
 def test_int_to_bcd_twins_agree(value, nbytes, signed):
-    import importlib
-    try:
-        compiled = importlib.import_module("protocols._speedups")
-    except ImportError:
-        pytest.skip("compiled scanner not built")
+    compiled = _compiled()
+    assert _outcome(compiled.int_to_bcd, value, nbytes, signed) == \
+        _outcome(_pyframing.int_to_bcd, value, nbytes, signed)
 
-    def run(f):
-        try:
-            return f(value, nbytes, signed)
-        except ValueError:
-            return "error"
-    assert run(compiled.int_to_bcd) == run(_pyframing.int_to_bcd)
+
+def test_twins_agree_on_odd_arguments():
+    import array
+    compiled = _compiled()
+    odd = [[0x12, 0x34], (0x12,), None, "12", array.array("H", [1]), array.array("b", [1]),
+           memoryview(H("12 34 56"))[::-1], memoryview(bytes(4)).cast("B", (2, 2)),
+           memoryview(H("12 34")).cast("c"), bytearray(H("12 34"))]
+    for arg in odd:
+        for name in ("bcd_to_int", "add_33", "sub_33", "crc16_modbus", "crc16_x25",
+                     "dlt645_checksum"):
+            assert _outcome(getattr(compiled, name), arg) == \
+                _outcome(getattr(_pyframing, name), arg), (name, arg)
+        for s in (compiled.Scanner(), _pyframing.Scanner()):
+            assert _outcome(s.feed, None) == "TypeError"
+            assert _outcome(s.feed, [0x68]) == "TypeError"
+    for args in ((0, 0, True), (0, 0), (-1, 0, True), (5, -1), (1.5, 2), (12, [1])):
+        assert _outcome(compiled.int_to_bcd, *args) == _outcome(_pyframing.int_to_bcd, *args)
 
 
 @settings(max_examples=100, deadline=None)

@@ -532,14 +532,20 @@ def _run_due(poller, line, clock, until):
             clock[0] += max(job, 0.001)
 
 
-def test_catch_ups_wait_growing_pauses_and_stop_at_the_slot_end():
-    clock = [6000.0 + 0.5]                           # just after a slot boundary (60 s)
+def _scripted(answers, offline_after=100, catch_up_s=2.0):
+    """A poller of one meter (energy every 60 s) on a scripted line, the clock just after a
+    slot boundary: (clock, poller, line, collector, spec)."""
+    clock = [6000.0 + 0.5]
     col = Collector()
     spec = MeterSpec("000000001800", "p", address="000000001800", interval_s=60,
                      **ENERGY_ONLY)
     poller = LinePoller([spec], col.sink, col.event, wall=lambda: clock[0],
-                        offline_after=100, catch_up_s=2.0)
-    line = _ScriptedLine(clock, [False] * 20, cost=2.5)
+                        offline_after=offline_after, catch_up_s=catch_up_s)
+    return clock, poller, _ScriptedLine(clock, answers, cost=2.5), col, spec
+
+
+def test_catch_ups_wait_growing_pauses_and_stop_at_the_slot_end():
+    clock, poller, line, col, spec = _scripted([False] * 20)
     _run_due(poller, line, clock, 6060.0)
     # the slot's run, then catch-ups after pauses of 2, 4, 8, 16 s (each counted from the
     # end of the failed run); the next (32 s) would end after the slot: missed
@@ -550,13 +556,7 @@ def test_catch_ups_wait_growing_pauses_and_stop_at_the_slot_end():
 
 
 def test_catch_up_that_answers_saves_the_slot_and_is_not_a_miss():
-    clock = [6000.0 + 0.5]
-    col = Collector()
-    spec = MeterSpec("000000001800", "p", address="000000001800", interval_s=60,
-                     **ENERGY_ONLY)
-    poller = LinePoller([spec], col.sink, col.event, wall=lambda: clock[0],
-                        offline_after=100, catch_up_s=2.0)
-    line = _ScriptedLine(clock, [False, False, True, True], cost=2.5)
+    clock, poller, line, col, spec = _scripted([False, False, True, True])
     _run_due(poller, line, clock, 6119.0)            # this slot and the next
     h = poller.health[spec.id]
     assert (h.slots, h.missed_slots, h.caught_up, h.catch_ups) == (2, 0, 1, 2)
@@ -564,26 +564,14 @@ def test_catch_up_that_answers_saves_the_slot_and_is_not_a_miss():
 
 
 def test_catch_up_is_off_with_zero_and_a_failed_slot_is_missed_at_once():
-    clock = [6000.0 + 0.5]
-    col = Collector()
-    spec = MeterSpec("000000001800", "p", address="000000001800", interval_s=60,
-                     **ENERGY_ONLY)
-    poller = LinePoller([spec], col.sink, col.event, wall=lambda: clock[0],
-                        offline_after=100, catch_up_s=0)
-    line = _ScriptedLine(clock, [False, True], cost=2.5)
+    clock, poller, line, col, spec = _scripted([False, True], catch_up_s=0)
     _run_due(poller, line, clock, 6059.0)
     assert len(line.times) == 1
     assert poller.health[spec.id].missed_slots == 1
 
 
 def test_an_offline_meter_gets_no_catch_up():
-    clock = [6000.0 + 0.5]
-    col = Collector()
-    spec = MeterSpec("000000001800", "p", address="000000001800", interval_s=60,
-                     **ENERGY_ONLY)
-    poller = LinePoller([spec], col.sink, col.event, wall=lambda: clock[0],
-                        offline_after=1, catch_up_s=2.0)
-    line = _ScriptedLine(clock, [False] * 5, cost=2.5)
+    clock, poller, line, col, spec = _scripted([False] * 5, offline_after=1)
     _run_due(poller, line, clock, 6059.0)
     assert len(line.times) == 1 and not poller.health[spec.id].online
     assert poller.health[spec.id].missed_slots == 1
