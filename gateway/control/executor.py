@@ -10,6 +10,7 @@ frame again; and the broker redelivers whatever was not yet in the ledger. Every
 to the hash-chained audit trail (unauthenticated input only as a digest, aggregated).
 """
 
+import collections
 import datetime as _dt
 import errno
 import logging
@@ -20,7 +21,7 @@ from decimal import Decimal
 
 from gateway import logs
 from gateway.clock import near_the_hour
-from gateway.control import policy, relay, spool as spool_mod, verify
+from gateway.control import diagnostics, policy, relay, spool as spool_mod, verify
 from gateway.control.signing import KeyError_, load_public_key
 from gateway.control.verify import (FINAL, GATEWAY_ACTIONS, RELAY_ACTIONS, Rejected,
                                     RejectCode)
@@ -42,7 +43,7 @@ LOCAL_VALIDITY_S = 900          # a local command's own validity window
 READ_TIMEOUT_S = 60
 TIME_SYNC_WAIT_S = 10
 IDLE_WAIT_S = 0.3
-DIAGNOSTICS_PER_MIN = 6         # audit_verify, logs: each may read megabytes
+DIAGNOSTICS_PER_MIN = 6         # each may read megabytes or hold a line for a while
 LOG_LINES_DEFAULT = 100
 LOG_LINES_MAX = 500
 # below this much free disk (beside the reserve) no command starts: its audit entries,
@@ -71,7 +72,8 @@ class WholeGateway:
 class Executor(threading.Thread):
     def __init__(self, *, control_cfg, data_dir, intake, meter_of, spec_of, line, ledger,
                  accounts, journal, audit, events, clock, prepaid, notify=lambda: None,
-                 reserve=None, local_group="meter-gateway"):
+                 reserve=None, local_group="meter-gateway", ports=lambda: (),
+                 meters=lambda: ()):
         super().__init__(name="commands", daemon=True)
         self.cfg = control_cfg
         self.intake = intake                  # queue of uplink.Command
@@ -87,6 +89,8 @@ class Executor(threading.Thread):
         self.prepaid = prepaid                # () -> cost control, or None
         self.notify = notify
         self.reserve = reserve                # paths.DiskReserve or None
+        self.ports = ports                    # () -> the configured port names
+        self.meters = meters                  # () -> the configured meters
         self.keys = []
         for path in self.cfg.public_keys:
             try:
@@ -105,6 +109,9 @@ class Executor(threading.Thread):
         self._diagnostics = policy.TokenBucket(DIAGNOSTICS_PER_MIN, 60)
         self._callers = threading.local()
         self._answered = {}                   # id -> when a duplicate was last answered
+        self._diag = diagnostics.Runner()     # scan, trace, audit_verify, logs
+        self._rejections = logs.Aggregated(log, "rejected input")
+        self.outcomes = collections.Counter()  # (action, status) of every result sent
         self.heartbeat = time.monotonic()
         self.counts = {"done": 0, "failed": 0, "rejected": 0, "unauthenticated": 0,
                        "unauthenticated_unanswered": 0, "internal_errors": 0,
@@ -114,6 +121,7 @@ class Executor(threading.Thread):
 
     def stop(self, timeout=5.0):
         self._halt.set()
+        self._diag.stop()
         if self.is_alive():
             self.join(timeout)
 
@@ -131,6 +139,7 @@ class Executor(threading.Thread):
                 tick()
 
     def run(self):
+        self._diag.start()
         try:
             self.resume()
         except Exception:
@@ -147,6 +156,7 @@ class Executor(threading.Thread):
                     self.handle(cmd)
                 self.spool.scan()
                 self._flush_unauthenticated()
+                self._rejections.flush()
                 if time.time() - last_prune > PRUNE_EVERY_S:
                     last_prune = time.time()
                     self._prune()
@@ -164,6 +174,8 @@ class Executor(threading.Thread):
         if reason is not None:
             body["reason"] = reason
         body.update(extra)
+        action = body.get("action")
+        self.outcomes[(action if action in verify.ACTIONS else "other", status)] += 1
         if meta and cmd_id is not None:
             if meta.get("response_topic"):
                 body["_response_topic"] = meta["response_topic"]
@@ -208,6 +220,9 @@ class Executor(threading.Thread):
         claims and never on a response topic, at a bounded rate."""
         self.counts["unauthenticated"] += 1
         self.counts["rejected"] += 1
+        self._rejections.note("unauthenticated input rejected (%s): %s", rej.code.value,
+                              rej.reason, fields=logs.fields(command=getattr(
+                                  rej, "claimed_id", None)))
         try:
             self.audit.unauthenticated(rej.code.value, bytes(payload))
         except OSError as exc:
@@ -288,6 +303,8 @@ class Executor(threading.Thread):
                 # head-end hears why (and the same id is never run later)
                 return self._fail_unstored(cmd, meta, source, digest, expires, exc)
         self._audit("command.accepted", id=cid, source=source, command=_public(cmd))
+        log.info("command %s %s %s from %s accepted", cid, cmd["action"], cmd["meter"], source,
+                 extra=logs.fields(command=cid, meter=cmd["meter"]))
         self._result(cid, "accepted", None, meta, meter=meter.id, action=cmd["action"])
         failpoint("after_ledger")
         return None
@@ -311,6 +328,9 @@ class Executor(threading.Thread):
 
     def _reject_stale(self, cmd, rej):
         self.counts["rejected"] += 1
+        self._rejections.note("command %s %s %s rejected (%s): %s", cmd["id"],
+                              cmd.get("action"), cmd.get("meter"), rej.code.value, rej.reason,
+                              fields=logs.fields(command=cmd["id"], meter=cmd.get("meter")))
         self._note_unanswered(rej.code, cmd)
         if not self._unauth.take(time.monotonic()):
             return {"id": cmd["id"], "status": "rejected"}
@@ -329,6 +349,9 @@ class Executor(threading.Thread):
 
     def _reject(self, cmd, meta, source, rej, record):
         self.counts["rejected"] += 1
+        log.warning("command %s %s %s from %s rejected (%s): %s", cmd["id"], cmd.get("action"),
+                    cmd.get("meter"), source, rej.code.value, rej.reason,
+                    extra=logs.fields(command=cmd["id"], meter=cmd.get("meter")))
         result = {"status": "rejected", "code": rej.code.value, "reason": rej.reason}
         if record:
             try:
@@ -484,6 +507,8 @@ class Executor(threading.Thread):
             if not self._storage_ok():
                 self._storage_failed("%s: no room for the audit" % self.data_dir)
                 raise StorageFull("no room left on the data folder's disk")
+            if action in DIAGNOSTIC_ACTIONS:
+                return self._run_diagnostic(cmd, meter, meta, source)
             if action in RELAY_ACTIONS:
                 # the whole operation is one job on the line: its transactions follow each
                 # other without a poll in between
@@ -532,6 +557,10 @@ class Executor(threading.Thread):
             pass                          # the result still goes out below, if it can
         self._audit("command.result", id=cid, result=result)
         self.counts[status] = self.counts.get(status, 0) + 1
+        log.log(logging.INFO if status == "done" else logging.WARNING,
+                "command %s %s %s: %s%s%s", cid, action, meter.id, status,
+                " (%s)" % code if code else "", ": %s" % reason if reason else "",
+                extra=logs.fields(command=cid, meter=meter.id))
         if status == "done" and action in ("cut_off", "restore") and extra.get("relay"):
             self.events("relay.opened" if extra["relay"] == "open" else "relay.closed",
                         meter=meter.id, command=cid, source=source,
@@ -614,6 +643,13 @@ class Executor(threading.Thread):
                        for v in values]}
 
     def _check_diagnostic(self, action, params):
+        try:
+            if action == "scan":
+                diagnostics.check_scan(params, tuple(self.ports()))
+            elif action == "trace":
+                diagnostics.check_trace(params, tuple(self.ports()))
+        except diagnostics.BadParams as exc:
+            raise Rejected(RejectCode.BAD_PARAMS, str(exc)) from None
         if action == "logs":
             lines = params.get("lines", LOG_LINES_DEFAULT)
             if type(lines) is not int or not 1 <= lines <= LOG_LINES_MAX:
@@ -626,8 +662,37 @@ class Executor(threading.Thread):
             raise Rejected(RejectCode.RATE_LIMIT, "%s: at most %d diagnostic commands a "
                            "minute" % (action, DIAGNOSTICS_PER_MIN))
 
+    def _run_diagnostic(self, cmd, meter, meta, source):
+        """Handed to the diagnostics thread: the executor goes on with the next command
+        (a cut-off behind a scan is not kept waiting); the result follows."""
+        def run():
+            try:
+                status, reason, extra = self._diagnostic(cmd)
+            except Exception as exc:
+                log.exception("command %s", cmd["id"])
+                status, reason, extra = "failed", "internal error: %s" % exc, \
+                    {"code": "internal_error"}
+            self._finish(cmd["id"], cmd, meter, meta, source, status, reason, extra)
+        if not self._diag.submit(run):
+            return self._finish(cmd["id"], cmd, meter, meta, source, "failed",
+                                "%d diagnostic commands are waiting already"
+                                % diagnostics.QUEUE_MAX, {"code": "busy"})
+        return {"id": cmd["id"], "status": "accepted"}
+
     def _diagnostic(self, cmd):
+        """Runs on the diagnostics thread."""
         params = cmd.get("params") or {}
+        tick = self._diag.tick
+        if cmd["action"] == "scan":
+            port, protocol, opts = diagnostics.check_scan(params, tuple(self.ports()))
+            configured = {reads.driver(m.protocol).key_of(m): m.id for m in self.meters()
+                          if m.port == port and m.protocol == protocol}
+            return diagnostics.run_scan(self.line.worker_of, port, protocol, opts,
+                                        configured, self._diag.halt, tick)
+        if cmd["action"] == "trace":
+            port, seconds = diagnostics.check_trace(params, tuple(self.ports()))
+            return diagnostics.run_trace(self.line.worker_of, port, seconds, self._diag.halt,
+                                         tick)
         if cmd["action"] == "audit_verify":
             entries, problem = self.audit.verify()
             return "done", None, {"entries": entries, "whole": problem is None,
