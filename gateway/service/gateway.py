@@ -146,7 +146,9 @@ class Gateway:
                         accounts=self.accounts, journal=self.journal, audit=self.audit,
                         events=self.sink.event, clock=self.clock,
                         prepaid=lambda: self.costcontrol, notify=self._appended,
-                        reserve=self.reserve, local_group=self.cfg.control.local_group)
+                        reserve=self.reserve, local_group=self.cfg.control.local_group,
+                        ports=lambda: [p.name for p in self.cfg.ports],
+                        meters=lambda: self.cfg.meters)
 
     def _new_costcontrol(self):
         from gateway.billing import costcontrol
