@@ -158,20 +158,23 @@ class Trace:
     def __init__(self, max_chars=TRACE_MAX_CHARS):
         self.max_chars = max_chars
         self._lock = threading.Lock()
-        self._entries = []          # [t, direction, bytearray]
+        self._entries = []          # [t, direction, bytearray, time of the last chunk]
+        self._bytes = 0
         self.dropped = 0
 
     def __call__(self, direction, data):
         now = time.time()
         with self._lock:
+            if (self._bytes + len(data)) * 2 > self.max_chars:
+                self.dropped += 1
+                return
+            self._bytes += len(data)
             last = self._entries[-1] if self._entries else None
             if last and direction == "rx" == last[1] and now - last[3] < RX_GAP_S:
                 last[2] += data
                 last[3] = now
-            elif sum(len(e[2]) for e in self._entries) * 2 < self.max_chars:
-                self._entries.append([now, direction, bytearray(data), now])
             else:
-                self.dropped += 1
+                self._entries.append([now, direction, bytearray(data), now])
 
     def frames(self):
         out, chars = [], 0

@@ -28,7 +28,7 @@ from gateway.store.journal import JournalError, open_journal, save_marks
 from gateway.line.poller import LinePoller, MeterSpec
 from gateway.line.port import PortWorker
 from gateway.service.sdnotify import Notifier
-from gateway.service.sink import ReadingSink
+from gateway.service.sink import ReadingSink, log_event
 from gateway.store.state import StateError, StateStore
 
 log = logging.getLogger("gateway")
@@ -77,6 +77,7 @@ class Gateway:
         self.costcontrol = None
         self.audit = None
         self.accounts = None
+        self.metrics = None
         self._build_lines()
 
     # ---------------------------------------------------------------- wiring
@@ -130,6 +131,9 @@ class Gateway:
             self.uplink.start()
         self.executor.start()
         self.costcontrol.start()
+        if self.cfg.metrics.listen:
+            from gateway.service import metrics       # prometheus-client only when on
+            self.metrics = metrics.serve(self.cfg.metrics.listen, self)
         self.sink.event("gateway.started", version=__version__,
                         ports=len(self.cfg.ports), meters=len(self.cfg.meters))
         self.notifier.ready(self.summary())
@@ -170,6 +174,7 @@ class Gateway:
 
     def _audit_event(self, entry):
         # the trail is uploaded too: each entry as an event, hash included
+        log_event("audit", {"entry": entry})
         try:
             self.journal.append_event("audit", entry=entry)
         except JournalError:
@@ -260,6 +265,8 @@ class Gateway:
 
     def stop(self, timeout=4.0):
         self.notifier.stopping()
+        if self.metrics is not None:
+            self.metrics.stop()
         deadline = time.monotonic() + timeout
         for w in self.workers.values():
             w._halt.set()

@@ -98,7 +98,8 @@ class ReadingSink:
                 stored = len(batch)
             if self.last_error:
                 log.warning("journal writable again: %d readings kept in memory were stored"
-                            "%s", stored, ", %d lost" % self.lost if self.lost else "")
+                            "%s", stored, ", %d lost" % self.lost if self.lost else "",
+                            extra=logs.fields(event="gateway.storage_recovered"))
                 self.last_error = None
                 self.journal.append_event("gateway.storage_recovered", lost=self.lost,
                                           lost_events=self.lost_events)
