@@ -18,7 +18,7 @@ from gateway.control.relay import masked_hex
 from gateway.line import reads
 from gateway.line.port import ON_DEMAND, Result
 from gateway.model import TxError
-from gateway.registry import NAMES, PROTOCOLS
+from gateway.registry import DEFAULT_PROTOCOL, NAMES, PROTOCOLS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def check_scan(params, ports):
     port = params.get("port")
     if port not in ports:
         raise BadParams("scan: params.port names a configured port (%s)" % ", ".join(ports))
-    protocol = params.get("protocol", "dlt645")
+    protocol = params.get("protocol", DEFAULT_PROTOCOL)
     if protocol not in NAMES:
         raise BadParams("scan: params.protocol is one of %s" % ", ".join(NAMES))
     baudrate = params.get("baudrate")
