@@ -96,7 +96,7 @@ def cmd_status(args):
         raise CliError("%s: unreadable (%s)" % (path, exc)) from None
     now = time.time()
     status["running"] = paths.status_is_fresh(status, cfg.gateway.status_interval_s, now)
-    status["age_s"] = round(now - (status.get("written_at") or 0), 1)
+    status["age_s"] = round(now - paths.status_time(status.get("written_at")), 1)
 
     def human(s):
         if not s["running"]:

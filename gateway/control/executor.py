@@ -724,7 +724,7 @@ class Executor(threading.Thread):
         self.line.worker_of(meter.port).submit_job(lambda w: (w.broadcast(frame), done.set()),
                                                    RELAY)
         done.wait(TIME_SYNC_WAIT_S)
-        return "done", None, {"sent": now.isoformat(timespec="seconds")}
+        return "done", None, {"sent": now.astimezone().isoformat(timespec="seconds")}
 
     # ---------------------------------------------------------------- local & cost control
 

@@ -22,7 +22,7 @@ import time
 from gateway import __version__
 from gateway.store.accounts import AccountStore
 from gateway.store.audit import AuditTrail
-from gateway.clock import ClockPolicy
+from gateway.clock import ClockPolicy, rfc3339
 from gateway.store import paths
 from gateway.store.journal import JournalError, open_journal, save_marks
 from gateway.line.poller import LinePoller, MeterSpec
@@ -366,8 +366,8 @@ class Gateway:
             buffer["bytes"] = jstats["file_bytes"]
             buffer["dropped"] = {s: st["dropped"] for s, st in jstats["streams"].items()}
         return {"v": 1, "gateway": self.cfg.gateway.id, "version": __version__,
-                "pid": os.getpid(), "started_at": self.started_at,
-                "written_at": time.time(),
+                "pid": os.getpid(), "started_at": rfc3339(self.started_at),
+                "written_at": rfc3339(time.time()),
                 "clock_trusted": self.clock.trusted(),
                 "uplink": self.uplink.status(jstats) if self.uplink else None,
                 "ports": [w.line_stats() for w in self.workers.values()],

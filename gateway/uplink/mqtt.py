@@ -21,7 +21,6 @@ again by a reconnect once the queue has room.
 """
 
 import collections
-import datetime as _dt
 import functools
 import json
 import logging
@@ -37,6 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import __version__
+from gateway.clock import rfc3339 as clock_rfc3339
 from gateway.model import valid_topic
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ def valid_correlation(hex_text):
 
 def rfc3339(ms):
     """Unix milliseconds as RFC 3339 with the gateway's UTC offset."""
-    return _dt.datetime.fromtimestamp(ms / 1000.0).astimezone().isoformat(
-        timespec="milliseconds")
+    return clock_rfc3339(ms / 1000.0)
 
 
 class Command:
@@ -161,14 +160,18 @@ class Uplink(threading.Thread):
         except Exception:      # a failing disk must not break status reports
             backlog, oldest = {}, None
         out["backlog"] = backlog
+        out["last_ack"] = clock_rfc3339(out["last_ack"])    # RFC 3339, as in every payload
         out["oldest_unsent_age_s"] = round(time.time() - oldest / 1000.0, 1) if oldest else 0
         return out
 
     # ---------------------------------------------------------------- client
 
-    def _status_payload(self, state):
-        return json.dumps({"v": 1, "state": state, "version": __version__,
-                           "since": rfc3339(int(self.started_at * 1000))},
+    def _status_payload(self, state, since, **extra):
+        """online: since this connection; offline after a clean stop: since the stop; the
+        Last Will (`"unclean": true`): since the connection it ends began, since the
+        gateway cannot know when the broker will notice the loss (its arrival says that)."""
+        return json.dumps(dict({"v": 1, "state": state, "version": __version__,
+                                "since": clock_rfc3339(since)}, **extra),
                           separators=(",", ":"))
 
     def _new_client(self):
@@ -190,8 +193,8 @@ class Uplink(threading.Thread):
             # ca_certs None: the system's CA store
             client.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
                            cert_reqs=ssl.CERT_REQUIRED)
-        client.will_set(self.root + "/status", self._status_payload("offline"), qos=1,
-                        retain=True)
+        client.will_set(self.root + "/status", self._status_payload(
+            "offline", time.time(), unclean=True), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -212,8 +215,8 @@ class Uplink(threading.Thread):
         self.state["last_error"] = None
         # subscribe on every connect: a reconnect may have lost the subscription
         client.subscribe(self.root + "/commands", qos=1)
-        client.publish(self.root + "/status", self._status_payload("online"), qos=1,
-                       retain=True)
+        client.publish(self.root + "/status", self._status_payload("online", time.time()),
+                       qos=1, retain=True)
         log.info("uplink connected to %s (%s)", self.state["broker"],
                  "MQTT 5" if self.v5 else "MQTT 3.1.1")
 
@@ -406,8 +409,8 @@ class Uplink(threading.Thread):
             client.loop(timeout=0.05)
             self._collect_acks()
             self._send_acks(client)
-        info = client.publish(self.root + "/status", self._status_payload("offline"), qos=1,
-                              retain=True)
+        info = client.publish(self.root + "/status", self._status_payload(
+            "offline", time.time()), qos=1, retain=True)
         end = time.monotonic() + 1.0
         while not info.is_published() and time.monotonic() < end:
             client.loop(timeout=0.05)
