@@ -515,7 +515,8 @@ class Journal:
                 self._db.execute("INSERT INTO events VALUES (?, ?, ?)",
                                  (seq, now_ms(), json.dumps(body, separators=(",", ":"))))
             log.warning("journal %s: dropped %d oldest %s (seq %d..%d, %s)",
-                        self.path, n, stream, lo, hi, reason)
+                        self.path, n, stream, lo, hi, reason,
+                        extra=logs.fields(event="journal.dropped"))
             if self._on_drop:
                 self._on_drop(body)
             return n
