@@ -222,3 +222,44 @@ def test_a_session_of_mgw_run_logs_every_event_command_and_rejection_and_serves_
     # under systemd nothing goes to stderr (journald would keep every line twice)
     assert open(tmp_path / "stderr.log").read() == ""
     sim.stop()
+
+
+def test_a_repeated_command_is_answered_with_the_first_results_bytes(tmp_path, broker):
+    import paho.mqtt.client as mqtt
+    from gwharness import Harness
+    h = Harness(tmp_path, broker=broker, meters=1).start()
+    raw = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw",
+                      protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: raw.append(bytes(m.payload))
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe("mgw/v1/gw-test/command-results", 1)
+    sub.connect(broker.host, broker.port)
+    sub.loop_start()
+    head = HeadEnd(broker, client_id="headend-repeat")
+    try:
+        def finals(cid):
+            return [r for r in raw if json.loads(r)["id"] == cid and
+                    json.loads(r)["status"] in ("done", "rejected")]
+
+        def wait_for(cond, timeout=20):
+            end = time.time() + timeout
+            while time.time() < end and not cond():
+                time.sleep(0.05)
+            return cond()
+        cut = h.command("m1", "cut_off")
+        unknown = h.command("m7", "read")
+        for cmd in (cut, unknown):
+            head.publish("commands", json.dumps(cmd))
+            assert wait_for(lambda: finals(cmd["id"]))
+        time.sleep(0.5)
+        for cmd in (cut, unknown):
+            head.publish("commands", json.dumps(cmd))           # a head-end's retry
+            assert wait_for(lambda: len(finals(cmd["id"])) == 2), raw
+            first, second = finals(cmd["id"])
+            assert first == second                               # byte for byte
+        assert len(h.relay_moves()) == 1
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        head.close()
+        h.close()

@@ -13,6 +13,7 @@ to the hash-chained audit trail (unauthenticated input only as a digest, aggrega
 import collections
 import datetime as _dt
 import errno
+import json
 import logging
 import os
 import threading
@@ -49,6 +50,10 @@ LOG_LINES_MAX = 500
 # below this much free disk (beside the reserve) no command starts: its audit entries,
 # ledger writes and results need room, and a relay operation is never run unaudited
 MIN_FREE_BYTES = 256 * 1024
+# a final result up to this size is kept as published, so a repeat is the same bytes
+REMEMBER_MAX_BYTES = 4096
+# diagnostic results' bulk is not kept in the ledger (the state file stays small)
+BULK_FIELDS = ("lines", "frames", "found", "answered_at")
 # a command seen again is answered at most this often (QoS 1 redelivery and head-end retries
 # are slower than this; a replay flood is not), remembering this many ids
 DUPLICATE_ANSWER_S = 30.0
@@ -73,7 +78,7 @@ class Executor(threading.Thread):
     def __init__(self, *, control_cfg, data_dir, intake, meter_of, spec_of, line, ledger,
                  accounts, journal, audit, events, clock, prepaid, notify=lambda: None,
                  reserve=None, local_group="meter-gateway", ports=lambda: (),
-                 meters=lambda: ()):
+                 meters=lambda: (), republish=None):
         super().__init__(name="commands", daemon=True)
         self.cfg = control_cfg
         self.intake = intake                  # queue of uplink.Command
@@ -91,6 +96,7 @@ class Executor(threading.Thread):
         self.reserve = reserve                # paths.DiskReserve or None
         self.ports = ports                    # () -> the configured port names
         self.meters = meters                  # () -> the configured meters
+        self.republish = republish            # (seq, ts, jid, body): a result sent again
         self.keys = []
         for path in self.cfg.public_keys:
             try:
@@ -167,7 +173,8 @@ class Executor(threading.Thread):
 
     # ---------------------------------------------------------------- results
 
-    def _result(self, cmd_id, status, reason=None, meta=None, code=None, **extra):
+    def _result(self, cmd_id, status, reason=None, meta=None, code=None, remember=False,
+                **extra):
         body = {"id": cmd_id, "status": status}
         if code is not None:
             body["code"] = code.value if isinstance(code, RejectCode) else code
@@ -181,9 +188,32 @@ class Executor(threading.Thread):
                 body["_response_topic"] = meta["response_topic"]
             if meta.get("correlation") is not None:
                 body["_correlation_data"] = meta["correlation"]
-        self.journal.append_result(body)
+        ts = int(time.time() * 1000)
+        seq = self.journal.append_result(body, ts=ts)
+        if remember and cmd_id is not None:
+            self._remember(cmd_id, body, seq, ts)
         self.notify()
         return body
+
+    def _remember(self, cid, body, seq, ts):
+        """The final result as it was numbered, so that a repeated command is answered with
+        the same bytes (same seq, ts, jid: a head-end's duplicate filter drops it where the
+        first arrived). A large one (diagnostics) is not kept."""
+        kept = json.loads(json.dumps(body, ensure_ascii=False, default=str))
+        if len(json.dumps(kept)) > REMEMBER_MAX_BYTES:
+            return
+        try:
+            with self.ledger.batch():
+                doc = self.ledger.get("commands", cid)
+                if doc is None or doc.get("published"):
+                    return
+                doc["published"] = {"seq": seq, "ts": ts, "body": kept,
+                                    "jid": getattr(self.journal, "jid", None)}
+                self.ledger.put("commands", cid, doc)
+        except Exception as exc:
+            if not _is_storage_error(exc):
+                raise
+            self._storage_failed(exc)     # the repeat is then answered as a new result
 
     # ---------------------------------------------------------------- remote commands
 
@@ -275,6 +305,10 @@ class Executor(threading.Thread):
                     self._note_unanswered(RejectCode.REPLAYED_ID, cmd)
                     return {"id": cid, "status": known.get("state")}
                 self._audit("command.duplicate", id=cid, state=known.get("state"))
+                pub = known.get("published")
+                if pub and self.republish is not None:
+                    self.republish(pub["seq"], pub["ts"], pub["jid"], pub["body"])
+                    return pub["body"]
                 if res:
                     return self._answer(cid, res, {
                         "response_topic": known.get("response_topic"),
@@ -345,7 +379,8 @@ class Executor(threading.Thread):
         self.counts["failed"] += 1
         self._audit("command.result", id=cmd["id"], result=result)
         return self._result(cmd["id"], "failed", reason, meta, code="storage_full",
-                            meter=cmd.get("meter"), action=cmd.get("action"))
+                            remember=True, meter=cmd.get("meter"),
+                            action=cmd.get("action"))
 
     def _reject(self, cmd, meta, source, rej, record):
         self.counts["rejected"] += 1
@@ -363,7 +398,8 @@ class Executor(threading.Thread):
         self._audit("command.rejected", id=cmd["id"], code=rej.code.value,
                     reason=rej.reason, command=_public(cmd))
         return self._result(cmd["id"], "rejected", rej.reason, meta, code=rej.code,
-                            meter=cmd.get("meter"), action=cmd.get("action"))
+                            remember=record, meter=cmd.get("meter"),
+                            action=cmd.get("action"))
 
     def _answer(self, cid, res, meta):
         extra = {k: v for k, v in res.items() if k not in ("id", "status", "reason", "code")}
@@ -549,6 +585,8 @@ class Executor(threading.Thread):
         if reason:
             result["reason"] = reason
         result.update(extra)
+        if action in DIAGNOSTIC_ACTIONS:
+            result = {k: v for k, v in result.items() if k not in BULK_FIELDS}
         try:
             self._record(cmd, status, meta, source=source, result=result,
                          finished_at=time.time())
@@ -566,8 +604,8 @@ class Executor(threading.Thread):
                         meter=meter.id, command=cid, source=source,
                         **({"awaiting_customer": True}
                            if extra.get("awaiting_customer") else {}))
-        return self._result(cid, status, reason, meta, code=code, meter=meter.id,
-                            action=action, **extra)
+        return self._result(cid, status, reason, meta, code=code, remember=True,
+                            meter=meter.id, action=action, **extra)
 
     def _conclude_intent(self, cmd, source, status, extra, cid):
         """What the outcome means for 'cut by cost control': a cut-off that may have opened

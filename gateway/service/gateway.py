@@ -152,7 +152,8 @@ class Gateway:
                         prepaid=lambda: self.costcontrol, notify=self._appended,
                         reserve=self.reserve, local_group=self.cfg.control.local_group,
                         ports=lambda: [p.name for p in self.cfg.ports],
-                        meters=lambda: self.cfg.meters)
+                        meters=lambda: self.cfg.meters,
+                        republish=self._republish if self.cfg.uplink.host else None)
 
     def _new_costcontrol(self):
         from gateway.billing import costcontrol
@@ -179,6 +180,10 @@ class Gateway:
             self.journal.append_event("audit", entry=entry)
         except JournalError:
             log.exception("audit upload")
+
+    def _republish(self, *result):
+        if self.uplink is not None:
+            self.uplink.republish(*result)
 
     def port_worker(self, port_name):
         return self.workers[port_name]

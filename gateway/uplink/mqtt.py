@@ -30,6 +30,7 @@ import socket
 import ssl
 import threading
 import time
+from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -50,6 +51,7 @@ MAX_COMMAND_BYTES = 64 * 1024     # larger ones are acked and dropped (the execu
 MAX_PACKET_BYTES = 1024 * 1024    # MQTT 5: the broker drops anything larger for us
 MAX_CORRELATION_BYTES = 256
 STUCK_MAX = 16                    # unacked commands that found the queue full: reconnect
+REPUBLISH_MAX = 64                # results waiting to be sent again (the oldest go first)
 
 _done_lock = threading.Lock()     # Command.done() from any thread; shared, done() is rare
 
@@ -115,6 +117,7 @@ class Uplink(threading.Thread):
         self._to_ack = collections.deque()    # (gen, mid, qos) from Command.done()
         self._stuck = 0                   # unacked commands of this connection not queued
         self._logged = set()              # conditions logged once (until they clear)
+        self._again = collections.deque(maxlen=REPUBLISH_MAX)   # results to send again
         self.heartbeat = time.monotonic()
         self.state = {"connected": False, "broker": "%s:%d" % (cfg.host, cfg.port),
                       "last_ack": None, "last_error": None, "connects": 0,
@@ -143,6 +146,13 @@ class Uplink(threading.Thread):
 
     def notify(self):
         """New rows in the journal: wake the sender."""
+        self._wake.set()
+
+    def republish(self, seq, ts, jid, body):
+        """A command result published before (seq, ts in ms, jid, body as journalled), sent
+        again as the same bytes, where it went the first time, for a repeated command. Not
+        journalled: if it is lost, the head-end asks again."""
+        self._again.append((seq, ts, jid, body))
         self._wake.set()
 
     def status(self, journal_stats=None):
@@ -416,7 +426,8 @@ class Uplink(threading.Thread):
             client.loop(timeout=0.05)
 
     def _has_work(self):
-        return bool(self._inflight) or self._wake.is_set() or bool(self._to_ack)
+        return bool(self._inflight) or self._wake.is_set() or bool(self._to_ack) or \
+            bool(self._again)
 
     def _reset_inflight(self):
         with self._lock:
@@ -447,8 +458,22 @@ class Uplink(threading.Thread):
                 self.journal.ack(CONSUMER, stream, upto)
                 self.state["last_ack"] = time.time()
 
+    def _send_again(self):
+        while self._again:
+            seq, ts, jid, body = self._again.popleft()
+            try:
+                payload, extra_topic, props = record_payload(_Row(seq, ts, body), "results",
+                                                             jid)
+                self._client.publish(self.root + "/command-results", payload, qos=1)
+                if extra_topic:
+                    self._client.publish(extra_topic, payload, qos=1, properties=props)
+            except Exception as exc:          # a bad stored body: it was sent once already
+                self._log_once("again", logging.WARNING, "uplink: result %d not sent again: "
+                               "%s", seq, exc)
+
     def _send(self):
         self._wake.clear()
+        self._send_again()
         jid = getattr(self.journal, "jid", None)
         for stream in STREAMS:
             limit = self.cfg.batch_max
@@ -511,6 +536,13 @@ class Uplink(threading.Thread):
         self.state["skipped"] += 1
         self._pending[stream].append([seq, None, True])
         self._sent_upto[stream] = seq
+
+
+class _Row(NamedTuple):
+    """A journal row as record_payload reads it."""
+    seq: int
+    ts: int
+    body: dict
 
 
 def readings_payload(rows, jid=None):
