@@ -250,9 +250,10 @@ class Executor(threading.Thread):
         claims and never on a response topic, at a bounded rate."""
         self.counts["unauthenticated"] += 1
         self.counts["rejected"] += 1
-        self._rejections.note("unauthenticated input rejected (%s): %s", rej.code.value,
-                              rej.reason, fields=logs.fields(command=getattr(
-                                  rej, "claimed_id", None)))
+        # a claimed id proves nothing: in the text only, never as MGW_COMMAND_ID
+        self._rejections.note("unauthenticated input rejected (%s): %s%s", rej.code.value,
+                              rej.reason, " (claims id %s)" % rej.claimed_id
+                              if getattr(rej, "claimed_id", None) else "")
         try:
             self.audit.unauthenticated(rej.code.value, bytes(payload))
         except OSError as exc:
