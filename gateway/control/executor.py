@@ -22,7 +22,7 @@ from decimal import Decimal
 
 from gateway import logs
 from gateway.clock import near_the_hour
-from gateway.control import diagnostics, policy, relay, spool as spool_mod, verify
+from gateway.control import policy, relay, spool as spool_mod, verify
 from gateway.control.signing import KeyError_, load_public_key
 from gateway.control.verify import (FINAL, GATEWAY_ACTIONS, RELAY_ACTIONS, Rejected,
                                     RejectCode)
@@ -115,7 +115,7 @@ class Executor(threading.Thread):
         self._diagnostics = policy.TokenBucket(DIAGNOSTICS_PER_MIN, 60)
         self._callers = threading.local()
         self._answered = {}                   # id -> when a duplicate was last answered
-        self._diag = diagnostics.Runner()     # scan, trace, audit_verify, logs
+        self._diag = None                     # diagnostics.Runner, from the first one
         self._rejections = logs.Aggregated(log, "rejected input")
         self.outcomes = collections.Counter()  # (action, status) of every result sent
         self.heartbeat = time.monotonic()
@@ -127,7 +127,8 @@ class Executor(threading.Thread):
 
     def stop(self, timeout=5.0):
         self._halt.set()
-        self._diag.stop()
+        if self._diag is not None:
+            self._diag.stop()
         if self.is_alive():
             self.join(timeout)
 
@@ -145,7 +146,6 @@ class Executor(threading.Thread):
                 tick()
 
     def run(self):
-        self._diag.start()
         try:
             self.resume()
         except Exception:
@@ -682,6 +682,7 @@ class Executor(threading.Thread):
                        for v in values]}
 
     def _check_diagnostic(self, action, params):
+        from gateway.control import diagnostics   # on first use: most boxes never see one
         try:
             if action == "scan":
                 diagnostics.check_scan(params, tuple(self.ports()))
@@ -704,6 +705,7 @@ class Executor(threading.Thread):
     def _run_diagnostic(self, cmd, meter, meta, source):
         """Handed to the diagnostics thread: the executor goes on with the next command
         (a cut-off behind a scan is not kept waiting); the result follows."""
+        from gateway.control import diagnostics
         def run():
             try:
                 status, reason, extra = self._diagnostic(cmd)
@@ -712,6 +714,10 @@ class Executor(threading.Thread):
                 status, reason, extra = "failed", "internal error: %s" % exc, \
                     {"code": "internal_error"}
             self._finish(cmd["id"], cmd, meter, meta, source, status, reason, extra)
+        if self._diag is None:
+            # started with the first diagnostic: a thread fewer on a box that never sees one
+            self._diag = diagnostics.Runner()
+            self._diag.start()
         if not self._diag.submit(run):
             return self._finish(cmd["id"], cmd, meter, meta, source, "failed",
                                 "%d diagnostic commands are waiting already"
@@ -720,6 +726,7 @@ class Executor(threading.Thread):
 
     def _diagnostic(self, cmd):
         """Runs on the diagnostics thread."""
+        from gateway.control import diagnostics
         params = cmd.get("params") or {}
         tick = self._diag.tick
         if cmd["action"] == "scan":
@@ -741,8 +748,6 @@ class Executor(threading.Thread):
         return "done", None, {"lines": lines}     # the service never logs meter secrets
 
     def _gateway_action(self, cmd):
-        if cmd["action"] in DIAGNOSTIC_ACTIONS:
-            return self._diagnostic(cmd)
         cc = self.prepaid()
         if cmd["action"] == "release_breaker":
             cc.release_breaker()
