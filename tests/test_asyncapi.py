@@ -18,6 +18,7 @@ from gateway.control import executor as executor_mod
 from gateway.line import poller as poller_mod
 from gwharness import Harness
 from mqtt_helpers import HeadEnd
+from test_control_core import wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, "docs", "asyncapi.yaml")
@@ -137,16 +138,6 @@ def _refs(node):
 ACCOUNT = {"tariff": "flat", "max_kw": "20000", "restore_threshold": "1.00"}
 FAST = {"notice_s": 0, "protected_hours": [], "protected_weekends": False,
         "check_interval_s": 1, "breaker_max_count": 2, "breaker_max_share": 0.5}
-
-
-def wait(cond, timeout=30):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError("not reached within %ss" % timeout)
 
 
 @pytest.fixture
