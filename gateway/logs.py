@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 
 RECENT_LINES = 500
@@ -168,21 +169,28 @@ class Aggregated:
         self.clock = clock
         self._until = None
         self.unsaid = 0
+        self._lock = threading.Lock()
 
     def note(self, msg, *args, fields=None):
-        now = self.clock()
-        if self._until is not None and now < self._until:
-            self.unsaid += 1
-            return
-        self.flush(force=True)
-        self._until = now + self.period_s
+        with self._lock:
+            now = self.clock()
+            if self._until is not None and now < self._until:
+                self.unsaid += 1
+                return
+            self._flush_locked(force=True)
+            self._until = now + self.period_s
         self.log.log(self.level, msg, *args, extra=fields or {})
 
     def flush(self, force=False):
+        with self._lock:
+            self._flush_locked(force)
+
+    def _flush_locked(self, force):
         if not self.unsaid or (not force and self._until is not None and
                                self.clock() < self._until):
             return
         self.log.log(self.level, "%d more %s in the last %.0f s (not logged one by one)",
                      self.unsaid, self.what, self.period_s)
         self.unsaid = 0
-        self._until = None if not force else self._until
+        if not force:
+            self._until = None

@@ -263,3 +263,28 @@ def test_a_repeated_command_is_answered_with_the_first_results_bytes(tmp_path, b
         sub.disconnect()
         head.close()
         h.close()
+
+
+def test_a_flood_of_rejected_input_is_logged_once_and_then_counted(tmp_path, caplog):
+    from gwharness import Harness
+    h = Harness(tmp_path, meters=1).start()
+    try:
+        now = [1000.0]
+        agg = h.gw.executor._rejections
+        agg.clock = lambda: now[0]
+        agg._until = None
+        with caplog.at_level(logging.WARNING, logger="gateway.control.executor"):
+            for i in range(50):
+                h.gw.executor.handle_remote(b'{"v":1,"id":"junk-%d"}' % i)
+            lines = [r.getMessage() for r in caplog.records
+                     if "rejected" in r.getMessage()]
+            assert len(lines) == 1 and lines[0].startswith("unauthenticated input rejected")
+            now[0] += 61                      # the minute is over: one line says the rest
+            agg.flush()
+            lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+            assert lines[1] == "49 more rejected input in the last 60 s (not logged one " \
+                "by one)"
+            agg.flush()                       # said once
+            assert len([r for r in caplog.records if "rejected" in r.getMessage()]) == 2
+    finally:
+        h.close()

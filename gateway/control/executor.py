@@ -811,6 +811,8 @@ class Executor(threading.Thread):
         code = RejectCode.EXPIRED_LOCAL if reason.startswith("stale") else \
             RejectCode.NOT_ALLOWED_LOCALLY
         self.counts["rejected"] += 1
+        log.warning("local request by %s rejected (%s): %s", operator, code.value,
+                    reason[:200])
         self._audit("command.rejected", source="local", operator=operator, code=code.value,
                     reason=reason[:200])
         return {"status": "rejected", "code": code.value, "reason": "local request %s"
