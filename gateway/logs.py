@@ -44,9 +44,9 @@ def fields(event=None, meter=None, command=None):
 class _Recent(logging.Handler):
     def emit(self, record):
         try:
-            line = "%s %s %s: %s" % (
-                time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(record.created)),
-                record.levelname, record.name, record.getMessage())
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(record.created))
+            line = "%s:%s %s %s: %s" % (      # RFC 3339: +08:00, not +0800
+                stamp[:-2], stamp[-2:], record.levelname, record.name, record.getMessage())
         except Exception:              # a bad format string must not break logging
             return
         _recent.append((record.levelno, line[:MAX_LINE]))

@@ -288,3 +288,18 @@ def test_a_flood_of_rejected_input_is_logged_once_and_then_counted(tmp_path, cap
             assert len([r for r in caplog.records if "rejected" in r.getMessage()]) == 2
     finally:
         h.close()
+
+
+def test_the_logs_command_lines_carry_rfc3339_times():
+    import datetime as dt
+    logger = logging.getLogger("test.recent")
+    handler = logs._Recent()
+    logger.addHandler(handler)
+    try:
+        logger.warning("meter %s silent", "m4")
+    finally:
+        logger.removeHandler(handler)
+    line = logs.recent_lines(1, "warning")[-1]
+    stamp, rest = line.split(" ", 1)
+    assert rest == "WARNING test.recent: meter m4 silent"
+    assert dt.datetime.fromisoformat(stamp).tzinfo is not None and stamp[-3] == ":"

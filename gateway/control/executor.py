@@ -170,6 +170,8 @@ class Executor(threading.Thread):
                 # a bug must not stop command handling: log, count, carry on
                 self.counts["internal_errors"] += 1
                 log.exception("command executor")
+        if self._diag is not None:
+            self._diag.stop(0.1)           # a replaced executor leaves no thread behind
 
     # ---------------------------------------------------------------- results
 
