@@ -32,9 +32,10 @@ _PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
 
 
 def fields(event=None, meter=None, command=None):
-    """`extra=` for a log call: the journald fields of one line (None: not set)."""
+    """`extra=` for a log call: the journald fields of one line (None: not set; meter "*",
+    a gateway-wide command, names no meter)."""
     out = {}
-    for key, value in (("MGW_EVENT", event), ("MGW_METER", meter),
+    for key, value in (("MGW_EVENT", event), ("MGW_METER", None if meter == "*" else meter),
                        ("MGW_COMMAND_ID", command)):
         if value is not None and value != "":
             out[key] = str(value)[:128]
