@@ -58,6 +58,7 @@ def test_diagnostics_are_answered_within_bounds_and_relay_commands_behind_them_r
     assert sorted((f["address"], f["configured_as"]) for f in sc["found"]) == [
         (m.address, "m%d" % (i + 1)) for i, m in enumerate(h.sim_meters)]
     assert all(f["baudrate"] == 115200 for f in sc["found"])
+    assert sc["answered_at"] == ["115200 8E1 (3)"]            # as `mgw scan --json` says it
     assert h.wait_result(audit["id"])["whole"] is True
     assert isinstance(h.wait_result(logs["id"])["lines"], list)   # (no log handler here)
     assert len(h.relay_moves()) == 2

@@ -111,7 +111,7 @@ def scan(worker, port, protocol, opts, configured, tick=lambda: None):
     for f in found:
         f["baudrate"], f["parity"] = baudrate, parity
         f["configured_as"] = configured.get(str(f[key])) if f[key] is not None else None
-    settings = "%d 8%s1" % (baudrate, parity)
+    settings = "%d %d%s%d" % (baudrate, worker.bytesize, parity, worker.stopbits)  # as the CLI
     return {"port": port, "protocol": protocol, "found": found,
             "answered_at": ["%s (%d)" % (settings, len(found))] if found else [],
             "complete": not line.cut_short}
