@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import time
+from decimal import Decimal
 
 import jsonschema
 import pytest
@@ -16,6 +17,7 @@ from referencing.jsonschema import DRAFT7
 
 from gateway.control import executor as executor_mod
 from gateway.line import poller as poller_mod
+from gateway.store.journal import Reading
 from gwharness import Harness
 from mqtt_helpers import HeadEnd
 from test_control_core import wait
@@ -154,7 +156,7 @@ def session(tmp_path, broker, monkeypatch):
                       alarm2="1.00")]
     h = Harness(tmp_path, broker=broker, meters=5, accounts=accounts, cost_control=FAST,
                 sim_kw={"load_kw": 0.001, "start_kwh": 1000}, data_dir=data,
-                meter_kw={"clock_interval_s": 1})
+                meter_kw={"clock_interval_s": 1}, storage={"journal_quota_mb": 1})
     h.sim_meters[1].clock_offset_s = 900.0          # m2: beyond a broadcast sync
     h.sim_meters[4].clock_offset_s = 60.0           # m5: synced by broadcast
     h.cfg = h.cfg.replace(uplink=h.cfg.uplink.replace(health_interval_s=10))
@@ -218,6 +220,12 @@ def session(tmp_path, broker, monkeypatch):
         h.sim_meters[3].faults.silent = False
         seen("meter.online", meter="m4", timeout=40)
         seen("gateway.health", timeout=30)
+        # more readings than the 1 MB quota holds, through the sink: the oldest are dropped
+        stamp = int(time.time() * 1000)
+        for i in range(40):
+            h.gw.sink.readings([Reading("m1", "voltage.a", Decimal("230.%d" % (k % 10)), "V",
+                                        stamp, stamp) for k in range(1000)])
+        seen("journal.dropped", timeout=30)
         # status.json (the service's; `mgw status` reads it) has RFC 3339 times too
         from gateway.store import paths
         with open(paths.status_path(h.cfg.gateway)) as f:
