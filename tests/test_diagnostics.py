@@ -77,6 +77,16 @@ def test_diagnostic_params_are_checked_and_a_full_queue_is_refused(h):
     assert [r["code"] for r in reasons] == ["bad_params"] * 4
     assert "params.port" in reasons[0]["reason"]
     assert "params.seconds" in reasons[3]["reason"]
+    # one running and QUEUE_MAX waiting: the next is refused at once, not queued
+    traces = [h.command("*", "trace", {"port": "p1", "seconds": 1})
+              for _ in range(diagnostics.QUEUE_MAX + 2)]
+    for c in traces:
+        h.send(c)
+    out = [h.wait_result(c["id"], timeout=30) for c in traces]
+    busy = [r for r in out if r["status"] != "done"]
+    assert busy and all(r["status"] == "failed" and r["code"] == "busy" for r in busy)
+    assert len(out) - len(busy) >= diagnostics.QUEUE_MAX       # as many as may wait ran
+    assert out[-1] in busy
 
 
 def test_a_scan_stops_at_its_time_limit_and_says_so(h):
