@@ -92,11 +92,11 @@ def rfc3339(seconds):
 
 def status_view(raw, interval_s, now):
     """What `mgw status` shows, text and JSON alike, from the service's status.json: every
-    time in RFC 3339 (the file keeps Unix seconds), and each map holds one kind of thing
+    time in RFC 3339 (older versions' files kept Unix seconds), and each map holds one kind of thing
     (the file mixes totals and flags into its per-stream and per-meter maps)."""
     out = dict(raw)
     out["running"] = paths.status_is_fresh(raw, interval_s, now)
-    out["age_s"] = round(now - (raw.get("written_at") or 0), 1)
+    out["age_s"] = round(now - paths.status_time(raw.get("written_at")), 1)
     for key in ("started_at", "written_at"):
         if isinstance(raw.get(key), (int, float)):
             out[key] = rfc3339(raw[key])

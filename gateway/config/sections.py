@@ -277,7 +277,32 @@ CONTROL = Table("control", "ControlSettings", [
 ], check=_check_control)
 
 
-SECTIONS = (GATEWAY, STORAGE, PORTS, METERS, UPLINK, CONTROL)
+# ---------------------------------------------------------------- [metrics]
+
+def parse_listen(text):
+    """(host, port) of "host:port" ("[::1]:9108" for IPv6), or ValueError."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("use host:port, such as 127.0.0.1:9108")
+    return host.strip("[]"), int(port)
+
+
+def _listen(value):
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+METRICS = Table("metrics", "MetricsSettings", [
+    Field("listen", str, None, check=_listen,
+          doc="`host:port` of a Prometheus endpoint (needs the `metrics` extra, "
+              "prometheus-client); none: no endpoint"),
+])
+
+
+SECTIONS = (GATEWAY, STORAGE, PORTS, METERS, UPLINK, CONTROL, METRICS)
 
 GatewaySettings = GATEWAY.record
 StorageSettings = STORAGE.record
@@ -285,6 +310,7 @@ PortConfig = PORTS.record
 MeterConfig = METERS.record
 UplinkSettings = UPLINK.record
 ControlSettings = CONTROL.record
+MetricsSettings = METRICS.record
 for _record in (GatewaySettings, StorageSettings, PortConfig, MeterConfig, UplinkSettings,
-                ControlSettings):
+                ControlSettings, MetricsSettings):
     _record.__module__ = __name__        # where pickle and readers find them
