@@ -31,7 +31,8 @@ from typing import Any, NamedTuple, Optional, Tuple
 from protocols.dlt698_data import (ARRAY, DAR, DATE_TIME_S, DOUBLE_LONG_UNSIGNED, ENUM,
                                    LONG_UNSIGNED, OAD, OAD_T, OMD, RSD, STRUCTURE, UNSIGNED,
                                    BOOL, CSD, BitString, DataError, Raw, Reader, dar_name,
-                                   encode_data, encode_date_time_s)
+                                   encode_data, encode_date_time_s, encode_length)
+from protocols.dlt698_data import _date_time_s
 from protocols.dlt645_values import Value
 from protocols.framing import MAX_DLT698_FRAME, crc16_x25
 
@@ -343,10 +344,12 @@ def set_request(address, oad, data, piid=None, logical=0, ca=0x00, time_tag=None
     return build_frame(CLIENT_REQUEST, _address(address, logical), apdu, ca)
 
 
-def action_request(address, omd, data, piid=None, logical=0, ca=0x00, time_tag=None):
-    """ACTION-Request-Normal `07 01 PIID OMD Data` (CAP #0)."""
+def action_request(address, omd, data, piid=None, logical=0, ca=0x00, time_tag=None,
+                   ti=None):
+    """ACTION-Request-Normal `07 01 PIID OMD Data` (CAP #0); with `time_tag` (the send
+    time) a TimeTag whose allowed delay is `ti` = (unit, count), 5 minutes unless told."""
     apdu = bytes((ACTION_REQUEST, NORMAL, _piid(piid))) + OMD(*omd).encode() + bytes(data) + \
-        _time_tag(time_tag)
+        _time_tag(time_tag, ti)
     return build_frame(CLIENT_REQUEST, _address(address, logical), apdu, ca)
 
 
@@ -364,14 +367,16 @@ def broadcast_time_sync(when, piid=None, ca=0x00):
 
 
 def relay_action(address, method, when, piid=None, logical=0, ca=0x00, *, relay=RELAY_OUTPUT,
-                 alarm_delay_min=0, off_minutes=0, auto_close=False, direct=False):
+                 alarm_delay_min=0, off_minutes=0, auto_close=False, direct=False,
+                 valid_s=300):
     """Plaintext ACTION on 8000 (remote control), for meters configured to accept it (test
     meters, the simulator); real meters take relay control only inside the master
     station's SECURITY-Request (reference section 6). Parameters per ICP
     `lib698/class8.c`: trip (129) = array of structure{relay OAD, alarm delay unsigned
     (min), power-off duration long-unsigned (min), auto-close bool}; close (130) = array
     of structure{relay OAD, enum 0 allow close / 1 direct close}. A time tag is always
-    sent (ICP and P698: meters refuse 8000 without one, DAR 32)."""
+    sent (ICP and P698: meters refuse 8000 without one, DAR 32), allowing `valid_s`
+    seconds of delay (TI unit 0 = seconds)."""
     method = RelayMethod(method)
     if method == RelayMethod.TRIP:
         params = encode_data(ARRAY, [(STRUCTURE, [
@@ -385,14 +390,22 @@ def relay_action(address, method, when, piid=None, logical=0, ca=0x00, *, relay=
     if not isinstance(when, _dt.datetime):
         raise TypeError("relay_action needs the send time (the meter's local time)")
     return action_request(address, OMD(REMOTE_CONTROL, int(method)), params, piid, logical,
-                          ca, time_tag=when)
+                          ca, time_tag=when, ti=_seconds(valid_s))
 
 
-def protect_action(address, method, when, piid=None, logical=0, ca=0x00):
-    """Plaintext ACTION on 8001 (protection, 保电): on 127, off 128 (no parameter)."""
+def protect_action(address, method, when, piid=None, logical=0, ca=0x00, valid_s=300):
+    """Plaintext ACTION on 8001 (protection, 保电): on 127, off 128 (no parameter); time
+    tagged like relay_action (ICP refuses 8001-127 without a tag)."""
     method = ProtectMethod(method)
     return action_request(address, OMD(PROTECT, int(method)), b"\x00", piid, logical, ca,
-                          time_tag=when)
+                          time_tag=when, ti=_seconds(valid_s))
+
+
+def _seconds(n):
+    """TI of n seconds (unit 0), the long-unsigned count bounded."""
+    if not 1 <= int(n) <= 0xFFFF:
+        raise ValueError("a time tag's delay is 1..65535 s")
+    return (0, int(n))
 
 
 def security_frame(address, apdu, logical=0, ca=0x00):
@@ -402,6 +415,22 @@ def security_frame(address, apdu, logical=0, ca=0x00):
     if len(apdu) < 4 or apdu[0] != SECURITY_REQUEST or apdu[1] not in (0, 1):
         raise ValueError("a SECURITY-Request APDU starts 10 00 or 10 01")
     return build_frame(CLIENT_REQUEST, _address(address, logical), apdu, ca)
+
+
+def security_request_apdu(apdu, ciphertext=False, sid=(0, b""), mac=b"", rn=None):
+    """A SECURITY-Request APDU `10 choice len APDU verify` around `apdu`: verified by
+    SID_MAC (choice 0: SID{double-long-unsigned, octet-string} + MAC octet-string), or by RN
+    (choice 1) when `rn` is given (reference section 6, ASN `SecurityRequest`). Real relay
+    payloads come from the master station's encryption machine, ciphertext and MAC made
+    with the meter's ESAM keys, which the gateway does not hold: this builds the shape, for
+    tests and drills."""
+    body = bytes(apdu)
+    head = bytes((SECURITY_REQUEST, 1 if ciphertext else 0)) + encode_length(len(body)) + body
+    if rn is not None:
+        return head + b"\x01" + encode_length(len(rn)) + bytes(rn)
+    ident, extra = sid
+    return head + b"\x00" + int(ident).to_bytes(4, "big") + encode_length(len(extra)) + \
+        bytes(extra) + encode_length(len(mac)) + bytes(mac)
 
 
 # ---------------------------------------------------------------- answers (meter side)
@@ -455,6 +484,16 @@ def action_response(sa, piid, omd, dar=0, data=None, ca=0x00):
     apdu = bytes((ACTION_RESPONSE, NORMAL, piid)) + OMD(*omd).encode() + bytes((int(dar),)) + \
         (b"\x00" if data is None else b"\x01" + bytes(data)) + b"\x00\x00"
     return build_frame(_server_control(), sa, apdu, ca)
+
+
+def security_response(sa, apdu=b"", mac=None, dar=None, ciphertext=False, ca=0x00):
+    """SECURITY-Response `90 choice len APDU [01 00 MAC]` (CAP #22), or `90 02 DAR`."""
+    if dar is not None:
+        return build_frame(_server_control(), sa, bytes((SECURITY_RESPONSE, 2, int(dar))), ca)
+    body = bytes((SECURITY_RESPONSE, 1 if ciphertext else 0)) + encode_length(len(apdu)) + \
+        bytes(apdu) + (b"\x00" if mac is None else b"\x01\x00" + encode_length(len(mac)) +
+                       bytes(mac))
+    return build_frame(_server_control(), sa, body, ca)
 
 
 def error_response(sa, piid, code=2, ca=0x00):
@@ -661,7 +700,9 @@ def decode_apdu(data, depth=0):
         msg = handler(r, piid)
         if isinstance(msg, str):
             return msg
-        _trailer(r, bool(tag & 0x80))
+        tag_ = _trailer(r, bool(tag & 0x80))
+        if tag_ is not None and "time_tag" in msg._fields:
+            msg = msg._replace(time_tag=tag_)
         return msg
     return "APDU %02X (%s) not interpreted" % (tag, _tag_name(tag))
 
@@ -679,18 +720,22 @@ def _tag_name(tag):
 
 def _trailer(r, from_server):
     """FollowReport OPTIONAL (server) then TimeTag OPTIONAL; a missing trailer is taken
-    as absent (some meters stop after the result); anything else left is an error."""
+    as absent (some meters stop after the result); anything else left is an error.
+    Returns the time tag as (send time, (TI unit, count)), or None."""
     if from_server and r.left:
         if r.u8() == 1:
-            return                       # a follow report: not interpreted, not needed
+            return None                  # a follow report: not interpreted, not needed
+    tag = None
     if r.left:
         flag = r.u8()
         if flag == 1:
-            r.take(10)
+            b = r.take(10)
+            tag = (_date_time_s(b[:7]), (b[7], int.from_bytes(b[8:10], "big")))
         elif flag != 0:
             raise DataError("time tag flag %02X" % flag)
     if r.left:
         raise DataError("%d bytes after the APDU" % r.left)
+    return tag
 
 
 def _date_time10(b):

@@ -318,7 +318,11 @@ def test_relay_action_form_and_answer():
     a = msg.apdu
     assert isinstance(a, D.ActionRequest) and a.omd == OMD(0x8000, 129)
     assert a.value == [(OAD(0xF205, 2, 1), 0, 0, False)]
-    assert D.parse_frame(f).user_data.endswith(H("01 07 EA 05 01 0C 00 00 01 00 05"))
+    # TimeTag: send time, then the allowed delay as TI (unit 0 = seconds, 300)
+    assert D.parse_frame(f).user_data.endswith(H("01 07 EA 05 01 0C 00 00 00 01 2C"))
+    assert a.time_tag == (when, (0, 300))
+    g = D.relay_action("000000000001", D.RelayMethod.TRIP, when, piid=2, valid_s=90)
+    assert D.decode(D.parse_frame(g)).apdu.time_tag == (when, (0, 90))
     close = D.decode(D.parse_frame(D.relay_action("1", D.RelayMethod.CLOSE, when,
                                                   direct=True))).apdu
     assert close.value == [(OAD(0xF205, 2, 1), 1)]

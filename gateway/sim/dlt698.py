@@ -6,8 +6,12 @@ relay and protection, prepaid money, 62 daily freezes, fault injection) answerin
 DL/T 698.45: GET-Request-Normal and -NormalList on the objects the gateway polls, GET-Request-
 Record on the day freeze 5004 (selector 1 on the freeze time, or 9), broadcast time
 (ACTION 4000 method 127), SET 4000 0200, and, when `plaintext_relay` is set (a test meter),
-plaintext ACTION 8000 trip/close and 8001 protection. Every answer is logged in `truth`
-with the values the gateway should report.
+plaintext ACTION 8000 trip/close and 8001 protection. Relay control inside a
+SECURITY-Request: every one is kept byte for byte in `security_requests` (what the gateway
+forwarded); a plaintext one (choice 0) is carried out and answered in a plaintext
+SECURITY-Response with a MAC, a ciphertext one is refused with DAR 22 (ESAM verification
+failed): the simulator has no ESAM, so it neither checks a MAC nor deciphers. Every answer
+is logged in `truth` with the values the gateway should report.
 """
 
 import datetime as _dt
@@ -22,6 +26,8 @@ from protocols.dlt698_data import (ARRAY, BIT_STRING, DATE_TIME_S, DOUBLE_LONG,
 OBJECT_UNDEFINED = 4
 OBJECT_MISSING = 6
 READ_WRITE_REFUSED = 3
+SECURITY_MISMATCH = 20          # a plain ACTION on 8000 to a meter that wants security
+ESAM_FAILED = 22
 
 
 def _int(d, decimals):
@@ -40,6 +46,7 @@ class SimMeter698(SimMeter):
         self.plaintext_relay = plaintext_relay
         self.sa = D.server_address(address, logical=logical)
         self.list_ok = True          # False: answers lists with ERROR-Response (old meters)
+        self.security_requests = []  # SECURITY-Request APDUs received, byte for byte
 
     # ---------------------------------------------------------------- data
 
@@ -144,6 +151,15 @@ class SimMeter698(SimMeter):
         if isinstance(apdu, D.ActionRequest):
             return self._out(D.action_response(self.sa, apdu.piid, apdu.omd,
                                                self._action(apdu, now)))
+        if isinstance(apdu, D.SecurityRequest):
+            self.security_requests.append(bytes(frame.user_data))
+            if apdu.ciphertext or not isinstance(apdu.inner, D.ActionRequest):
+                return self._out(D.security_response(self.sa, dar=ESAM_FAILED))
+            inner = apdu.inner
+            answer = D.action_response(self.sa, inner.piid, inner.omd,
+                                       self._action(inner, now, secured=True))
+            return self._out(D.security_response(self.sa, D.parse_frame(answer).user_data,
+                                                 mac=bytes(4)))
         return None
 
     def _out(self, frame):
@@ -177,12 +193,12 @@ class SimMeter698(SimMeter):
             rows.append(row)
         return D.get_record_response(self.sa, req.piid, req.oad, cols, rows=rows)
 
-    def _action(self, req, now):
-        """DAR of a plaintext ACTION on 8000 / 8001."""
+    def _action(self, req, now, secured=False):
+        """DAR of an ACTION on 8000 / 8001 (plaintext, or carried in a SECURITY-Request)."""
         if req.omd.oi not in (D.REMOTE_CONTROL, D.PROTECT):
             return OBJECT_UNDEFINED
-        if not self.plaintext_relay:
-            return 20                               # security authentication mismatch
+        if not (secured or self.plaintext_relay):
+            return SECURITY_MISMATCH
         m = req.omd.method
         with self.lock:
             self.advance(now)
