@@ -210,6 +210,75 @@ def _apdu(msg):
     return apdu
 
 
+def transact(worker, exchange):
+    """worker.transact, a long answer followed to its end: link-layer fragments confirmed
+    one by one and joined (reference section 1), GET-Response-Next blocks asked for with
+    GET-Request-Next (APDU-level block transfer), both bounded (dlt698.MAX_FOLLOW_UPS,
+    MAX_REASSEMBLED). The Result's answer is then the whole message, checked against the
+    request like an answer that came in one frame; a follow-up that fails fails it all."""
+    first = worker.transact(exchange)
+    if not first.ok or not isinstance(first.answer, dlt698.Message):
+        return first
+    msg = first.answer
+    if not isinstance(msg.apdu, (dlt698.Fragment, dlt698.GetNextResponse)):
+        return first
+    frames, tally = list(first.frames), [first.attempts, first.elapsed]
+
+    def follow(ex):
+        r = worker.transact(ex.for_meter(exchange.meter).on_line(exchange.baudrate,
+                                                                exchange.parity))
+        frames.extend(r.frames)
+        tally[0] += r.attempts
+        tally[1] += r.elapsed
+        return r
+
+    def failed(why, code=TxError.GARBLED):
+        return first._replace(ok=False, answer=None, error=why, code=code,
+                              frames=tuple(frames), attempts=tally[0], elapsed=tally[1])
+    request = dlt698.decode(dlt698.parse_frame(exchange.frame))
+    try:
+        msg, why = _joined(msg, follow)
+        if why:
+            return failed(why[0], why[1])
+        if isinstance(_apdu(msg), dlt698.GetNextResponse):
+            blocks = [_apdu(msg)]
+            while not blocks[-1].last and blocks[-1].dar is None:
+                if len(blocks) >= dlt698.MAX_FOLLOW_UPS:
+                    return failed("more than %d blocks" % dlt698.MAX_FOLLOW_UPS)
+                r = follow(dlt698.get_next_exchange(request, blocks[-1].seq))
+                if not r.ok:
+                    return failed("block after %d: %s" % (blocks[-1].seq, r.error), r.code)
+                block, why = _joined(r.answer, follow)
+                if why:
+                    return failed(why[0], why[1])
+                if not isinstance(_apdu(block), dlt698.GetNextResponse):
+                    return failed("block after %d: %s" % (blocks[-1].seq, dlt698.service_name(
+                        _apdu(block))))
+                blocks.append(_apdu(block))
+            msg = dlt698.Message(msg.frame, dlt698.join_blocks(request, blocks))
+    except (dlt698.FrameError, DataError) as exc:
+        return failed(str(exc))
+    why = dlt698.match_answer(request, msg)
+    if why:
+        return failed(why)
+    return first._replace(answer=msg, frames=tuple(frames), attempts=tally[0],
+                          elapsed=tally[1])
+
+
+def _joined(msg, follow):
+    """(the whole message, None) from an answer that may be a first link-layer fragment,
+    the rest fetched with `follow`; or (None, (why, TxError))."""
+    if not isinstance(msg, dlt698.Message) or not isinstance(msg.apdu, dlt698.Fragment):
+        return msg, None
+    parts = dlt698.Reassembly(msg)
+    while not parts.done:
+        r = follow(dlt698.fragment_confirm_exchange(msg, parts.seq))
+        if not r.ok:
+            return None, ("link-layer fragment after %d: %s" % (parts.seq, r.error), r.code)
+        parts.add(r.answer)
+    return parts.message(), None
+
+
 def values_of(msg):
     """(values, errors, unsupported OADs) of an answer to a GET."""
     values, errors, unsupported = [], [], []
@@ -236,13 +305,13 @@ def read_now(worker, meter, quantities=()):
     """Reads a meter through a worker (on the calling thread): (values, errors)."""
     values, errors = [], []
     oads = oads_for(meter, quantities)
-    res = worker.transact(read_exchange(meter, oads))
+    res = transact(worker, read_exchange(meter, oads))
     if res.ok and isinstance(_apdu(res.answer), dlt698.GetResponse):
         v, e, _ = values_of(res.answer)
         return v, e
     # no list answer: one OAD at a time (meters that refuse lists, or a list too long)
     for oad in oads if len(oads) > 1 else ():
-        r = worker.transact(read_exchange(meter, [oad]))
+        r = transact(worker, read_exchange(meter, [oad]))
         if not r.ok:
             errors.append("%s: %s" % (oad, r.error))
             continue
@@ -338,7 +407,7 @@ def _read(poller, worker, meter, oads):
     groups = [oads] if h.block_ok or len(oads) == 1 else [[o] for o in oads]
     readings = []
     for group in groups:
-        result = worker.transact(read_exchange(meter, group))
+        result = transact(worker, read_exchange(meter, group))
         if not poller.outcome(meter, result):
             if not h.online:
                 break
@@ -358,7 +427,7 @@ def _read(poller, worker, meter, oads):
 
 def _clock(poller, worker, meter):
     t0 = poller.wall()
-    result = worker.transact(read_exchange(meter, CLOCK))
+    result = transact(worker, read_exchange(meter, CLOCK))
     if not poller.outcome(meter, result):
         return
     values, _, _ = values_of(result.answer)
@@ -419,7 +488,7 @@ def _freeze(poller, worker, meter):
                          reason="older than the gateway looks back")
             day += _dt.timedelta(days=1)
             continue
-        result = worker.transact(freeze_exchange(meter, day))
+        result = transact(worker, freeze_exchange(meter, day))
         if not poller.outcome(meter, result):
             return                        # no answer: try again at the next round
         stamp, values = freeze_values(_apdu(result.answer), day)

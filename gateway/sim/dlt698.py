@@ -47,6 +47,14 @@ class SimMeter698(SimMeter):
         self.sa = D.server_address(address, logical=logical)
         self.list_ok = True          # False: answers lists with ERROR-Response (old meters)
         self.security_requests = []  # SECURITY-Request APDUs received, byte for byte
+        # long answers, as meters with small buffers send them: APDUs longer than
+        # max_fragment bytes in link-layer fragments (each sent on the client's
+        # confirmation), lists of more than max_results results in GET-Response-Next blocks
+        self.max_fragment = None
+        self.max_results = None
+        self.fragment_seq = 261      # where the fragment numbering starts (CAP #18)
+        self._fragments = []         # (seq, kind, payload) still to send
+        self._blocks = {}            # PIID -> the GET-Response-Next frames still to send
 
     # ---------------------------------------------------------------- data
 
@@ -115,6 +123,8 @@ class SimMeter698(SimMeter):
         if isinstance(msg, D.Unknown):
             return None
         apdu = msg.apdu
+        if isinstance(apdu, D.Fragment):
+            return self._next_fragment(apdu)
         broadcast = frame.sa.kind == D.BROADCAST
         if isinstance(apdu, D.ActionRequest) and apdu.omd == OMD(0x4000, 127):
             if isinstance(apdu.value, _dt.datetime):
@@ -136,10 +146,18 @@ class SimMeter698(SimMeter):
                         self.truth.append((now, str(oad), D.quantities(oad, v)))
                     except D.DataError:
                         pass
+            if apdu.listed and self.max_results and len(results) > self.max_results:
+                return self._out(self._in_blocks(apdu.piid, results))
             if apdu.listed:
                 return self._out(D.get_list_response(self.sa, apdu.piid, results))
             oad, data, dar = results[0]
             return self._out(D.get_response(self.sa, apdu.piid, oad, data, dar))
+        if isinstance(apdu, D.GetNextRequest):
+            blocks = self._blocks.get(apdu.piid & 0x3F) or []
+            if not blocks or D.decode(D.parse_frame(blocks[0])).apdu.seq != apdu.seq + 1:
+                return self._out(D.get_next_response(self.sa, apdu.piid, True, apdu.seq + 1,
+                                                     dar=14))     # invalid block number
+            return self._out(blocks.pop(0))
         if isinstance(apdu, D.GetRecordRequest):
             return self._out(self._record(apdu, now))
         if isinstance(apdu, D.SetRequest):
@@ -163,7 +181,42 @@ class SimMeter698(SimMeter):
         return None
 
     def _out(self, frame):
-        return frame[4:]
+        """The answer as sent: whole, or its first link-layer fragment."""
+        frame = frame[4:]
+        if not self.max_fragment:
+            return frame
+        f = D.parse_frame(frame)
+        if len(f.user_data) <= self.max_fragment:
+            return frame
+        n = self.max_fragment
+        parts = [f.user_data[i:i + n] for i in range(0, len(f.user_data), n)]
+        seq = self.fragment_seq
+        kinds = ["first"] + ["middle"] * (len(parts) - 2) + ["last"]
+        self._fragments = [(f.control, (seq + k) & 0x0FFF, kind, part)
+                           for k, (kind, part) in enumerate(zip(kinds, parts))]
+        self.fragment_seq = (seq + len(parts)) & 0x0FFF
+        return self._fragment(self._fragments.pop(0))
+
+    def _fragment(self, item):
+        control, seq, kind, payload = item
+        return D.fragment_frame(control, self.sa, seq, kind, payload)[4:]
+
+    def _next_fragment(self, confirm):
+        """The fragment after the one the client confirms; nothing after the last."""
+        if confirm.kind != "confirm" or not self._fragments or \
+                self._fragments[0][1] != (confirm.seq + 1) & 0x0FFF:
+            return None
+        return self._fragment(self._fragments.pop(0))
+
+    def _in_blocks(self, piid, results):
+        """The first GET-Response-Next block of a long list; the others kept for
+        GET-Request-Next."""
+        n = self.max_results
+        chunks = [results[i:i + n] for i in range(0, len(results), n)]
+        frames = [D.get_next_response(self.sa, piid, k == len(chunks) - 1, k + 1, chunk)
+                  for k, chunk in enumerate(chunks)]
+        self._blocks[piid & 0x3F] = frames[1:]
+        return frames[0]
 
     def _record(self, req, now):
         cols = req.columns
