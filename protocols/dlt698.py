@@ -1025,10 +1025,11 @@ def _plain(value):
     return value
 
 
-# status word 3 of 2014 0200 (DL/T 698.45 运行状态字3). The layout is taken to be the
-# DL/T 645 status word 3 (bit 4 relay open, bit 6 commanded trip, bit 12 protection), with
-# bits numbered in ASN.1 bit-string order (bit 0 = the top bit of the first byte). The
-# reference marks this as not verified: it is kept in this one place.
+# status word 3 of 2014 0200 (DL/T 698.45 运行状态字3): DL/T 645's status word 3 layout
+# (bit 4 relay open, bit 6 commanded trip, bit 12 protection), bits in ASN.1 bit-string
+# order (bit 0 = the top bit of the first byte). WSD's 698 meter firmware keeps one word for
+# 20140203 and 04000503 and mirrors bit-strings before sending (docs/frame-layer.md has the
+# evidence and the doubt left): kept in this one place.
 RELAY_OPEN_BIT = 4
 RELAY_TRIP_COMMAND_BIT = 6
 PROTECT_BIT = 12
