@@ -168,36 +168,32 @@ def ours_decoded(module):
     return run
 
 
-def ours_modbus_decoded(module):
+def ours_typed(module, protocol, typed):
+    """Scan with this module's scanner, and count what `typed(raw frame)` makes of each."""
     Scanner = importlib.import_module(module).Scanner
 
     def run(chunks):
-        s = Scanner("modbus")
+        s = Scanner(protocol)
         n = 0
         for c in chunks:
             for raw in s.feed(c):
-                n += len(modbus.decode_answer(raw).registers)
+                n += typed(raw)
         return n
     return run
 
 
-def ours_698_decoded(module):
-    Scanner = importlib.import_module(module).Scanner
+def modbus_registers(raw):
+    return len(modbus.decode_answer(raw).registers)
 
-    def run(chunks):
-        # scan, frame, decode the APDU and its A-XDR data, Scaler_Unit into quantities
-        s = Scanner("dlt698")
-        n = 0
-        for c in chunks:
-            for raw in s.feed(c):
-                apdu = dlt698.decode(dlt698.frame_from_scanner(raw)).apdu
-                if isinstance(apdu, dlt698.GetResponse):
-                    for r in apdu.results:
-                        n += len(dlt698.quantities(r.oad, r.value))
-                elif isinstance(apdu, dlt698.GetRecordResponse):
-                    n += sum(len(row) for row in apdu.rows)
-        return n
-    return run
+
+def dlt698_quantities(raw):
+    """Frame, APDU, A-XDR data, Scaler_Unit applied into Decimal quantities."""
+    apdu = dlt698.decode(dlt698.frame_from_scanner(raw)).apdu
+    if isinstance(apdu, dlt698.GetResponse):
+        return sum(len(dlt698.quantities(r.oad, r.value)) for r in apdu.results)
+    if isinstance(apdu, dlt698.GetRecordResponse):
+        return sum(len(row) for row in apdu.rows)
+    return 0
 
 
 def ours_mixed(module):
@@ -309,6 +305,20 @@ def row(name, sent, result):
     return rate
 
 
+def scanned(title, protocol, frames, rng, have_compiled):
+    """The stream of these frames with garbage, in chunks, and our two scanners' rates."""
+    stream, garbage = mix_garbage(frames, rng)
+    chunks = chunks_of(stream)
+    print("\n%s stream: %d bytes, %d garbage" % (title, len(stream), garbage))
+    rates = {}
+    if have_compiled:
+        rates["compiled"] = row("ours, compiled (scan)", len(frames),
+                                timed(ours("protocols._speedups", protocol), chunks))
+    rates["python"] = row("ours, pure-Python twin (scan)", len(frames),
+                          timed(ours("protocols._pyframing", protocol), chunks, 1))
+    return chunks, rates
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=100000)
@@ -321,15 +331,7 @@ def main():
         print("  (compiled scanner not built: run pip install -e . with Cython and gcc)")
 
     frames = dlt645_stream(args.frames, rng)
-    stream, garbage = mix_garbage(frames, rng)
-    chunks = chunks_of(stream)
-    print("\nDL/T 645 stream: %d bytes, %d garbage" % (len(stream), garbage))
-    rates = {}
-    if have_compiled:
-        rates["compiled"] = row("ours, compiled (scan)", len(frames),
-                                timed(ours("protocols._speedups", "dlt645"), chunks))
-    rates["python"] = row("ours, pure-Python twin (scan)", len(frames),
-                          timed(ours("protocols._pyframing", "dlt645"), chunks, 1))
+    chunks, rates = scanned("DL/T 645", "dlt645", frames, rng, have_compiled)
     peer = peer_dlt645()
     if peer:
         rates["dlt645"] = row("dlt645 3.2.0 deserialize_with_remaining", len(frames),
@@ -345,34 +347,19 @@ def main():
         "ours, twin: bytes -> typed readings", "{:,.0f}".format(args.frames / s), c))
 
     mframes = modbus_stream(args.frames, rng)
-    mstream, mgarbage = mix_garbage(mframes, rng)
-    mchunks = chunks_of(mstream)
-    print("\nModbus RTU stream: %d bytes, %d garbage" % (len(mstream), mgarbage))
-    mrates = {}
-    if have_compiled:
-        mrates["compiled"] = row("ours, compiled (scan)", len(mframes),
-                                 timed(ours("protocols._speedups", "modbus"), mchunks))
-    mrates["python"] = row("ours, pure-Python twin (scan)", len(mframes),
-                           timed(ours("protocols._pyframing", "modbus"), mchunks, 1))
+    mchunks, mrates = scanned("Modbus RTU", "modbus", mframes, rng, have_compiled)
     mrates["pymodbus"] = row("pymodbus handleFrame, one call per response", len(mframes),
                              timed(peer_pymodbus_per_response(), mframes, 1))
     row("pymodbus handleFrame on the garbled stream", len(mframes),
         timed(peer_pymodbus(), mchunks, 1))
     if have_compiled:
-        c, s = timed(ours_modbus_decoded("protocols._speedups"), mchunks, 1)
+        c, s = timed(ours_typed("protocols._speedups", "modbus", modbus_registers), mchunks,
+                     1)
         print("  %-46s %12s frames/s   (%d registers, via pymodbus PDUs)" % (
             "ours, compiled: bytes -> registers", "{:,.0f}".format(args.frames / s), c))
 
     pframes = dlt698_stream(args.frames, rng)
-    pstream, pgarbage = mix_garbage(pframes, rng)
-    pchunks = chunks_of(pstream)
-    print("\nDL/T 698.45 stream: %d bytes, %d garbage" % (len(pstream), pgarbage))
-    prates = {}
-    if have_compiled:
-        prates["compiled"] = row("ours, compiled (scan)", len(pframes),
-                                 timed(ours("protocols._speedups", "dlt698"), pchunks))
-    prates["python"] = row("ours, pure-Python twin (scan)", len(pframes),
-                           timed(ours("protocols._pyframing", "dlt698"), pchunks, 1))
+    pchunks, prates = scanned("DL/T 698.45", "dlt698", pframes, rng, have_compiled)
     peer = peer_dlt698()
     if peer:
         prates["dlt698"] = row("dlt698 FrameStreamDecoder", len(pframes), timed(peer, pchunks))
@@ -381,7 +368,7 @@ def main():
     for name, module in (("compiled", "protocols._speedups"), ("twin", "protocols._pyframing")):
         if name == "compiled" and not have_compiled:
             continue
-        c, s = timed(ours_698_decoded(module), pchunks, 1)
+        c, s = timed(ours_typed(module, "dlt698", dlt698_quantities), pchunks, 1)
         prates["typed-" + name] = args.frames / s
         print("  %-46s %12s frames/s   (%d typed values)" % (
             "ours, %s: bytes -> typed readings" % name, "{:,.0f}".format(args.frames / s), c))
