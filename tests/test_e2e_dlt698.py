@@ -115,15 +115,19 @@ def test_a_mixed_line_end_to_end(tmp_path, broker):
         assert dt.datetime.fromisoformat(first["ts"]).date() == today
         assert first["quality"] == "good"
 
-        # a signed cut-off and restore on the 698 test meter, read back as done
-        for action, state in (("cut_off", "open"), ("restore", "closed")):
+        # a signed cut-off and restore on the 698 test meter, read back as done, and the
+        # protection (保电, 8001) on and off
+        for action, key, state in (("cut_off", "relay", "open"), ("restore", "relay", "closed"),
+                                   ("guarantee_on", "guarantee", True),
+                                   ("guarantee_off", "guarantee", False)):
             cmd = sign(priv, "m3", action)
             head.publish("commands", cmd)
             cid = json.loads(cmd)["id"]
             head.wait(lambda: result(head, cid), timeout=30)
             res = result(head, cid)
-            assert res["status"] == "done" and res["relay"] == state, res
-            assert test_meter.relay_open == (state == "open")
+            assert res["status"] == "done" and res[key] == state, res
+            assert test_meter.relay_open is False or action == "cut_off"
+            assert test_meter.guarantee is (action == "guarantee_on")
         assert [(s, c) for _, s, c in test_meter.relay_log] == [("open", "TRIP"),
                                                                ("closed", "CLOSE_ALLOWED")]
         # a real 698 meter takes relay control only in the master station's
