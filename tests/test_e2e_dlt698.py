@@ -227,13 +227,18 @@ def test_real_frames_on_the_line_do_not_disturb_the_readings(tmp_path, broker):
             if r["q"] in truth:
                 assert Decimal(str(r["value"])) in truth[r["q"]], r
         assert {r["q"] for r in head.readings() if r["meter"] == "m6"} >= set(NAMES)
-        st = mgw("status", "--config", cfg, "--json")
-        out, err = st.communicate(timeout=30)
-        assert st.returncode == 0, err
-        port = json.loads(out)["ports"][0]
         # the captured answers were found and set aside as foreign, the broken ones counted
-        assert port["foreign_frames"] >= valid and port["checksum_errors"] > 0, port
-        status = {m["id"]: m for m in json.loads(out)["meters"]}
+        # (the service writes its status every second: wait for the one after the replay)
+
+        def port():
+            st = mgw("status", "--config", cfg, "--json")
+            out, err = st.communicate(timeout=30)
+            assert st.returncode == 0, err
+            return json.loads(out)
+        head.wait(lambda: port()["ports"][0]["foreign_frames"] >= valid, timeout=20)
+        out = port()
+        assert out["ports"][0]["checksum_errors"] > 0, out["ports"]
+        status = {m["id"]: m for m in out["meters"]}
         assert status["m7"]["online"] and status["m6"]["online"], status
         stop(gw)
     finally:
