@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import signal
-import time
 from decimal import Decimal
 
 import pytest
@@ -83,7 +82,7 @@ def test_a_mixed_line_end_to_end(tmp_path, broker):
     f = Faults(latency_s=0.005)
     m645 = [SimMeter("000000000001", faults=f), SimMeter("000000000002", faults=f)]
     test_meter = SimMeter698("000000000003", plaintext_relay=True, prepaid=True, faults=f)
-    secured = SimMeter698("000000000004", plaintext_relay=False, faults=f)
+    secured = SimMeter698("000000000004", plaintext_relay=False, faults=f, clock_offset_s=40)
     line = SimLine(m645 + [test_meter, secured], baudrate=BAUD)
     line.start()
     cfg = write_config(tmp_path, line.device, broker, pub, [
@@ -139,6 +138,15 @@ def test_a_mixed_line_end_to_end(tmp_path, broker):
         res = result(head, cid)
         assert res["status"] == "rejected" and "SECURITY-Request" in res["reason"], res
         assert secured.security_requests == [] and not secured.relay_open
+        # the head-end's sync_time reaches a 698 meter with its protocol's broadcast
+        cmd = sign(priv, "m4", "sync_time")
+        head.publish("commands", cmd)
+        cid = json.loads(cmd)["id"]
+        head.wait(lambda: result(head, cid), timeout=30)
+        res = result(head, cid)
+        if res.get("code") != "near_the_hour":          # refused within minutes of the hour
+            assert res["status"] == "done", res
+            head.wait(lambda: abs(secured.clock_offset_s) < 3, timeout=10)
         stop(gw)
 
         # the gateway was away: its saved freeze progress says four days ago

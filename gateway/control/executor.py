@@ -649,10 +649,12 @@ class Executor(threading.Thread):
         if near_the_hour(now):
             return "failed", "not near the hour (meters freeze on the hour)", \
                 {"code": "near_the_hour"}
-        frame = dlt645.broadcast_time_sync(now.replace(microsecond=0) + _dt.timedelta(seconds=1))
+        # the meter's own protocol's broadcast, at its line settings
+        make = getattr(reads.driver_of(meter), "time_sync_frame", dlt645.broadcast_time_sync)
+        frame = make(now.replace(microsecond=0) + _dt.timedelta(seconds=1))
         done = threading.Event()
-        self.line.worker_of(meter.port).submit_job(lambda w: (w.broadcast(frame), done.set()),
-                                                   RELAY)
+        self.line.worker_of(meter.port).submit_job(
+            lambda w: (w.broadcast(frame, meter.baudrate, meter.parity), done.set()), RELAY)
         done.wait(TIME_SYNC_WAIT_S)
         return "done", None, {"sent": now.isoformat(timespec="seconds")}
 

@@ -354,8 +354,13 @@ def _clock(poller, worker, meter):
     if not isinstance(msg, dlt645.ReadResponse) or not msg.values:
         return
     poller.clock_checked(worker, meter, msg.values[0].value, t0, poller.wall(),
-                         lambda when: worker.broadcast(dlt645.broadcast_time_sync(when),
+                         lambda when: worker.broadcast(time_sync_frame(when),
                                                        meter.baudrate, meter.parity))
+
+
+def time_sync_frame(when):
+    """The broadcast time sync (0x08 to 99..99) setting the meters' clocks to `when`."""
+    return dlt645.broadcast_time_sync(when)
 
 
 def _freeze(poller, worker, meter):

@@ -435,7 +435,15 @@ def _clock(poller, worker, meter):
     if not isinstance(clock, _dt.datetime):
         return
     poller.clock_checked(worker, meter, clock, t0, poller.wall(),
-                         lambda when: worker.broadcast(dlt698.broadcast_time_sync(when)))
+                         lambda when: worker.broadcast(time_sync_frame(when),
+                                                       getattr(meter, "baudrate", None),
+                                                       getattr(meter, "parity", None)))
+
+
+def time_sync_frame(when):
+    """The broadcast ACTION 4000 method 127 setting the meters' clocks to `when`
+    (reference section 7; no meter answers it)."""
+    return dlt698.broadcast_time_sync(when)
 
 
 def freeze_exchange(meter, day):
