@@ -1130,7 +1130,7 @@ def match_answer(request, answer):
 # ---------------------------------------------------------------- long answers
 
 MAX_REASSEMBLED = 0xFFFF     # bytes of one APDU joined from link-layer fragments
-MAX_FOLLOW_UPS = 1024        # fragments or GET-Response-Next blocks of one answer
+MAX_FOLLOW_UPS = 256         # fragments or GET-Response-Next blocks of one answer
 FRAGMENT_ANSWER = 256        # a fragment's expected length (the meter chooses its size)
 
 

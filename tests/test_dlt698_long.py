@@ -180,3 +180,26 @@ def test_a_broken_follow_up_fails_the_read_with_a_reason(line):
     assert "fragment after" in res.error
     meter._next_fragment = real
     assert drv.transact(worker, drv.read_exchange(spec, drv.ENERGY)).ok
+
+
+@pytest.mark.protocol
+def test_record_blocks_join_into_one_record_answer():
+    import datetime as dt
+    from protocols.dlt698_data import ARRAY, DATE_TIME_S, DOUBLE_LONG_UNSIGNED, RSD, encode_data
+    sa = D.server_address("000000000201")
+    cols = [D.CSD(D.FREEZE_TIME), D.CSD(D.OAD(0x0010, 2, 0))]
+    day = dt.datetime(2026, 11, 26)
+    rsd = RSD(1, D.FREEZE_TIME, ((DATE_TIME_S, day),))
+    request = msg(D.get_record_request(sa, D.DAY_FREEZE, rsd, cols, piid=9))
+    row = [encode_data(DATE_TIME_S, day), encode_data(ARRAY, [(DOUBLE_LONG_UNSIGNED, 123456)])]
+    # an A-ResultRecord is the record answer's body: OAD, RCSD, ResponseData
+    whole = D.parse_frame(D.get_record_response(sa, 9, D.DAY_FREEZE, cols, rows=[row]))
+    record = whole.user_data[3:-2]
+    block = msg(D.get_next_response(sa, 9, True, 1, records=[record]))
+    assert block.apdu.records and D.match_answer(request, block) is None
+    joined = D.join_blocks(request, [block.apdu])
+    assert isinstance(joined, D.GetRecordResponse) and joined.oad == D.DAY_FREEZE
+    assert joined.rows == ((day, [123456]),)
+    with pytest.raises(D.DataError, match="2 records"):
+        D.join_blocks(request, [msg(D.get_next_response(sa, 9, True, 1,
+                                                       records=[record, record])).apdu])
