@@ -535,6 +535,22 @@ def security_response(sa, apdu=b"", mac=None, dar=None, ciphertext=False, ca=0x0
     return build_frame(_server_control(), sa, body, ca)
 
 
+def link_response(sa, piid, requested, received, responded, result=0, ca=0x00):
+    """LINK-Response `81 PIID result(bit-string 8) date_time x 3` (ASN `LINK-Response`) in
+    a link-management frame from the master (C = 01), answering a terminal's login or
+    heartbeat; the times are date_time (10 bytes, weekday and milliseconds)."""
+    apdu = bytes((LINK_RESPONSE, piid & 0xFF, result & 0xFF)) + b"".join(
+        _date_time10_bytes(t) for t in (requested, received, responded))
+    return build_frame(FN_LINK, sa, apdu, ca)
+
+
+def _date_time10_bytes(t):
+    """date_time: year(2) month day weekday(0 = Sunday) hour minute second ms(2)."""
+    return t.year.to_bytes(2, "big") + bytes((t.month, t.day, t.isoweekday() % 7, t.hour,
+                                              t.minute, t.second)) + \
+        (t.microsecond // 1000).to_bytes(2, "big")
+
+
 def error_response(sa, piid, code=2, ca=0x00):
     """ERROR-Response `EE PIID-ACD type` (1 APDU unparseable, 2 unsupported, 255 other)."""
     return build_frame(_server_control(), sa, bytes((ERROR_RESPONSE, piid, code)), ca)
@@ -651,6 +667,15 @@ class LinkRequest(NamedTuple):
     when: Any
 
 
+class LinkResponse(NamedTuple):
+    """The master's answer to a LINK-Request (login, heartbeat, logout)."""
+    piid: int
+    result: int                     # the result bit-string(8), as its byte
+    requested: Any                  # the request's time, as the request said it
+    received: Any
+    responded: Any
+
+
 class ErrorResponse(NamedTuple):
     piid: int
     code: int
@@ -741,6 +766,10 @@ def decode_apdu(data, depth=0):
         return SecurityResponse(bool(choice), inner, None, mac, inner_msg)
     if tag == ERROR_RESPONSE:
         return ErrorResponse(r.u8(), r.u8())
+    if tag == LINK_RESPONSE:
+        piid, result = r.u8(), r.u8()
+        return LinkResponse(piid, result, _date_time10(r.take(10)),
+                            _date_time10(r.take(10)), _date_time10(r.take(10)))
     if tag == LINK_REQUEST:
         piid = r.u8()
         kind = r.u8()
@@ -922,7 +951,8 @@ def service_name(apdu):
             SetRequest: "SET-Request-Normal", SetResponse: "SET-Response-Normal",
             ActionRequest: "ACTION-Request-Normal", ActionResponse: "ACTION-Response-Normal",
             SecurityRequest: "SECURITY-Request", SecurityResponse: "SECURITY-Response",
-            LinkRequest: "LINK-Request", ErrorResponse: "ERROR-Response",
+            LinkRequest: "LINK-Request", LinkResponse: "LINK-Response",
+            ErrorResponse: "ERROR-Response",
             Fragment: "link-layer APDU fragment"}.get(type(apdu), type(apdu).__name__)
 
 

@@ -154,3 +154,14 @@ def test_protection_and_forwarded_security_request_agree():
     assert ours.user_data == payload                     # forwarded unchanged
     refused = oracle.decode_security(D.parse_frame(D.security_response(sa, dar=22)).user_data)
     assert refused.application == 22
+
+
+def test_link_response_agrees():
+    sa = D.server_address("111111111111")
+    t = dt.datetime(2026, 11, 27, 9, 58, 1, 250000)      # a Friday
+    ours, theirs, apdu = _ours_and_theirs(D.link_response(sa, 3, t, t, t, 0x80))
+    assert ours.control == 0x01 and type(apdu).__name__ == "LinkResponse"
+    assert (apdu.piid, apdu.result) == (3, 0x80)
+    assert list(apdu.requested_at.value) == [0x07, 0xEA, 11, 27, 5, 9, 58, 1, 0x00, 0xFA]
+    mine = D.decode(ours).apdu
+    assert isinstance(mine, D.LinkResponse) and mine.requested == mine.responded == t
