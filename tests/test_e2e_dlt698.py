@@ -3,7 +3,8 @@ on one pseudo-terminal RS-485 line that carries DL/T 645 and DL/T 698.45 simulat
 (the simulated line runs in this test's process, so the test can see what the meters said
 and did): the same quantity names on MQTT for both protocols, a signed cut-off and restore
 on a 698 test meter read back as done, a relay command without the master station's
-SECURITY-Request refused for a real (secured) 698 meter, the missed daily freezes of a 698
+SECURITY-Request refused for a real (secured) 698 meter and one with it forwarded byte for
+byte, the head-end's sync_time on a 698 meter, the missed daily freezes of a 698
 meter backfilled after the gateway was away, and a real-frame replay: the captured frames
 of ../shared/vectors/dlt698-captures.json on the line before the meter's answers."""
 
@@ -20,6 +21,7 @@ from gateway.sim.dlt645 import Faults, SimLine, SimMeter
 from gateway.sim.dlt698 import SimMeter698
 from gateway.store import paths
 from gateway.store.state import StateStore
+from protocols import dlt698 as D
 from mqtt_helpers import HeadEnd, unique_seqs
 from tests.test_e2e import keys, mgw, sign
 
@@ -140,6 +142,18 @@ def test_a_mixed_line_end_to_end(tmp_path, broker):
         res = result(head, cid)
         assert res["status"] == "rejected" and "SECURITY-Request" in res["reason"], res
         assert secured.security_requests == [] and not secured.relay_open
+        # with the master station's SECURITY-Request in params.payload it goes through,
+        # byte for byte (the simulator carries out a plaintext one: it has no ESAM)
+        when = dt.datetime.now().replace(microsecond=0)
+        inner = D.parse_frame(D.relay_action(secured.sa, D.RelayMethod.TRIP, when)).user_data
+        payload = D.security_request_apdu(inner, sid=(0x107, b"\x01"), mac=b"\x5A\xA5\x3C\xC3")
+        cmd = sign(priv, "m4", "cut_off", "payload=" + payload.hex())
+        head.publish("commands", cmd)
+        cid = json.loads(cmd)["id"]
+        head.wait(lambda: result(head, cid), timeout=30)
+        res = result(head, cid)
+        assert res["status"] == "done" and res["relay"] == "open", res
+        assert secured.security_requests == [payload] and secured.relay_open
         # the head-end's sync_time reaches a 698 meter with its protocol's broadcast
         cmd = sign(priv, "m4", "sync_time")
         head.publish("commands", cmd)
