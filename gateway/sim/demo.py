@@ -28,6 +28,7 @@ ROLES = {"m1": "prepaid, flat tariff", "m2": "noisy: drops 1 answer in 10, garbl
          "m3": "prepaid, time-of-use tariff",
          HOUSEHOLD: "prepaid household running low: warned, then cut off",
          "m5": "plain meter", "m6": "dead: never answers (offline, probed with back-off)",
+         "m7": "DL/T 698.45 on the DL/T 645 line",
          "mb1": "Modbus, Eastron SDM120", "mb2": "Modbus, Chint DDSU666"}
 
 
