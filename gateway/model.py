@@ -8,11 +8,12 @@ import enum
 # sign`; gateway-wide actions take meter "*"
 ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
            "sync_time", "release_breaker", "weather_hold", "account_update", "audit_verify",
-           "logs", "config_update")
-GATEWAY_ACTIONS = ("release_breaker", "weather_hold", "audit_verify", "logs",
+           "logs", "scan", "trace", "config_update")
+GATEWAY_ACTIONS = ("release_breaker", "weather_hold", "audit_verify", "logs", "scan", "trace",
                    "config_update")
-# diagnostics: answered from the box itself, rate-limited, never touching a line
-DIAGNOSTIC_ACTIONS = ("audit_verify", "logs")
+# diagnostics: rate-limited, answered off the executor's thread (a relay command queued
+# behind one runs first); scan and trace use a line only between relay transactions
+DIAGNOSTIC_ACTIONS = ("audit_verify", "logs", "scan", "trace")
 RELAY_ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off")
 
 
@@ -61,7 +62,7 @@ class RejectCode(str, enum.Enum):
     STALE_VERSION = "stale_version"          # made for another configuration version
     INVALID_CONFIG = "invalid_config"        # `mgw config check` would refuse the result
     SECRET_IN_CONFIG = "secret_in_config"    # a private key or broker password in clear
-    RESTART_REQUIRED = "restart_required"    # [gateway], [storage], [uplink], [control]
+    RESTART_REQUIRED = "restart_required"    # a section read once at start ([uplink], ...)
 
 
 MAX_TOPIC_BYTES = 256             # a response topic we will publish to, at most

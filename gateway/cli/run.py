@@ -5,6 +5,7 @@ a state file that is not ours, or another instance on the data folder, exit 2 to
 import sys
 
 from gateway.cli.common import EXIT_FAILED, EXIT_USAGE, CliError
+from gateway.cli.i18n import _
 from gateway.logs import setup_logging
 
 
@@ -12,8 +13,8 @@ def _no_json(args):
     # the service logs to stderr and has no result to print: `mgw status --json` is the
     # machine-readable view of a running service
     if getattr(args, "json", False):
-        raise CliError("--json is not for `mgw %s` (it logs; use `mgw status --json` for "
-                       "its state)" % args.command, EXIT_USAGE)
+        raise CliError(_("--json is not for `mgw %s` (it logs; use `mgw status --json` "
+                         "for its state)") % args.command, EXIT_USAGE)
 
 
 def _config_file(args):

@@ -23,7 +23,7 @@ import time
 from gateway import __version__
 from gateway.store.accounts import AccountStore
 from gateway.store.audit import AuditTrail
-from gateway.clock import ClockPolicy
+from gateway.clock import ClockPolicy, rfc3339
 from gateway.store import paths
 from gateway.store.journal import JournalError, open_journal, save_marks
 from gateway.line.poller import LinePoller, MeterSpec
@@ -31,7 +31,7 @@ from gateway.line.port import PortWorker
 from gateway.registry import keyed_by
 from gateway.service.reload import Reloader
 from gateway.service.sdnotify import Notifier
-from gateway.service.sink import ReadingSink
+from gateway.service.sink import ReadingSink, log_event
 from gateway.store.state import StateError, StateStore
 
 log = logging.getLogger("gateway")
@@ -80,6 +80,7 @@ class Gateway:
         self.costcontrol = None
         self.audit = None
         self.accounts = None
+        self.metrics = None
         # config_update and SIGHUP need the file the configuration came from
         self.reloader = Reloader(self, config_file) if config_file is not None else None
         self.unconfigured = []          # meters a scan found that are not configured
@@ -104,7 +105,7 @@ class Gateway:
     def _new_poller(self, port, saved=None):
         poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
                             clock_trusted=self.clock.trusted,
-                            offline_after=port.offline_after)
+                            offline_after=port.offline_after, catch_up_s=port.catch_up_s)
         if saved:
             offline = set(saved.get("offline", ()))
             freeze_days = saved.get("last_freeze_day", {})
@@ -115,8 +116,9 @@ class Gateway:
         return poller
 
     def reconfigure(self, cfg, billing=True):
-        """Swap in a validated configuration whose [gateway], [storage], [uplink] and
-        [control] are this one's (service/reload.py checks). Lines whose settings are kept
+        """Swap in a validated configuration whose sections read once at start ([gateway],
+        [storage], [uplink], [control], [metrics]) are this one's (service/reload.py
+        checks). Lines whose settings are kept
         keep their worker and, for kept meters, their schedules and health; a removed
         line's worker is stopped (what it read is in the journal already); cost control is
         replaced when accounts, tariffs or its policy changed. The journal is not touched:
@@ -135,6 +137,7 @@ class Gateway:
                 poller = pollers[port.name] = self._new_poller(port)
             else:
                 poller.offline_after = port.offline_after
+                poller.catch_up_s = port.catch_up_s
                 poller.reconfigure(self._specs(port.name))
             if port.name in workers and old_ports[port.name] == port:
                 continue
@@ -199,6 +202,9 @@ class Gateway:
             self.uplink.start()
         self.executor.start()
         self.costcontrol.start()
+        if self.cfg.metrics.listen:
+            from gateway.service import metrics       # prometheus-client only when on
+            self.metrics = metrics.serve(self.cfg.metrics.listen, self)
         self.sink.event("gateway.started", version=__version__,
                         ports=len(self.cfg.ports), meters=len(self.cfg.meters))
         self.notifier.ready(self.summary())
@@ -216,6 +222,9 @@ class Gateway:
                         events=self.sink.event, clock=self.clock,
                         prepaid=lambda: self.costcontrol, notify=self._appended,
                         reserve=self.reserve, local_group=self.cfg.control.local_group,
+                        ports=lambda: [p.name for p in self.cfg.ports],
+                        meters=lambda: self.cfg.meters,
+                        republish=self._republish if self.cfg.uplink.host else None,
                         config=self.reloader)
 
     def _new_costcontrol(self):
@@ -238,10 +247,15 @@ class Gateway:
 
     def _audit_event(self, entry):
         # the trail is uploaded too: each entry as an event, hash included
+        log_event("audit", {"entry": entry})
         try:
             self.journal.append_event("audit", entry=entry)
         except JournalError:
             log.exception("audit upload")
+
+    def _republish(self, *result):
+        if self.uplink is not None:
+            self.uplink.republish(*result)
 
     def port_worker(self, port_name):
         return self.workers[port_name]
@@ -333,6 +347,8 @@ class Gateway:
         self.notifier.stopping()
         if self.reloader is not None:
             self.reloader.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         deadline = time.monotonic() + timeout
         for w in self.workers.values():
             w._halt.set()
@@ -449,6 +465,8 @@ class Gateway:
         return {"uplink": {k: up[k] for k in ("connected", "backlog", "oldest_unsent_age_s",
                                               "last_ack")} if up else None,
                 "meters_offline": offline, "restarts": dict(self.restarts),
+                "missed_slots": {mid: h.missed_slots for p in self.pollers.values()
+                                 for mid, h in p.health.items() if h.missed_slots},
                 "memory_pending": self.sink.pending, "lost_in_memory": self.sink.lost,
                 "events_lost_in_memory": self.sink.lost_events}
 
@@ -478,7 +496,8 @@ class Gateway:
                 meters.append({"id": mid, "port": port, "online": h.online,
                                "last_reading": last.get(mid), "last_error": h.last_error,
                                "drift_s": h.drift_s, "relay": relays.get(mid),
-                               "balance": balances.get(mid)})
+                               "balance": balances.get(mid),
+                               "missed_slots": h.missed_slots, "caught_up": h.caught_up})
         buffer = {}
         if jstats:
             for s, st in jstats["streams"].items():
@@ -487,8 +506,8 @@ class Gateway:
             buffer["dropped"] = {s: st["dropped"] for s, st in jstats["streams"].items()}
         return {"v": 1, "gateway": self.cfg.gateway.id, "version": __version__,
                 "config_version": self.reloader.version if self.reloader else None,
-                "pid": os.getpid(), "started_at": self.started_at,
-                "written_at": time.time(),
+                "pid": os.getpid(), "started_at": rfc3339(self.started_at),
+                "written_at": rfc3339(time.time()),
                 "clock_trusted": self.clock.trusted(),
                 "uplink": self.uplink.status(jstats) if self.uplink else None,
                 "ports": [w.line_stats() for w in self.workers.values()],

@@ -44,9 +44,9 @@ PENDING = ".pending"             # PATH.pending: a reload written but not yet fo
 HISTORY_KEEP = 10
 HEALTH_TIMEOUT_S = 30.0
 HEALTH_TIMEOUT_MAX_S = 300.0
-# sections swapped in place; the others are read once at start
+# sections swapped in place; the others ([gateway], [storage], [uplink], [control],
+# [metrics], ...) are read once at start
 RELOADABLE = ("ports", "meters", "tariffs", "accounts", "cost_control")
-RESTART_ONLY = ("gateway", "storage", "uplink", "control")
 # the meter archive: list sections and the key naming an entry, then named tables
 KEYED = {"ports": "name", "meters": "id", "accounts": "meter"}
 OPS = ("remove", "replace", "update", "add")      # applied in this order
@@ -220,11 +220,18 @@ def secrets_in(payload, where="params"):
 
 
 def restart_needed(old, new):
-    """`section.key` of every change that only a restart applies."""
+    """`section.key` of every change that only a restart applies (every section but the
+    meter archive's)."""
     out = []
-    for section in RESTART_ONLY:
+    for section in old.FIELDS:
+        if section == "path" or section in RELOADABLE:
+            continue
         a, b = getattr(old, section), getattr(new, section)
-        out.extend("%s.%s" % (section, f) for f in a.FIELDS if getattr(a, f) != getattr(b, f))
+        if hasattr(a, "FIELDS"):
+            out.extend("%s.%s" % (section, f) for f in a.FIELDS
+                       if getattr(a, f) != getattr(b, f))
+        elif a != b:
+            out.append(section)
     return out
 
 
