@@ -12,6 +12,25 @@ import uuid
 from gateway.control.signing import load_private_key, sign
 from mqtt_helpers import HeadEnd, unique_seqs
 from test_e2e import ROOT, NotifySocket, Simulator, keys, mgw, write_config
+from test_asyncapi import Spec
+
+
+def validate_against_asyncapi(head):
+    """Every meters list, config event and config_update result captured validates against
+    its message in docs/asyncapi.yaml (the short session of test_asyncapi has no file)."""
+    spec = Spec()
+    with head.lock:
+        captured = list(head.messages)
+    keys = set()
+    for topic, payload, _, _ in captured:
+        suffix = topic.split("/", 3)[3]
+        if suffix == "meters" or (suffix == "events" and payload.get("type", "").startswith(
+                "config.")) or (suffix == "command-results" and
+                                payload.get("action") == "config_update"):
+            key = spec.message_for(suffix, payload)
+            spec.validate(key, payload)
+            keys.add(key)
+    return keys
 
 
 def command(key, params, action="config_update", meter="*"):
@@ -180,6 +199,10 @@ def test_config_update_adds_and_removes_meters_while_polling(tmp_path, broker):
         # read in flight when it was removed may finish)
         head.wait(lambda: readings_after(head, "m1", t_done + 10), timeout=30)
         assert not readings_after(head, "m4", t_done + 1)
+        assert validate_against_asyncapi(head) == {
+            "meters", "event.config.applied", "event.config.rolled_back",
+            "result.accepted", "result.done.config_update",
+            "result.rejected.config_update", "result.failed.config_update"}
         # no reading lost, no stream renumbered across all of it
         err = stop(gw)
         assert "rolled back" in err
@@ -223,6 +246,7 @@ def test_a_restart_during_the_health_check_concludes_it_at_start(tmp_path, broke
         head.wait(lambda: meters_list(head)["config_version"] == v0)
         assert meter_ids(head) == ["m1", "m2", "m3", "m4"]
         assert len(events(head, "config.rolled_back")) == 1
+        assert "event.config.rolled_back" in validate_against_asyncapi(head)
         stop(gw)
     finally:
         rig.gw = gw                         # the one running now, after a restart
@@ -281,6 +305,7 @@ def test_sighup_after_a_local_edit_reloads_and_a_removed_meter_keeps_its_reading
         reloading = [i for i, m in enumerate(msgs) if m.startswith("RELOADING=1")]
         assert len(reloading) == 1 and "MONOTONIC_USEC=" in msgs[reloading[0]]
         assert any(m.startswith("READY=1") for m in msgs[reloading[0] + 1:])
+        assert "event.config.applied" in validate_against_asyncapi(head)
         err = stop(gw)
         assert "baudrate" in err            # the refused edit was named in the log
         # m4's readings buffered while the broker was away were still delivered

@@ -34,7 +34,7 @@ except ImportError:        # Python < 3.11
 
 from gateway.config import ConfigError, read
 from gateway.model import GatewayError, RejectCode
-from gateway.service.config import validate
+from gateway.service.config import SCHEMA
 from gateway.store.state import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -391,7 +391,7 @@ class ConfigFile:
             raise ConfigError(["%s: changed while it was read; read it again" % path]) \
                 from None
         version = version_of(doc)           # before the walk, which may change the dict
-        return cls(path, text, version, validate(doc, path))
+        return cls(path, text, version, SCHEMA.validate(doc, path, source=text))
 
 
 # ---------------------------------------------------------------- the reloader
@@ -556,13 +556,16 @@ class Reloader:
         return self._validated(path, text, doc)
 
     def _validated(self, path, text, doc):
+        # problems name lines of a text that was sent or edited; of a generated one (a
+        # patch, a whole configuration as an object) only the key
+        source = text or ""
         try:
             if text is None:
                 text = to_toml(doc)         # only what a TOML file can hold
                 if tomllib.loads(text) != doc:
                     raise ValueError("it cannot be written as TOML as it is")
             version = version_of(doc)       # before the walk, which may change the dict
-            cfg = validate(doc, path)
+            cfg = SCHEMA.validate(doc, path, source=source)
         except ConfigError as exc:
             raise ReloadError(RejectCode.INVALID_CONFIG, "%d problem(s): %s" % (
                 len(exc.problems), exc.problems[0]), exc.problems) from None
