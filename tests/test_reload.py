@@ -374,3 +374,44 @@ def test_the_retained_meters_list_follows_the_meters_health(tmp_path, broker, mo
     finally:
         h.close()
         head.close()
+
+
+def test_a_scan_lists_meters_found_but_not_configured_until_they_are(tmp_path, broker):
+    from mqtt_helpers import HeadEnd
+    head = HeadEnd(broker)
+    h = Harness(tmp_path, broker=broker, meters=3)
+    h.doc["meters"] = h.doc["meters"][:2]            # m3 is on the line, not configured
+    try:
+        path, source = start_from_file(h, tmp_path)
+        def result(cmd, timeout=30):
+            # from the head-end: with a broker, delivered results leave the journal
+            def final():
+                return [r for r in head.topic("command-results") if r.get("id") == cmd["id"]
+                        and r["status"] in ("done", "failed", "rejected")]
+            wait(final, timeout=timeout)
+            return final()[0]
+        scan = h.command("*", "scan", {"port": "p1", "protocol": "dlt645", "max_s": 60})
+        h.send(scan)
+        res = result(scan, timeout=90)
+        assert res["status"] == "done", res
+
+        def unconfigured():
+            msgs = head.topic("meters")
+            return msgs[-1]["unconfigured"] if msgs else None
+        wait(lambda: unconfigured())
+        found = unconfigured()
+        assert [(u["port"], u["protocol"], u["address"]) for u in found] == \
+            [("p1", "dlt645", "000000000003")]
+        from test_asyncapi import Spec
+        spec = Spec()
+        spec.validate("meters", head.topic("meters")[-1])     # as docs/asyncapi.yaml says
+        # configured now: it leaves the unconfigured list and joins the meters
+        cmd = h.command("*", "config_update", {"version": source.version, "patch": {
+            "meters": {"add": [{"id": "m3", "port": "p1", "address": "000000000003"}]}}})
+        h.send(cmd)
+        assert result(cmd)["status"] == "done"
+        wait(lambda: unconfigured() == [] and
+             [m["id"] for m in head.topic("meters")[-1]["meters"]] == ["m1", "m2", "m3"])
+    finally:
+        h.close()
+        head.close()

@@ -78,7 +78,7 @@ class Executor(threading.Thread):
     def __init__(self, *, control_cfg, data_dir, intake, meter_of, spec_of, line, ledger,
                  accounts, journal, audit, events, clock, prepaid, notify=lambda: None,
                  reserve=None, local_group="meter-gateway", ports=lambda: (),
-                 meters=lambda: (), republish=None, config=None):
+                 meters=lambda: (), republish=None, config=None, found=None):
         super().__init__(name="commands", daemon=True)
         self.cfg = control_cfg
         self.intake = intake                  # queue of uplink.Command
@@ -98,6 +98,7 @@ class Executor(threading.Thread):
         self.meters = meters                  # () -> the configured meters
         self.republish = republish            # (seq, ts, jid, body): a result sent again
         self.config = config                  # config_update: service.reload.Reloader
+        self.found = found                    # (port, protocol, found): a scan's meters
         self.keys = []
         for path in self.cfg.public_keys:
             try:
@@ -744,8 +745,11 @@ class Executor(threading.Thread):
             port, protocol, opts = diagnostics.check_scan(params, tuple(self.ports()))
             configured = {reads.driver(m.protocol).key_of(m): m.id for m in self.meters()
                           if m.port == port and m.protocol == protocol}
-            return diagnostics.run_scan(self.line.worker_of, port, protocol, opts,
-                                        configured, self._diag.halt, tick)
+            result = diagnostics.run_scan(self.line.worker_of, port, protocol, opts,
+                                          configured, self._diag.halt, tick)
+            if result[0] == "done" and self.found is not None:
+                self.found(port, protocol, result[2].get("found", ()))
+            return result
         if cmd["action"] == "trace":
             port, seconds = diagnostics.check_trace(params, tuple(self.ports()))
             return diagnostics.run_trace(self.line.worker_of, port, seconds, self._diag.halt,

@@ -225,7 +225,7 @@ class Gateway:
                         ports=lambda: [p.name for p in self.cfg.ports],
                         meters=lambda: self.cfg.meters,
                         republish=self._republish if self.cfg.uplink.host else None,
-                        config=self.reloader)
+                        config=self.reloader, found=self.scan_found)
 
     def _new_costcontrol(self):
         from gateway.billing import costcontrol
@@ -378,6 +378,25 @@ class Gateway:
         that are not configured, and the configuration's version."""
         return json.loads(self._meters_payload(self._meters_health()))
 
+    def scan_found(self, port, protocol, found):
+        """A scan's meters that are not configured, listed as `unconfigured` in the meters
+        message (a later scan of the same port and protocol replaces them; any thread)."""
+        keep = [u for u in self.unconfigured if (u["port"], u["protocol"]) != (port, protocol)]
+        for f in found:
+            if f.get("configured_as") is None:
+                e = {"port": port, "protocol": protocol}
+                e.update((k, f[k]) for k in ("address", "unit", "profile", "version",
+                                             "baudrate", "parity") if f.get(k) is not None)
+                keep.append(e)
+        self.unconfigured = keep            # rebound: the supervisor reads it
+
+    def _unconfigured(self):
+        # one configured since (a config_update after the scan) is no longer listed
+        have = {(m.port, m.protocol, m.address if m.unit is None else m.unit)
+                for m in self.cfg.meters}
+        return [u for u in self.unconfigured
+                if (u["port"], u["protocol"], u.get("address", u.get("unit"))) not in have]
+
     def _meters_health(self):
         """One letter per configured meter: u(nknown, not answered yet), o(nline),
         x (offline); a small signature compared every round instead of the list."""
@@ -410,7 +429,7 @@ class Gateway:
         return "%s,\"meters\":[%s],\"unconfigured\":%s}" % (
             json.dumps(head, separators=(",", ":"))[:-1],
             ",".join(entry(m, c) for m, c in zip(self.cfg.meters, health)),
-            json.dumps(list(self.unconfigured), separators=(",", ":"), ensure_ascii=False))
+            json.dumps(self._unconfigured(), separators=(",", ":"), ensure_ascii=False))
 
     def publish_meters(self, force=False):
         """Republish the retained meters list when it changed (or the uplink was
@@ -418,7 +437,7 @@ class Gateway:
         if self.uplink is None:
             return False
         health = self._meters_health()
-        sig = (self.uplink, self.cfg, health, tuple(map(str, self.unconfigured)))
+        sig = (self.uplink, self.cfg, health, self.unconfigured)
         if not force and self._meters_sent == sig:
             return False
         self._meters_sent = sig
