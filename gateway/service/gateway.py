@@ -152,10 +152,12 @@ class Gateway:
             w.stop(2.0)                         # frees the device for its successor
         for w in fresh:
             w.start()
-        if billing and self.costcontrol is not None:
-            self.costcontrol.stop()
+        if billing:
+            if self.costcontrol is not None:
+                self.costcontrol.stop()
             self.costcontrol = self._new_costcontrol()
-            self.costcontrol.start()
+            if self.costcontrol is not None:
+                self.costcontrol.start()
         self.save_meter_state()
 
     def health_marks(self):
@@ -201,7 +203,8 @@ class Gateway:
         if self.uplink is not None:
             self.uplink.start()
         self.executor.start()
-        self.costcontrol.start()
+        if self.costcontrol is not None:
+            self.costcontrol.start()
         if self.cfg.metrics.listen:
             from gateway.service import metrics       # prometheus-client only when on
             self.metrics = metrics.serve(self.cfg.metrics.listen, self)
@@ -228,6 +231,10 @@ class Gateway:
                         config=self.reloader, found=self.scan_found)
 
     def _new_costcontrol(self):
+        """Cost control, or None on a gateway without prepaid accounts: billing's modules
+        then stay unloaded (about 1 MB resident)."""
+        if not self.cfg.accounts:
+            return None
         from gateway.billing import costcontrol
         return costcontrol.CostControl(
             accounts=self.cfg.accounts, tariffs=self.cfg.tariffs,
