@@ -453,9 +453,13 @@ class CostControl(threading.Thread):
                     got[0] += steps
                     got[1] += cost
             rec["readings"] += len(part)
+            tss = list(map(_item_ts, part))
             if rec["first_prev_ts"] is None:
-                rec["first_prev_ts"] = prev_ts if prev_ts is not None else part[0][2]
-            rec["last_ts"] = part[-1][2]
+                rec["first_prev_ts"] = prev_ts if prev_ts is not None else tss[0]
+            gaps = [tss[0] - prev_ts] if prev_ts is not None else []
+            gaps += map(operator.sub, tss[1:], tss[:-1])
+            rec["max_gap_ms"] = max([rec.get("max_gap_ms", 0)] + gaps)
+            rec["last_ts"] = tss[-1]
 
     def _watch(self, meter, doc, events):
         """apply_batch's watch: the balances (low, high] over which the account's state
@@ -821,6 +825,7 @@ _FAR = 10 ** 30              # beyond any balance in micro-yuan (an int: no floa
 
 _time_then_seq = operator.itemgetter(2, 1)
 _item_seq = operator.itemgetter(1)
+_item_ts = operator.itemgetter(2)
 _event_tag = operator.itemgetter(0)
 
 

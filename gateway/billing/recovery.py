@@ -22,7 +22,8 @@ FEN = MICRO // 100                     # micro-yuan in one fen
 # (as the meter's own 00:00 freeze is), not the next day's first.
 DAY_GRACE_MS = 120000
 # A day counts toward the forecast only when its readings reach this close to both its ends
-# (a meter offline for part of the day would make it look cheap).
+# and are never further apart (a meter offline for part of the day would make it look
+# cheap, and the day it returns dear).
 OFFLINE_GAP_MS = 2 * 3600 * 1000
 
 
@@ -231,7 +232,7 @@ def check_channel(value):
 
 def new_day():
     return {"charges_uy": 0, "bands": {}, "topups": {}, "recovered_uy": 0, "debt_adjust_uy": 0,
-            "readings": 0, "first_prev_ts": None, "last_ts": None}
+            "readings": 0, "first_prev_ts": None, "last_ts": None, "max_gap_ms": 0}
 
 
 def day_record(doc, n):
@@ -258,7 +259,8 @@ def online_day(rec, n):
     start = day_start_local(n) + DAY_GRACE_MS
     end = start + DAY_MS
     return local_ms(rec["first_prev_ts"]) <= start + OFFLINE_GAP_MS and \
-        local_ms(rec["last_ts"]) >= end - OFFLINE_GAP_MS
+        local_ms(rec["last_ts"]) >= end - OFFLINE_GAP_MS and \
+        rec.get("max_gap_ms", 0) <= OFFLINE_GAP_MS
 
 
 def band_split(charges_fen_uy, bands):
