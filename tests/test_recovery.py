@@ -609,3 +609,62 @@ def test_channel_split_grade_and_statements_through_the_gateway_and_the_broker(t
     finally:
         h.close()
         head.close()
+
+
+# ---------------------------------------------------------------- docs/cost-control.md
+
+def test_worked_example_a_household_with_old_debt_on_instalments(tmp_path):
+    """docs/cost-control.md, "Worked example: old debt on instalments": 20.00 of credit,
+    120.00 of old debt at 30%, 6 kWh a day at 0.50, three top-ups in two weeks."""
+    box = Box(tmp_path, accounts=[dict(ACC, opening_balance=Decimal("20.00"))])
+    try:
+        box.cc.update_account("m1", {"debt": "120.00", "recovery_rate": "0.30"})
+        pays = {2 * 24 + 10: ("30.00", "wechat"), 7 * 24 + 20: ("20.00", "counter"),
+                10 * 24 + 9: ("50.00", "bank")}
+        results = []
+        for h in range(0, 14 * 24 + 2):
+            box.now = at(0, h)
+            total = Decimal("1000.00") + Decimal("0.25") * h
+            box.read("m1", h, str(total))
+            if h % 24 == 0:
+                box.freeze("m1", h // 24, str(total))
+            box.bill()
+            if h in pays:
+                amount, channel = pays[h]
+                r = box.cc.apply_topup("m1", Decimal(amount), "PAY-%d" % h, channel=channel)
+                results.append((r.balance, r.credit, r.recovered, r.debt))
+            box.cc.housekeeping()
+        assert results == [("33.75", "21.00", "9.00", "111.00"),
+                           ("31.50", "14.00", "6.00", "105.00"),
+                           ("58.88", "35.00", "15.00", "90.00")]
+        assert [(e["previous"], e["grade"], e["owed"]) for e in box.of("balance.grade")] == \
+            [("none", "moderate", "120.00"), ("moderate", "light", "90.00")]
+        assert [(e["threshold_days"], e["days_left"], e["balance"])
+                for e in box.of("balance.forecast")] == [(7, "7.0", "21.00"),
+                                                         (None, "10.5", "31.50")]
+        table = [(s["day"][5:], s["opening_balance"], s["topups"], s["charges"],
+                  s["recovered"], s["closing_balance"], s["debt"]["closing"])
+                 for s in box.statements()]
+        assert table == [
+            ("06-10", "20.00", "0.00", "3.00", "0.00", "17.00", "120.00"),
+            ("06-11", "17.00", "0.00", "3.00", "0.00", "14.00", "120.00"),
+            ("06-12", "14.00", "30.00", "3.00", "9.00", "32.00", "111.00"),
+            ("06-13", "32.00", "0.00", "3.00", "0.00", "29.00", "111.00"),
+            ("06-14", "29.00", "0.00", "3.00", "0.00", "26.00", "111.00"),
+            ("06-15", "26.00", "0.00", "3.00", "0.00", "23.00", "111.00"),
+            ("06-16", "23.00", "0.00", "3.00", "0.00", "20.00", "111.00"),
+            ("06-17", "20.00", "20.00", "3.00", "6.00", "31.00", "105.00"),
+            ("06-18", "31.00", "0.00", "3.00", "0.00", "28.00", "105.00"),
+            ("06-19", "28.00", "0.00", "3.00", "0.00", "25.00", "105.00"),
+            ("06-20", "25.00", "50.00", "3.00", "15.00", "57.00", "90.00"),
+            ("06-21", "57.00", "0.00", "3.00", "0.00", "54.00", "90.00"),
+            ("06-22", "54.00", "0.00", "3.00", "0.00", "51.00", "90.00"),
+            ("06-23", "51.00", "0.00", "3.00", "0.00", "48.00", "90.00")]
+        first = box.statements()[0]
+        assert first["adjustments"] == {"debt": "120.00"} and first["debt"]["opening"] == "0.00"
+        assert not box.of("statement.mismatch")
+        status = box.cc.accounts_status()["m1"]
+        assert (status["grade"], status["owed"], status["forecast"]["days_left"]) == \
+            ("light", "90.00", "15.9")
+    finally:
+        box.close()
