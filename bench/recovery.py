@@ -42,26 +42,14 @@ from decimal import Decimal
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.billing import RATE_OF_HOUR, TARIFF as TOU  # noqa: E402  (the same households' tariff)
 from gateway.billing import costcontrol, tariff as T  # noqa: E402
 from gateway.store import state as state_mod  # noqa: E402
 from gateway.store.accounts import AccountStore  # noqa: E402
 from gateway.store.journal import Journal, Reading  # noqa: E402
 from gateway.store.state import StateStore  # noqa: E402
 
-TOU = {
-    "kind": "tiered_tou",
-    "prices": {"sharp": "1.0253", "peak": "0.8653", "flat": "0.5283", "valley": "0.3015"},
-    "schedule": [{"from": "00:00", "to": "08:00", "rate": "valley"},
-                 {"from": "08:00", "to": "11:00", "rate": "peak"},
-                 {"from": "11:00", "to": "17:00", "rate": "flat"},
-                 {"from": "17:00", "to": "19:00", "rate": "peak"},
-                 {"from": "19:00", "to": "21:00", "rate": "sharp"},
-                 {"from": "21:00", "to": "24:00", "rate": "flat"}],
-    "ladder": [{"upto_kwh": "2760", "surcharge": "0"}, {"upto_kwh": "4800", "surcharge": "0.05"},
-               {"surcharge": "0.30"}],
-}
 FLAT = {"kind": "flat", "price": "0.5283"}
-RATE_OF_HOUR = [3] * 8 + [1] * 3 + [2] * 6 + [1] * 2 + [0] * 2 + [2] * 3   # T1..T4 index
 START = _dt.datetime(2026, 3, 2)            # a Monday, local time
 HOUR = 3600
 # Wh per hour of the day for a medium household (evening peak); scaled per profile
@@ -199,7 +187,7 @@ class Bench:
         ms = int(hour_ts * 1000)
         day = self._day()
         weekend = 1.3 if t.weekday() >= 5 else 1.0
-        rate = RATE_OF_HOUR[(t.hour - 1) % 24]      # the hour that just ended
+        rate = RATE_OF_HOUR[(t.hour - 1) % 24] - 1  # the hour that just ended (T1..T4)
         rows = []
         for h in self.homes:
             if h.offline_day == day:

@@ -349,34 +349,27 @@ def test_daily_statements_reconcile_to_the_fen_per_band_and_channel(tmp_path):
         box.close()
 
 
-def test_a_day_whose_charges_disagree_with_the_meter_freeze_raises_a_mismatch(tmp_path):
+@pytest.mark.parametrize("freeze_end, mismatch", [("1024.02", True), ("1024.01", False),
+                                                   ("1023.99", False), ("1023.98", True)])
+def test_a_day_whose_charges_disagree_with_the_meter_freeze_raises_a_mismatch(
+        tmp_path, freeze_end, mismatch):
+    """More than one register step (0.01 kWh) between the charged consumption and the
+    meter's freeze is a mismatch; one step is the meters' truncation."""
     box = Box(tmp_path)
     try:
         hourly(box, "m1", 25)
-        box.freeze("m1", 1, "1024.02")                # the meter says 0.02 kWh more
+        box.freeze("m1", 1, freeze_end)                # the meter's own end of the day
         box.now = at(1, 1)
         box.bill()
         assert box.cc.housekeeping() == 1
         (st,) = box.statements()
-        assert st["mismatch"] and st["consumption_kwh"] == "24.00"
-        assert st["meter_freeze"]["kwh"] == "24.02"
-        (ev,) = box.of("statement.mismatch")
-        assert ev == {"type": "statement.mismatch", "meter": "m1", "day": "2026-06-10",
-                      "charged_kwh": "24.00", "meter_kwh": "24.02"}
-    finally:
-        box.close()
-
-
-def test_one_register_step_of_difference_is_no_mismatch(tmp_path):
-    box = Box(tmp_path)
-    try:
-        hourly(box, "m1", 25)
-        box.freeze("m1", 1, "1024.01")
-        box.now = at(1, 1)
-        box.bill()
-        box.cc.housekeeping()
-        (st,) = box.statements()
-        assert not st["mismatch"] and not box.of("statement.mismatch")
+        meter_kwh = str(Decimal(freeze_end) - Decimal("1000.00"))
+        assert st["mismatch"] is mismatch and st["consumption_kwh"] == "24.00"
+        assert st["meter_freeze"]["kwh"] == meter_kwh
+        events = box.of("statement.mismatch")
+        assert events == ([{"type": "statement.mismatch", "meter": "m1", "day": "2026-06-10",
+                            "charged_kwh": "24.00", "meter_kwh": meter_kwh}]
+                          if mismatch else [])
     finally:
         box.close()
 

@@ -465,8 +465,6 @@ class CostControl(threading.Thread):
         """apply_batch's watch: the balances (low, high] over which the account's state
         stays what it is, and the function that moves the state when a reading leaves them
         (its events tagged with the reading's tag)."""
-        acc = self.accounts[meter]
-
         def moved(doc, tag):
             evs = []
             self._transition(meter, doc, evs)
