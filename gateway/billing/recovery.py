@@ -5,6 +5,7 @@ these; docs/cost-control.md ("Fee recovery") states the rules with a worked exam
 """
 
 import datetime as _dt
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
@@ -37,6 +38,7 @@ def today_number(ts_ms):
     return local_ms(ts_ms) // DAY_MS
 
 
+@functools.lru_cache(maxsize=512)
 def day_iso(n):
     return (EPOCH + _dt.timedelta(days=n)).date().isoformat()
 
