@@ -90,6 +90,10 @@ PORTS = ListOfTables("ports", "PortConfig", [
               "20-50 ms)"),
     Field("offline_after", int, 3, minimum=1,
           doc="failed transactions in a row before a meter is marked offline"),
+    Field("catch_up_s", float, 1.0, minimum=0, maximum=300,
+          doc="catch-up (补抄): pause before a meter whose poll slot failed is read again "
+              "in the same interval, after the rest of the line; doubles each time; 0 = a "
+              "failed slot is missed at once"),
 ], check=_check_port)
 
 
@@ -148,6 +152,10 @@ METERS = ListOfTables("meters", "MeterConfig", [
     Field("profile", str, required=_modbus, choices=tuple(sorted(PROFILES)),
           doc_default="required for Modbus",
           doc="the meter's Modbus register map"),
+    Field("function_code", int, None, choices=(3, 4), doc_default="the profile's",
+          doc="Modbus: read the map's registers with 03 (holding) or 04 (input); public "
+              "drivers disagree for the Chint DDSU666. On exception 01 the other is tried "
+              "once and kept"),
     Field("interval_s", int, 900, minimum=10,
           doc="energy registers, aligned to the clock (every quarter hour at 900)"),
     Field("instant_interval_s", int, 300, minimum=0,

@@ -95,7 +95,8 @@ class Gateway:
         for port in self.cfg.ports:
             poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
                                 clock_trusted=self.clock.trusted,
-                                offline_after=port.offline_after)
+                                offline_after=port.offline_after,
+                                catch_up_s=port.catch_up_s)
             for mid, h in poller.health.items():
                 h.online = mid not in offline
                 if freeze_days.get(mid):
@@ -320,6 +321,8 @@ class Gateway:
         return {"uplink": {k: up[k] for k in ("connected", "backlog", "oldest_unsent_age_s",
                                               "last_ack")} if up else None,
                 "meters_offline": offline, "restarts": dict(self.restarts),
+                "missed_slots": {mid: h.missed_slots for p in self.pollers.values()
+                                 for mid, h in p.health.items() if h.missed_slots},
                 "memory_pending": self.sink.pending, "lost_in_memory": self.sink.lost,
                 "events_lost_in_memory": self.sink.lost_events}
 
@@ -349,7 +352,8 @@ class Gateway:
                 meters.append({"id": mid, "port": port, "online": h.online,
                                "last_reading": last.get(mid), "last_error": h.last_error,
                                "drift_s": h.drift_s, "relay": relays.get(mid),
-                               "balance": balances.get(mid)})
+                               "balance": balances.get(mid),
+                               "missed_slots": h.missed_slots, "caught_up": h.caught_up})
         buffer = {}
         if jstats:
             for s, st in jstats["streams"].items():

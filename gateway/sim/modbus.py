@@ -18,6 +18,7 @@ import threading
 import time
 import tty
 
+from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -33,7 +34,11 @@ class ModbusSimMeter:
 
     protocol = "modbus"
 
-    def __init__(self, unit, profile="eastron-sdm120", load_kw=None, faults=None, seed=None):
+    def __init__(self, unit, profile="eastron-sdm120", load_kw=None, faults=None, seed=None,
+                 functions=(3, 4)):
+        """`functions`: the register-read function codes this meter serves; the other one
+        is answered with exception 01 (illegal function), as a DDSU666 that reads only
+        holding (03) or only input (04) registers does."""
         if profile not in PROFILES:
             raise ValueError("unknown Modbus profile %r (known: %s)"
                              % (profile, ", ".join(sorted(PROFILES))))
@@ -46,6 +51,7 @@ class ModbusSimMeter:
         self.truth = collections.deque(maxlen=100000)
         self.requests = 0
         self.answers = 0
+        self.functions = tuple(functions)
 
     def quantity_values(self, now):
         m = self.model
@@ -74,6 +80,9 @@ class ModbusSimMeter:
     async def action(self, function_code, start_address, address, count, registers,
                      set_values):
         """pymodbus calls this on every access: fill the registers from the model."""
+        if function_code in (3, 4) and function_code not in self.functions:
+            self.answers += 1
+            return ExcCodes.ILLEGAL_FUNCTION
         now = time.time()
         values = self.quantity_values(now)
         for b in self.blocks():
