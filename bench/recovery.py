@@ -136,6 +136,8 @@ class Bench:
             clock=lambda: self.now)
         self.cc.now = lambda: _dt.datetime.fromtimestamp(self.now)
         self.journal.register("bench", "statements")
+        # the head-end's uplink: what it has is deleted from the journal, as in the field
+        self.journal.register("uplink", "readings")
         for h in self.homes:
             if h.debt:
                 self.cc.update_account(h.meter, dict(
@@ -271,6 +273,7 @@ class Bench:
                 self.now = t0 + (day * 24 + hour) * HOUR
                 a = time.perf_counter()
                 self.feed(self.now)
+                self.journal.ack("uplink", "readings", self.journal.next_seqs()["readings"] - 1)
                 b = time.perf_counter()
                 while self.cc.bill_once():
                     pass
