@@ -262,6 +262,7 @@ class Bench:
     def run(self):
         self.writes = Timed()
         feed_s = cc_s = 0.0
+        self.cpu = time.process_time()
         t0 = START.timestamp()
         self.feed(t0)
         for day in range(self.days):
@@ -285,6 +286,7 @@ class Bench:
                 c = time.perf_counter()
                 feed_s += b - a
                 cc_s += c - b
+        self.cpu = time.process_time() - self.cpu
         return feed_s, cc_s
 
     # ------------------------------------------------------------ the figures
@@ -309,6 +311,8 @@ def report(b, feed_s, cc_s, n, days):
           % (total / days, feed_s / days, cc_s / days))
     print("  per account-day               %7.1f us  (cost control alone %.1f us)"
           % (total / (n * days) * 1e6, cc_s / (n * days) * 1e6))
+    print("  CPU time per simulated day    %7.3f s   (this process; the machine is shared: "
+          "load %.1f)" % (b.cpu / days, os.getloadavg()[0]))
     print("  target: a simulated day for 1,000 accounts in < 1 s")
     w = b.writes
     print("  of which state-file rewrites  %7.3f s   (%.0f a day, %.1f ms each; the file: "
