@@ -530,7 +530,7 @@ def test_kills_neither_duplicate_nor_lose_a_statement_nor_apply_a_recovery_twice
     rnd = random.Random(17)
     kills = 0
     for _ in range(8):
-        if _run(killed, steps, 0.004, kill_after=rnd.uniform(0.4, 1.4)):
+        if _run(killed, steps, 0.02, kill_after=rnd.uniform(0.4, 1.4)):
             break
         kills += 1
     _run(killed, steps, 0)
