@@ -174,6 +174,10 @@ METERS = ListOfTables("meters", "MeterConfig", [
           doc="for relay control (0x1C): 8 hex digits"),
     Field("secured", bool, False,
           doc="ESAM-secured meter: relay commands must carry the master station's payload"),
+    Field("relay_plaintext", bool, False,
+          doc="DL/T 698.45 test meters and the simulator: relay commands as plaintext ACTION "
+              "on 8000/8001; otherwise they must carry the master station's "
+              "SECURITY-Request"),
     Field("relay_valid_s", int, 300, minimum=30, maximum=3600,
           doc="validity deadline written into relay frames (the meter refuses a late frame)"),
 ], check=_check_meter)
@@ -277,7 +281,32 @@ CONTROL = Table("control", "ControlSettings", [
 ], check=_check_control)
 
 
-SECTIONS = (GATEWAY, STORAGE, PORTS, METERS, UPLINK, CONTROL)
+# ---------------------------------------------------------------- [metrics]
+
+def parse_listen(text):
+    """(host, port) of "host:port" ("[::1]:9108" for IPv6), or ValueError."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("use host:port, such as 127.0.0.1:9108")
+    return host.strip("[]"), int(port)
+
+
+def _listen(value):
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+METRICS = Table("metrics", "MetricsSettings", [
+    Field("listen", str, None, check=_listen,
+          doc="`host:port` of a Prometheus endpoint (needs the `metrics` extra, "
+              "prometheus-client); none: no endpoint"),
+])
+
+
+SECTIONS = (GATEWAY, STORAGE, PORTS, METERS, UPLINK, CONTROL, METRICS)
 
 GatewaySettings = GATEWAY.record
 StorageSettings = STORAGE.record
@@ -285,6 +314,7 @@ PortConfig = PORTS.record
 MeterConfig = METERS.record
 UplinkSettings = UPLINK.record
 ControlSettings = CONTROL.record
+MetricsSettings = METRICS.record
 for _record in (GatewaySettings, StorageSettings, PortConfig, MeterConfig, UplinkSettings,
-                ControlSettings):
+                ControlSettings, MetricsSettings):
     _record.__module__ = __name__        # where pickle and readers find them

@@ -22,13 +22,13 @@ import time
 from gateway import __version__
 from gateway.store.accounts import AccountStore
 from gateway.store.audit import AuditTrail
-from gateway.clock import ClockPolicy
+from gateway.clock import ClockPolicy, rfc3339
 from gateway.store import paths
 from gateway.store.journal import JournalError, open_journal, save_marks
 from gateway.line.poller import LinePoller, MeterSpec
 from gateway.line.port import PortWorker
 from gateway.service.sdnotify import Notifier
-from gateway.service.sink import ReadingSink
+from gateway.service.sink import ReadingSink, log_event
 from gateway.store.state import StateError, StateStore
 
 log = logging.getLogger("gateway")
@@ -77,6 +77,7 @@ class Gateway:
         self.costcontrol = None
         self.audit = None
         self.accounts = None
+        self.metrics = None
         self._build_lines()
 
     # ---------------------------------------------------------------- wiring
@@ -131,6 +132,9 @@ class Gateway:
             self.uplink.start()
         self.executor.start()
         self.costcontrol.start()
+        if self.cfg.metrics.listen:
+            from gateway.service import metrics       # prometheus-client only when on
+            self.metrics = metrics.serve(self.cfg.metrics.listen, self)
         self.sink.event("gateway.started", version=__version__,
                         ports=len(self.cfg.ports), meters=len(self.cfg.meters))
         self.notifier.ready(self.summary())
@@ -147,7 +151,10 @@ class Gateway:
                         accounts=self.accounts, journal=self.journal, audit=self.audit,
                         events=self.sink.event, clock=self.clock,
                         prepaid=lambda: self.costcontrol, notify=self._appended,
-                        reserve=self.reserve, local_group=self.cfg.control.local_group)
+                        reserve=self.reserve, local_group=self.cfg.control.local_group,
+                        ports=lambda: [p.name for p in self.cfg.ports],
+                        meters=lambda: self.cfg.meters,
+                        republish=self._republish if self.cfg.uplink.host else None)
 
     def _new_costcontrol(self):
         from gateway.billing import costcontrol
@@ -169,10 +176,15 @@ class Gateway:
 
     def _audit_event(self, entry):
         # the trail is uploaded too: each entry as an event, hash included
+        log_event("audit", {"entry": entry})
         try:
             self.journal.append_event("audit", entry=entry)
         except JournalError:
             log.exception("audit upload")
+
+    def _republish(self, *result):
+        if self.uplink is not None:
+            self.uplink.republish(*result)
 
     def port_worker(self, port_name):
         return self.workers[port_name]
@@ -259,6 +271,8 @@ class Gateway:
 
     def stop(self, timeout=4.0):
         self.notifier.stopping()
+        if self.metrics is not None:
+            self.metrics.stop()
         deadline = time.monotonic() + timeout
         for w in self.workers.values():
             w._halt.set()
@@ -361,8 +375,8 @@ class Gateway:
             buffer["bytes"] = jstats["file_bytes"]
             buffer["dropped"] = {s: st["dropped"] for s, st in jstats["streams"].items()}
         return {"v": 1, "gateway": self.cfg.gateway.id, "version": __version__,
-                "pid": os.getpid(), "started_at": self.started_at,
-                "written_at": time.time(),
+                "pid": os.getpid(), "started_at": rfc3339(self.started_at),
+                "written_at": rfc3339(time.time()),
                 "clock_trusted": self.clock.trusted(),
                 "uplink": self.uplink.status(jstats) if self.uplink else None,
                 "ports": [w.line_stats() for w in self.workers.values()],

@@ -22,7 +22,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from gateway.sim.dlt645 import Faults, SimMeter, pace_write, wire_time
+from gateway.sim.dlt645 import Faults, SimMeter, pace_write, pty_baudrate, wire_time
 from protocols.framing import Scanner
 from protocols.modbus_profiles import PROFILES, decode_block, float32_registers
 
@@ -186,6 +186,10 @@ class ModbusSimLine(threading.Thread):
                     meter = self.meters.get(frame[0])
                     self.stats["requests"] += 1
                     if meter is None:
+                        continue
+                    if pty_baudrate(self._gs, self.baudrate) != self.baudrate:
+                        # the meters hear garbled bytes at another rate: silence
+                        self.stats["baud_mismatch"] += 1
                         continue
                     meter.requests += 1
                     f = meter.faults
