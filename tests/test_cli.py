@@ -388,10 +388,44 @@ def test_status_speaks_rfc3339_and_keeps_each_map_one_kind(tmp_path):
     assert "buffer: 12 unsent readings, 2 unsent events" in out
     assert any(line.startswith("warning: cost control's breaker is tripped")
                for line in out.splitlines())
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:2] in
-            ("m1", "m2")}
+    rows = {}
+    for line in out.splitlines():           # the meters table (the accounts table follows)
+        if line[:2] in ("m1", "m2"):
+            rows.setdefault(line.split()[0], line.split())
     assert rows["m2"][-2:] == ["0", "3"] and rows["m1"][-2:] == ["2", "0"]  # 补抄, missed
     assert "caught up" in out and "missed" in out
+
+
+def test_status_shows_each_accounts_grade_debt_and_credit_forecast(tmp_path):
+    """Fee recovery's facts for the technician and the dunning desk: grade, amount owed,
+    days in arrears, debt and days of credit left, or why there is no forecast."""
+    cfg = config(tmp_path, "/dev/null", meters=2)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    now = time.time()
+    (data / "status.json").write_text(json.dumps({
+        "v": 1, "gateway": "gw-cli", "version": "0.1.0", "stopped": False,
+        "started_at": now - 60, "written_at": now, "clock_trusted": True,
+        "ports": [], "meters": [], "buffer": {},
+        "accounts": {
+            "m1": {"balance": "-12.50", "state": "cut", "grade": "moderate", "owed": "312.50",
+                   "days_in_arrears": 9, "debt": "300.00",
+                   "forecast": {"days_left": None, "reason": "insufficient history",
+                                "history_days": 2, "needs_days": 3}},
+            "m2": {"balance": "80.00", "state": "normal", "grade": "none", "owed": "0.00",
+                   "days_in_arrears": 0, "debt": "0.00",
+                   "forecast": {"days_left": "6.4", "average_daily": "12.50"}}}}))
+    code, out, err = run("status", "--config", cfg)
+    assert code == 0, err
+    lines = out.splitlines()
+    head = [i for i, line in enumerate(lines) if line.split()[:1] == ["account"]]
+    assert head, out
+    assert lines[head[0]].split()[:5] == ["account", "balance", "state", "grade", "owed"]
+    m1 = next(line for line in lines[head[0]:] if line.startswith("m1"))
+    m2 = next(line for line in lines[head[0]:] if line.startswith("m2"))
+    assert m1.split()[:7] == ["m1", "-12.50", "cut", "moderate", "312.50", "9", "300.00"]
+    assert "too little history (2 of 3 days)" in m1
+    assert m2.split()[-2:] == ["6.4", "days"]
 
 
 def test_small_ones_from_the_trial():

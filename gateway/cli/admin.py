@@ -173,12 +173,33 @@ def cmd_status(args):
                for m in meters],
               [_("meter"), _("port"), _("state"), _("last reading"), _("relay"),
                _("balance")] + ([_("caught up"), _("missed")] if slots else []))
+        accounts = s.get("accounts") or {}
+        if accounts:
+            print()
+            table([(mid, a.get("balance", "-"), a.get("state", "-"), a.get("grade", "-"),
+                    a.get("owed", "-"), a.get("days_in_arrears", "-"), a.get("debt", "-"),
+                    forecast_words(a.get("forecast")))
+                   for mid, a in sorted(accounts.items())],
+                  [_("account"), _("balance"), _("state"), _("grade"), _("owed"),
+                   _("days in arrears"), _("debt"), _("credit left")])
         unsent = s["buffer"].get("unsent") or {}
         print("\n" + _("buffer: %s unsent readings, %s unsent events") % (
             unsent.get("readings", "-"), unsent.get("events", "-")))
     emit(args, status, human)
     # CONTRACT.md: exit 3 when the service is not running (scripts and monitors check it)
     return EXIT_OK if status["running"] else EXIT_NOT_RUNNING
+
+
+def forecast_words(fc):
+    """Days of credit left, or why there is no forecast (never a guess)."""
+    if not fc:
+        return "-"
+    if fc.get("days_left") is not None:
+        return _("%s days") % fc["days_left"]
+    if fc.get("reason") == "insufficient history":
+        return _("too little history (%s of %s days)") % (fc.get("history_days"),
+                                                          fc.get("needs_days"))
+    return _("no consumption") if fc.get("reason") == "no consumption" else "-"
 
 
 def relay_word(state):
