@@ -8,8 +8,9 @@ import enum
 # sign`; gateway-wide actions take meter "*"
 ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
            "sync_time", "release_breaker", "weather_hold", "account_update", "audit_verify",
-           "logs")
-GATEWAY_ACTIONS = ("release_breaker", "weather_hold", "audit_verify", "logs")
+           "logs", "software_update")
+GATEWAY_ACTIONS = ("release_breaker", "weather_hold", "audit_verify", "logs",
+                   "software_update")
 # diagnostics: answered from the box itself, rate-limited, never touching a line
 DIAGNOSTIC_ACTIONS = ("audit_verify", "logs")
 RELAY_ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off")

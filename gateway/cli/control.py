@@ -51,13 +51,19 @@ def command_sign(args):
         elif k == "on":
             v = v.lower() in ("1", "true", "yes", "on")
         params[k] = v
-    now = _dt.datetime.now().astimezone().replace(microsecond=0)
-    cmd = {"v": 1, "id": args.id or str(uuid.uuid4()), "meter": args.meter,
-           "action": args.cmd_action, "issued_at": now.isoformat(),
-           "expires_at": (now + _dt.timedelta(seconds=args.valid)).isoformat(),
-           "params": params}
+    cmd = new_command(args.meter, args.cmd_action, params, args.valid, args.id)
     print(json.dumps(sign(cmd, key), ensure_ascii=False, sort_keys=True))
     return EXIT_OK
+
+
+def new_command(meter, action, params, valid_s, cmd_id=None):
+    """An unsigned command valid from now for valid_s seconds (`mgw command sign`,
+    `mgw ota serve`)."""
+    now = _dt.datetime.now().astimezone().replace(microsecond=0)
+    return {"v": 1, "id": cmd_id or str(uuid.uuid4()), "meter": meter, "action": action,
+            "issued_at": now.isoformat(),
+            "expires_at": (now + _dt.timedelta(seconds=valid_s)).isoformat(),
+            "params": params}
 
 
 def relay(args):

@@ -192,6 +192,8 @@ def build_parser():
     p.add_argument("--valid", type=_positive, default=900,
                    help="seconds the command is valid (above 0; default 900)")
     p.add_argument("--id", help="command id (default: a random UUID)")
+    from gateway.cli import ota as ota_cli
+    ota_cli.register(add, _host_port)
     p = sub.add_parser("completion", help="print a bash completion script",
                        description="mgw completion bash > /etc/bash_completion.d/mgw")
     p.add_argument("shell", choices=("bash",))

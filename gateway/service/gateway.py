@@ -77,6 +77,8 @@ class Gateway:
         self.costcontrol = None
         self.audit = None
         self.accounts = None
+        self.updater = None
+        self._started = False
         self._build_lines()
 
     # ---------------------------------------------------------------- wiring
@@ -115,10 +117,9 @@ class Gateway:
             self.uplink.notify()
 
     def start(self):
+        self.updater = self._new_updater()
         if self.cfg.uplink.host:
-            from gateway.uplink.mqtt import Uplink
-            self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
-                                 self.commands, self.started_at)
+            self.uplink = self._new_uplink()
         self.audit = AuditTrail(paths.path(self.cfg.gateway.data_dir, paths.AUDIT),
                                 on_entry=self._audit_event)
         self.accounts = AccountStore(self.state)
@@ -130,6 +131,8 @@ class Gateway:
             self.uplink.start()
         self.executor.start()
         self.costcontrol.start()
+        self.updater.start()
+        self._started = True
         self.sink.event("gateway.started", version=__version__,
                         ports=len(self.cfg.ports), meters=len(self.cfg.meters))
         self.notifier.ready(self.summary())
@@ -146,7 +149,36 @@ class Gateway:
                         accounts=self.accounts, journal=self.journal, audit=self.audit,
                         events=self.sink.event, clock=self.clock,
                         prepaid=lambda: self.costcontrol, notify=self._appended,
-                        reserve=self.reserve, local_group=self.cfg.control.local_group)
+                        reserve=self.reserve, local_group=self.cfg.control.local_group,
+                        updates=self.updater)
+
+    def _new_uplink(self):
+        from gateway.uplink.mqtt import Uplink
+        up = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal, self.commands,
+                    self.started_at)
+        up.ota_chunks = lambda tail, payload: self.updater.on_chunk(tail, payload)
+        return up
+
+    def _new_updater(self):
+        from gateway.control.executor import RELAY_GATE
+        from gateway.ota.updater import Updater
+        return Updater(self.cfg.ota, self.cfg.gateway.data_dir, version=__version__,
+                       events=self.sink.event, relay_gate=RELAY_GATE,
+                       publish=lambda sub, payload: self.uplink is not None and
+                       self.uplink.publish_now(sub, payload),
+                       healthy=self._healthy,
+                       stop_process=lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+    def _healthy(self):
+        """(healthy?, why not) for an update's check: started, lines open, uplink up."""
+        if not self._started:
+            return False, "not started"
+        closed = [n for n, w in self.workers.items() if not w.line_stats()["open"]]
+        if closed:
+            return False, "line %s is not open" % closed[0]
+        if self.uplink is None or not self.uplink.state["connected"]:
+            return False, "the uplink is not connected"
+        return True, None
 
     def _new_costcontrol(self):
         from gateway.billing import costcontrol
@@ -205,14 +237,13 @@ class Gateway:
         if self.uplink is not None and not self.uplink.is_alive():
             self.restarts["uplink"] += 1
             log.error("uplink thread died; restarting (%d restarts)", self.restarts["uplink"])
-            from gateway.uplink.mqtt import Uplink
-            self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
-                                 self.commands, self.started_at)
+            self.uplink = self._new_uplink()
             self.uplink.start()
         elif self.uplink is not None and now - self.uplink.heartbeat > HUNG_AFTER_S:
             healthy = False
         for attr, factory in (("executor", self._new_executor),
-                              ("costcontrol", self._new_costcontrol)):
+                              ("costcontrol", self._new_costcontrol),
+                              ("updater", self._new_updater)):
             thread = getattr(self, attr)
             if thread is None:
                 continue
@@ -264,6 +295,8 @@ class Gateway:
         for t in (self.executor, self.costcontrol):
             if t is not None:
                 t.stop()
+        if self.updater is not None:
+            self.updater.stop(0.5)    # an installer it waits for goes on in its own session
         for w in self.workers.values():
             w.stop(max(0.1, deadline - time.monotonic()))
         self.sink.event("gateway.stopped")
@@ -364,6 +397,7 @@ class Gateway:
                 "ports": [w.line_stats() for w in self.workers.values()],
                 "meters": meters, "buffer": buffer,
                 "accounts": self.costcontrol.accounts_status() if self.costcontrol else {},
+                "update": self.updater.status() if self.updater else None,
                 "restarts": dict(self.restarts)}
 
     def _last_readings(self):
