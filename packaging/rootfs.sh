@@ -10,6 +10,8 @@ set -euo pipefail
 SUITE=${MGW_SUITE:-bookworm}
 MIRROR=${MGW_MIRROR:-http://deb.debian.org/debian}
 CACHE=${MGW_PKG_CACHE:-/work/.cache/meter-gateway}
+# what building the venv needs (libffi-dev: cffi, which has no armhf wheel)
+BUILD_DEPS="python3-venv python3-dev gcc libc6-dev libffi-dev"
 
 need_host_tools() {
     local missing=()
@@ -48,29 +50,46 @@ rootfs_tarball() {
             || { echo "debootstrap $arch failed, see $dir.log" >&2; exit 1; }
     else
         tar -C "$dir" -xf "$(rootfs_tarball "$arch" base)"
-        chroot_run "$dir" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends python3-venv python3-dev gcc libc6-dev libffi-dev' \
+        chroot_run "$dir" sh -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends $BUILD_DEPS" \
             >"$dir.log" 2>&1 || { echo "build tools for $arch failed, see $dir.log" >&2; exit 1; }
     fi
     rm -rf "$dir/var/cache/apt/archives/"*.deb "$dir/var/lib/apt/lists/"*_Packages 2>/dev/null || true
     tar -C "$dir" -cf "$tar.tmp" .
     mv "$tar.tmp" "$tar"
-    rm -rf "$dir" "$dir.log"
+    drop_root "$dir"
+    rm -f "$dir.log"
     echo "$tar"
 }
 
-# chroot_run DIR CMD...: /proc, /dev and resolv.conf for the time of the command
+# chroot_run DIR CMD...: /proc, /dev (with /dev/pts, for the demo's pseudo-terminals) and
+# resolv.conf for the time of the command; $CHROOT_WRAP goes before chroot
+# ("unshare --net": no network at all)
 chroot_run() {
     local dir=$1
     shift
     mkdir -p "$dir/proc" "$dir/dev"
     mount -t proc proc "$dir/proc"
-    mount --bind /dev "$dir/dev"
+    mount --rbind /dev "$dir/dev"
+    mount --make-rslave "$dir/dev"
     cp -L /etc/resolv.conf "$dir/etc/resolv.conf" 2>/dev/null || true
     local rc=0
-    LC_ALL=C.UTF-8 chroot "$dir" "$@" || rc=$?
-    umount "$dir/dev" "$dir/proc"
+    LC_ALL=C.UTF-8 ${CHROOT_WRAP:-} chroot "$dir" "$@" || rc=$?
+    umount -R "$dir/dev"
+    umount "$dir/proc"
     return $rc
+}
+
+# drop_root DIR: delete a throw-away root, never while anything is mounted in it
+drop_root() {
+    local dir=$1
+    umount -R "$dir/dev" 2>/dev/null || true
+    umount "$dir/proc" 2>/dev/null || true
+    if grep -q " $dir/" /proc/mounts; then
+        echo "still mounted under $dir: not deleting it" >&2
+        return 1
+    fi
+    rm -rf "$dir"
 }
 
 # fresh_root ARCH KIND: a new throw-away directory holding that root filesystem
@@ -78,5 +97,6 @@ fresh_root() {
     local dir
     dir=$(mktemp -d "$CACHE/root-$1-$2.XXXX")
     tar -C "$dir" -xf "$(rootfs_tarball "$1" "$2")"
+    chmod 0755 "$dir"           # mktemp's 0700 would lock every other user out of /
     echo "$dir"
 }
