@@ -259,8 +259,19 @@ def test_refusals_each_with_a_reason(box, broker, tmp_path):
     other = tmp_path / "other"
     o = mgw("keys", "gen", "--out", str(other), "--json")
     other_key = json.loads(o.communicate(timeout=30)[0])["private_key"]
+    # a manifest changed after it was signed: a bad signature
+    from gateway.cli.control import new_command
+    from gateway.control.signing import load_private_key, sign
+    manifest = {"name": "meter-gateway", "version": NEW, "arch": debian_arch(),
+                "size": os.path.getsize(new), "sha256": "1" * 64}
+    cmd = sign(new_command("*", "software_update", manifest, 600), load_private_key(box.priv))
+    cmd["params"]["sha256"] = "2" * 64
+    box.head.publish("commands", json.dumps(cmd))
+    box.head.wait(lambda: any(r.get("claimed_id") == cmd["id"] and
+                              r.get("code") == "bad_signature"
+                              for r in box.head.topic("command-results")))
     cases = [
-        (dict(key=other_key), "bad_signature"),
+        (dict(key=other_key), "unknown_key"),
         (dict(arch="armhf" if debian_arch() != "armhf" else "amd64"), "this gateway is"),
         (dict(version="0.0.1"), "downgrade not allowed"),
     ]

@@ -149,8 +149,10 @@ class Server:
         topic = msg.topic[len(self.root) + 1:]
         if topic == "ota/requests":
             self._answer(client, body)
-        elif topic == "command-results" and body.get("id") == self.cmd["id"] \
-                and body.get("status") in ("rejected", "failed"):
+        elif topic == "command-results" and body.get("status") in ("rejected", "failed") \
+                and self.cmd["id"] in (body.get("id"), body.get("claimed_id")):
+            # a claimed_id proves nothing, but an unauthenticated rejection of what we
+            # sent has no other link to it
             print("%s: %s (%s)" % (body["status"], body.get("reason"), body.get("code")),
                   flush=True)
             self.code = EXIT_FAILED

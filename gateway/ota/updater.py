@@ -39,6 +39,7 @@ CURRENT_INFO = "current.json"
 IDLE_S = 0.5
 PROGRESS_STEP = 10                # a downloading event every 10 %
 MIN_FREE_MARGIN = 4 * 1024 * 1024
+RESTART_GRACE_S = 30              # for an installer's own restart of the service
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
@@ -273,7 +274,7 @@ class Updater(threading.Thread):
 
     def _remove_part(self):
         for name in os.listdir(self.dir):
-            if name.endswith((".part", ".pkg")):
+            if name.endswith((".part", ".pkg")) and name != CURRENT:
                 try:
                     os.unlink(self._path(name))
                 except OSError:
@@ -391,8 +392,10 @@ class Updater(threading.Thread):
                 return
             self._fail("installer exited %s: %s" % (rc, last[0][:200]), rollback=True)
             return
-        # the installer succeeded without restarting us: restart into what it installed
-        log.warning("ota: installer done; restarting the service")
+        # the installer ended; its restart of the service may still be on its way
+        if self._halt.wait(RESTART_GRACE_S):
+            return
+        log.warning("ota: the installer did not restart the service; restarting it")
         if self.stop_process is not None:
             self.stop_process()
         self._halt.wait(60)
