@@ -306,3 +306,78 @@ def test_an_unhealthy_version_is_rolled_back(box, broker):
 test_an_unhealthy_version_is_rolled_back.box_options = {"health_s": 6}
 test_a_full_update_while_readings_flow.box_options = {"pace_ms": 50}
 test_transfer_resumes_after_broker_outage_and_sigkill.box_options = {"pace_ms": 20}
+
+
+# ---------------------------------------------------------------- the updater on its own
+
+def _ota_settings(**values):
+    from gateway.ota.settings import OTA
+    problems = []
+    rec = OTA.walk(values, lambda key, msg: problems.append((key, msg)), {})
+    assert not problems, problems
+    return rec
+
+
+def test_free_space_is_checked_before_the_transfer(tmp_path):
+    from gateway.ota.updater import Updater
+    u = Updater(_ota_settings(max_package_mb=10 ** 9), str(tmp_path), version="0.1.0",
+                events=lambda *a, **k: None, publish=lambda *a: False,
+                healthy=lambda: (True, None), arch="armhf")
+    manifest = {"name": "meter-gateway", "version": "0.2.0", "arch": "armhf",
+                "size": 10 ** 15, "sha256": "a" * 64}
+    assert "not enough free space" in u.check("u1", manifest)
+    assert u.check("u1", dict(manifest, size=1000)) is None
+    assert "disabled" in Updater(_ota_settings(enabled=False), str(tmp_path), version="0.1.0",
+                                 events=None, publish=None, healthy=None,
+                                 arch="armhf").check("u1", manifest)
+
+
+def test_the_installer_waits_for_a_relay_operation(tmp_path):
+    """Held by the executor for a whole relay operation; the installer never starts while
+    one runs."""
+    import hashlib
+    from gateway.control.executor import RELAY_GATE
+    from gateway.ota.updater import Updater, _write_json
+    marker = tmp_path / "installed"
+    pkg_bytes = b"package" * 100
+    (tmp_path / "ota").mkdir()
+    (tmp_path / "ota" / "u1.pkg").write_bytes(pkg_bytes)
+    _write_json(str(tmp_path / "ota" / "state.json"), {
+        "id": "u1", "phase": "verified", "previous": "0.1.0",
+        "manifest": {"name": "meter-gateway", "version": "0.2.0", "arch": "armhf",
+                     "size": len(pkg_bytes), "sha256": hashlib.sha256(pkg_bytes).hexdigest(),
+                     "chunk_size": 1024, "allow_downgrade": False}})
+    events = []
+    installer = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                 str(marker), "{package}"]
+    u = Updater(_ota_settings(installer=installer), str(tmp_path), version="0.1.0",
+                events=lambda t, **f: events.append(t), publish=lambda *a: False,
+                healthy=lambda: (True, None), arch="armhf", relay_gate=RELAY_GATE,
+                stop_process=lambda: None)
+    with RELAY_GATE:                      # a relay operation in progress
+        u.start()
+        time.sleep(2.0)
+        assert not marker.exists() and events == ["update.installing"]
+    end = time.time() + 10
+    while not marker.exists() and time.time() < end:
+        time.sleep(0.05)
+    assert marker.read_text().endswith("u1.pkg")
+    u.stop(0.5)
+
+
+def test_a_relay_operation_holds_the_gate_an_installer_waits_for(tmp_path):
+    """The executor's side: a cut-off does not start while an installer holds the gate."""
+    from gwharness import Harness
+    from gateway.control.executor import RELAY_GATE
+    h = Harness(tmp_path).start()
+    try:
+        cut = h.command("m1", "cut_off")
+        with RELAY_GATE:                  # an installer running
+            h.send(cut)
+            time.sleep(2.0)
+            assert h.relay_moves() == []
+            assert not [r for r in h.results(cut["id"]) if r["status"] == "done"]
+        assert h.wait_result(cut["id"])["status"] == "done"
+        assert len(h.relay_moves()) == 1
+    finally:
+        h.close()
