@@ -381,3 +381,71 @@ def test_a_relay_operation_holds_the_gate_an_installer_waits_for(tmp_path):
         assert len(h.relay_moves()) == 1
     finally:
         h.close()
+
+
+# ---------------------------------------------------------------- the root helper
+
+def test_the_root_helper_installs_only_what_the_head_end_signed(tmp_path):
+    """`mgw ota request` (the unprivileged service) then `mgw ota install-requested` (root,
+    from meter-gateway-update.service): the package's digest must be a signed one."""
+    from gateway.cli.control import new_command
+    from gateway.control.signing import load_private_key, sign
+    from gateway.ota.updater import _write_json
+    priv, pub = keys(tmp_path)
+    data = tmp_path / "data"
+    (data / "ota").mkdir(parents=True)
+    marker = tmp_path / "installed"
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nid = "gw-test"\ndata_dir = "%s"\n[control]\npublic_keys = '
+                   '["%s"]\n[ota]\nprivileged_installer = [%s, "-c", "import sys, shutil; '
+                   'shutil.copy(sys.argv[1], sys.argv[2])", "{package}", "%s"]\n'
+                   % (data, pub, json.dumps(sys.executable), marker))
+    body = b"a package" * 1000
+    import hashlib
+    digest = hashlib.sha256(body).hexdigest()
+    cmd = sign(new_command("*", "software_update",
+                           {"name": "meter-gateway", "version": NEW, "arch": "armhf",
+                            "size": len(body), "sha256": digest}, 600),
+               load_private_key(priv))
+    pkg = data / "ota" / ("%s.pkg" % cmd["id"])
+
+    def attempt(command, content):
+        _write_json(str(data / "ota" / "state.json"), {"id": cmd["id"], "phase": "installing",
+                                                       "command": command})
+        pkg.write_bytes(content)
+        r = mgw("ota", "request", "--package", str(pkg))
+        assert r.wait(30) == 0, r.stderr.read()
+        assert (data / "ota" / "install-request").exists()
+        p = mgw("ota", "install-requested", "--config", str(cfg))
+        out, err = p.communicate(timeout=60)
+        assert not (data / "ota" / "install-request").exists()     # taken, whatever came
+        return p.returncode, out + err
+
+    rc, out = attempt(cmd, body + b"x")
+    assert rc == 1 and "is not the signed" in out and not marker.exists()
+    forged = dict(cmd, params=dict(cmd["params"], sha256=hashlib.sha256(b"evil").hexdigest()))
+    rc, out = attempt(forged, b"evil")
+    assert rc == 1 and "no head-end signature vouches" in out and not marker.exists()
+    rc, out = attempt(cmd, body)
+    assert rc == 0, out
+    assert marker.read_bytes() == body
+    # a rollback to a package a technician kept (as root): trusted only while root owns
+    # its record
+    marker.unlink()
+    k = mgw("ota", "keep", "--package", str(pkg), "--config", str(cfg))
+    assert k.wait(30) == 0, k.stderr.read()
+    r = mgw("ota", "request", "--package", str(data / "ota" / "current.pkg"))
+    assert r.wait(30) == 0
+    if os.geteuid() == 0:
+        info = data / "ota" / "current.json"
+        os.chown(info, 65534, 65534)      # rewritten by the service user: not trusted
+        p = mgw("ota", "install-requested", "--config", str(cfg))
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 1 and "vouches" in out + err and not marker.exists()
+        os.chown(info, 0, 0)
+        r = mgw("ota", "request", "--package", str(data / "ota" / "current.pkg"))
+        assert r.wait(30) == 0
+    p = mgw("ota", "install-requested", "--config", str(cfg))
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, out + err
+    assert marker.read_bytes() == body

@@ -4,13 +4,23 @@ gateway, answers the gateway's chunk requests from the package file, prints the 
 events, and exits 0 on `update.done`, 1 on a rejection, `update.failed` or
 `update.rolled_back`, or when --timeout passes.
 
-`mgw ota keep FILE`: on the box, keep the package of the running version for a rollback
-(a box installed by hand has none until its first update over the air).
+`mgw ota keep --package FILE`: on the box, keep the package of the running version for a
+rollback (a box installed by hand has none until its first update over the air).
+
+`mgw ota request --package FILE` and `mgw ota install-requested`: the installer under
+systemd. The service runs unprivileged and may not run dpkg: its installer only leaves a
+request; meter-gateway-update.path starts meter-gateway-update.service, which runs
+`install-requested` as root, outside the service's cgroup (so restarting the service does
+not kill dpkg). That checks the package against the head-end's signed manifest itself,
+so the service user cannot have root install anything the head-end did not sign.
 """
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 import threading
 
 from gateway.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, load_config
@@ -23,9 +33,9 @@ MAX_COUNT = 16                 # chunks answered per request (the gateway asks f
 def register(add, host_port):
     p = add("ota", "software updates: `ota serve` (head-end side), `ota keep` (on the box)",
             run)
-    p.add_argument("what", choices=("serve", "keep"))
-    p.add_argument("--package", required=True, metavar="FILE", help="the .deb to send "
-                   "(serve) or to keep as the running version's (keep)")
+    p.add_argument("what", choices=("serve", "keep", "request", "install-requested"))
+    p.add_argument("--package", metavar="FILE", help="the .deb to send (serve), to keep as "
+                   "the running version's (keep), to ask root to install (request)")
     p.add_argument("--key", metavar="FILE", help="serve: the head-end's private key")
     p.add_argument("--broker", type=host_port, default=("127.0.0.1", 1883),
                    help="serve: MQTT broker HOST:PORT (default 127.0.0.1:1883)")
@@ -47,6 +57,17 @@ def register(add, host_port):
 
 
 def run(args):
+    if args.what == "install-requested":
+        return install_requested(load_config(args))
+    if not args.package:
+        raise CliError("ota %s needs --package FILE" % args.what, EXIT_USAGE)
+    if args.what == "request":
+        from gateway.ota.updater import request_install
+        try:
+            request_install(args.package)
+        except OSError as exc:
+            raise CliError("%s: %s" % (args.package, exc.strerror)) from None
+        return EXIT_OK
     if args.what == "keep":
         from gateway.ota.updater import keep_current
         cfg = load_config(args)
@@ -177,3 +198,89 @@ class Server:
                            self.file.read(self.chunk), qos=0)
             self.sent += 1
 
+
+
+# ---------------------------------------------------------------- the root helper
+
+def _read_json(path, root_only=False):
+    """A small JSON file, not through a link; with root_only, only one root owns."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        if root_only and os.fstat(f.fileno()).st_uid != 0:
+            return None
+        try:
+            doc = json.loads(f.read(1 << 20))
+        except ValueError:
+            return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _signed_sha256(command, keys):
+    """The package digest of a software_update command a configured key signed, or None."""
+    from gateway.control.signing import check
+    if not isinstance(command, dict) or command.get("action") != "software_update" or \
+            command.get("meter") != "*" or not isinstance(command.get("params"), dict):
+        return None
+    if check(command, keys)[0] is not None:
+        return None
+    return command["params"].get("sha256")
+
+
+def install_requested(cfg):
+    """As root: install the package the service asked for, only if its SHA-256 is one the
+    head-end signed (the update's command, or the kept package's), from a private copy."""
+    from gateway.control.signing import KeyError_, load_public_key
+    from gateway.ota.updater import CURRENT, CURRENT_INFO, REQUEST, STATE
+    d = os.path.join(cfg.gateway.data_dir, "ota")
+    request = _read_json(os.path.join(d, REQUEST))
+    if request is None:
+        print("no install request in %s" % d)
+        return EXIT_OK
+    os.unlink(os.path.join(d, REQUEST))
+    name = request.get("package")
+    if not isinstance(name, str) or os.path.basename(name) != name or \
+            not name.endswith(".pkg"):
+        raise CliError("install request: %r is not a package in %s" % (name, d))
+    keys = []
+    for path in cfg.control.public_keys:
+        try:
+            keys.append(load_public_key(path))
+        except KeyError_:
+            pass
+    if name == CURRENT:       # a rollback: the kept package, signed earlier or kept by root
+        info = _read_json(os.path.join(d, CURRENT_INFO)) or {}
+        expected = _signed_sha256(info.get("command"), keys)
+        if expected is None:
+            owned = _read_json(os.path.join(d, CURRENT_INFO), root_only=True) or {}
+            expected = owned.get("sha256") if owned.get("command") is None else None
+    else:
+        state = _read_json(os.path.join(d, STATE)) or {}
+        command = state.get("command") or {}
+        expected = _signed_sha256(command, keys) \
+            if name == "%s.pkg" % command.get("id") else None
+    if not isinstance(expected, str):
+        raise CliError("install request for %s: no head-end signature vouches for it; "
+                       "not installed" % name)
+    tmp = tempfile.mkdtemp(prefix="mgw-ota-")          # root's own, mode 0700
+    try:
+        copy = os.path.join(tmp, name)
+        h = hashlib.sha256()
+        try:
+            src = os.open(os.path.join(d, name), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise CliError("%s: %s" % (os.path.join(d, name), exc.strerror)) from None
+        with os.fdopen(src, "rb") as fin, open(copy, "wb") as fout:
+            for block in iter(lambda: fin.read(65536), b""):
+                h.update(block)
+                fout.write(block)
+        if h.hexdigest() != expected:
+            raise CliError("%s: sha256 %s is not the signed %s; not installed"
+                           % (name, h.hexdigest(), expected))
+        argv = [a.replace("{package}", copy) for a in cfg.ota.privileged_installer]
+        print("installing %s (sha256 %s): %s" % (name, expected, " ".join(argv)), flush=True)
+        return EXIT_OK if subprocess.run(argv).returncode == 0 else EXIT_FAILED
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -651,7 +651,7 @@ class Executor(threading.Thread):
         if cmd["action"] in DIAGNOSTIC_ACTIONS:
             return self._diagnostic(cmd)
         if cmd["action"] == "software_update":
-            return self.updates.start_update(cmd["id"], cmd["params"])
+            return self.updates.start_update(cmd["id"], cmd["params"], signed=cmd)
         cc = self.prepaid()
         if cmd["action"] == "release_breaker":
             cc.release_breaker()

@@ -19,6 +19,10 @@ OTA = Table("ota", "OtaSettings", [
     Field("installer", _STRINGS, ["dpkg", "-i", "{package}"], check=_installer,
           doc="the program and arguments that install a package (`{package}`: its path); "
               "it may restart the service; run in its own session so that it outlives it"),
+    Field("privileged_installer", _STRINGS, ["dpkg", "-i", "--force-confold", "{package}"],
+          check=_installer,
+          doc="what `mgw ota install-requested` (run as root by meter-gateway-update.service) "
+              "runs on a package it has checked against the head-end's signature"),
     Field("installer_timeout_s", NUMBER, 600, minimum=1,
           doc="an installer still running after this long has failed"),
     Field("health_timeout_s", NUMBER, 180, minimum=1,

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 STATE = "state.json"
 CURRENT = "current.pkg"           # the package of the running version, kept for rollback
 CURRENT_INFO = "current.json"
+REQUEST = "install-request"        # read by the root helper (mgw ota install-requested)
 IDLE_S = 0.5
 PROGRESS_STEP = 10                # a downloading event every 10 %
 MIN_FREE_MARGIN = 4 * 1024 * 1024
@@ -155,8 +156,10 @@ class Updater(threading.Thread):
                 self.dir, free, need)
         return None
 
-    def start_update(self, cmd_id, params):
+    def start_update(self, cmd_id, params, signed=None):
         """Admitted: start (or, for the same id delivered again, go on with) the update.
+        `signed`: the whole signed command, kept so that a privileged installer can check
+        the package against the head-end's signature itself (`mgw ota install-requested`).
         Returns the command's result (status, reason, extra)."""
         m = mf.parse(params)
         if self.state.get("id") != cmd_id or self.state.get("phase") in (None, "done",
@@ -165,7 +168,8 @@ class Updater(threading.Thread):
             if self.state.get("id") != cmd_id:
                 self._remove_part()
             self._save(id=cmd_id, phase="downloading", manifest=m.as_dict(),
-                       previous=self.version, started_at=time.time(), reason=None)
+                       previous=self.version, started_at=time.time(), reason=None,
+                       command=signed)
             self.events("update.downloading", id=cmd_id, version=m.version,
                         received=0, size=m.size, percent=0)
         self._wake.set()
@@ -407,7 +411,8 @@ class Updater(threading.Thread):
             if os.path.exists(pkg):
                 os.replace(pkg, self._path(CURRENT))
             _write_json(self._path(CURRENT_INFO), {"version": self.version,
-                                                  "sha256": self.state["manifest"]["sha256"]})
+                                                  "sha256": self.state["manifest"]["sha256"],
+                                                  "command": self.state.get("command")})
             self._save(phase="done", reason=None)
             self.events("update.done", id=self.state["id"], version=self.version,
                         previous=self.state.get("previous"))
@@ -423,8 +428,20 @@ class Updater(threading.Thread):
 
 def keep_current(data_dir, package):
     """`mgw ota keep FILE`: the package of the running version, kept for a rollback (a box
-    installed by hand has none until its first update over the air)."""
+    installed by hand has none until its first update over the air). Its digest goes to
+    current.json, which a privileged installer trusts only when root wrote it."""
     d = os.path.join(data_dir, "ota")
     os.makedirs(d, exist_ok=True)
     shutil.copyfile(package, os.path.join(d, CURRENT + ".tmp"))
     os.replace(os.path.join(d, CURRENT + ".tmp"), os.path.join(d, CURRENT))
+    _write_json(os.path.join(d, CURRENT_INFO), {"version": None,
+                                               "sha256": _sha256(os.path.join(d, CURRENT)),
+                                               "command": None})
+
+
+def request_install(package):
+    """The installer under systemd (`mgw ota request --package {package}`): the service
+    user may not run dpkg, so it leaves the package's path in ota/install-request, which
+    meter-gateway-update.path hands to `mgw ota install-requested`, run as root."""
+    d = os.path.dirname(os.path.abspath(package))
+    _write_json(os.path.join(d, REQUEST), {"package": os.path.basename(package)})
