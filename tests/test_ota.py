@@ -352,8 +352,7 @@ def test_the_installer_waits_for_a_relay_operation(tmp_path):
                  str(marker), "{package}"]
     u = Updater(_ota_settings(installer=installer), str(tmp_path), version="0.1.0",
                 events=lambda t, **f: events.append(t), publish=lambda *a: False,
-                healthy=lambda: (True, None), arch="armhf", relay_gate=RELAY_GATE,
-                stop_process=lambda: None)
+                healthy=lambda: (True, None), arch="armhf", relay_gate=RELAY_GATE)
     with RELAY_GATE:                      # a relay operation in progress
         u.start()
         time.sleep(2.0)
@@ -423,6 +422,9 @@ def test_the_root_helper_installs_only_what_the_head_end_signed(tmp_path):
 
     rc, out = attempt(cmd, body + b"x")
     assert rc == 1 and "is not the signed" in out and not marker.exists()
+    # the service learns why (and rolls back) from ota/install-result
+    assert "is not the signed" in json.loads(
+        (data / "ota" / "install-result").read_text())["reason"]
     forged = dict(cmd, params=dict(cmd["params"], sha256=hashlib.sha256(b"evil").hexdigest()))
     rc, out = attempt(forged, b"evil")
     assert rc == 1 and "no head-end signature vouches" in out and not marker.exists()
@@ -449,3 +451,34 @@ def test_the_root_helper_installs_only_what_the_head_end_signed(tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, out + err
     assert marker.read_bytes() == body
+
+
+def test_a_refusal_of_the_root_helper_fails_the_update_at_once(tmp_path):
+    """Under systemd the installer only asks; when root refuses, the service hears it from
+    ota/install-result instead of waiting for a restart that never comes."""
+    import hashlib
+    from gateway.ota.updater import Updater, _write_json
+    pkg_bytes = b"package" * 100
+    (tmp_path / "ota").mkdir()
+    (tmp_path / "ota" / "u1.pkg").write_bytes(pkg_bytes)
+    _write_json(str(tmp_path / "ota" / "state.json"), {
+        "id": "u1", "phase": "verified", "previous": "0.1.0",
+        "manifest": {"name": "meter-gateway", "version": "0.2.0", "arch": "armhf",
+                     "size": len(pkg_bytes), "sha256": hashlib.sha256(pkg_bytes).hexdigest(),
+                     "chunk_size": 1024, "allow_downgrade": False}})
+    refuse = [sys.executable, "-c", "import json, os, sys; json.dump({'reason': 'no head-end "
+              "signature vouches for it'}, open(os.path.join(os.path.dirname(sys.argv[1]), "
+              "'install-result'), 'w'))", "{package}"]
+    events = []
+    u = Updater(_ota_settings(installer=refuse, installer_timeout_s=120), str(tmp_path),
+                version="0.1.0", events=lambda t, **f: events.append((t, f)),
+                publish=lambda *a: False, healthy=lambda: (True, None), arch="armhf")
+    t0 = time.time()
+    u.start()
+    end = time.time() + 20
+    while u.state.get("phase") != "failed" and time.time() < end:
+        time.sleep(0.1)
+    u.stop(0.5)
+    assert u.state["phase"] == "failed" and time.time() - t0 < 20
+    failed = [f for t, f in events if t == "update.failed"]
+    assert "root helper did not install it: no head-end signature" in failed[0]["reason"]

@@ -231,14 +231,32 @@ def _signed_sha256(command, keys):
 
 def install_requested(cfg):
     """As root: install the package the service asked for, only if its SHA-256 is one the
-    head-end signed (the update's command, or the kept package's), from a private copy."""
-    from gateway.control.signing import KeyError_, load_public_key
-    from gateway.ota.updater import CURRENT, CURRENT_INFO, REQUEST, STATE
+    head-end signed (the update's command, or the kept package's), from a private copy.
+    A refusal or a failed installer is left in ota/install-result for the service (which
+    then rolls back); a success restarts the service (the package's postinst)."""
+    from gateway.ota.updater import REQUEST, RESULT, _write_json
     d = os.path.join(cfg.gateway.data_dir, "ota")
-    request = _read_json(os.path.join(d, REQUEST))
-    if request is None:
+    if not os.path.lexists(os.path.join(d, REQUEST)):
         print("no install request in %s" % d)
         return EXIT_OK
+    try:
+        rc = _install_requested(cfg, d)
+    except CliError as exc:
+        _write_json(os.path.join(d, RESULT), {"reason": str(exc)})
+        raise
+    if rc != 0:
+        _write_json(os.path.join(d, RESULT), {"reason": "the installer exited %d" % rc})
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _install_requested(cfg, d):
+    from gateway.control.signing import KeyError_, load_public_key
+    from gateway.ota.updater import CURRENT, CURRENT_INFO, REQUEST, STATE
+    request = _read_json(os.path.join(d, REQUEST))
+    if request is None:
+        os.unlink(os.path.join(d, REQUEST))
+        raise CliError("install request in %s: not readable" % d)
     os.unlink(os.path.join(d, REQUEST))
     name = request.get("package")
     if not isinstance(name, str) or os.path.basename(name) != name or \
@@ -281,6 +299,6 @@ def install_requested(cfg):
                            % (name, h.hexdigest(), expected))
         argv = [a.replace("{package}", copy) for a in cfg.ota.privileged_installer]
         print("installing %s (sha256 %s): %s" % (name, expected, " ".join(argv)), flush=True)
-        return EXIT_OK if subprocess.run(argv).returncode == 0 else EXIT_FAILED
+        return subprocess.run(argv).returncode
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,9 @@ OTA = Table("ota", "OtaSettings", [
           doc="what `mgw ota install-requested` (run as root by meter-gateway-update.service) "
               "runs on a package it has checked against the head-end's signature"),
     Field("installer_timeout_s", NUMBER, 600, minimum=1,
-          doc="an installer still running after this long has failed"),
+          doc="an installer still running after this long has failed; once it ends, the "
+              "service must be restarted (by it, or by the package it installed) within "
+              "this long too"),
     Field("health_timeout_s", NUMBER, 180, minimum=1,
           doc="the new version must be healthy (started, every line open, uplink "
               "connected) within this long, or the previous package is reinstalled"),

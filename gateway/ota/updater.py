@@ -40,7 +40,7 @@ REQUEST = "install-request"        # read by the root helper (mgw ota install-re
 IDLE_S = 0.5
 PROGRESS_STEP = 10                # a downloading event every 10 %
 MIN_FREE_MARGIN = 4 * 1024 * 1024
-RESTART_GRACE_S = 30              # for an installer's own restart of the service
+RESULT = "install-result"         # what the root helper says when it did not install
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
@@ -81,7 +81,7 @@ def _sha256(path):
 
 class Updater(threading.Thread):
     def __init__(self, cfg, data_dir, *, version, events, publish, healthy,
-                 relay_gate=None, arch=None, stop_process=None):
+                 relay_gate=None, arch=None):
         super().__init__(name="ota", daemon=True)
         self.cfg = cfg
         self.dir = os.path.join(data_dir, "ota")
@@ -92,7 +92,6 @@ class Updater(threading.Thread):
         self.healthy = healthy                # () -> (bool, why not)
         self.relay_gate = relay_gate or threading.Lock()
         self.arch = arch or cfg.arch or debian_arch()
-        self.stop_process = stop_process      # () -> None: after a failed installer
         self.chunks = queue.Queue(maxsize=cfg.window * 2)
         self._halt = threading.Event()
         self._wake = threading.Event()
@@ -396,13 +395,38 @@ class Updater(threading.Thread):
                 return
             self._fail("installer exited %s: %s" % (rc, last[0][:200]), rollback=True)
             return
-        # the installer ended; its restart of the service may still be on its way
-        if self._halt.wait(RESTART_GRACE_S):
-            return
-        log.warning("ota: the installer did not restart the service; restarting it")
-        if self.stop_process is not None:
-            self.stop_process()
-        self._halt.wait(60)
+        # the installer (or the root helper it asked) restarts the service: wait for it.
+        # Never stop ourselves: a clean exit is not restarted by Restart=on-failure.
+        end = time.monotonic() + self.cfg.installer_timeout_s
+        while time.monotonic() < end:
+            self.heartbeat = time.monotonic()
+            result = self._take_result()
+            if result is not None:
+                why = "the root helper did not install it: %s" % result
+                if rollback:
+                    self._save(phase="failed")
+                    self.events("update.failed", id=self.state.get("id"),
+                                reason="rollback failed: " + why)
+                else:
+                    self._fail(why, rollback=True)
+                return
+            if self._halt.wait(1.0):
+                return
+        self._save(phase="failed")
+        self.events("update.failed", id=self.state.get("id"),
+                    reason="the installer ended but did not restart the service within "
+                           "%.0f s" % self.cfg.installer_timeout_s)
+
+    def _take_result(self):
+        """The root helper's refusal or failure (text), taken once, or None."""
+        path = self._path(RESULT)
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+            os.unlink(path)
+        except (OSError, ValueError):
+            return None
+        return str(doc.get("reason"))[:300] if isinstance(doc, dict) else "unreadable result"
 
     def _check_health(self):
         ok, why = self.healthy()
@@ -444,4 +468,8 @@ def request_install(package):
     user may not run dpkg, so it leaves the package's path in ota/install-request, which
     meter-gateway-update.path hands to `mgw ota install-requested`, run as root."""
     d = os.path.dirname(os.path.abspath(package))
+    try:
+        os.unlink(os.path.join(d, RESULT))        # an old answer is not this one's
+    except OSError:
+        pass
     _write_json(os.path.join(d, REQUEST), {"package": os.path.basename(package)})

@@ -166,8 +166,7 @@ class Gateway:
                        events=self.sink.event, relay_gate=RELAY_GATE,
                        publish=lambda sub, payload: self.uplink is not None and
                        self.uplink.publish_now(sub, payload),
-                       healthy=self._healthy,
-                       stop_process=lambda: os.kill(os.getpid(), signal.SIGTERM))
+                       healthy=self._healthy)
 
     def _healthy(self):
         """(healthy?, why not) for an update's check: started, lines open, uplink up."""
