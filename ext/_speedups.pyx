@@ -20,6 +20,8 @@ MAX_DLT698_FRAME = 0x3FFF + 2
 
 cdef unsigned short CRC_TABLE[256]
 cdef unsigned short X25_TABLE[256]
+# DL/T 645 address bytes: packed BCD or AA (wildcard, short-address padding)
+cdef unsigned char ADDRESS_BYTE[256]
 
 
 cdef void _init_crc_table():
@@ -40,6 +42,7 @@ cdef void _init_crc_table():
             else:
                 crc = crc >> 1
         X25_TABLE[i] = crc
+        ADDRESS_BYTE[i] = 1 if (i == 0xAA or ((i >> 4) <= 9 and (i & 0x0F) <= 9)) else 0
 
 
 _init_crc_table()
@@ -61,7 +64,7 @@ cdef inline unsigned short _x25(const unsigned char* p, Py_ssize_t n) nogil:
     return crc ^ 0xFFFF
 
 
-def dlt645_checksum(const unsigned char[:] data):
+def dlt645_checksum(const unsigned char[:] data not None):
     """Sum mod 256 of the bytes (DL/T 645 CS covers first 0x68 .. last data byte)."""
     cdef unsigned int s = 0
     cdef Py_ssize_t i
@@ -85,7 +88,7 @@ def crc16_x25(const unsigned char[::1] data not None):
     return _x25(&data[0], data.shape[0])
 
 
-def add_33(const unsigned char[:] data):
+def add_33(const unsigned char[:] data not None):
     """DL/T 645 transmit offset: every data byte + 0x33 mod 256."""
     cdef Py_ssize_t i, n = data.shape[0]
     cdef bytearray out = bytearray(n)
@@ -95,7 +98,7 @@ def add_33(const unsigned char[:] data):
     return bytes(out)
 
 
-def sub_33(const unsigned char[:] data):
+def sub_33(const unsigned char[:] data not None):
     """DL/T 645 receive offset: every data byte - 0x33 mod 256."""
     cdef Py_ssize_t i, n = data.shape[0]
     cdef bytearray out = bytearray(n)
@@ -105,7 +108,7 @@ def sub_33(const unsigned char[:] data):
     return bytes(out)
 
 
-def bcd_to_int(const unsigned char[:] data, bint signed=False):
+def bcd_to_int(const unsigned char[:] data not None, bint signed=False):
     """Packed BCD, low byte first, to int. With signed, bit 7 of the last byte is the sign.
 
     Raises ValueError on a nibble above 9 (meters send FF for 'no data'; never guess).
@@ -227,6 +230,9 @@ cdef class Scanner:
             return 0
         if p[7] != 0x68:
             return -1
+        for k in range(1, 7):
+            if not ADDRESS_BYTE[p[k]]:
+                return -1       # noise: no meter has this address
         if avail < 10:
             return 0
         m = p[9] + 12
@@ -291,7 +297,10 @@ cdef class Scanner:
             if fn == 15 or fn == 16:
                 if avail < 7:
                     return 0
-                return 9 + p[6]
+                count = p[6]
+                if count == 0 or count > 246:   # 123 registers or 1968 coils at most
+                    return -1
+                return 9 + count
             return -1
         if 1 <= fn <= 4:
             if avail < 3:

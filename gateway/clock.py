@@ -85,3 +85,12 @@ SYNC_GUARD_MIN = 5
 def near_the_hour(now):
     """True within SYNC_GUARD_MIN minutes either side of a full hour (local time)."""
     return now.minute >= 60 - SYNC_GUARD_MIN or now.minute < SYNC_GUARD_MIN
+
+
+def rfc3339(seconds, timespec="milliseconds"):
+    """Unix seconds (a float) as RFC 3339 with the gateway's UTC offset, as every payload,
+    status.json and the audit trail write times; None stays None."""
+    if seconds is None:
+        return None
+    import datetime as _dt
+    return _dt.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec=timespec)

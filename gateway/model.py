@@ -8,11 +8,12 @@ import enum
 # sign`; gateway-wide actions take meter "*"
 ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
            "sync_time", "release_breaker", "weather_hold", "account_update", "audit_verify",
-           "logs", "software_update")
-GATEWAY_ACTIONS = ("release_breaker", "weather_hold", "audit_verify", "logs",
+           "logs", "scan", "trace", "software_update")
+GATEWAY_ACTIONS = ("release_breaker", "weather_hold", "audit_verify", "logs", "scan", "trace",
                    "software_update")
-# diagnostics: answered from the box itself, rate-limited, never touching a line
-DIAGNOSTIC_ACTIONS = ("audit_verify", "logs")
+# diagnostics: rate-limited, answered off the executor's thread (a relay command queued
+# behind one runs first); scan and trace use a line only between relay transactions
+DIAGNOSTIC_ACTIONS = ("audit_verify", "logs", "scan", "trace")
 RELAY_ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off")
 
 

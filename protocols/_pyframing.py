@@ -44,17 +44,35 @@ def _x25_table():
 
 _X25_TABLE = _x25_table()
 
+# DL/T 645 address bytes: packed BCD, or AA (the wildcard, and the padding of a short
+# address: reference dlt645.md 1.3). A candidate header with any other byte is noise.
+_ADDRESS_BYTE = bytes(1 if b == 0xAA or (b >> 4 <= 9 and b & 0x0F <= 9) else 0
+                      for b in range(256))
+
+
+def _octets(data, contiguous=False):
+    """`data` as the compiled twin's typed memoryviews take it: a one-dimensional buffer of
+    unsigned bytes. A list, a tuple or None is a TypeError, another item type or shape a
+    ValueError, and (where `contiguous`) a strided or reversed view a BufferError."""
+    m = memoryview(data)
+    if m.ndim != 1 or m.format not in ("B", "c"):
+        raise ValueError("Buffer dtype mismatch: a one-dimensional buffer of unsigned bytes "
+                         "is required, not format %r in %d dimensions" % (m.format, m.ndim))
+    if contiguous and not m.c_contiguous:
+        raise BufferError("memoryview: underlying buffer is not C-contiguous")
+    return m if m.format == "B" else memoryview(bytes(m))
+
 
 def dlt645_checksum(data):
     """Sum mod 256 of the bytes (DL/T 645 CS covers first 0x68 .. last data byte)."""
-    return sum(data) & 0xFF
+    return sum(_octets(data)) & 0xFF
 
 
 def crc16_modbus(data):
     """CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF); sent low byte first."""
     crc = 0xFFFF
     table = _CRC_TABLE
-    for b in data:
+    for b in _octets(data, contiguous=True):
         crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
     return crc
 
@@ -64,19 +82,19 @@ def crc16_x25(data):
     DL/T 698.45's HCS and FCS, sent low byte first. crc16_x25(b"123456789") == 0x906E."""
     crc = 0xFFFF
     table = _X25_TABLE
-    for b in data:
+    for b in _octets(data, contiguous=True):
         crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
     return crc ^ 0xFFFF
 
 
 def add_33(data):
     """DL/T 645 transmit offset: every data byte + 0x33 mod 256."""
-    return bytes((b + 0x33) & 0xFF for b in data)
+    return bytes((b + 0x33) & 0xFF for b in _octets(data))
 
 
 def sub_33(data):
     """DL/T 645 receive offset: every data byte - 0x33 mod 256."""
-    return bytes((b - 0x33) & 0xFF for b in data)
+    return bytes((b - 0x33) & 0xFF for b in _octets(data))
 
 
 def bcd_to_int(data, signed=False):
@@ -84,6 +102,7 @@ def bcd_to_int(data, signed=False):
 
     Raises ValueError on a nibble above 9 (meters send FF for 'no data'; never guess).
     """
+    data = _octets(data)
     value = 0
     n = len(data)
     negative = False
@@ -110,7 +129,7 @@ def int_to_bcd(value, nbytes, signed=False):
     for i in range(nbytes):
         v, r = divmod(v, 100)
         out[i] = ((r // 10) << 4) | (r % 10)
-    if v or (signed and out[-1] & 0x80):
+    if v or (signed and nbytes and out[-1] & 0x80):
         raise ValueError("%d does not fit in %d BCD bytes" % (value, nbytes))
     if negative:
         out[-1] |= 0x80
@@ -120,8 +139,9 @@ def int_to_bcd(value, nbytes, signed=False):
 class Scanner:
     """Yields complete, checked frames from a byte stream that arrives in arbitrary pieces.
 
-    DL/T 645: frames are found by `68 a0..a5 68` and positioned from the length byte only
-    (data bytes are +0x33 and can be 0x68 or 0x16); CS and the 0x16 end byte are checked.
+    DL/T 645: frames are found by `68 a0..a5 68` with every address byte BCD or AA and
+    positioned from the length byte only (data bytes are +0x33 and can be 0x68 or 0x16); CS
+    and the 0x16 end byte are checked.
     Modbus RTU: the length comes from the function code (and byte count); the CRC is checked.
     DL/T 698.45: `68 L L C AF A.. CA HCS HCS`, positioned from the 14-bit length field (bit 14,
     the kilobyte unit, and bit 15 refuse the candidate: see docs/frame-layer.md), the
@@ -184,6 +204,10 @@ class Scanner:
             return 0, 0
         if buf[i + 7] != 0x68:
             return -1, 0
+        addr = _ADDRESS_BYTE
+        for k in range(i + 1, i + 7):
+            if not addr[buf[k]]:
+                return -1, 0        # noise: no meter has this address
         if end - i < 10:
             return 0, 0
         n = buf[i + 9] + 12
@@ -235,7 +259,10 @@ class Scanner:
             if fn in (15, 16):
                 if end - i < 7:
                     return 0
-                return 9 + buf[i + 6]
+                count = buf[i + 6]
+                if count == 0 or count > 246:   # 123 registers or 1968 coils at most
+                    return -1
+                return 9 + count
             return -1
         if fn in (1, 2, 3, 4):
             if end - i < 3:

@@ -236,48 +236,7 @@ def test_read_json_keeps_the_meters_precision_and_a_bare_0001_is_no_di(tmp_path,
     assert code == 0 and "energy.import.total" in out
 
 
-def test_commissioning_walk_through_of_a_mixed_line(tmp_path):
-    """A technician on a line with two 2007 meters at 2400 baud and a 1997 meter at 1200:
-    simulate, scan --auto --toml, append, config check, read both kinds."""
-    link = str(tmp_path / "tty645")
-    sim = mgw("simulate", "--port", link, "--meters", "2", "--meters-1997", "1",
-              "--latency-ms", "5")
-    try:
-        first = sim.stdout.readline()
-        assert first.startswith("simulating 2 dlt645 meters at 2400 baud and 1 DL/T "
-                                "645-1997 meter at 1200 baud on %s" % link), first
-        cfg = tmp_path / "gw.toml"
-        cfg.write_text('[gateway]\nid = "gw-walk"\ndata_dir = "%s"\n\n[[ports]]\n'
-                       'name = "rs485-1"\ndevice = "%s"\n' % (tmp_path / "data", link))
-        code, out, err = run("scan", "--port", "rs485-1", "--config", str(cfg), "--auto",
-                             "--append", str(cfg))
-        assert code == 0, err
-        assert "answered at: 2400 8E1 (2), 1200 8E1 (1)" in out
-        guide = open(os.path.join(ROOT, "docs", "commissioning.md"), encoding="utf-8").read()
-        assert "mgw scan --port rs485-1 --auto\n" + out in guide        # byte for byte
-        assert "scanning rs485-1 at 1200 8E1: 2/2, found 1\n" in err     # not a terminal
-        assert 'address = "000000000003"\nversion = 1997\nbaudrate = 1200\n' in \
-            cfg.read_text()
-        code, out, err = run("config", "check", "--config", str(cfg))
-        assert code == 0 and "3 meters" in out, err
-        code, out, err = run("read", "--meter", "m3", "--config", str(cfg))
-        assert code == 0 and "energy.import.total" in out and "current.a" in out, err
-        assert err == ""
-        code, out, err = run("read", "--meter", "m1", "--config", str(cfg), "energy")
-        assert code == 0 and "energy.import.t4" in out, err
-        assert 'id = "m3"\nport = "rs485-1"\nprotocol = "dlt645"\naddress = "000000000003"' \
-            '\nversion = 1997\nbaudrate = 1200\n' in guide.replace("  ", "")
-        # the guide's silent meter, as the technician sees it
-        cfg.write_text(cfg.read_text().replace('"000000000002"', '"000000000009"'))
-        code, out, err = run("read", "--meter", "m2", "--config", str(cfg))
-        assert code == 1 and "```\n" + err + "```" in guide
-        # a scan of the same line now: everything is configured, --toml has nothing to add
-        code, out, err = run("scan", "--port", "rs485-1", "--config", str(cfg), "--toml",
-                             "--baudrate", "1200")
-        assert code == 0 and out == ""
-    finally:
-        sim.send_signal(signal.SIGINT)
-        sim.wait(10)
+# the commissioning walk-through, in English and Chinese: tests/test_commissioning.py
 
 
 def test_the_simulator_practises_the_customers_button(tmp_path):
@@ -330,12 +289,13 @@ def test_config_check_hints_warnings_and_json_errors(tmp_path):
     with open(cfg, "a") as f:
         f.write('baud = 1200\n')
     code, out, err = run("config", "check", "--config", cfg)
-    assert code == 2 and err == "%s: meters[0].baud: unknown key (did you mean " \
+    # the line the key is on (line 15: the file's last line), as a compiler says it
+    assert code == 2 and err == "%s:15: meters[0].baud: unknown key (did you mean " \
         "'baudrate'?)\n" % cfg
     code, out, err = run("config", "check", "--config", cfg, "--json")
     assert code == 2 and json.loads(out) == {
         "config": cfg, "ok": False,
-        "errors": ["%s: meters[0].baud: unknown key (did you mean 'baudrate'?)" % cfg]}
+        "errors": ["%s:15: meters[0].baud: unknown key (did you mean 'baudrate'?)" % cfg]}
 
 
 def test_status_says_not_running_first_and_names_a_dead_port_and_the_clock(tmp_path):
@@ -386,3 +346,83 @@ def test_a_dlt645_scan_of_a_modbus_line_says_modbus_answered(tmp_path):
     finally:
         sim.send_signal(signal.SIGINT)
         sim.wait(10)
+
+
+def test_status_speaks_rfc3339_and_keeps_each_map_one_kind(tmp_path):
+    """status.json keeps Unix seconds and mixes totals and flags into its maps; `mgw status`
+    shows one time format and maps of one kind of thing, in text and JSON."""
+    cfg = config(tmp_path, "/dev/null", meters=2)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    now = time.time()
+    port = {"port": "rs485-1", "device": "/dev/null", "open": True, "last_error": None,
+            "requests": 10, "answers": 9, "timeouts": 1, "checksum_errors": 0,
+            "utilisation": 0.1}
+    meters = [{"id": "m1", "port": "rs485-1", "online": True, "missed_slots": 0,
+               "caught_up": 2},
+              {"id": "m2", "port": "rs485-1", "online": False, "missed_slots": 3,
+               "caught_up": 0}]
+    (data / "status.json").write_text(json.dumps({
+        "v": 1, "gateway": "gw-cli", "version": "0.1.0", "stopped": False,
+        "started_at": now - 3600.5, "written_at": now, "clock_trusted": True,
+        "ports": [port], "meters": meters,
+        "buffer": {"readings": 12, "events": 2, "results": 0, "bytes": 40960,
+                   "dropped": {"readings": 0, "events": 0, "results": 0}},
+        "accounts": {"m1": {"balance": "12.50", "state": "normal"},
+                     "_breaker_tripped": True}}))
+    rfc3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$")
+    code, out, err = run("status", "--config", cfg, "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert rfc3339.match(s["started_at"]) and rfc3339.match(s["written_at"]), s
+    assert s["buffer"] == {"unsent": {"readings": 12, "events": 2, "results": 0},
+                           "bytes": 40960,
+                           "dropped": {"readings": 0, "events": 0, "results": 0}}
+    assert s["accounts"] == {"m1": {"balance": "12.50", "state": "normal"}}
+    assert s["breaker_tripped"] is True
+    code, out, err = run("status", "--config", cfg)
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("gateway gw-cli 0.1.0, running since ") and \
+        rfc3339.match(first.split(" since ")[1].split(" (")[0]), first
+    assert "buffer: 12 unsent readings, 2 unsent events" in out
+    assert any(line.startswith("warning: cost control's breaker is tripped")
+               for line in out.splitlines())
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:2] in
+            ("m1", "m2")}
+    assert rows["m2"][-2:] == ["0", "3"] and rows["m1"][-2:] == ["2", "0"]  # 补抄, missed
+    assert "caught up" in out and "missed" in out
+
+
+def test_small_ones_from_the_trial():
+    code, out, err = run("--help")
+    assert code == 0 and re.search(r"frame parser: (compiled|python)", out)
+    code, out, err = run("config", "--help")
+    assert out.startswith("usage: mgw config check ")
+    code, out, err = run("relay", "--help")
+    assert re.search(r"--operator OPERATOR\s+who operates the relay", out), out
+    code, out, err = run("command", "sign", "--key", "/nonexistent", "--meter", "m1",
+                         "--action", "read", "--valid", "0")
+    assert code == 2 and "--valid: must be above 0" in err
+    code, out, err = run("config")
+    assert code == 2 and "usage: mgw config check" in err
+
+
+def test_config_problems_name_their_line():
+    """Tables, arrays of tables, quoted keys and named tables: each problem points at the
+    line its key is set on (tomllib keeps no positions; the text is read for them)."""
+    sys.path.insert(0, ROOT)
+    from gateway.config import ConfigError, tomllib
+    from gateway.service.config import SCHEMA
+    text = ('[gateway]\nid = "g"\nbogus = 1\n\n'
+            '[[ports]]\nname = "a"\ndevice = "/dev/x"\nbaudrate = 1234\n\n'
+            '[[ports]]\nname = "b"\n"device" = "/dev/y"\nparity = "X"\n\n'
+            '# a comment\n[tariffs.t]\nkind = "flat"\nprice = "abc"\n')
+    with pytest.raises(ConfigError) as exc:
+        SCHEMA.validate(tomllib.loads(text), "f.toml", source=text)
+    assert [p.split(": ")[0] for p in exc.value.problems] == [
+        "f.toml:3", "f.toml:8", "f.toml:13", "f.toml:18"]
+    # without the text (a document built in code), no line numbers
+    with pytest.raises(ConfigError) as exc:
+        SCHEMA.validate(tomllib.loads(text), "f.toml")
+    assert exc.value.problems[0] == "f.toml: gateway.bogus: unknown key"

@@ -219,6 +219,19 @@ def test_a_full_update_while_readings_flow(box, broker):
     assert len(seqs) > before and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     # the new package is kept for the next rollback
     assert (box.data / "ota" / "current.pkg").read_bytes() == open(new, "rb").read()
+    # what the update published is what docs/asyncapi.yaml says
+    from test_asyncapi import Spec
+    spec = Spec()
+    checked = set()
+    for topic, payload, _, _ in list(box.head.messages):
+        suffix = topic.split("/", 3)[3]
+        if suffix == "ota/requests" or \
+                suffix == "events" and str(payload.get("type")).startswith("update.") or \
+                suffix == "command-results" and payload.get("action") == "software_update":
+            key = spec.message_for(suffix, payload)
+            spec.validate(key, payload)
+            checked.add(key)
+    assert {"ota.request", "event.update", "result.done.software_update"} <= checked
 
 
 def _wait_part(box, at_least, timeout=60):

@@ -8,12 +8,13 @@ import time
 
 from gateway.cli.common import (EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, CliError,
                                 emit, load_config, table)
+from gateway.cli.i18n import _, pgettext
 from gateway.store import paths
 
 
 def cmd_config(args):
     if args.action != "check":
-        raise CliError("usage: mgw config check", EXIT_USAGE)
+        raise CliError(_("usage: mgw config check"), EXIT_USAGE)
     if args.json:
         # the errors as JSON too: a commissioning tool reads them, not a person
         from gateway.config import ConfigError, config_path
@@ -34,10 +35,11 @@ def cmd_config(args):
                "warnings": warnings}
 
     def human(s):
-        print("%s: OK (gateway %s, %d ports, %d meters, %d accounts, uplink %s)" % (
-            s["config"], s["gateway"], s["ports"], s["meters"], s["accounts"], s["uplink"]))
+        print(_("%s: OK (gateway %s, %d ports, %d meters, %d accounts, uplink %s)") % (
+            s["config"], s["gateway"], s["ports"], s["meters"], s["accounts"],
+            _("none") if s["uplink"] == "none" else s["uplink"]))
         for w in s["warnings"]:
-            print("warning: %s" % w)
+            print(_("warning: %s") % w)
     emit(args, summary, human)
     return EXIT_OK
 
@@ -48,11 +50,11 @@ def config_warnings(cfg):
     out = []
     for i, port in enumerate(cfg.ports):
         if not os.path.exists(port.device):
-            out.append("%s: ports[%d].device: %s does not exist (yet?): port %s cannot "
-                       "open until it does" % (cfg.path, i, port.device, port.name))
+            out.append(_("%s: ports[%d].device: %s does not exist (yet?): port %s cannot "
+                         "open until it does") % (cfg.path, i, port.device, port.name))
     if not cfg.control.public_keys:
-        out.append("%s: control.public_keys: no head-end key: every signed command (relay, "
-                   "top-up, read) will be rejected" % cfg.path)
+        out.append(_("%s: control.public_keys: no head-end key: every signed command "
+                     "(relay, top-up, read) will be rejected") % cfg.path)
     return out
 
 
@@ -80,7 +82,35 @@ def cmd_buffer(args):
 
 
 def _fmt_ms(ms):
-    return _dt.datetime.fromtimestamp(ms / 1000).astimezone().isoformat(timespec="seconds")
+    return rfc3339(ms / 1000.0)
+
+
+def rfc3339(seconds):
+    """Unix seconds as RFC 3339 with the box's UTC offset (+08:00), as MQTT writes times."""
+    return _dt.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
+
+
+def status_view(raw, interval_s, now):
+    """What `mgw status` shows, text and JSON alike, from the service's status.json: every
+    time in RFC 3339 (older versions' files kept Unix seconds), and each map holds one kind of thing
+    (the file mixes totals and flags into its per-stream and per-meter maps)."""
+    out = dict(raw)
+    out["running"] = paths.status_is_fresh(raw, interval_s, now)
+    out["age_s"] = round(now - paths.status_time(raw.get("written_at")), 1)
+    for key in ("started_at", "written_at"):
+        if isinstance(raw.get(key), (int, float)):
+            out[key] = rfc3339(raw[key])
+    buffer = dict(raw.get("buffer") or {})
+    if "unsent" not in buffer:
+        extra = {k: buffer.pop(k) for k in ("bytes", "dropped") if k in buffer}
+        buffer = dict(extra, unsent=buffer)
+    out["buffer"] = buffer
+    accounts = dict(raw.get("accounts") or {})
+    for key in [k for k in accounts if k.startswith("_")]:
+        # cost control's breaker is a flag of the whole gateway, not an account
+        out[key.lstrip("_")] = accounts.pop(key)
+    out["accounts"] = accounts
+    return out
 
 
 def cmd_status(args):
@@ -90,57 +120,71 @@ def cmd_status(args):
         with open(path) as f:
             status = json.load(f)
     except FileNotFoundError:
-        raise CliError("%s: no status yet: the service has not run with this data_dir "
-                       "(start it with `mgw run`)" % path, EXIT_NOT_RUNNING) from None
+        raise CliError(_("%s: no status yet: the service has not run with this data_dir "
+                         "(start it with `mgw run`)") % path, EXIT_NOT_RUNNING) from None
     except (OSError, ValueError) as exc:
-        raise CliError("%s: unreadable (%s)" % (path, exc)) from None
-    now = time.time()
-    status["running"] = paths.status_is_fresh(status, cfg.gateway.status_interval_s, now)
-    status["age_s"] = round(now - (status.get("written_at") or 0), 1)
+        raise CliError(_("%s: unreadable (%s)") % (path, exc)) from None
+    status = status_view(status, cfg.gateway.status_interval_s, time.time())
 
     def human(s):
         if not s["running"]:
             # first, before any table that could be read as live
-            print("NOT RUNNING: the service is not running; what follows is its last status, "
-                  "%.0f s old (start it: systemctl start meter-gateway, or mgw run)"
+            print(_("NOT RUNNING: the service is not running; what follows is its last "
+                    "status, %.0f s old (start it: systemctl start meter-gateway, or mgw run)")
                   % s["age_s"])
-        print("gateway %s %s, %s (status %.0f s old)" % (
-            s.get("gateway"), s.get("version"), "running" if s["running"] else
-            "NOT RUNNING", s["age_s"]))
+        print(_("gateway %s %s, %s since %s (status %.0f s old)") % (
+            s.get("gateway"), s.get("version"), _("running") if s["running"] else
+            _("NOT RUNNING"), s.get("started_at") or "-", s["age_s"]))
         if s.get("clock_trusted") is False:
-            print("warning: the gateway clock is not synchronised: no cut-off and no meter "
-                  "time sync until it is, readings are flagged; set up NTP (timedatectl "
-                  "set-ntp true), or set require_synced_clock = false in [control] on a box "
-                  "without NTP")
+            print(_("warning: the gateway clock is not synchronised: no cut-off and no meter "
+                    "time sync until it is, readings are flagged; set up NTP (timedatectl "
+                    "set-ntp true), or set require_synced_clock = false in [control] on a "
+                    "box without NTP"))
+        if s.get("breaker_tripped"):
+            print(_("warning: cost control's breaker is tripped: no automatic cut-off until "
+                    "it is reset"))
         up = s.get("uplink") or {}
-        print("uplink: %s" % (("connected to %s" % up.get("broker")) if up.get("connected")
-                              else ("disconnected (%s)" % (up.get("last_error") or "-")
-                                    if up else "not configured")))
+        print(_("uplink: %s") % ((_("connected to %s") % up.get("broker"))
+                                 if up.get("connected") else
+                                 (_("disconnected (%s)") % (up.get("last_error") or "-")
+                                  if up else _("not configured"))))
         ports = s.get("ports", [])
-        table([(p["port"], p["device"], "open" if p["open"] else
-                "ERROR" if p.get("last_error") else "closed", p["requests"],
-                p["answers"], p["timeouts"], p["checksum_errors"],
+        table([(p["port"], p["device"], pgettext("port", "open") if p["open"] else
+                _("ERROR") if p.get("last_error") else pgettext("port", "closed"),
+                p["requests"], p["answers"], p["timeouts"], p["checksum_errors"],
                 "%.0f%%" % (100 * p["utilisation"])) for p in ports],
-              ["port", "device", "state", "requests", "answers", "timeouts", "bad frames",
-               "busy"])
+              [_("port"), _("device"), _("state"), _("requests"), _("answers"),
+               _("timeouts"), _("bad frames"), _("busy")])
         dead = {p["port"] for p in ports if not p["open"]}
         for p in ports:
             if not p["open"] and p.get("last_error"):
-                print("error: %s" % p["last_error"])
+                print(_("error: %s") % p["last_error"])
         print()
         # a meter on a port that cannot open is not known to be online or offline
-        table([(m["id"], m["port"], "unknown" if m["port"] in dead else
-                "online" if m["online"] else "OFFLINE",
-                m.get("last_reading") or "-", m.get("relay") or "-",
-                m.get("balance") if m.get("balance") is not None else "-")
-               for m in s.get("meters", [])],
-              ["meter", "port", "state", "last reading", "relay", "balance"])
-        b = s.get("buffer") or {}
-        print("\nbuffer: %s unsent readings, %s unsent events" % (
-            b.get("readings", "-"), b.get("events", "-")))
+        meters = s.get("meters", [])
+        # the poller's catch-up (补抄): slots read again later in their interval, and slots
+        # missed even so; shown where the service counts them
+        slots = any("missed_slots" in m for m in meters)
+        table([(m["id"], m["port"], _("unknown") if m["port"] in dead else
+                _("online") if m["online"] else _("OFFLINE"),
+                m.get("last_reading") or "-", relay_word(m.get("relay")),
+                m.get("balance") if m.get("balance") is not None else "-") +
+               ((m.get("caught_up", "-"), m.get("missed_slots", "-")) if slots else ())
+               for m in meters],
+              [_("meter"), _("port"), _("state"), _("last reading"), _("relay"),
+               _("balance")] + ([_("caught up"), _("missed")] if slots else []))
+        unsent = s["buffer"].get("unsent") or {}
+        print("\n" + _("buffer: %s unsent readings, %s unsent events") % (
+            unsent.get("readings", "-"), unsent.get("events", "-")))
     emit(args, status, human)
     # CONTRACT.md: exit 3 when the service is not running (scripts and monitors check it)
     return EXIT_OK if status["running"] else EXIT_NOT_RUNNING
+
+
+def relay_word(state):
+    """A relay state as the technician says it (跳闸 is the meter's own word for open)."""
+    return {"open": pgettext("relay", "open"), "closed": pgettext("relay", "closed"),
+            "awaiting_customer": pgettext("relay", "awaiting_customer")}.get(state, state or "-")
 
 
 def cmd_completion(args):

@@ -8,6 +8,7 @@ import sys
 from decimal import Decimal
 
 from gateway.config import ConfigError, config_path
+from gateway.cli.i18n import _, ljust, width
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_NOT_RUNNING = 3          # `mgw status`: the service is not running
@@ -60,11 +61,12 @@ def _exact_json(obj):
 
 def table(rows, headers):
     rows = [[("" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    # columns by display width: a Chinese header or word takes two columns per character
+    widths = [max([width(h)] + [width(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    line = "  ".join(ljust(h, w) for h, w in zip(headers, widths))
     out = [line.rstrip(), "  ".join("-" * w for w in widths)]
     for r in rows:
-        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        out.append("  ".join(ljust(c, w) for c, w in zip(r, widths)).rstrip())
     print("\n".join(out))
 
 
@@ -84,14 +86,14 @@ def find_meter(cfg, meter_id):
     for m in cfg.meters:
         if m.id == meter_id:
             return m
-    raise CliError("%s: no meter %r in the configuration (meters: %s)" % (
-        cfg.path, meter_id, ", ".join(m.id for m in cfg.meters) or "none"), EXIT_USAGE)
+    raise CliError(_("%s: no meter %r in the configuration (meters: %s)") % (
+        cfg.path, meter_id, ", ".join(m.id for m in cfg.meters) or _("none")), EXIT_USAGE)
 
 
 def find_port(cfg, name):
     for p in cfg.ports:
         if p.name == name or p.device == name:
             return p
-    raise CliError("%s: no port %r in the configuration (ports: %s)" % (
-        cfg.path, name, ", ".join(p.name for p in cfg.ports) or "none"), EXIT_USAGE)
+    raise CliError(_("%s: no port %r in the configuration (ports: %s)") % (
+        cfg.path, name, ", ".join(p.name for p in cfg.ports) or _("none")), EXIT_USAGE)
 

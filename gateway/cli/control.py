@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 
+from gateway.cli.i18n import _
 from gateway.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, emit, find_meter,
                          load_config)
 
@@ -52,7 +53,15 @@ def command_sign(args):
             v = v.lower() in ("1", "true", "yes", "on")
         params[k] = v
     cmd = new_command(args.meter, args.cmd_action, params, args.valid, args.id)
-    print(json.dumps(sign(cmd, key), ensure_ascii=False, sort_keys=True))
+    if args.publish and not args.topic:
+        raise CliError(_("--publish needs --topic (such as mgw/v1/gw-0001/commands)"),
+                       EXIT_USAGE)
+    text = json.dumps(sign(cmd, key), ensure_ascii=False, sort_keys=True)
+    print(text, flush=True)
+    if args.publish:
+        publish(args.publish, args.topic, text)
+        sys.stderr.write(_("published to %s on %s:%d") % ((args.topic,) + args.publish) +
+                         "\n")
     return EXIT_OK
 
 
@@ -66,6 +75,28 @@ def new_command(meter, action, params, valid_s, cmd_id=None):
             "params": params}
 
 
+def publish(broker, topic, payload, timeout_s=10.0):
+    """One message at QoS 1, returned once the broker has acknowledged it."""
+    import paho.mqtt.client as mqtt
+    host, port = broker
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    try:
+        client.connect(host, port, keepalive=int(timeout_s) + 5)
+    except (OSError, ValueError) as exc:
+        raise CliError(_("cannot reach the MQTT broker %s:%d: %s") % (
+            host, port, getattr(exc, "strerror", None) or exc)) from None
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout_s)
+        if not info.is_published():
+            raise CliError(_("the MQTT broker %s:%d did not acknowledge the command within "
+                             "%.0f s") % (host, port, timeout_s))
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def relay(args):
     """Through the running service's spool folder (root or the gateway's group), so the
     operation is executed by the line's owner and audited like a remote one."""
@@ -73,7 +104,7 @@ def relay(args):
     meter = find_meter(cfg, args.meter)
     from gateway.line.reads import has_relay
     if not has_relay(meter):
-        raise CliError("meter %s (%s) has no relay the gateway can operate"
+        raise CliError(_("meter %s (%s) has no relay the gateway can operate")
                        % (meter.id, meter.protocol), EXIT_USAGE)
     from gateway.store import paths
     spool = paths.path(cfg.gateway.data_dir, paths.SPOOL)
@@ -85,11 +116,11 @@ def relay(args):
     except (OSError, ValueError, AttributeError):
         running = False
     if not running:
-        raise CliError("the gateway service is not running (no fresh %s): start it first; "
-                       "relay operations go through it so they are audited" % status_path)
+        raise CliError(_("the gateway service is not running (no fresh %s): start it first; "
+                         "relay operations go through it so they are audited") % status_path)
     if not os.access(spool, os.W_OK):
-        raise CliError("%s: not writable: run as root or as a member of the gateway's group "
-                       "(%s)" % (spool, cfg.control.local_group), EXIT_FAILED)
+        raise CliError(_("%s: not writable: run as root or as a member of the gateway's "
+                         "group (%s)") % (spool, cfg.control.local_group), EXIT_FAILED)
     action = {"cut-off": "cut_off", "restore": "restore", "status": "status"}[args.action]
     params = {"mode": "direct"} if args.direct and action == "restore" else {}
     from gateway.control import spool as spool_mod
@@ -102,21 +133,23 @@ def relay(args):
     except spool_mod.BadRequest as exc:
         raise CliError(str(exc)) from None
     if result is None:
-        raise CliError("no result within 60 s; the service took the request: see `mgw "
-                       "status` and the audit trail" if taken else
-                       "no result from the service within 60 s; the request was withdrawn")
+        raise CliError(_("no result within 60 s; the service took the request: see `mgw "
+                         "status` and the audit trail") if taken else
+                       _("no result from the service within 60 s; the request was "
+                         "withdrawn"))
     ok = result.get("status") == "done"
 
     def human(r):
+        from gateway.cli.admin import relay_word
         if ok:
-            line = "meter %s: relay %s" % (meter.id, r.get("relay"))
+            line = _("meter %s: relay %s") % (meter.id, relay_word(r.get("relay")))
             if r.get("guarantee"):
-                line += ", under guarantee"
+                line += _(", under guarantee")
             if r.get("awaiting_customer"):
-                line += " (close allowed: the customer presses the meter's button)"
+                line += _(" (close allowed: the customer presses the meter's button)")
             print(line)
         else:
-            sys.stderr.write("mgw relay: meter %s: %s: %s\n" % (meter.id, r.get("status"),
-                                                              r.get("reason")))
+            sys.stderr.write(_("mgw relay: meter %s: %s: %s") % (
+                meter.id, r.get("status"), r.get("reason")) + "\n")
     emit(args, result, human)
     return EXIT_OK if ok else EXIT_FAILED

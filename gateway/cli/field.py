@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 
+from gateway.cli.i18n import _, ngettext, pgettext
 from gateway.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, _exact_json,
                                 emit, find_meter, find_port, load_config, table)
 
@@ -21,7 +22,8 @@ def open_worker(port, retries=None):
     except PortError as exc:
         msg = str(exc)
         if exc.in_use:
-            msg += " (is `mgw run` active on it? stop the service, or read through the head-end)"
+            msg += _(" (is `mgw run` active on it? stop the service, or read through the "
+                     "head-end)")
         raise CliError(msg) from None
     return w
 
@@ -47,13 +49,14 @@ def cmd_simulate(args):
     if path:
         if os.path.lexists(path):
             if not os.path.islink(path):
-                raise CliError("%s exists and is not a link made by mgw simulate" % path,
+                raise CliError(_("%s exists and is not a link made by mgw simulate") % path,
                                EXIT_USAGE)
             os.unlink(path)
         try:
             os.symlink(line.device, path)
         except OSError as exc:
-            raise CliError("cannot create %s: %s" % (path, exc.strerror), EXIT_USAGE) from None
+            raise CliError(_("cannot create %s: %s") % (path, exc.strerror),
+                           EXIT_USAGE) from None
     line.start()
     meters = [m for m in getattr(line, "meters", {}).values()
               if hasattr(m, "awaiting_customer")]
@@ -65,20 +68,21 @@ def cmd_simulate(args):
     else:
         old = ""
         if args.meters_1997:
-            old = " and %d DL/T 645-1997 meter%s at %d baud" % (
-                args.meters_1997, "s" if args.meters_1997 > 1 else "", args.baudrate_1997)
-        print("simulating %d %s meters at %d baud%s on %s%s" % (
+            old = ngettext(" and %d DL/T 645-1997 meter at %d baud",
+                           " and %d DL/T 645-1997 meters at %d baud", args.meters_1997) % (
+                args.meters_1997, args.baudrate_1997)
+        print(_("simulating %d %s meters at %d baud%s on %s%s") % (
             args.meters, args.protocol, args.baudrate, old, info["device"],
             " (-> %s)" % line.device if path else ""), flush=True)
         shown = names[:args.meters]
-        print("addresses: %s" % (", ".join(shown[:8]) + (" ..." if len(shown) > 8 else "")),
+        print(_("addresses: %s") % (", ".join(shown[:8]) + (" ..." if len(shown) > 8 else "")),
               flush=True)
         if args.meters_1997:
-            print("1997 addresses: %s" % ", ".join(names[args.meters:][:8]), flush=True)
+            print(_("1997 addresses: %s") % ", ".join(names[args.meters:][:8]), flush=True)
         if args.button:
-            print("restore with close allowed waits for the customer: type `press ADDRESS` "
-                  "(or `press`) and Enter to press the meter's button", flush=True)
-        print("stop with Ctrl-C", flush=True)
+            print(_("restore with close allowed waits for the customer: type `press ADDRESS` "
+                    "(or `press`) and Enter to press the meter's button"), flush=True)
+        print(_("stop with Ctrl-C"), flush=True)
     if args.button and meters:
         import threading
         threading.Thread(target=_buttons, args=(meters,), daemon=True).start()
@@ -99,7 +103,7 @@ def _buttons(meters):
         waiting = [m for m in meters if m.awaiting_customer and
                    (len(words) < 2 or m.address == words[1].rjust(12, "0"))]
         if not waiting:
-            print("no meter is waiting for its button", flush=True)
+            print(_("no meter is waiting for its button"), flush=True)
         for m in waiting:
             m.press_button()
 
@@ -148,16 +152,16 @@ def cmd_read(args):
            "errors": list(errors)}
     if not answered:
         garbled = any(getattr(e, "code", None) == TxError.GARBLED for e in errors)
-        who = "meter %s (%s %s on %s, %s)" % (
-            meter.id, "address" if meter.address else "unit",
-            meter.address or meter.unit, port.name, line_settings(port, meter))
+        who = (_("meter %s (address %s on %s, %s)") if meter.address else
+               _("meter %s (unit %s on %s, %s)")) % (
+            meter.id, meter.address or meter.unit, port.name, line_settings(port, meter))
         if garbled:
-            why = "answered with garbled bytes: check the baud rate and parity, then the " \
-                  "A/B wiring"
+            why = _("answered with garbled bytes: check the baud rate and parity, then the "
+                    "A/B wiring")
         else:
-            why = "did not answer: check the address, the A/B wiring, the baud rate and " \
-                  "the parity"
-        out["error"] = "%s %s" % (who, why)
+            why = _("did not answer: check the address, the A/B wiring, the baud rate and "
+                    "the parity")
+        out["error"] = _("%s %s") % (who, why)          # zh: no space between
         if args.json:
             print(_exact_json(out))
         raise CliError(out["error"], EXIT_FAILED)
@@ -165,15 +169,15 @@ def cmd_read(args):
     def human(o):
         if o["values"]:
             table([(v["q"], v["value"], v["unit"] or "") for v in o["values"]],
-                  ["quantity", "value", "unit"])
+                  [_("quantity"), _("value"), _("unit")])
         for e in o["errors"]:
-            sys.stderr.write("mgw read: meter %s: %s\n" % (meter.id, e))
+            sys.stderr.write(_("mgw read: meter %s: %s") % (meter.id, e) + "\n")
     emit(args, out, human)
     if not values:
         if not args.json:
             # the meter is there and answered: it has none of these values (no_data)
-            sys.stderr.write("mgw read: meter %s answered but has none of the values asked "
-                             "for\n" % meter.id)
+            sys.stderr.write(_("mgw read: meter %s answered but has none of the values "
+                               "asked for") % meter.id + "\n")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -203,6 +207,32 @@ def _port_with(port, baudrate, parity):
     return ad
 
 
+class _ScanLine:
+    """The port worker as a scan sees it. Once the scan is to stop (the meters expected have
+    answered, or Ctrl-C), every further request ends at once as `stopping` without touching
+    the line: the driver finishes its walk quickly and returns what it found."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.stopped = None              # None, "expected" or "interrupted"
+
+    def stop(self, why):
+        self.stopped = self.stopped or why
+
+    def transact(self, *args, **kwargs):
+        from gateway.line.port import Result
+        from gateway.model import TxError
+        if not self.stopped:
+            try:
+                return self.worker.transact(*args, **kwargs)
+            except KeyboardInterrupt:
+                self.stop("interrupted")
+        return Result(False, None, "scan stopped", 0, 0.0, code=TxError.STOPPING)
+
+    def __getattr__(self, name):
+        return getattr(self.worker, name)
+
+
 def _scan_config(args):
     """(config or None, port): a device path not in the configuration (or with no
     configuration file yet) is scanned with the port defaults."""
@@ -229,14 +259,15 @@ def _progress_printer(name, args):
         if tty:
             width = 30
             filled = int(width * done / max(total, 1))
-            sys.stderr.write("\rscanning %s: [%s%s] %d/%d, found %d" % (
+            sys.stderr.write("\r" + _("scanning %s: [%s%s] %d/%d, found %d") % (
                 name, "#" * filled, " " * (width - filled), done, total, found))
             sys.stderr.flush()
             state["drawn"] = True
         elif time.monotonic() - state["last"] >= PROGRESS_EVERY_S or done == total:
             # not a terminal (a log, a pipe): whole lines, now and then
             state["last"] = time.monotonic()
-            sys.stderr.write("scanning %s: %d/%d, found %d\n" % (name, done, total, found))
+            sys.stderr.write(_("scanning %s: %d/%d, found %d") % (name, done, total, found)
+                             + "\n")
             sys.stderr.flush()
 
     def end():
@@ -260,19 +291,29 @@ def cmd_scan(args):
     else:
         settings = ((args.baudrate or port.baudrate, args.parity or port.parity),)
     found, answered = [], []
+    stopped = None
     for baudrate, parity in settings:
+        if stopped:
+            break                               # --auto: the other settings are not tried
         line = _port_with(port, baudrate, parity)
-        progress, end = _progress_printer("%s at %s" % (port.name, line_settings(line)), args)
-        worker = open_worker(line, retries=0)
+        printer, end = _progress_printer(_("%s at %s") % (port.name, line_settings(line)),
+                                         args)
+        worker = _ScanLine(open_worker(line, retries=0))
+
+        def progress(done, total, count, worker=worker):
+            if args.expect and len(found) + count >= args.expect:
+                worker.stop("expected")
+            printer(done, total, count)
         try:
             got = reads.scan(worker, protocol, progress, profile=args.profile,
                              first=args.first, last=args.last)
             hint = None
-            if not got and not args.auto:
+            if not got and not args.auto and not worker.stopped:
                 hint = _other_protocols_answer(worker, reads, protocol)
         finally:
             worker.close()
             end()
+        stopped = worker.stopped
         for f in got:
             f["baudrate"], f["parity"] = baudrate, parity
         if got:
@@ -284,7 +325,10 @@ def cmd_scan(args):
     for f in found:
         f["configured_as"] = configured.get(str(f[key]))
     out = {"port": port.name, "protocol": protocol, "found": found,
-           "answered_at": answered}
+           "answered_at": answered, "stopped": stopped}
+    if stopped == "interrupted":
+        # what was found is shown (and may be appended), but the line was not all asked
+        sys.stderr.write(_("mgw scan: interrupted: the rest of the line was not asked") + "\n")
     if args.toml or args.append:
         blocks = toml_blocks(port, protocol, driver, [f for f in found if not
                                                       f["configured_as"] and
@@ -292,27 +336,39 @@ def cmd_scan(args):
         if args.append:
             _append(args.append, blocks)
         if args.toml:
+            if args.auto and stopped != "interrupted":
+                # a TOML comment: the output stays ready to paste
+                print("# " + _("answered at: %s") % (", ".join(answered) or _("none")))
+                if blocks:
+                    print()
             print(blocks, end="")
-            return EXIT_OK if found else EXIT_FAILED
+            return EXIT_OK if found and stopped != "interrupted" else EXIT_FAILED
 
     def human(o):
         if not o["found"]:
-            print("no meters found" + (" at %s" % ", ".join(
-                line_settings(_port_with(port, b, p)) for b, p in settings)))
+            print(_("no meters found at %s") % ", ".join(
+                line_settings(_port_with(port, b, p)) for b, p in settings))
             if hint:
                 print(hint)
             return
-        table([(f[key] or "(answered with the wildcard; address unreadable)",
+        table([(f[key] or _("(answered with the wildcard; address unreadable)"),
                 f.get("version") or "", "%d 8%s1" % (f["baudrate"], f["parity"]),
-                f.get("profile") or "", f["configured_as"] or "(not configured)")
+                f.get("profile") or "", f["configured_as"] or _("(not configured)"))
                for f in o["found"]],
-              [key, "version", "line", "profile", "configured as"])
+              [_key_header(key), _("version"), _("line"), _("profile"),
+               _("configured as")])
         if args.auto:
-            print("answered at: %s" % ", ".join(o["answered_at"]))
+            print(_("answered at: %s") % ", ".join(o["answered_at"]))
     if not found and hint:
         out["hint"] = hint
     emit(args, out, human)
-    return EXIT_OK if found else EXIT_FAILED
+    return EXIT_OK if found and stopped != "interrupted" else EXIT_FAILED
+
+
+def _key_header(key):
+    """The scan table's first column: what the protocol's meters are found by."""
+    return {"address": pgettext("scan", "address"),
+            "unit": pgettext("scan", "unit")}.get(key, key)
 
 
 def _other_protocols_answer(worker, reads, protocol):
@@ -327,7 +383,7 @@ def _other_protocols_answer(worker, reads, protocol):
         except Exception:      # a driver's library missing or the like: no hint, no error
             continue
         if keys:
-            return "no %s meter answered, but %s %s %s did: scan with --protocol %s" % (
+            return _("no %s meter answered, but %s %s %s did: scan with --protocol %s") % (
                 PROTOCOLS[protocol].label, PROTOCOLS[other].label,
                 PROTOCOLS[other].keyed_by, ", ".join(str(k) for k in keys), other)
     return None
@@ -361,11 +417,11 @@ def _append(path, blocks):
         raise CliError("%s: %s" % (path, exc.strerror), EXIT_USAGE) from None
     new = text + ("" if text.endswith("\n") else "\n") + "\n" + blocks
     try:
-        SCHEMA.validate(tomllib.loads(new), path)
+        SCHEMA.validate(tomllib.loads(new), path, source=new)
     except ConfigError as exc:
-        raise CliError("%s: not changed, the new meters would not pass config check: %s"
+        raise CliError(_("%s: not changed, the new meters would not pass config check: %s")
                        % (path, exc.problems[0]), EXIT_USAGE) from None
     except tomllib.TOMLDecodeError as exc:
-        raise CliError("%s: not changed: %s" % (path, exc), EXIT_USAGE) from None
+        raise CliError(_("%s: not changed: %s") % (path, exc), EXIT_USAGE) from None
     with open(path, "a", encoding="utf-8") as f:
         f.write(new[len(text):])

@@ -19,6 +19,7 @@ from gateway.cli.common import EXIT_FAILED, EXIT_OK, CliError
 from gateway.model import ACTIONS
 from gateway.config.sections import BAUDRATES
 from gateway.logs import setup_logging
+from gateway.cli.i18n import _, install as install_language
 
 def _profiles():
     from protocols.modbus_profiles import PROFILES
@@ -29,9 +30,9 @@ def _positive(text):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("a whole number, not %r" % text) from None
+        raise argparse.ArgumentTypeError(_("a whole number, not %r") % text) from None
     if value <= 0:
-        raise argparse.ArgumentTypeError("must be above 0")
+        raise argparse.ArgumentTypeError(_("must be above 0"))
     return value
 
 
@@ -40,7 +41,7 @@ def _host_port(text):
     try:
         port = int(port or 1883)
     except ValueError:
-        raise argparse.ArgumentTypeError("HOST:PORT, such as 127.0.0.1:1883") from None
+        raise argparse.ArgumentTypeError(_("HOST:PORT, such as 127.0.0.1:1883")) from None
     return host or "127.0.0.1", port
 
 
@@ -64,18 +65,18 @@ class _CommandParser(argparse.ArgumentParser):
 def build_parser():
     common = _CommandParser(add_help=False)
     common.add_argument("--config", metavar="PATH",
-                        help="configuration file (default /etc/meter-gateway/gateway.toml "
-                             "or $MGW_CONFIG)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+                        help=_("configuration file (default /etc/meter-gateway/gateway.toml "
+                             "or $MGW_CONFIG)"))
+    common.add_argument("--json", action="store_true", help=_("machine-readable output"))
 
     from protocols.framing import IMPLEMENTATION
     parser = argparse.ArgumentParser(
-        prog="mgw", description="meter-gateway %s (frame parser: %s): electricity meter "
-        "concentrator service. Exit codes: 0 ok, 1 operation failed, 2 usage or "
-        "configuration error, 3 (`mgw status`) the service is not running."
+        prog="mgw", description=_("meter-gateway %s (frame parser: %s): electricity meter "
+                                  "concentrator service. Exit codes: 0 ok, 1 operation "
+                                  "failed, 2 usage or configuration error, 3 (`mgw status`) "
+                                  "the service is not running.")
         % (__version__, IMPLEMENTATION))
-    parser.add_argument("--version", action="version",
-                        version="mgw %s (frame parser: %s)" % (__version__, IMPLEMENTATION))
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 parser_class=_CommandParser)
     parser.command_parsers = {}          # name -> parser, in the order of `mgw --help`
@@ -88,118 +89,127 @@ def build_parser():
         parser.command_help[name] = help_text
         return p
 
-    add("run", "the service: poll, store, bill, control, sync (stops on SIGTERM/SIGINT)",
+    add("run", _("the service: poll, store, bill, control, sync (stops on SIGTERM/SIGINT)"),
         run.run)
-    p = add("demo", "the whole gateway on simulated meters, no hardware needed",
+    p = add("demo", _("the whole gateway on simulated meters, no hardware needed"),
             run.demo)
-    p.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
-    p.add_argument("--data-dir", help="where to keep the demo's data (default: a temp folder)")
-    p.add_argument("--broker", type=_host_port, help="MQTT broker host:port (default "
-                   "127.0.0.1:1883 if reachable)")
-    p.add_argument("--no-view", action="store_true", help="no live view, log lines only")
+    p.add_argument("--seconds", type=float, help=_("stop after this long (default: Ctrl-C)"))
+    p.add_argument("--data-dir", help=_("where to keep the demo's data (default: a temp folder)"))
+    p.add_argument("--broker", type=_host_port, help=_("MQTT broker host:port (default "
+                   "127.0.0.1:1883 if reachable)"))
+    p.add_argument("--no-view", action="store_true", help=_("no live view, log lines only"))
 
-    p = add("simulate", "simulated meters behind a pseudo-terminal; prints the device path",
+    p = add("simulate", _("simulated meters behind a pseudo-terminal; prints the device path"),
             field.cmd_simulate)
-    p.add_argument("--port", metavar="PATH", help="create this path as a link to the "
-                   "simulated line (default: print the pseudo-terminal's own path)")
-    p.add_argument("--meters", type=_positive, default=4, help="how many meters (default 4)")
+    p.add_argument("--port", metavar="PATH", help=_("create this path as a link to the "
+                   "simulated line (default: print the pseudo-terminal's own path)"))
+    p.add_argument("--meters", type=_positive, default=4, help=_("how many meters (default 4)"))
     p.add_argument("--protocol", choices=SIM_PROTOCOLS, default=SIM_PROTOCOLS[0])
     p.add_argument("--profile", default="eastron-sdm120", choices=_profiles(),
-                   help="Modbus register map")
+                   help=_("Modbus register map"))
     p.add_argument("--baudrate", type=_positive, default=2400,
-                   help="the line's baud rate (default 2400, the DL/T 645 RS-485 default)")
+                   help=_("the line's baud rate (default 2400, the DL/T 645 RS-485 default)"))
     p.add_argument("--meters-1997", type=int, default=0, metavar="N",
-                   help="also N DL/T 645-1997 meters on the same line, at --baudrate-1997")
+                   help=_("also N DL/T 645-1997 meters on the same line, at --baudrate-1997"))
     p.add_argument("--baudrate-1997", type=_positive, default=1200, metavar="RATE",
-                   help="the 1997 meters' own baud rate (default 1200); a meter answers "
-                        "only when the line runs at its rate")
+                   help=_("the 1997 meters' own baud rate (default 1200); a meter answers "
+                        "only when the line runs at its rate"))
     p.add_argument("--button", action="store_true",
-                   help="a close-allowed restore leaves the relay open until the customer "
-                        "presses the button (type `press ADDRESS` on stdin)")
+                   help=_("a close-allowed restore leaves the relay open until the customer "
+                        "presses the button (type `press ADDRESS` on stdin)"))
     p.add_argument("--first", type=int, default=1,
-                   help="first address (DL/T 645) or unit id (Modbus)")
-    p.add_argument("--latency-ms", type=float, default=30.0, help="meter answer latency")
-    p.add_argument("--drop", type=float, default=0.0, help="share of answers dropped")
-    p.add_argument("--corrupt", type=float, default=0.0, help="share of answers corrupted")
-    p.add_argument("--seconds", type=float, help="stop after this long (default: Ctrl-C)")
+                   help=_("first address (DL/T 645) or unit id (Modbus)"))
+    p.add_argument("--latency-ms", type=float, default=30.0, help=_("meter answer latency"))
+    p.add_argument("--drop", type=float, default=0.0, help=_("share of answers dropped"))
+    p.add_argument("--corrupt", type=float, default=0.0, help=_("share of answers corrupted"))
+    p.add_argument("--seconds", type=float, help=_("stop after this long (default: Ctrl-C)"))
 
-    p = add("config", "configuration: `mgw config check` validates it", admin.cmd_config)
+    p = add("config", _("configuration: `mgw config check` validates it"), admin.cmd_config)
     p.usage = "mgw config check [--config PATH] [--json]"
-    p.add_argument("action", choices=("check",), help="check: list every problem by key")
+    p.add_argument("action", choices=("check",), help=_("check: list every problem by key"))
 
-    p = add("scan", "discover meters on an RS-485 port (DL/T 645 address search, Modbus "
-            "unit-id sweep)", field.cmd_scan)
-    p.add_argument("--port", required=True, help="port name (or device) from the config, "
+    p = add("scan", _("discover meters on an RS-485 port (DL/T 645 address search, Modbus "
+            "unit-id sweep)"), field.cmd_scan)
+    p.add_argument("--port", required=True, help=_("port name (or device) from the config, "
                    "or the path of a device not configured yet (scanned with the port "
-                   "defaults)")
+                   "defaults)"))
     p.add_argument("--protocol", choices=registry.NAMES)
     p.add_argument("--baudrate", type=int, choices=BAUDRATES, metavar="RATE",
-                   help="scan at this baud rate instead of the port's")
+                   help=_("scan at this baud rate instead of the port's"))
     p.add_argument("--parity", choices=("E", "N", "O"),
-                   help="scan with this parity instead of the port's")
+                   help=_("scan with this parity instead of the port's"))
     p.add_argument("--auto", action="store_true",
-                   help="try the usual line settings in turn (2400 8E1, 1200 8E1, 9600 8E1, "
-                        "9600 8N1) and say which answered")
+                   help=_("try the usual line settings in turn (2400 8E1, 1200 8E1, 9600 8E1, "
+                        "9600 8N1) and say which answered"))
     p.add_argument("--toml", action="store_true",
-                   help="print ready-to-paste [[meters]] entries for the meters not "
-                        "configured yet")
+                   help=_("print ready-to-paste [[meters]] entries for the meters not "
+                        "configured yet"))
     p.add_argument("--append", metavar="FILE",
-                   help="add those [[meters]] entries to FILE, if it still passes "
-                        "`mgw config check` with them")
-    p.add_argument("--profile", choices=_profiles(), help="Modbus register map to probe with")
-    p.add_argument("--first", type=int, default=1, help="Modbus: first unit id")
-    p.add_argument("--last", type=int, default=247, help="Modbus: last unit id")
-    p.add_argument("--progress", action="store_true", help="progress bar even when not a tty "
-                   "(otherwise a progress line every few seconds)")
+                   help=_("add those [[meters]] entries to FILE, if it still passes "
+                        "`mgw config check` with them"))
+    p.add_argument("--profile", choices=_profiles(), help=_("Modbus register map to probe with"))
+    p.add_argument("--first", type=int, default=1, help=_("Modbus: first unit id"))
+    p.add_argument("--last", type=int, default=247, help=_("Modbus: last unit id"))
+    p.add_argument("--expect", type=_positive, metavar="N",
+                   help=_("stop as soon as N meters have answered (the rest of the address "
+                          "space is not asked); Ctrl-C also stops a scan and shows what it "
+                          "found"))
+    p.add_argument("--progress", action="store_true", help=_("progress bar even when not a tty "
+                   "(otherwise a progress line every few seconds)"))
 
-    p = add("read", "read values from one meter now", field.cmd_read)
-    p.add_argument("--meter", required=True, help="meter id from the config")
-    p.add_argument("quantity", nargs="*", help="quantities (energy.import.total, voltage.a, "
-                   "...), groups (energy, instant, status, clock, balance) or a DI in hex")
+    p = add("read", _("read values from one meter now"), field.cmd_read)
+    p.add_argument("--meter", required=True, help=_("meter id from the config"))
+    p.add_argument("quantity", nargs="*", help=_("quantities (energy.import.total, voltage.a, "
+                   "...), groups (energy, instant, status, clock, balance) or a DI in hex"))
 
-    p = add("relay", "local relay operation by a technician (audited like a remote one)",
+    p = add("relay", _("local relay operation by a technician (audited like a remote one)"),
             lambda a: _control("relay", a))
     p.add_argument("--meter", required=True)
     p.add_argument("action", choices=("cut-off", "restore", "status"))
-    p.add_argument("--direct", action="store_true", help="restore: close directly instead "
-                   "of 'close allowed' (the customer presses the meter's button)")
+    p.add_argument("--direct", action="store_true", help=_("restore: close directly instead "
+                   "of 'close allowed' (the customer presses the meter's button)"))
     p.add_argument("--operator", default=os.environ.get("SUDO_USER") or
                    os.environ.get("USER") or "technician",
-                   help="who operates the relay, recorded in the audit trail (default: your "
-                        "user name)")
+                   help=_("who operates the relay, recorded in the audit trail (default: your "
+                        "user name)"))
 
-    add("status", "ports, meters online/offline, last reading, buffer, uplink, balances",
+    add("status", _("ports, meters online/offline, last reading, buffer, uplink, balances"),
         admin.cmd_status)
-    add("buffer", "pending readings and events, oldest unsent, disk used", admin.cmd_buffer)
+    add("buffer", _("pending readings and events, oldest unsent, disk used"), admin.cmd_buffer)
 
-    p = add("audit", "`mgw audit verify`: walk the audit trail's hash chain", admin.cmd_audit)
+    p = add("audit", _("`mgw audit verify`: walk the audit trail's hash chain"), admin.cmd_audit)
     p.add_argument("action", choices=("verify",))
 
-    p = add("keys", "commissioning: `mgw keys gen --out DIR` makes an Ed25519 key pair",
+    p = add("keys", _("commissioning: `mgw keys gen --out DIR` makes an Ed25519 key pair"),
             lambda a: _control("keys", a))
     p.add_argument("action", choices=("gen",))
-    p.add_argument("--out", required=True, help="folder for headend.key and headend.pub")
+    p.add_argument("--out", required=True, help=_("folder for headend.key and headend.pub"))
 
-    p = add("command", "commissioning: `mgw command sign` makes a signed command",
+    p = add("command", _("commissioning: `mgw command sign` makes a signed command"),
             lambda a: _control("command", a))
     p.add_argument("action", choices=("sign",))
-    p.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
+    p.add_argument("--key", required=True, help=_("Ed25519 private key (PEM)"))
     p.add_argument("--meter", required=True)
     p.add_argument("--action", dest="cmd_action", required=True,
                    choices=ACTIONS)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="command parameter (repeat), e.g. amount=50.00 txn=T1")
+                   help=_("command parameter (repeat), e.g. amount=50.00 txn=T1"))
     p.add_argument("--valid", type=_positive, default=900,
-                   help="seconds the command is valid (above 0; default 900)")
-    p.add_argument("--id", help="command id (default: a random UUID)")
+                   help=_("seconds the command is valid (above 0; default 900)"))
+    p.add_argument("--id", help=_("command id (default: a random UUID)"))
+    p.add_argument("--publish", type=_host_port, metavar="HOST:PORT",
+                   help=_("also publish it to this MQTT broker (QoS 1), on --topic: no "
+                          "mosquitto_pub needed"))
+    p.add_argument("--topic", help=_("the gateway's command topic, "
+                                     "{topic_root}/{gateway id}/commands"))
     from gateway.cli import ota as ota_cli
     ota_cli.register(add, _host_port)
-    p = sub.add_parser("completion", help="print a bash completion script",
+    p = sub.add_parser("completion", help=_("print a bash completion script"),
                        description="mgw completion bash > /etc/bash_completion.d/mgw")
     p.add_argument("shell", choices=("bash",))
     p.set_defaults(func=admin.cmd_completion, json=False)
     parser.command_parsers["completion"] = p
-    parser.command_help["completion"] = "print a bash completion script"
+    parser.command_help["completion"] = _("print a bash completion script")
     return parser
 
 
@@ -208,17 +218,22 @@ def _control(which, args):
     return control_cli.main(which, args)
 
 
+def version_line():
+    from protocols.framing import IMPLEMENTATION
+    return _("mgw %s (frame parser: %s)") % (__version__, IMPLEMENTATION)
+
+
 def main(argv=None):
+    install_language()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.parser = parser                  # `mgw completion` is made from it
     if args.command is None:
-        from protocols.framing import IMPLEMENTATION
-        print("mgw %s (frame parser: %s)" % (__version__, IMPLEMENTATION))
-        print("commands:")
+        print(version_line())
+        print(_("commands:"))
         for name, help_text in parser.command_help.items():
             print("  %-9s %s" % (name, help_text))
-        print("mgw COMMAND --help for each")
+        print(_("mgw COMMAND --help for each"))
         return EXIT_OK
     if args.command not in ("run", "demo"):
         setup_logging("warning")
@@ -226,7 +241,7 @@ def main(argv=None):
         return args.func(args)
     except CliError as exc:
         if exc.args and exc.args[0]:
-            sys.stderr.write("mgw %s: %s\n" % (args.command, exc.args[0]))
+            sys.stderr.write(_("mgw %s: %s") % (args.command, exc.args[0]) + "\n")
         return exc.code
     except KeyboardInterrupt:
         return EXIT_FAILED

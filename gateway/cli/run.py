@@ -3,6 +3,7 @@ meters. Configuration problems are listed with their keys and exit 2 before anyt
 a state file that is not ours, or another instance on the data folder, exit 2 too."""
 
 from gateway.cli.common import EXIT_FAILED, EXIT_USAGE, CliError, load_config
+from gateway.cli.i18n import _
 from gateway.logs import setup_logging
 
 
@@ -10,8 +11,8 @@ def _no_json(args):
     # the service logs to stderr and has no result to print: `mgw status --json` is the
     # machine-readable view of a running service
     if getattr(args, "json", False):
-        raise CliError("--json is not for `mgw %s` (it logs; use `mgw status --json` for "
-                       "its state)" % args.command, EXIT_USAGE)
+        raise CliError(_("--json is not for `mgw %s` (it logs; use `mgw status --json` "
+                         "for its state)") % args.command, EXIT_USAGE)
 
 
 def run(args):

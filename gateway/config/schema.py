@@ -18,6 +18,7 @@ rules between fields, entries and sections, and computes the section's `derived`
 objects by a converter (NamedTables).
 """
 
+import os
 import types
 from decimal import Decimal, InvalidOperation
 
@@ -34,6 +35,45 @@ def unknown_key(key, known):
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.75) or \
         [k for k in names if len(key) >= 3 and (k.startswith(key) or key.startswith(k))][:1]
     return "unknown key (did you mean %r?)" % close[0] if close else "unknown key"
+
+
+def key_lines(text):
+    """{'meters[0].baud': 14, 'meters[0]': 10, ...}: the line on which each key of a TOML
+    text is set, for the keys as the walker names them. A light reading of the text (table
+    headers and `key =` lines), enough to point at a line; tomllib has no positions."""
+    out = {}
+    counts = {}
+    table = ""
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[["):
+            name = _dotted(line[2:line.find("]]")])
+            counts[name] = counts.get(name, -1) + 1
+            table = "%s[%d]" % (name, counts[name])
+            out.setdefault(table, number)
+        elif line.startswith("["):
+            table = _dotted(line[1:line.find("]")])
+            out.setdefault(table, number)
+        elif "=" in line:
+            key = _dotted(line.split("=", 1)[0])
+            out.setdefault("%s.%s" % (table, key) if table else key, number)
+    return out
+
+
+def _dotted(text):
+    return ".".join(part.strip().strip('"\'') for part in text.split("."))
+
+
+def line_of(lines, key):
+    """The line of `key`, or of the nearest enclosing key that has one (None: unknown)."""
+    while key:
+        if key in lines:
+            return lines[key]
+        cut = max(key.rfind("."), key.rfind("["))
+        key = key[:cut] if cut > 0 else ""
+    return None
 
 
 class ConfigError(GatewayError):
@@ -384,12 +424,23 @@ class FileSchema:
         self.sections = tuple(sections)
         self.record = record_type(record, ["path"] + [s.key for s in self.sections])
 
-    def validate(self, doc, path="<config>"):
-        """The configuration record, or ConfigError listing every problem."""
+    def validate(self, doc, path="<config>", source=None):
+        """The configuration record, or ConfigError listing every problem. Each problem
+        names the line it is on (`gw.toml:14: meters[0].baud: ...`) when the TOML text is
+        at hand: `source`, or else the file at `path`."""
         problems = []
+        if source is None and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    source = f.read()
+            except (OSError, UnicodeDecodeError):
+                source = None
+        lines = key_lines(source) if source else {}
 
         def bad(key, message):
-            problems.append("%s: %s: %s" % (path, key, message))
+            line = line_of(lines, str(key))
+            problems.append("%s%s: %s: %s" % (path, ":%d" % line if line else "", key,
+                                              message))
 
         for key in doc:
             if key not in self.record.FIELDS or key == "path":

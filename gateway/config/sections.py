@@ -90,6 +90,10 @@ PORTS = ListOfTables("ports", "PortConfig", [
               "20-50 ms)"),
     Field("offline_after", int, 3, minimum=1,
           doc="failed transactions in a row before a meter is marked offline"),
+    Field("catch_up_s", float, 1.0, minimum=0, maximum=300,
+          doc="catch-up (补抄): pause before a meter whose poll slot failed is read again "
+              "in the same interval, after the rest of the line; doubles each time; 0 = a "
+              "failed slot is missed at once"),
 ], check=_check_port)
 
 
@@ -148,6 +152,10 @@ METERS = ListOfTables("meters", "MeterConfig", [
     Field("profile", str, required=_modbus, choices=tuple(sorted(PROFILES)),
           doc_default="required for Modbus",
           doc="the meter's Modbus register map"),
+    Field("function_code", int, None, choices=(3, 4), doc_default="the profile's",
+          doc="Modbus: read the map's registers with 03 (holding) or 04 (input); public "
+              "drivers disagree for the Chint DDSU666. On exception 01 the other is tried "
+              "once and kept"),
     Field("interval_s", int, 900, minimum=10,
           doc="energy registers, aligned to the clock (every quarter hour at 900)"),
     Field("instant_interval_s", int, 300, minimum=0,
@@ -269,7 +277,32 @@ CONTROL = Table("control", "ControlSettings", [
 ], check=_check_control)
 
 
-SECTIONS = (GATEWAY, STORAGE, PORTS, METERS, UPLINK, CONTROL)
+# ---------------------------------------------------------------- [metrics]
+
+def parse_listen(text):
+    """(host, port) of "host:port" ("[::1]:9108" for IPv6), or ValueError."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("use host:port, such as 127.0.0.1:9108")
+    return host.strip("[]"), int(port)
+
+
+def _listen(value):
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+METRICS = Table("metrics", "MetricsSettings", [
+    Field("listen", str, None, check=_listen,
+          doc="`host:port` of a Prometheus endpoint (needs the `metrics` extra, "
+              "prometheus-client); none: no endpoint"),
+])
+
+
+SECTIONS = (GATEWAY, STORAGE, PORTS, METERS, UPLINK, CONTROL, METRICS)
 
 GatewaySettings = GATEWAY.record
 StorageSettings = STORAGE.record
@@ -277,6 +310,7 @@ PortConfig = PORTS.record
 MeterConfig = METERS.record
 UplinkSettings = UPLINK.record
 ControlSettings = CONTROL.record
+MetricsSettings = METRICS.record
 for _record in (GatewaySettings, StorageSettings, PortConfig, MeterConfig, UplinkSettings,
-                ControlSettings):
+                ControlSettings, MetricsSettings):
     _record.__module__ = __name__        # where pickle and readers find them

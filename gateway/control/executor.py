@@ -10,8 +10,10 @@ frame again; and the broker redelivers whatever was not yet in the ledger. Every
 to the hash-chained audit trail (unauthenticated input only as a digest, aggregated).
 """
 
+import collections
 import datetime as _dt
 import errno
+import json
 import logging
 import os
 import threading
@@ -42,12 +44,16 @@ LOCAL_VALIDITY_S = 900          # a local command's own validity window
 READ_TIMEOUT_S = 60
 TIME_SYNC_WAIT_S = 10
 IDLE_WAIT_S = 0.3
-DIAGNOSTICS_PER_MIN = 6         # audit_verify, logs: each may read megabytes
+DIAGNOSTICS_PER_MIN = 6         # each may read megabytes or hold a line for a while
 LOG_LINES_DEFAULT = 100
 LOG_LINES_MAX = 500
 # below this much free disk (beside the reserve) no command starts: its audit entries,
 # ledger writes and results need room, and a relay operation is never run unaudited
 MIN_FREE_BYTES = 256 * 1024
+# a final result up to this size is kept as published, so a repeat is the same bytes
+REMEMBER_MAX_BYTES = 4096
+# diagnostic results' bulk is not kept in the ledger (the state file stays small)
+BULK_FIELDS = ("lines", "frames", "found", "answered_at")
 # a command seen again is answered at most this often (QoS 1 redelivery and head-end retries
 # are slower than this; a replay flood is not), remembering this many ids
 DUPLICATE_ANSWER_S = 30.0
@@ -74,7 +80,8 @@ class WholeGateway:
 class Executor(threading.Thread):
     def __init__(self, *, control_cfg, data_dir, intake, meter_of, spec_of, line, ledger,
                  accounts, journal, audit, events, clock, prepaid, notify=lambda: None,
-                 reserve=None, local_group="meter-gateway", updates=None):
+                 reserve=None, local_group="meter-gateway", ports=lambda: (),
+                 meters=lambda: (), republish=None, updates=None):
         super().__init__(name="commands", daemon=True)
         self.cfg = control_cfg
         self.intake = intake                  # queue of uplink.Command
@@ -90,6 +97,9 @@ class Executor(threading.Thread):
         self.prepaid = prepaid                # () -> cost control, or None
         self.notify = notify
         self.reserve = reserve                # paths.DiskReserve or None
+        self.ports = ports                    # () -> the configured port names
+        self.meters = meters                  # () -> the configured meters
+        self.republish = republish            # (seq, ts, jid, body): a result sent again
         self.updates = updates                # gateway.ota Updater or None
         self.keys = []
         for path in self.cfg.public_keys:
@@ -109,6 +119,9 @@ class Executor(threading.Thread):
         self._diagnostics = policy.TokenBucket(DIAGNOSTICS_PER_MIN, 60)
         self._callers = threading.local()
         self._answered = {}                   # id -> when a duplicate was last answered
+        self._diag = None                     # diagnostics.Runner, from the first one
+        self._rejections = logs.Aggregated(log, "rejected input")
+        self.outcomes = collections.Counter()  # (action, status) of every result sent
         self.heartbeat = time.monotonic()
         self.counts = {"done": 0, "failed": 0, "rejected": 0, "unauthenticated": 0,
                        "unauthenticated_unanswered": 0, "internal_errors": 0,
@@ -118,6 +131,8 @@ class Executor(threading.Thread):
 
     def stop(self, timeout=5.0):
         self._halt.set()
+        if self._diag is not None:
+            self._diag.stop()
         if self.is_alive():
             self.join(timeout)
 
@@ -151,6 +166,7 @@ class Executor(threading.Thread):
                     self.handle(cmd)
                 self.spool.scan()
                 self._flush_unauthenticated()
+                self._rejections.flush()
                 if time.time() - last_prune > PRUNE_EVERY_S:
                     last_prune = time.time()
                     self._prune()
@@ -158,24 +174,52 @@ class Executor(threading.Thread):
                 # a bug must not stop command handling: log, count, carry on
                 self.counts["internal_errors"] += 1
                 log.exception("command executor")
+        if self._diag is not None:
+            self._diag.stop(0.1)           # a replaced executor leaves no thread behind
 
     # ---------------------------------------------------------------- results
 
-    def _result(self, cmd_id, status, reason=None, meta=None, code=None, **extra):
+    def _result(self, cmd_id, status, reason=None, meta=None, code=None, remember=False,
+                **extra):
         body = {"id": cmd_id, "status": status}
         if code is not None:
             body["code"] = code.value if isinstance(code, RejectCode) else code
         if reason is not None:
             body["reason"] = reason
         body.update(extra)
+        action = body.get("action")
+        self.outcomes[(action if action in verify.ACTIONS else "other", status)] += 1
         if meta and cmd_id is not None:
             if meta.get("response_topic"):
                 body["_response_topic"] = meta["response_topic"]
             if meta.get("correlation") is not None:
                 body["_correlation_data"] = meta["correlation"]
-        self.journal.append_result(body)
+        ts = int(time.time() * 1000)
+        seq = self.journal.append_result(body, ts=ts)
+        if remember and cmd_id is not None:
+            self._remember(cmd_id, body, seq, ts)
         self.notify()
         return body
+
+    def _remember(self, cid, body, seq, ts):
+        """The final result as it was numbered, so that a repeated command is answered with
+        the same bytes (same seq, ts, jid: a head-end's duplicate filter drops it where the
+        first arrived). A large one (diagnostics) is not kept."""
+        kept = json.loads(json.dumps(body, ensure_ascii=False, default=str))
+        if len(json.dumps(kept)) > REMEMBER_MAX_BYTES:
+            return
+        try:
+            with self.ledger.batch():
+                doc = self.ledger.get("commands", cid)
+                if doc is None or doc.get("published"):
+                    return
+                doc["published"] = {"seq": seq, "ts": ts, "body": kept,
+                                    "jid": getattr(self.journal, "jid", None)}
+                self.ledger.put("commands", cid, doc)
+        except Exception as exc:
+            if not _is_storage_error(exc):
+                raise
+            self._storage_failed(exc)     # the repeat is then answered as a new result
 
     # ---------------------------------------------------------------- remote commands
 
@@ -212,6 +256,10 @@ class Executor(threading.Thread):
         claims and never on a response topic, at a bounded rate."""
         self.counts["unauthenticated"] += 1
         self.counts["rejected"] += 1
+        # a claimed id proves nothing: in the text only, never as MGW_COMMAND_ID
+        self._rejections.note("unauthenticated input rejected (%s): %s%s", rej.code.value,
+                              rej.reason, " (claims id %s)" % rej.claimed_id
+                              if getattr(rej, "claimed_id", None) else "")
         try:
             self.audit.unauthenticated(rej.code.value, bytes(payload))
         except OSError as exc:
@@ -264,6 +312,10 @@ class Executor(threading.Thread):
                     self._note_unanswered(RejectCode.REPLAYED_ID, cmd)
                     return {"id": cid, "status": known.get("state")}
                 self._audit("command.duplicate", id=cid, state=known.get("state"))
+                pub = known.get("published")
+                if pub and self.republish is not None:
+                    self.republish(pub["seq"], pub["ts"], pub["jid"], pub["body"])
+                    return pub["body"]
                 if res:
                     return self._answer(cid, res, {
                         "response_topic": known.get("response_topic"),
@@ -292,6 +344,8 @@ class Executor(threading.Thread):
                 # head-end hears why (and the same id is never run later)
                 return self._fail_unstored(cmd, meta, source, digest, expires, exc)
         self._audit("command.accepted", id=cid, source=source, command=_public(cmd))
+        log.info("command %s %s %s from %s accepted", cid, cmd["action"], cmd["meter"], source,
+                 extra=logs.fields(command=cid, meter=cmd["meter"]))
         self._result(cid, "accepted", None, meta, meter=meter.id, action=cmd["action"])
         failpoint("after_ledger")
         return None
@@ -315,6 +369,9 @@ class Executor(threading.Thread):
 
     def _reject_stale(self, cmd, rej):
         self.counts["rejected"] += 1
+        self._rejections.note("command %s %s %s rejected (%s): %s", cmd["id"],
+                              cmd.get("action"), cmd.get("meter"), rej.code.value, rej.reason,
+                              fields=logs.fields(command=cmd["id"], meter=cmd.get("meter")))
         self._note_unanswered(rej.code, cmd)
         if not self._unauth.take(time.monotonic()):
             return {"id": cmd["id"], "status": "rejected"}
@@ -329,10 +386,14 @@ class Executor(threading.Thread):
         self.counts["failed"] += 1
         self._audit("command.result", id=cmd["id"], result=result)
         return self._result(cmd["id"], "failed", reason, meta, code="storage_full",
-                            meter=cmd.get("meter"), action=cmd.get("action"))
+                            remember=True, meter=cmd.get("meter"),
+                            action=cmd.get("action"))
 
     def _reject(self, cmd, meta, source, rej, record):
         self.counts["rejected"] += 1
+        log.warning("command %s %s %s from %s rejected (%s): %s", cmd["id"], cmd.get("action"),
+                    cmd.get("meter"), source, rej.code.value, rej.reason,
+                    extra=logs.fields(command=cmd["id"], meter=cmd.get("meter")))
         result = {"status": "rejected", "code": rej.code.value, "reason": rej.reason}
         if record:
             try:
@@ -344,7 +405,8 @@ class Executor(threading.Thread):
         self._audit("command.rejected", id=cmd["id"], code=rej.code.value,
                     reason=rej.reason, command=_public(cmd))
         return self._result(cmd["id"], "rejected", rej.reason, meta, code=rej.code,
-                            meter=cmd.get("meter"), action=cmd.get("action"))
+                            remember=record, meter=cmd.get("meter"),
+                            action=cmd.get("action"))
 
     def _answer(self, cid, res, meta):
         extra = {k: v for k, v in res.items() if k not in ("id", "status", "reason", "code")}
@@ -494,6 +556,8 @@ class Executor(threading.Thread):
             if not self._storage_ok():
                 self._storage_failed("%s: no room for the audit" % self.data_dir)
                 raise StorageFull("no room left on the data folder's disk")
+            if action in DIAGNOSTIC_ACTIONS:
+                return self._run_diagnostic(cmd, meter, meta, source)
             if action in RELAY_ACTIONS:
                 # the whole operation is one job on the line: its transactions follow each
                 # other without a poll in between
@@ -535,6 +599,8 @@ class Executor(threading.Thread):
         if reason:
             result["reason"] = reason
         result.update(extra)
+        if action in DIAGNOSTIC_ACTIONS:
+            result = {k: v for k, v in result.items() if k not in BULK_FIELDS}
         try:
             self._record(cmd, status, meta, source=source, result=result,
                          finished_at=time.time())
@@ -543,13 +609,17 @@ class Executor(threading.Thread):
             pass                          # the result still goes out below, if it can
         self._audit("command.result", id=cid, result=result)
         self.counts[status] = self.counts.get(status, 0) + 1
+        log.log(logging.INFO if status == "done" else logging.WARNING,
+                "command %s %s %s: %s%s%s", cid, action, meter.id, status,
+                " (%s)" % code if code else "", ": %s" % reason if reason else "",
+                extra=logs.fields(command=cid, meter=meter.id))
         if status == "done" and action in ("cut_off", "restore") and extra.get("relay"):
             self.events("relay.opened" if extra["relay"] == "open" else "relay.closed",
                         meter=meter.id, command=cid, source=source,
                         **({"awaiting_customer": True}
                            if extra.get("awaiting_customer") else {}))
-        return self._result(cid, status, reason, meta, code=code, meter=meter.id,
-                            action=action, **extra)
+        return self._result(cid, status, reason, meta, code=code, remember=True,
+                            meter=meter.id, action=action, **extra)
 
     def _conclude_intent(self, cmd, source, status, extra, cid):
         """What the outcome means for 'cut by cost control': a cut-off that may have opened
@@ -625,6 +695,14 @@ class Executor(threading.Thread):
                        for v in values]}
 
     def _check_diagnostic(self, action, params):
+        from gateway.control import diagnostics   # on first use: most boxes never see one
+        try:
+            if action == "scan":
+                diagnostics.check_scan(params, tuple(self.ports()))
+            elif action == "trace":
+                diagnostics.check_trace(params, tuple(self.ports()))
+        except diagnostics.BadParams as exc:
+            raise Rejected(RejectCode.BAD_PARAMS, str(exc)) from None
         if action == "logs":
             lines = params.get("lines", LOG_LINES_DEFAULT)
             if type(lines) is not int or not 1 <= lines <= LOG_LINES_MAX:
@@ -637,8 +715,43 @@ class Executor(threading.Thread):
             raise Rejected(RejectCode.RATE_LIMIT, "%s: at most %d diagnostic commands a "
                            "minute" % (action, DIAGNOSTICS_PER_MIN))
 
+    def _run_diagnostic(self, cmd, meter, meta, source):
+        """Handed to the diagnostics thread: the executor goes on with the next command
+        (a cut-off behind a scan is not kept waiting); the result follows."""
+        from gateway.control import diagnostics
+        def run():
+            try:
+                status, reason, extra = self._diagnostic(cmd)
+            except Exception as exc:
+                log.exception("command %s", cmd["id"])
+                status, reason, extra = "failed", "internal error: %s" % exc, \
+                    {"code": "internal_error"}
+            self._finish(cmd["id"], cmd, meter, meta, source, status, reason, extra)
+        if self._diag is None:
+            # started with the first diagnostic: a thread fewer on a box that never sees one
+            self._diag = diagnostics.Runner()
+            self._diag.start()
+        if not self._diag.submit(run):
+            return self._finish(cmd["id"], cmd, meter, meta, source, "failed",
+                                "%d diagnostic commands are waiting already"
+                                % diagnostics.QUEUE_MAX, {"code": "busy"})
+        return {"id": cmd["id"], "status": "accepted"}
+
     def _diagnostic(self, cmd):
+        """Runs on the diagnostics thread."""
+        from gateway.control import diagnostics
         params = cmd.get("params") or {}
+        tick = self._diag.tick
+        if cmd["action"] == "scan":
+            port, protocol, opts = diagnostics.check_scan(params, tuple(self.ports()))
+            configured = {reads.driver(m.protocol).key_of(m): m.id for m in self.meters()
+                          if m.port == port and m.protocol == protocol}
+            return diagnostics.run_scan(self.line.worker_of, port, protocol, opts,
+                                        configured, self._diag.halt, tick)
+        if cmd["action"] == "trace":
+            port, seconds = diagnostics.check_trace(params, tuple(self.ports()))
+            return diagnostics.run_trace(self.line.worker_of, port, seconds, self._diag.halt,
+                                         tick)
         if cmd["action"] == "audit_verify":
             entries, problem = self.audit.verify()
             return "done", None, {"entries": entries, "whole": problem is None,
@@ -648,8 +761,6 @@ class Executor(threading.Thread):
         return "done", None, {"lines": lines}     # the service never logs meter secrets
 
     def _gateway_action(self, cmd):
-        if cmd["action"] in DIAGNOSTIC_ACTIONS:
-            return self._diagnostic(cmd)
         if cmd["action"] == "software_update":
             return self.updates.start_update(cmd["id"], cmd["params"], signed=cmd)
         cc = self.prepaid()
@@ -672,7 +783,7 @@ class Executor(threading.Thread):
         self.line.worker_of(meter.port).submit_job(lambda w: (w.broadcast(frame), done.set()),
                                                    RELAY)
         done.wait(TIME_SYNC_WAIT_S)
-        return "done", None, {"sent": now.isoformat(timespec="seconds")}
+        return "done", None, {"sent": now.astimezone().isoformat(timespec="seconds")}
 
     # ---------------------------------------------------------------- local & cost control
 
@@ -715,6 +826,8 @@ class Executor(threading.Thread):
         code = RejectCode.EXPIRED_LOCAL if reason.startswith("stale") else \
             RejectCode.NOT_ALLOWED_LOCALLY
         self.counts["rejected"] += 1
+        log.warning("local request by %s rejected (%s): %s", operator, code.value,
+                    reason[:200])
         self._audit("command.rejected", source="local", operator=operator, code=code.value,
                     reason=reason[:200])
         return {"status": "rejected", "code": code.value, "reason": "local request %s"

@@ -1,11 +1,26 @@
 """The Modbus RTU driver: register blocks of a meter's profile (protocols.modbus_profiles)
-read as poll tasks or on demand, and the unit-id sweep. No relay."""
+read as poll tasks or on demand, and the unit-id sweep. No relay.
+
+Register-read function: public drivers disagree for the same meter (the Chint DDSU666 is
+read with 04, input registers, by Tasmota's xnrg_11_ddsu666.ino, and with 03, holding
+registers, by ChuwuYo/DDSUViewer internal/modbus/modbus.go and devlevinspuhl/DDSU), and
+firmware differs. A meter's `function_code` overrides its profile's; a meter that answers
+exception 01 (illegal function) is asked once with the other code (03 <-> 04), and the one
+that worked is kept for it, logged with the line to put in its configuration, shown in the
+poller's status (`function_code`) and in what the scan suggests.
+"""
+
+import logging
 
 from gateway.line.reads import SILENT, ReadError, UnknownQuantity
 from protocols import modbus
 from protocols.modbus_profiles import PROFILES, decode_block
 
 HAS_RELAY = False
+ILLEGAL_FUNCTION = 1
+OTHER_READ = {3: 4, 4: 3}
+
+log = logging.getLogger(__name__)
 
 
 def tasks(meter):
@@ -17,10 +32,41 @@ def key_of(meter):
     return str(meter.unit)
 
 
-def block_exchange(meter, block, count=None):
-    return modbus.block_exchange(meter.unit, block.function, block.address,
-                            block.count if count is None else count).for_meter(meter.id).on_line(
+def function_of(meter, block):
+    """The read function used for a block of this meter: its own, or the profile's."""
+    return getattr(meter, "function_code", None) or block.function
+
+
+def block_exchange(meter, block, count=None, function=None):
+    return modbus.block_exchange(meter.unit, function or function_of(meter, block),
+                                 block.address, block.count if count is None else count
+                                 ).for_meter(meter.id).on_line(
         getattr(meter, "baudrate", None), getattr(meter, "parity", None))
+
+
+def _refused(res):
+    return res.ok and res.answer.exception == ILLEGAL_FUNCTION
+
+
+def transact_block(worker, meter, block):
+    """One block read; on exception 01 the other read function is tried, once per meter,
+    and kept when the meter answers it."""
+    fn = function_of(meter, block)
+    res = worker.transact(block_exchange(meter, block, function=fn))
+    if not _refused(res) or fn not in OTHER_READ or getattr(meter, "function_tried", True):
+        return res
+    meter.function_tried = True
+    other = OTHER_READ[fn]
+    res2 = worker.transact(block_exchange(meter, block, function=other))
+    if res2.ok and res2.answer.exception is None:
+        meter.function_code = other
+        log.warning("meter %s (unit %d) refuses function %02d (illegal function) and answers "
+                    "%02d: reading it with %02d (set function_code = %d in its [[meters]] "
+                    "entry)", meter.id, meter.unit, fn, other, other, other)
+        return res2
+    log.warning("meter %s (unit %d) refuses function %02d (illegal function), and %02d too",
+                meter.id, meter.unit, fn, other)
+    return res
 
 
 def check_quantities(meter, quantities):
@@ -40,7 +86,7 @@ def read_now(worker, meter, quantities=()):
     answered = False
     for g in groups:
         for block in profile.groups[g]:
-            res = worker.transact(block_exchange(meter, block))
+            res = transact_block(worker, meter, block)
             if not res.ok:
                 errors.append(ReadError("%04X: %s" % (block.address, res.error), res.code))
                 if not answered and res.code in SILENT:
@@ -61,16 +107,24 @@ def scan(worker, progress=lambda done, total, found: None, profile=None, first=1
     """Unit ids that answer (a normal or an exception answer) on a Modbus line, each with
     the profile whose registers it has: a unit that answers is asked for a few registers of
     every known map (its instantaneous block), and the map that answers without exception
-    with a plausible voltage names it (None: the unit answered, no known map fits)."""
+    with a plausible voltage names it (None: the unit answered, no known map fits). A unit
+    that refuses the map's read function (exception 01) is asked with the other one; where
+    that matches, `function_code` says which."""
     profiles = [PROFILES[profile]] if profile else list(PROFILES.values())
     found = []
     total = last - first + 1
     for n, unit in enumerate(range(first, last + 1), 1):
-        answered, matched = False, None
+        answered, matched, function = False, None, None
         for prof in profiles:
             block = _probe_block(prof)
-            res = worker.transact(modbus.block_exchange(unit, block.function, block.address,
+            fn = block.function
+            res = worker.transact(modbus.block_exchange(unit, fn, block.address,
                                                         block.count).for_meter("scan"))
+            if _refused(res) and fn in OTHER_READ:
+                fn = OTHER_READ[fn]
+                res = worker.transact(modbus.block_exchange(unit, fn, block.address,
+                                                            block.count).for_meter("scan"))
+                answered = True
             if not res.ok:
                 if not answered:
                     break                # silence: no unit here, the other maps are moot
@@ -78,9 +132,11 @@ def scan(worker, progress=lambda done, total, found: None, profile=None, first=1
             answered = True
             if res.answer.exception is None and _plausible(block, res.answer.registers):
                 matched = prof.name
+                function = fn if fn != block.function else None
                 break
         if answered:
-            found.append({"unit": unit, "profile": matched})
+            found.append(dict({"unit": unit, "profile": matched},
+                              **({"function_code": function} if function else {})))
         progress(n, total, len(found))
     return found
 
@@ -101,6 +157,8 @@ def toml_lines(found):
     lines = ["unit = %d" % found["unit"]]
     if found.get("profile"):
         lines.append('profile = "%s"' % found["profile"])
+    if found.get("function_code"):
+        lines.append("function_code = %d" % found["function_code"])
     return lines
 
 
@@ -125,7 +183,7 @@ def poll(poller, worker, meter, task):
     profile = PROFILES[meter.profile]
     readings = []
     for block in profile.groups.get(task, ()):
-        result = worker.transact(block_exchange(meter, block))
+        result = transact_block(worker, meter, block)
         if not poller.outcome(meter, result):
             if not poller.health[meter.id].online:
                 break

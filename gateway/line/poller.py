@@ -15,6 +15,15 @@ urgent is queued the worker asks it for the next job. Per meter and data class:
 A meter that fails `offline_after` transactions in a row is marked offline (event), then
 probed with back-off instead of polled, so a dead meter cannot eat the line; it comes back
 online by itself (event).
+
+Catch-up ("补抄"): an energy or instantaneous task one of whose reads failed all its attempts
+is run again later in the same interval (the registers are cumulative: a late read is as
+good), after the rest of the line is served (a catch-up runs only when no scheduled task is
+due; relay commands and on-demand reads come first as always) and with growing pauses
+(`catch_up_s`, doubling). Only when the interval ends, or the meter goes offline, without
+a complete run is the slot counted as missed (`missed_slots` per meter, in the health and
+status data); `caught_up` counts the slots a catch-up saved. Slots skipped while a meter is
+offline are not counted: its offline state says so.
 """
 
 import datetime as _dt
@@ -33,6 +42,8 @@ log = logging.getLogger(__name__)
 
 SYNC_MAX_S = 300.0           # broadcast time sync corrects at most +-5 min (reference 1.7)
 OFFLINE_PROBE_S = 60.0       # the first probe of an offline meter; doubles up to max_probe_s
+CATCH_UP_S = 1.0             # pause before a failed slot's first catch-up; doubles each time
+CATCH_UP_TASKS = ("energy", "instant")   # interval slots (clock and freeze have their own)
 
 
 class MeterSpec:
@@ -41,13 +52,14 @@ class MeterSpec:
     # slots: a concentrator may carry a thousand of these
     __slots__ = ("id", "port", "protocol", "address", "unit", "profile", "interval_s",
                  "instant_interval_s", "clock_interval_s", "version", "prepaid",
-                 "sync_threshold_s", "logical", "baudrate", "parity", "extra")
+                 "sync_threshold_s", "logical", "baudrate", "parity", "function_code",
+                 "function_tried", "extra")
 
     def __init__(self, id, port, protocol=DEFAULT_PROTOCOL, address=None, unit=None,
                  profile=None,
                  interval_s=900, instant_interval_s=300, clock_interval_s=3600,
                  version=2007, prepaid=False, sync_threshold_s=30.0, logical=0,
-                 baudrate=None, parity=None, **extra):
+                 baudrate=None, parity=None, function_code=None, **extra):
         self.id = id
         self.port = port
         self.protocol = protocol
@@ -63,6 +75,10 @@ class MeterSpec:
         self.logical = logical              # DL/T 698.45 logical address
         self.baudrate = baudrate          # None: the port's line settings
         self.parity = parity
+        # Modbus: the register-read function (None: the profile's); the driver sets it to
+        # the one the meter answers after falling back once from the other
+        self.function_code = function_code
+        self.function_tried = False
         self.extra = extra or None
 
     @classmethod
@@ -73,13 +89,14 @@ class MeterSpec:
                    instant_interval_s=m.instant_interval_s,
                    clock_interval_s=m.clock_interval_s, version=m.version, prepaid=m.prepaid,
                    logical=getattr(m, "logical_address", 0), baudrate=m.baudrate,
-                   parity=m.parity)
+                   parity=m.parity, function_code=getattr(m, "function_code", None))
 
 
 class MeterHealth:
     __slots__ = ("online", "failures", "probe_backoff", "next_probe", "last_ok",
                  "last_error", "unsupported", "block_ok", "drift_s", "last_sync_day",
-                 "last_drift_event_day", "last_freeze_day", "relay", "reads", "reads_ok")
+                 "last_drift_event_day", "last_freeze_day", "relay", "reads", "reads_ok",
+                 "slots", "missed_slots", "caught_up", "catch_ups")
 
     def __init__(self):
         self.online = True
@@ -97,6 +114,10 @@ class MeterHealth:
         self.relay = None           # last relay state read ("open" / "closed")
         self.reads = 0              # transactions asked of this meter (after retries)
         self.reads_ok = 0
+        self.slots = 0              # interval slots (energy, instant) that ended
+        self.missed_slots = 0       # ... without a complete read, catch-ups included
+        self.caught_up = 0          # ... saved by a catch-up
+        self.catch_ups = 0          # catch-up runs
 
 
 def aligned(now, interval, offset=0.0):
@@ -113,7 +134,7 @@ class LinePoller:
     def __init__(self, meters: List[MeterSpec], sink: Callable, event: Callable,
                  clock_trusted: Callable[[], bool] = lambda: True, offline_after=3,
                  max_probe_s=3600.0, wall=time.time, first_poll=True, freeze_after_s=300,
-                 sync_guard=near_the_hour):
+                 sync_guard=near_the_hour, catch_up_s=CATCH_UP_S):
         self.meters = {m.id: m for m in meters}
         self.sink = sink
         self.event = event
@@ -124,7 +145,12 @@ class LinePoller:
         self.sync_guard = sync_guard      # local time -> True where no time sync may go
         self.freeze_after_s = freeze_after_s
         self.health = {m.id: MeterHealth() for m in meters}
+        self.catch_up_s = catch_up_s      # 0: no catch-up (a failed slot is missed at once)
         self._heap = []
+        self._catch_up = []               # (due, seq, meter_id, task, slot_end, pause)
+        # failed transactions per meter while its task runs (an on-demand read of another
+        # meter may run between the task's transactions: it does not fail this slot)
+        self._failed = {}
         self._seq = itertools.count()
         now = wall()
         for i, m in enumerate(meters):
@@ -152,34 +178,86 @@ class LinePoller:
         return t if t > now else t + 86400
 
     def _reschedule(self, meter, task, now):
+        """Schedules the task's next run; returns when that is (the end of this slot)."""
         if task == "energy":
-            self._push(aligned(now, meter.interval_s), meter.id, task)
+            due = aligned(now, meter.interval_s)
         elif task == "instant":
-            self._push(aligned(now, meter.instant_interval_s), meter.id, task)
+            due = aligned(now, meter.instant_interval_s)
         elif task == "clock":
-            self._push(aligned(now, meter.clock_interval_s), meter.id, task)
+            due = aligned(now, meter.clock_interval_s)
         elif task == "freeze":
-            self._push(self._next_freeze_time(now + 60), meter.id, task)
+            due = self._next_freeze_time(now + 60)
+        else:
+            return None
+        self._push(due, meter.id, task)
+        return due
 
     def next_job(self, worker):
-        """A job to run now on the worker's thread, or the seconds until one is due."""
-        if not self._heap:
-            return 5.0
+        """A job to run now on the worker's thread, or the seconds until one is due.
+        Scheduled tasks first; a catch-up only when none is due."""
         now = self.wall()
-        due, _, meter_id, task = self._heap[0]
-        if due > now:
-            return due - now
-        heapq.heappop(self._heap)
-        meter = self.meters[meter_id]
-        health = self.health[meter_id]
-        if not health.online and now < health.next_probe:
-            self._push(health.next_probe, meter_id, task)    # skip, keep the line free
-            return 0.0
-        self._reschedule(meter, task, now)
-        return lambda w: self.run_task(w, meter, task)
+        wait = 5.0
+        if self._heap:
+            due, _, meter_id, task = self._heap[0]
+            if due <= now:
+                heapq.heappop(self._heap)
+                meter = self.meters[meter_id]
+                health = self.health[meter_id]
+                if not health.online and now < health.next_probe:
+                    self._push(health.next_probe, meter_id, task)  # skip, keep the line free
+                    return 0.0
+                slot_end = self._reschedule(meter, task, now)
+                return lambda w: self._run_slot(w, meter, task, slot_end, None)
+            wait = due - now
+        while self._catch_up:
+            due, _, meter_id, task, slot_end, pause = self._catch_up[0]
+            if due > now:
+                return min(wait, due - now)
+            heapq.heappop(self._catch_up)
+            meter = self.meters[meter_id]
+            if now >= slot_end or not self.health[meter_id].online:
+                self._slot_ended(meter, task, False)     # too late, or offline: missed
+                continue
+            return lambda w: self._run_slot(w, meter, task, slot_end, pause)
+        return wait
 
     def pending(self):
-        return len(self._heap)
+        return len(self._heap) + len(self._catch_up)
+
+    def _run_slot(self, worker, meter, task, slot_end, pause):
+        """Runs a task for its slot (pause: None the first time, else the catch-up's); a run
+        with a failed read is caught up later in the slot, or the slot is missed."""
+        h = self.health[meter.id]
+        if pause is not None:
+            h.catch_ups += 1
+        self._failed[meter.id] = 0
+        try:
+            self.run_task(worker, meter, task)
+        finally:
+            failed = self._failed.pop(meter.id, 0)
+        if task not in CATCH_UP_TASKS or slot_end is None:
+            return
+        if not failed:
+            self._slot_ended(meter, task, True, caught_up=pause is not None)
+            return
+        pause = self.catch_up_s if pause is None else pause * 2
+        due = self.wall() + pause
+        if not self.catch_up_s or not h.online or due >= slot_end:
+            self._slot_ended(meter, task, False)
+            return
+        heapq.heappush(self._catch_up, (due, next(self._seq), meter.id, task, slot_end,
+                                        pause))
+
+    def _slot_ended(self, meter, task, collected, caught_up=False):
+        h = self.health[meter.id]
+        h.slots += 1
+        if collected:
+            if caught_up:
+                h.caught_up += 1
+            return
+        h.missed_slots += 1
+        log.info("meter %s: %s slot missed (%s)", meter.id, task,
+                 h.last_error or "offline")
 
     # ---------------------------------------------------------------- health
 
@@ -201,6 +279,8 @@ class LinePoller:
             return True
         h.failures += 1
         h.last_error = result.error
+        if meter.id in self._failed:
+            self._failed[meter.id] += 1
         if h.online and h.failures >= self.offline_after:
             h.online = False
             h.next_probe = now + h.probe_backoff
@@ -260,7 +340,11 @@ class LinePoller:
     def status(self):
         out = {}
         for mid, h in self.health.items():
+            fn = self.meters[mid].function_code
             out[mid] = {"online": h.online, "failures": h.failures, "last_ok": h.last_ok,
                         "last_error": h.last_error, "drift_s": h.drift_s, "reads": h.reads,
-                        "reads_ok": h.reads_ok}
+                        "reads_ok": h.reads_ok, "slots": h.slots,
+                        "missed_slots": h.missed_slots, "caught_up": h.caught_up}
+            if fn is not None:
+                out[mid]["function_code"] = fn       # Modbus: the read function in use
         return out

@@ -179,6 +179,7 @@ class PortWorker(threading.Thread):
         self.last_error = None
         self._last_exception = None
         self.heartbeat = time.monotonic()   # the supervisor's sign of life
+        self.tap = None                     # tap(direction, bytes): a remote `trace`
 
     # ---------------------------------------------------------------- public
 
@@ -334,10 +335,11 @@ class PortWorker(threading.Thread):
                     raise
             ran = True
 
-    def transact(self, exchange):
-        """Run one exchange now on this thread (poll jobs), after anything more urgent."""
+    def transact(self, exchange, retries=None):
+        """Run one exchange now on this thread (poll jobs), after anything more urgent;
+        `retries` None: the port's."""
         self._run_queued(below=POLL)
-        return self._execute(exchange)
+        return self._execute(exchange, retries)
 
     def broadcast(self, frame, baudrate=None, parity=None):
         """Send a frame no meter answers (broadcast time sync) at these line settings (None:
@@ -349,6 +351,8 @@ class PortWorker(threading.Thread):
         ser.reset_input_buffer()
         t = time.monotonic()
         ser.write(frame)
+        if self.tap is not None:
+            self.tap("tx", frame)
         self._last_address = None
         time.sleep(wire_time(len(frame), baud) + SLACK_S)
         self.stats.busy_s += time.monotonic() - t
@@ -356,7 +360,7 @@ class PortWorker(threading.Thread):
 
     # ---------------------------------------------------------------- one transaction
 
-    def _execute(self, request):
+    def _execute(self, request, retries=None):
         """One exchange (protocols.exchange.Exchange) on the line, with retries."""
         ser = self._ser
         if self._halt.is_set():
@@ -378,7 +382,7 @@ class PortWorker(threading.Thread):
         why = "no answer"
         code = TxError.NO_ANSWER
         attempts = 0
-        for attempt in range(1 + self.retries):
+        for attempt in range(1 + (self.retries if retries is None else retries)):
             attempts = attempt + 1
             if attempt:
                 self.stats.retries += 1
@@ -387,6 +391,8 @@ class PortWorker(threading.Thread):
             self.stats.requests += 1
             t_write = time.monotonic()
             ser.write(request.frame)
+            if self.tap is not None:
+                self.tap("tx", request.frame)
             wait = budget.budget() * (2 if attempt else 1)
             deadline = t_write + req_wire + wait + ans_wire + SLACK_S
             # the budget is for the first byte: a meter that has not started by then will
@@ -413,6 +419,8 @@ class PortWorker(threading.Thread):
                 if not data:
                     continue
                 last_rx = time.monotonic()
+                if self.tap is not None:
+                    self.tap("rx", data)
                 frames = scanner.feed(data)
                 if not garbled and scanner.checksum_errors + scanner.end_errors > bad_before:
                     # a garbled answer: retry once the line has gone quiet, not at the

@@ -22,13 +22,13 @@ import time
 from gateway import __version__
 from gateway.store.accounts import AccountStore
 from gateway.store.audit import AuditTrail
-from gateway.clock import ClockPolicy
+from gateway.clock import ClockPolicy, rfc3339
 from gateway.store import paths
 from gateway.store.journal import JournalError, open_journal, save_marks
 from gateway.line.poller import LinePoller, MeterSpec
 from gateway.line.port import PortWorker
 from gateway.service.sdnotify import Notifier
-from gateway.service.sink import ReadingSink
+from gateway.service.sink import ReadingSink, log_event
 from gateway.store.state import StateError, StateStore
 
 log = logging.getLogger("gateway")
@@ -79,6 +79,7 @@ class Gateway:
         self.accounts = None
         self.updater = None
         self._started = False
+        self.metrics = None
         self._build_lines()
 
     # ---------------------------------------------------------------- wiring
@@ -97,7 +98,8 @@ class Gateway:
         for port in self.cfg.ports:
             poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
                                 clock_trusted=self.clock.trusted,
-                                offline_after=port.offline_after)
+                                offline_after=port.offline_after,
+                                catch_up_s=port.catch_up_s)
             for mid, h in poller.health.items():
                 h.online = mid not in offline
                 if freeze_days.get(mid):
@@ -133,6 +135,9 @@ class Gateway:
         self.costcontrol.start()
         self.updater.start()
         self._started = True
+        if self.cfg.metrics.listen:
+            from gateway.service import metrics       # prometheus-client only when on
+            self.metrics = metrics.serve(self.cfg.metrics.listen, self)
         self.sink.event("gateway.started", version=__version__,
                         ports=len(self.cfg.ports), meters=len(self.cfg.meters))
         self.notifier.ready(self.summary())
@@ -150,6 +155,9 @@ class Gateway:
                         events=self.sink.event, clock=self.clock,
                         prepaid=lambda: self.costcontrol, notify=self._appended,
                         reserve=self.reserve, local_group=self.cfg.control.local_group,
+                        ports=lambda: [p.name for p in self.cfg.ports],
+                        meters=lambda: self.cfg.meters,
+                        republish=self._republish if self.cfg.uplink.host else None,
                         updates=self.updater)
 
     def _new_uplink(self):
@@ -199,10 +207,15 @@ class Gateway:
 
     def _audit_event(self, entry):
         # the trail is uploaded too: each entry as an event, hash included
+        log_event("audit", {"entry": entry})
         try:
             self.journal.append_event("audit", entry=entry)
         except JournalError:
             log.exception("audit upload")
+
+    def _republish(self, *result):
+        if self.uplink is not None:
+            self.uplink.republish(*result)
 
     def port_worker(self, port_name):
         return self.workers[port_name]
@@ -288,6 +301,8 @@ class Gateway:
 
     def stop(self, timeout=4.0):
         self.notifier.stopping()
+        if self.metrics is not None:
+            self.metrics.stop()
         deadline = time.monotonic() + timeout
         for w in self.workers.values():
             w._halt.set()
@@ -352,6 +367,8 @@ class Gateway:
         return {"uplink": {k: up[k] for k in ("connected", "backlog", "oldest_unsent_age_s",
                                               "last_ack")} if up else None,
                 "meters_offline": offline, "restarts": dict(self.restarts),
+                "missed_slots": {mid: h.missed_slots for p in self.pollers.values()
+                                 for mid, h in p.health.items() if h.missed_slots},
                 "memory_pending": self.sink.pending, "lost_in_memory": self.sink.lost,
                 "events_lost_in_memory": self.sink.lost_events}
 
@@ -381,7 +398,8 @@ class Gateway:
                 meters.append({"id": mid, "port": port, "online": h.online,
                                "last_reading": last.get(mid), "last_error": h.last_error,
                                "drift_s": h.drift_s, "relay": relays.get(mid),
-                               "balance": balances.get(mid)})
+                               "balance": balances.get(mid),
+                               "missed_slots": h.missed_slots, "caught_up": h.caught_up})
         buffer = {}
         if jstats:
             for s, st in jstats["streams"].items():
@@ -389,8 +407,8 @@ class Gateway:
             buffer["bytes"] = jstats["file_bytes"]
             buffer["dropped"] = {s: st["dropped"] for s, st in jstats["streams"].items()}
         return {"v": 1, "gateway": self.cfg.gateway.id, "version": __version__,
-                "pid": os.getpid(), "started_at": self.started_at,
-                "written_at": time.time(),
+                "pid": os.getpid(), "started_at": rfc3339(self.started_at),
+                "written_at": rfc3339(time.time()),
                 "clock_trusted": self.clock.trusted(),
                 "uplink": self.uplink.status(jstats) if self.uplink else None,
                 "ports": [w.line_stats() for w in self.workers.values()],

@@ -6,9 +6,38 @@ import logging
 import threading
 import time
 
+from gateway import logs
 from gateway.store.journal import JournalError
 
 log = logging.getLogger("gateway")
+event_log = logging.getLogger("gateway.events")
+
+# how loud each published event is in the service's log (others: INFO; audit entries:
+# DEBUG, since the command lines say the same)
+EVENT_LEVELS = {"meter.offline": logging.WARNING, "relay.opened": logging.WARNING,
+                "relay.closed": logging.WARNING, "balance.zero": logging.WARNING,
+                "balance.exhausted": logging.WARNING, "freeze.missing": logging.WARNING,
+                "meter.clock_drift": logging.WARNING, "journal.replaced": logging.ERROR,
+                "costcontrol.breaker_tripped": logging.ERROR, "audit": logging.DEBUG}
+
+
+def log_event(event_type, fields):
+    """One line for a published event, with its journald fields."""
+    level = EVENT_LEVELS.get(event_type, logging.INFO)
+    if not event_log.isEnabledFor(level):
+        return
+    if event_type == "audit":
+        entry = fields.get("entry") or {}
+        text = "audit %s #%s" % (entry.get("kind"), entry.get("n", ""))
+        command = entry.get("id")
+        meter = None
+    else:
+        text = " ".join("%s=%s" % (k, v) for k, v in fields.items() if k != "meter")
+        command = fields.get("command")
+        meter = fields.get("meter")
+    event_log.log(level, "%s%s%s", event_type, " meter=%s" % meter if meter else "",
+                  " " + text if text else "",
+                  extra=logs.fields(event=event_type, meter=meter, command=command))
 
 
 class ReadingSink:
@@ -41,6 +70,7 @@ class ReadingSink:
             self._flush()
 
     def event(self, event_type, **fields):
+        log_event(event_type, fields)
         if event_type != "audit":
             self.recent.append("%s %s %s" % (time.strftime("%H:%M:%S"), event_type, " ".join(
                 "%s=%s" % kv for kv in fields.items())))
@@ -68,7 +98,8 @@ class ReadingSink:
                 stored = len(batch)
             if self.last_error:
                 log.warning("journal writable again: %d readings kept in memory were stored"
-                            "%s", stored, ", %d lost" % self.lost if self.lost else "")
+                            "%s", stored, ", %d lost" % self.lost if self.lost else "",
+                            extra=logs.fields(event="gateway.storage_recovered"))
                 self.last_error = None
                 self.journal.append_event("gateway.storage_recovered", lost=self.lost,
                                           lost_events=self.lost_events)

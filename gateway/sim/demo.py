@@ -6,6 +6,7 @@ the uplink to a broker on 127.0.0.1:1883 if one is reachable (buffering otherwis
 keys for trying commands, and a live view of lines, meters, readings, balances and relays.
 """
 
+import collections
 import os
 import shutil
 import socket
@@ -18,6 +19,16 @@ from gateway import __version__
 from gateway.config import ConfigError
 from gateway.service.config import validate
 from gateway.sim.dlt645 import Faults, SimLine, SimMeter
+
+
+NOTICE_S = 10
+HOUSEHOLD = "m4"
+# what each demo meter is there to show (the live view labels them)
+ROLES = {"m1": "prepaid, flat tariff", "m2": "noisy: drops 1 answer in 10, garbles 1 in 20",
+         "m3": "prepaid, time-of-use tariff",
+         HOUSEHOLD: "prepaid household running low: warned, then cut off",
+         "m5": "plain meter", "m6": "dead: never answers (offline, probed with back-off)",
+         "mb1": "Modbus, Eastron SDM120", "mb2": "Modbus, Chint DDSU666"}
 
 
 def _broker_reachable(host, port):
@@ -81,12 +92,15 @@ def build(data_dir, broker=("127.0.0.1", 1883)):
             {"meter": "m1", "tariff": "flat", "opening_balance": "100.00"},
             {"meter": "m3", "tariff": "tou", "opening_balance": "50.00"},
             # a household about to run out: warnings, then cut-off after the notice time
-            {"meter": "m4", "tariff": "flat", "opening_balance": "1.00", "alarm1": "0.80",
-             "alarm2": "0.40", "max_kw": "500", "restore_threshold": "1.00"},
+            # its money falls by about 0.40 a reading (every 10 s): alarm 1, alarm 2, then
+            # zero on successive readings
+            {"meter": HOUSEHOLD, "tariff": "flat", "opening_balance": "0.90",
+             "alarm1": "0.70", "alarm2": "0.30", "max_kw": "500", "restore_threshold": "1.00"},
         ],
-        # short notice so the demo shows warnings, then the cut-off, within about a minute
-        "cost_control": {"notice_s": 30, "protected_hours": [], "protected_weekends": False,
-                         "check_interval_s": 5},
+        # short notice so the demo shows both warnings, then the cut-off, well within a
+        # minute (measured: about 45 s from the start)
+        "cost_control": {"notice_s": NOTICE_S, "protected_hours": [],
+                         "protected_weekends": False, "check_interval_s": 5},
     }
     try:
         cfg = validate(doc, "<demo>")
@@ -95,12 +109,92 @@ def build(data_dir, broker=("127.0.0.1", 1883)):
     return cfg, [dlt, mb], keys
 
 
+def readable(event_type, fields):
+    """An event as one line a person reads ("m4 balance low (alarm 2): 0.19 yuan left")."""
+    f = dict(fields)
+    meter = f.pop("meter", None)
+    text = {
+        "gateway.started": lambda: "gateway started: %s meters on %s lines" % (
+            f.get("meters"), f.get("ports")),
+        "meter.offline": lambda: "offline: %s" % f.get("reason", "no answer"),
+        "meter.online": lambda: "back online",
+        "balance.low": lambda: "balance low (alarm %s): %s yuan left" % (
+            f.get("level"), f.get("balance")),
+        "balance.exhausted": lambda: "money ran out (%s yuan): cut-off after %d s notice" % (
+            f.get("balance"), NOTICE_S),
+        "balance.zero": lambda: "balance at zero (%s yuan)" % f.get("balance"),
+        "balance.topup": lambda: "topped up %s yuan: balance %s yuan" % (
+            f.get("amount"), f.get("balance")),
+        "balance.normal": lambda: "balance back to normal (%s yuan)" % f.get("balance"),
+        "relay.opened": lambda: "relay OPEN: supply cut off (by %s)" % f.get("source", "?"),
+        "relay.closed": lambda: ("relay close allowed: the customer presses the button"
+                                 if f.get("awaiting_customer") else
+                                 "relay closed: supply restored (by %s)" % f.get("source")),
+    }.get(event_type)
+    if text is None:
+        if event_type == "gateway.health":
+            return None                      # a periodic report for the head-end
+        text = lambda: "%s %s" % (event_type, " ".join("%s=%s" % kv for kv in f.items()))
+    return ("%s: %s" % (meter, text())) if meter else text()
+
+
+class EventLog:
+    """The demo's own record of the gateway's events (the sink's `event`, wrapped): readable
+    lines for the view, and when the household was cut off."""
+
+    def __init__(self, sink, started, clock=time.time):
+        self.lines = collections.deque(maxlen=50)
+        self.started = started
+        self.clock = clock
+        self.cut_off_after_s = None
+        original = sink.event
+
+        def event(event_type, **fields):
+            self.add(event_type, fields)
+            return original(event_type, **fields)
+        sink.event = event
+
+    def add(self, event_type, fields):
+        now = self.clock()
+        if event_type == "relay.opened" and fields.get("meter") == HOUSEHOLD and \
+                self.cut_off_after_s is None:
+            self.cut_off_after_s = now - self.started
+        line = readable(event_type, fields)
+        if line:
+            self.lines.append("%s  %s" % (time.strftime("%H:%M:%S", time.localtime(now)),
+                                          line))
+
+
 class LiveView:
-    def __init__(self, gw, keys, out=sys.stdout):
+    def __init__(self, gw, keys, events, out=sys.stdout, broker=("127.0.0.1", 1883)):
         self.gw = gw
         self.keys = keys
+        self.events = events
         self.out = out
+        self.broker = broker
         self.tty = out.isatty()
+
+    def household(self):
+        """How the prepaid household's cut-off goes, and how long it took."""
+        after = self.events.cut_off_after_s
+        if after is not None:
+            return "household %s: cut off %.0f s after the start (money ran out, then %d s " \
+                   "notice); top it up to restore" % (HOUSEHOLD, after, NOTICE_S)
+        return "household %s: running low; cut off within about 60 s of the start (when " \
+               "its money runs out, after %d s notice)" % (HOUSEHOLD, NOTICE_S)
+
+    def suggestion(self, connected):
+        """A top-up for the household, as a command that works as printed."""
+        mgw = _mgw_command()
+        topic = "mgw/v1/%s/commands" % self.gw.cfg.gateway.id
+        cmd = "%s command sign --key %s --meter %s --action topup --param amount=20.00 " \
+              "--param txn=T1 --publish %s:%d --topic %s" % (
+                  mgw, os.path.join(self.keys, "headend.key"), HOUSEHOLD, self.broker[0],
+                  self.broker[1], topic)
+        if connected:
+            return "try: " + cmd
+        return "try, with an MQTT broker on %s:%d (apt-get install mosquitto, then restart " \
+               "the demo): %s" % (self.broker[0], self.broker[1], cmd)
 
     def render(self):
         gw = self.gw
@@ -120,8 +214,9 @@ class LiveView:
                 p["port"], "open" if p["open"] else "closed", p["requests"], p["answers"],
                 p["timeouts"], p["checksum_errors"], 100 * p["utilisation"]))
         lines.append("")
-        lines.append("%-5s %-8s %12s %9s %-7s %10s %-9s" % (
-            "meter", "state", "energy kWh", "power kW", "relay", "balance", "account"))
+        lines.append("%-5s %-8s %12s %9s %-7s %10s %-9s  %s" % (
+            "meter", "state", "energy kWh", "power kW", "relay", "balance", "account",
+            "role"))
         latest = gw.sink.latest
         accounts = st.get("accounts") or {}
         for m in st["meters"]:
@@ -129,21 +224,22 @@ class LiveView:
             energy = latest.get((mid, "energy.import.total"))
             power = latest.get((mid, "power.active"))
             acc = accounts.get(mid) or {}
-            lines.append("%-5s %-8s %12s %9s %-7s %10s %-9s" % (
+            if not isinstance(acc, dict):
+                acc = {}
+            lines.append("%-5s %-8s %12s %9s %-7s %10s %-9s  %s" % (
                 mid, "online" if m["online"] else "OFFLINE", energy if energy is not None
                 else "-", power if power is not None else "-", m.get("relay") or "-",
-                acc.get("balance", "-"), acc.get("state", "")))
+                acc.get("balance", "-"), acc.get("state", ""), ROLES.get(mid, "")))
         b = st["buffer"]
         lines.append("")
         lines.append("journal: %s readings, %s events waiting for the head-end; %.1f kB" % (
             b.get("readings", "-"), b.get("events", "-"), b.get("bytes", 0) / 1000.0))
+        lines.append(self.household())
         lines.append("recent events:")
-        for e in list(gw.sink.recent)[-6:]:
+        for e in list(self.events.lines)[-6:]:
             lines.append("  " + e)
         lines.append("")
-        lines.append("try: mgw command sign --key %s --meter m4 --action topup "
-                     "--param amount=20.00 --param txn=T1 | mosquitto_pub -t "
-                     "mgw/v1/demo-gw/commands -s" % os.path.join(self.keys, "headend.key"))
+        lines.append(self.suggestion(up.get("connected")))
         lines.append("Ctrl-C stops the demo")
         text = "\n".join(lines)
         if self.tty:
@@ -151,6 +247,18 @@ class LiveView:
         else:
             self.out.write(text + "\n\n")
         self.out.flush()
+
+
+def _mgw_command():
+    """How this very program is started again from the current folder: `.venv/bin/mgw`
+    from a checkout (`mgw` alone is not on the PATH there), `python -m gateway` otherwise."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "mgw" and os.path.exists(argv0):
+        if os.sep not in argv0:
+            return argv0                     # found on the PATH
+        rel = os.path.relpath(os.path.abspath(argv0))
+        return rel if not rel.startswith("..") else os.path.abspath(argv0)
+    return "%s -m gateway" % sys.executable
 
 
 def run(args):
@@ -168,8 +276,9 @@ def run(args):
                          "until one is there\n" % broker)
     gw = Gateway(cfg)
     gw.sink.latest = {}                     # the live view shows the latest values
+    events = EventLog(gw.sink, time.time())
     stop = threading.Event()
-    view = None if args.no_view else LiveView(gw, keys)
+    view = None if args.no_view else LiveView(gw, keys, events, broker=broker)
 
     def ticker(gw_):
         def loop():
@@ -182,7 +291,9 @@ def run(args):
                 stop.wait(1.0)
         threading.Thread(target=loop, daemon=True, name="view").start()
         if args.seconds:
-            threading.Timer(args.seconds, stop.set).start()
+            timer = threading.Timer(args.seconds, stop.set)
+            timer.daemon = True         # Ctrl-C before the time is up ends the demo at once
+            timer.start()
     try:
         serve(gw, stop, on_started=ticker)
     finally:

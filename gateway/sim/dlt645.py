@@ -406,13 +406,7 @@ class SimLine(threading.Thread):
                                               getattr(self, meter.serve_method))
 
     def line_baudrate(self):
-        """The baud rate the other side has set on the line (a pty keeps it in its termios;
-        it carries bytes at any rate, so the simulator compares rates itself)."""
-        try:
-            speed = termios.tcgetattr(self._slave)[4]
-        except (termios.error, OSError):
-            return self.baudrate
-        return _SPEEDS.get(speed, self.baudrate)
+        return pty_baudrate(self._slave, self.baudrate)
 
     def hears(self, meter, baudrate):
         """A meter set to another rate than the line's hears garbled bytes: no frame."""
@@ -584,6 +578,17 @@ def pace_write(fd, data, t_start, baudrate, halt):
         else:
             time.sleep(max(0.0, t_start + (sent + 1) * bt - now))
     return sent
+
+
+def pty_baudrate(fd, default):
+    """The baud rate the other side has set on a pty (it keeps it in its termios but carries
+    bytes at any rate, so a simulator compares rates itself). Parity cannot be told: Linux
+    clears PARENB on a pty, so 8E1 and 8N1 look alike."""
+    try:
+        speed = termios.tcgetattr(fd)[4]
+    except (termios.error, OSError):
+        return default
+    return _SPEEDS.get(speed, default)
 
 
 def make_meters(n, first_address=1, faults=None, **kwargs):

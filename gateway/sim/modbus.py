@@ -18,10 +18,11 @@ import threading
 import time
 import tty
 
+from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from gateway.sim.dlt645 import Faults, SimMeter, pace_write, wire_time
+from gateway.sim.dlt645 import Faults, SimMeter, pace_write, pty_baudrate, wire_time
 from protocols.framing import Scanner
 from protocols.modbus_profiles import PROFILES, decode_block, float32_registers
 
@@ -33,7 +34,11 @@ class ModbusSimMeter:
 
     protocol = "modbus"
 
-    def __init__(self, unit, profile="eastron-sdm120", load_kw=None, faults=None, seed=None):
+    def __init__(self, unit, profile="eastron-sdm120", load_kw=None, faults=None, seed=None,
+                 functions=(3, 4)):
+        """`functions`: the register-read function codes this meter serves; the other one
+        is answered with exception 01 (illegal function), as a DDSU666 that reads only
+        holding (03) or only input (04) registers does."""
         if profile not in PROFILES:
             raise ValueError("unknown Modbus profile %r (known: %s)"
                              % (profile, ", ".join(sorted(PROFILES))))
@@ -46,6 +51,7 @@ class ModbusSimMeter:
         self.truth = collections.deque(maxlen=100000)
         self.requests = 0
         self.answers = 0
+        self.functions = tuple(functions)
 
     def quantity_values(self, now):
         m = self.model
@@ -74,6 +80,9 @@ class ModbusSimMeter:
     async def action(self, function_code, start_address, address, count, registers,
                      set_values):
         """pymodbus calls this on every access: fill the registers from the model."""
+        if function_code in (3, 4) and function_code not in self.functions:
+            self.answers += 1
+            return ExcCodes.ILLEGAL_FUNCTION
         now = time.time()
         values = self.quantity_values(now)
         for b in self.blocks():
@@ -177,6 +186,10 @@ class ModbusSimLine(threading.Thread):
                     meter = self.meters.get(frame[0])
                     self.stats["requests"] += 1
                     if meter is None:
+                        continue
+                    if pty_baudrate(self._gs, self.baudrate) != self.baudrate:
+                        # the meters hear garbled bytes at another rate: silence
+                        self.stats["baud_mismatch"] += 1
                         continue
                     meter.requests += 1
                     f = meter.faults

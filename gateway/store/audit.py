@@ -23,6 +23,7 @@ import stat
 import threading
 import time
 
+from gateway.clock import rfc3339
 from gateway.store.state import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,9 @@ class AuditTrail:
         return entry
 
     def _append_locked(self, kind, data):
-        entry = dict(data, kind=kind, n=self.n + 1, ts=self._clock(), prev=self.last)
+        # RFC 3339, as in every payload (older entries carry epoch seconds; the hash
+        # covers whatever an entry holds, so both verify)
+        entry = dict(data, kind=kind, n=self.n + 1, ts=rfc3339(self._clock()), prev=self.last)
         entry["hash"] = _digest(self.last, entry)
         line = (json.dumps(entry, sort_keys=True, ensure_ascii=False, default=str)
                 + "\n").encode("utf-8")
@@ -216,7 +219,8 @@ class AuditTrail:
     def _write_unauth_locked(self):
         agg = self._unauth
         entry = self._append_locked("command.unauthenticated", {
-            "since": agg["since"], "until": agg["until"], "count": agg["count"],
+            "since": rfc3339(agg["since"]), "until": rfc3339(agg["until"]),
+            "count": agg["count"],
             "reasons": dict(agg["reasons"]), "samples": agg["samples"]})
         self._unauth = None
         return entry

@@ -34,6 +34,7 @@ import time
 from decimal import Decimal
 from typing import Any, NamedTuple, Optional
 
+from gateway import logs
 from gateway.model import GatewayError
 
 log = logging.getLogger(__name__)
@@ -514,7 +515,8 @@ class Journal:
                 self._db.execute("INSERT INTO events VALUES (?, ?, ?)",
                                  (seq, now_ms(), json.dumps(body, separators=(",", ":"))))
             log.warning("journal %s: dropped %d oldest %s (seq %d..%d, %s)",
-                        self.path, n, stream, lo, hi, reason)
+                        self.path, n, stream, lo, hi, reason,
+                        extra=logs.fields(event="journal.dropped"))
             if self._on_drop:
                 self._on_drop(body)
             return n
@@ -824,7 +826,8 @@ def open_journal(path, state, **kwargs):
         return journal
     aside = _move_aside(path)
     log.error("%s; %sa fresh journal continues every stream from its mark %s", reason,
-              "kept aside as %s; " % aside if aside else "", floor or "(none)")
+              "kept aside as %s; " % aside if aside else "", floor or "(none)",
+              extra=logs.fields(event="journal.replaced"))
     fields = {"reason": reason, "aside": aside, "previous_jid": previous_jid,
               "floors": {s: max(1, floor.get(s, 1)) for s in STREAMS}}
     journal = Journal(path, seq_floor=floor, first_event=("journal.replaced", fields),
@@ -838,7 +841,7 @@ def _check_jid(journal, previous_jid, floor):
         # not the journal the mark was written for (a copy from elsewhere, or a crash
         # right after a replacement): its own jid tells the head-end it numbers anew
         log.warning("%s: journal id %s, the state file last saw %s", journal.path,
-                    journal.jid, previous_jid)
+                    journal.jid, previous_jid, extra=logs.fields(event="journal.replaced"))
         journal.append_event("journal.replaced", reason="different journal", aside=None,
                              previous_jid=previous_jid, floors=floor)
 

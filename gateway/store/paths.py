@@ -178,8 +178,20 @@ def status_path(gateway):
     return os.path.join(gateway.status_dir or gateway.data_dir, STATUS)
 
 
+def status_time(value):
+    """Unix seconds of a time in status.json: RFC 3339 (what the service writes), or the
+    epoch number older versions wrote; 0 when absent or unreadable."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        import datetime as _dt
+        return _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
 def status_is_fresh(status, interval_s, now):
     """Whether a status.json document says the service is running now."""
-    age = now - (status.get("written_at") or 0)
+    age = now - status_time(status.get("written_at"))
     return not status.get("stopped") and \
         age < STATUS_FRESH_CYCLES * interval_s + STATUS_FRESH_SLACK_S

@@ -21,7 +21,6 @@ again by a reconnect once the queue has room.
 """
 
 import collections
-import datetime as _dt
 import functools
 import json
 import logging
@@ -31,12 +30,14 @@ import socket
 import ssl
 import threading
 import time
+from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import __version__
+from gateway.clock import rfc3339 as clock_rfc3339
 from gateway.model import valid_topic
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ MAX_COMMAND_BYTES = 64 * 1024     # larger ones are acked and dropped (the execu
 MAX_PACKET_BYTES = 1024 * 1024    # MQTT 5: the broker drops anything larger for us
 MAX_CORRELATION_BYTES = 256
 STUCK_MAX = 16                    # unacked commands that found the queue full: reconnect
+REPUBLISH_MAX = 64                # results waiting to be sent again (the oldest go first)
 
 _done_lock = threading.Lock()     # Command.done() from any thread; shared, done() is rare
 
@@ -66,8 +68,7 @@ def valid_correlation(hex_text):
 
 def rfc3339(ms):
     """Unix milliseconds as RFC 3339 with the gateway's UTC offset."""
-    return _dt.datetime.fromtimestamp(ms / 1000.0).astimezone().isoformat(
-        timespec="milliseconds")
+    return clock_rfc3339(ms / 1000.0)
 
 
 class Command:
@@ -117,6 +118,7 @@ class Uplink(threading.Thread):
         self._stuck = 0                   # unacked commands of this connection not queued
         self._logged = set()              # conditions logged once (until they clear)
         self.ota_chunks = None            # (topic tail, payload) -> None: gateway/ota
+        self._again = collections.deque(maxlen=REPUBLISH_MAX)   # results to send again
         self.heartbeat = time.monotonic()
         self.state = {"connected": False, "broker": "%s:%d" % (cfg.host, cfg.port),
                       "last_ack": None, "last_error": None, "connects": 0,
@@ -147,6 +149,13 @@ class Uplink(threading.Thread):
         """New rows in the journal: wake the sender."""
         self._wake.set()
 
+    def republish(self, seq, ts, jid, body):
+        """A command result published before (seq, ts in ms, jid, body as journalled), sent
+        again as the same bytes, where it went the first time, for a repeated command. Not
+        journalled: if it is lost, the head-end asks again."""
+        self._again.append((seq, ts, jid, body))
+        self._wake.set()
+
     def status(self, journal_stats=None):
         """Connection state, backlog per stream and the age of the oldest unsent reading
         (pass the journal's stats when the caller has them already)."""
@@ -162,6 +171,7 @@ class Uplink(threading.Thread):
         except Exception:      # a failing disk must not break status reports
             backlog, oldest = {}, None
         out["backlog"] = backlog
+        out["last_ack"] = clock_rfc3339(out["last_ack"])    # RFC 3339, as in every payload
         out["oldest_unsent_age_s"] = round(time.time() - oldest / 1000.0, 1) if oldest else 0
         return out
 
@@ -176,9 +186,12 @@ class Uplink(threading.Thread):
 
     # ---------------------------------------------------------------- client
 
-    def _status_payload(self, state):
-        return json.dumps({"v": 1, "state": state, "version": __version__,
-                           "since": rfc3339(int(self.started_at * 1000))},
+    def _status_payload(self, state, since, **extra):
+        """online: since this connection; offline after a clean stop: since the stop; the
+        Last Will (`"unclean": true`): since the connection it ends began, since the
+        gateway cannot know when the broker will notice the loss (its arrival says that)."""
+        return json.dumps(dict({"v": 1, "state": state, "version": __version__,
+                                "since": clock_rfc3339(since)}, **extra),
                           separators=(",", ":"))
 
     def _new_client(self):
@@ -200,8 +213,8 @@ class Uplink(threading.Thread):
             # ca_certs None: the system's CA store
             client.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
                            cert_reqs=ssl.CERT_REQUIRED)
-        client.will_set(self.root + "/status", self._status_payload("offline"), qos=1,
-                        retain=True)
+        client.will_set(self.root + "/status", self._status_payload(
+            "offline", time.time(), unclean=True), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -225,8 +238,8 @@ class Uplink(threading.Thread):
         if self.ota_chunks is not None:
             # QoS 0: the updater asks again for what does not come
             client.subscribe(self.root + "/ota/chunks/+/+", qos=0)
-        client.publish(self.root + "/status", self._status_payload("online"), qos=1,
-                       retain=True)
+        client.publish(self.root + "/status", self._status_payload("online", time.time()),
+                       qos=1, retain=True)
         log.info("uplink connected to %s (%s)", self.state["broker"],
                  "MQTT 5" if self.v5 else "MQTT 3.1.1")
 
@@ -423,14 +436,15 @@ class Uplink(threading.Thread):
             client.loop(timeout=0.05)
             self._collect_acks()
             self._send_acks(client)
-        info = client.publish(self.root + "/status", self._status_payload("offline"), qos=1,
-                              retain=True)
+        info = client.publish(self.root + "/status", self._status_payload(
+            "offline", time.time()), qos=1, retain=True)
         end = time.monotonic() + 1.0
         while not info.is_published() and time.monotonic() < end:
             client.loop(timeout=0.05)
 
     def _has_work(self):
-        return bool(self._inflight) or self._wake.is_set() or bool(self._to_ack)
+        return bool(self._inflight) or self._wake.is_set() or bool(self._to_ack) or \
+            bool(self._again)
 
     def _reset_inflight(self):
         with self._lock:
@@ -461,8 +475,22 @@ class Uplink(threading.Thread):
                 self.journal.ack(CONSUMER, stream, upto)
                 self.state["last_ack"] = time.time()
 
+    def _send_again(self):
+        while self._again:
+            seq, ts, jid, body = self._again.popleft()
+            try:
+                payload, extra_topic, props = record_payload(_Row(seq, ts, body), "results",
+                                                             jid)
+                self._client.publish(self.root + "/command-results", payload, qos=1)
+                if extra_topic:
+                    self._client.publish(extra_topic, payload, qos=1, properties=props)
+            except Exception as exc:          # a bad stored body: it was sent once already
+                self._log_once("again", logging.WARNING, "uplink: result %d not sent again: "
+                               "%s", seq, exc)
+
     def _send(self):
         self._wake.clear()
+        self._send_again()
         jid = getattr(self.journal, "jid", None)
         for stream in STREAMS:
             limit = self.cfg.batch_max
@@ -525,6 +553,13 @@ class Uplink(threading.Thread):
         self.state["skipped"] += 1
         self._pending[stream].append([seq, None, True])
         self._sent_upto[stream] = seq
+
+
+class _Row(NamedTuple):
+    """A journal row as record_payload reads it."""
+    seq: int
+    ts: int
+    body: dict
 
 
 def readings_payload(rows, jid=None):
