@@ -345,21 +345,27 @@ def test_free_space_is_checked_before_the_transfer(tmp_path):
                                  arch="armhf").check("u1", manifest)
 
 
-def test_the_installer_waits_for_a_relay_operation(tmp_path):
-    """Held by the executor for a whole relay operation; the installer never starts while
-    one runs."""
+def _verified(data_dir):
+    """A data folder as the updater leaves it after verifying update u1's package."""
     import hashlib
-    from gateway.control.executor import RELAY_GATE
-    from gateway.ota.updater import Updater, _write_json
-    marker = tmp_path / "installed"
+    from gateway.ota.updater import _write_json
     pkg_bytes = b"package" * 100
-    (tmp_path / "ota").mkdir()
-    (tmp_path / "ota" / "u1.pkg").write_bytes(pkg_bytes)
-    _write_json(str(tmp_path / "ota" / "state.json"), {
+    (data_dir / "ota").mkdir()
+    (data_dir / "ota" / "u1.pkg").write_bytes(pkg_bytes)
+    _write_json(str(data_dir / "ota" / "state.json"), {
         "id": "u1", "phase": "verified", "previous": "0.1.0",
         "manifest": {"name": "meter-gateway", "version": "0.2.0", "arch": "armhf",
                      "size": len(pkg_bytes), "sha256": hashlib.sha256(pkg_bytes).hexdigest(),
                      "chunk_size": 1024, "allow_downgrade": False}})
+
+
+def test_the_installer_waits_for_a_relay_operation(tmp_path):
+    """Held by the executor for a whole relay operation; the installer never starts while
+    one runs."""
+    from gateway.control.executor import RELAY_GATE
+    from gateway.ota.updater import Updater
+    marker = tmp_path / "installed"
+    _verified(tmp_path)
     events = []
     installer = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
                  str(marker), "{package}"]
@@ -469,16 +475,8 @@ def test_the_root_helper_installs_only_what_the_head_end_signed(tmp_path):
 def test_a_refusal_of_the_root_helper_fails_the_update_at_once(tmp_path):
     """Under systemd the installer only asks; when root refuses, the service hears it from
     ota/install-result instead of waiting for a restart that never comes."""
-    import hashlib
-    from gateway.ota.updater import Updater, _write_json
-    pkg_bytes = b"package" * 100
-    (tmp_path / "ota").mkdir()
-    (tmp_path / "ota" / "u1.pkg").write_bytes(pkg_bytes)
-    _write_json(str(tmp_path / "ota" / "state.json"), {
-        "id": "u1", "phase": "verified", "previous": "0.1.0",
-        "manifest": {"name": "meter-gateway", "version": "0.2.0", "arch": "armhf",
-                     "size": len(pkg_bytes), "sha256": hashlib.sha256(pkg_bytes).hexdigest(),
-                     "chunk_size": 1024, "allow_downgrade": False}})
+    from gateway.ota.updater import Updater
+    _verified(tmp_path)
     refuse = [sys.executable, "-c", "import json, os, sys; json.dump({'reason': 'no head-end "
               "signature vouches for it'}, open(os.path.join(os.path.dirname(sys.argv[1]), "
               "'install-result'), 'w'))", "{package}"]

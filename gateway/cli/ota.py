@@ -31,8 +31,8 @@ MAX_COUNT = 16                 # chunks answered per request (the gateway asks f
 
 
 def register(add, host_port):
-    p = add("ota", "software updates: `ota serve` (head-end side), `ota keep` (on the box)",
-            run)
+    p = add("ota", "software updates: serve (the head-end's side), keep, request and "
+            "install-requested (on the box)", run)
     p.add_argument("what", choices=("serve", "keep", "request", "install-requested"))
     p.add_argument("--package", metavar="FILE", help="the .deb to send (serve), to keep as "
                    "the running version's (keep), to ask root to install (request)")
