@@ -3,7 +3,8 @@
 (systemd notify). Target: at most 40 MB resident (a concentrator has 256-512 MB for
 everything).
 
-The meters are 8 `mgw simulate` processes (128 DL/T 645 meters each, 9600 baud) on
+The meters are 8 `mgw simulate` processes (128 meters each, 9600 baud; 4 lines of DL/T 645
+meters, 4 of DL/T 698.45) on
 pseudo-terminals; the gateway is a separate `mgw run` process measured from /proc, with an
 uplink (to an absent broker: buffering) and a head-end key configured, as in the field, and
 the environment of systemd/meter-gateway.service (MALLOC_ARENA_MAX=2).
@@ -23,6 +24,11 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 LINES = 8
 PER_LINE = 128
 BAUD = 9600
+
+
+def protocol_of(line):
+    """Half the lines DL/T 645, half DL/T 698.45 (128 meters each)."""
+    return "dlt645" if line < LINES // 2 else "dlt698"
 
 
 def byte_compile():
@@ -62,6 +68,7 @@ def main():
         link = os.path.join(folder, "tty%d" % n)
         p = mgw("simulate", "--port", link, "--meters", str(PER_LINE), "--first",
                 str(100000 * (n + 1)), "--baudrate", str(BAUD), "--latency-ms", "20",
+                "--protocol", protocol_of(n),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         p.stdout.readline()
         threading.Thread(target=lambda q=p: [None for _ in q.stdout], daemon=True).start()
@@ -75,6 +82,7 @@ def main():
     for n in range(LINES):
         for i in range(PER_LINE):
             lines += ['[[meters]]', 'id = "m%d_%d"' % (n, i), 'port = "l%d"' % n,
+                      'protocol = "%s"' % protocol_of(n),
                       'address = "%012d"' % (100000 * (n + 1) + i), 'interval_s = 300',
                       'instant_interval_s = 0', 'clock_interval_s = 0', '']
     # a head-end key, as in the field (the signature check is part of the footprint)
@@ -142,8 +150,9 @@ def main():
                         by[name] = by.get(name, 0) + int(head[1])
             for n, kb in sorted(by.items(), key=lambda kv: -kv[1])[:8]:
                 print("    %6d kB %s" % (kb, n))
-        print("meter-gateway footprint: `mgw run` with %d DL/T 645 meters on %d lines at %d "
-              "baud, Python %s" % (LINES * PER_LINE, LINES, BAUD, sys.version.split()[0]))
+        print("meter-gateway footprint: `mgw run` with %d meters (half DL/T 645, half "
+              "DL/T 698.45) on %d lines at %d baud, Python %s"
+              % (LINES * PER_LINE, LINES, BAUD, sys.version.split()[0]))
         print("\n  start to READY:                  %6.2f s" % ready)
         print("  first cycle (every meter read):  %6.1f s, CPU %.1f s (%.0f%% of one core)"
               % (cycle_s, cycle_cpu, 100 * cycle_cpu / cycle_s))

@@ -6,6 +6,11 @@ mixed in between frames, fed in 256-byte chunks.
   DL/T 645 stream: our compiled scanner, our pure-Python twin, and the `dlt645` 3.2.0
   package's streaming DLT645Protocol.deserialize_with_remaining.
   Modbus stream: our two scanners and pymodbus' FramerRTU.handleFrame.
+  DL/T 698.45 stream: our two scanners and the `dlt698` package's FrameStreamDecoder (the
+  Python bindings of a C++ library); bytes -> typed readings (scan, decode, Scalar_Unit
+  applied into Decimal quantities) beside the peer's frame + APDU decoding.
+  Mixed DL/T 645 + 698.45 stream (half each, as on a mixed line): each of our scanners
+  picks its own frames out of the other's, and the peer its 698 frames.
 
 Then the whole path from bytes to typed readings (scan + decode + BCD values) for ours.
 Run: python bench/frames.py [--frames N]  (install the peers with pip install '.[bench]').
@@ -24,7 +29,11 @@ from decimal import Decimal
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from protocols import dlt645  # noqa: E402
+from protocols import dlt698  # noqa: E402
 from protocols import modbus  # noqa: E402
+from protocols.dlt698_data import (ARRAY, BIT_STRING, DATE_TIME_S, DOUBLE_LONG,  # noqa: E402
+                                   DOUBLE_LONG_UNSIGNED, LONG, LONG_UNSIGNED, STRUCTURE, OAD,
+                                   BitString, encode_data)
 
 CHUNK = 256
 
@@ -48,6 +57,44 @@ def dlt645_stream(n, rng):
     # vary preambles: meters send 0..4 FE
     frames = [f[rng.randint(0, 4):] for f in frames]
     return frames
+
+
+def dlt698_stream(n, rng):
+    """Answers a concentrator gets from 32 DL/T 698.45 meters: the driver's energy+money
+    and instant+status NormalLists, a clock read and a day-freeze record."""
+    import datetime as _dt
+    templates = []
+    when = _dt.datetime(2026, 11, 26, 10, 15, 0)
+    word = dlt698.status_word(False, False, False)
+    for i in range(32):
+        sa = dlt698.server_address("%012d" % (200000 + i))
+        kwh = [rng.randint(0, 10 ** 8) for _ in range(5)]
+        energy = [(OAD(0x0010, 2, 0), encode_data(ARRAY, [(DOUBLE_LONG_UNSIGNED, k)
+                                                          for k in kwh]), None),
+                  (OAD(0x0020, 2, 0), encode_data(ARRAY, [(DOUBLE_LONG_UNSIGNED, 0)] * 5),
+                   None),
+                  (OAD(0x202C, 2, 0), encode_data(STRUCTURE, [(DOUBLE_LONG_UNSIGNED, 3520),
+                                                              (DOUBLE_LONG_UNSIGNED, 4)]),
+                   None),
+                  (OAD(0x202D, 2, 0), encode_data(DOUBLE_LONG_UNSIGNED, 0), None)]
+        instant = [(OAD(0x2000, 2, 0), encode_data(ARRAY, [(LONG_UNSIGNED, 2201)] * 3), None),
+                   (OAD(0x2001, 2, 0), encode_data(ARRAY, [(DOUBLE_LONG, -5123)] * 3), None),
+                   (OAD(0x2004, 2, 0), encode_data(ARRAY, [(DOUBLE_LONG, 11000)] * 4), None),
+                   (OAD(0x200A, 2, 0), encode_data(ARRAY, [(LONG, 998)] * 4), None),
+                   (OAD(0x200F, 2, 0), encode_data(LONG_UNSIGNED, 5001), None),
+                   (dlt698.STATUS_WORDS, encode_data(ARRAY, [(BIT_STRING, BitString(
+                       16, b"\x00\x00"))] * 2 + [(BIT_STRING, word)]), None)]
+        cols = [dlt698.CSD(dlt698.FREEZE_TIME), dlt698.CSD(OAD(0x0010, 2, 0))]
+        row = [encode_data(DATE_TIME_S, when.replace(hour=0, minute=0)),
+               encode_data(ARRAY, [(DOUBLE_LONG_UNSIGNED, k) for k in kwh])]
+        templates += [
+            dlt698.get_list_response(sa, 1, energy),
+            dlt698.get_list_response(sa, 2, instant),
+            dlt698.get_response(sa, 3, dlt698.CLOCK, encode_data(DATE_TIME_S, when)),
+            dlt698.get_record_response(sa, 4, dlt698.DAY_FREEZE, cols, rows=[row]),
+        ]
+    frames = [rng.choice(templates) for _ in range(n)]
+    return [f[rng.randint(0, 4):] for f in frames]         # 0..4 wake-up FE bytes
 
 
 def modbus_stream(n, rng):
@@ -121,15 +168,66 @@ def ours_decoded(module):
     return run
 
 
-def ours_modbus_decoded(module):
+def ours_typed(module, protocol, typed):
+    """Scan with this module's scanner, and count what `typed(raw frame)` makes of each."""
     Scanner = importlib.import_module(module).Scanner
 
     def run(chunks):
-        s = Scanner("modbus")
+        s = Scanner(protocol)
         n = 0
         for c in chunks:
             for raw in s.feed(c):
-                n += len(modbus.decode_answer(raw).registers)
+                n += typed(raw)
+        return n
+    return run
+
+
+def modbus_registers(raw):
+    return len(modbus.decode_answer(raw).registers)
+
+
+def dlt698_quantities(raw):
+    """Frame, APDU, A-XDR data, Scaler_Unit applied into Decimal quantities."""
+    apdu = dlt698.decode(dlt698.frame_from_scanner(raw)).apdu
+    if isinstance(apdu, dlt698.GetResponse):
+        return sum(len(dlt698.quantities(r.oad, r.value)) for r in apdu.results)
+    if isinstance(apdu, dlt698.GetRecordResponse):
+        return sum(len(row) for row in apdu.rows)
+    return 0
+
+
+def ours_mixed(module):
+    """Both of our scanners over the same mixed bytes (a port worker feeds each exchange's
+    bytes to the scanner of its framing): 645 frames and 698 frames found."""
+    Scanner = importlib.import_module(module).Scanner
+
+    def run(chunks):
+        a, b = Scanner("dlt645"), Scanner("dlt698")
+        n = 0
+        for c in chunks:
+            n += len(a.feed(c)) + len(b.feed(c))
+        return n
+    return run
+
+
+def peer_dlt698(decode_apdus=False):
+    try:
+        from dlt698 import codec
+    except ImportError:
+        return None
+    Frame = codec.Frame
+
+    def run(chunks):
+        dec = codec.FrameStreamDecoder()
+        n = 0
+        for c in chunks:
+            for f in dec.feed(c):
+                if type(f) is Frame:
+                    if decode_apdus:
+                        apdu = codec.decode_apdu(f.payload)
+                        n += len(getattr(apdu, "attributes", ())) or 1
+                    else:
+                        n += 1
         return n
     return run
 
@@ -207,6 +305,20 @@ def row(name, sent, result):
     return rate
 
 
+def scanned(title, protocol, frames, rng, have_compiled):
+    """The stream of these frames with garbage, in chunks, and our two scanners' rates."""
+    stream, garbage = mix_garbage(frames, rng)
+    chunks = chunks_of(stream)
+    print("\n%s stream: %d bytes, %d garbage" % (title, len(stream), garbage))
+    rates = {}
+    if have_compiled:
+        rates["compiled"] = row("ours, compiled (scan)", len(frames),
+                                timed(ours("protocols._speedups", protocol), chunks))
+    rates["python"] = row("ours, pure-Python twin (scan)", len(frames),
+                          timed(ours("protocols._pyframing", protocol), chunks, 1))
+    return chunks, rates
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=100000)
@@ -219,15 +331,7 @@ def main():
         print("  (compiled scanner not built: run pip install -e . with Cython and gcc)")
 
     frames = dlt645_stream(args.frames, rng)
-    stream, garbage = mix_garbage(frames, rng)
-    chunks = chunks_of(stream)
-    print("\nDL/T 645 stream: %d bytes, %d garbage" % (len(stream), garbage))
-    rates = {}
-    if have_compiled:
-        rates["compiled"] = row("ours, compiled (scan)", len(frames),
-                                timed(ours("protocols._speedups", "dlt645"), chunks))
-    rates["python"] = row("ours, pure-Python twin (scan)", len(frames),
-                          timed(ours("protocols._pyframing", "dlt645"), chunks, 1))
+    chunks, rates = scanned("DL/T 645", "dlt645", frames, rng, have_compiled)
     peer = peer_dlt645()
     if peer:
         rates["dlt645"] = row("dlt645 3.2.0 deserialize_with_remaining", len(frames),
@@ -243,23 +347,55 @@ def main():
         "ours, twin: bytes -> typed readings", "{:,.0f}".format(args.frames / s), c))
 
     mframes = modbus_stream(args.frames, rng)
-    mstream, mgarbage = mix_garbage(mframes, rng)
-    mchunks = chunks_of(mstream)
-    print("\nModbus RTU stream: %d bytes, %d garbage" % (len(mstream), mgarbage))
-    mrates = {}
-    if have_compiled:
-        mrates["compiled"] = row("ours, compiled (scan)", len(mframes),
-                                 timed(ours("protocols._speedups", "modbus"), mchunks))
-    mrates["python"] = row("ours, pure-Python twin (scan)", len(mframes),
-                           timed(ours("protocols._pyframing", "modbus"), mchunks, 1))
+    mchunks, mrates = scanned("Modbus RTU", "modbus", mframes, rng, have_compiled)
     mrates["pymodbus"] = row("pymodbus handleFrame, one call per response", len(mframes),
                              timed(peer_pymodbus_per_response(), mframes, 1))
     row("pymodbus handleFrame on the garbled stream", len(mframes),
         timed(peer_pymodbus(), mchunks, 1))
     if have_compiled:
-        c, s = timed(ours_modbus_decoded("protocols._speedups"), mchunks, 1)
+        c, s = timed(ours_typed("protocols._speedups", "modbus", modbus_registers), mchunks,
+                     1)
         print("  %-46s %12s frames/s   (%d registers, via pymodbus PDUs)" % (
             "ours, compiled: bytes -> registers", "{:,.0f}".format(args.frames / s), c))
+
+    pframes = dlt698_stream(args.frames, rng)
+    pchunks, prates = scanned("DL/T 698.45", "dlt698", pframes, rng, have_compiled)
+    peer = peer_dlt698()
+    if peer:
+        prates["dlt698"] = row("dlt698 FrameStreamDecoder", len(pframes), timed(peer, pchunks))
+    else:
+        print("  dlt698 peer not installed (pip install '.[bench]', Python >= 3.11)")
+    for name, module in (("compiled", "protocols._speedups"), ("twin", "protocols._pyframing")):
+        if name == "compiled" and not have_compiled:
+            continue
+        c, s = timed(ours_typed(module, "dlt698", dlt698_quantities), pchunks, 1)
+        prates["typed-" + name] = args.frames / s
+        print("  %-46s %12s frames/s   (%d typed values)" % (
+            "ours, %s: bytes -> typed readings" % name, "{:,.0f}".format(args.frames / s), c))
+    peer = peer_dlt698(decode_apdus=True)
+    if peer:
+        c, s = timed(peer, pchunks, 1)
+        prates["typed-dlt698"] = args.frames / s
+        print("  %-46s %12s frames/s   (%d results)" % (
+            "dlt698: FrameStreamDecoder + decode_apdu", "{:,.0f}".format(args.frames / s), c))
+
+    half = args.frames // 2
+    xframes = dlt645_stream(half, rng) + dlt698_stream(args.frames - half, rng)
+    rng.shuffle(xframes)
+    xstream, xgarbage = mix_garbage(xframes, rng)
+    xchunks = chunks_of(xstream)
+    print("\nMixed DL/T 645 + 698.45 stream: %d bytes, %d garbage, %d + %d frames"
+          % (len(xstream), xgarbage, half, args.frames - half))
+    xrates = {}
+    if have_compiled:
+        xrates["compiled"] = row("ours, compiled (645 and 698 scanners)", len(xframes),
+                                 timed(ours_mixed("protocols._speedups"), xchunks))
+    xrates["python"] = row("ours, pure-Python twins (645 and 698)", len(xframes),
+                           timed(ours_mixed("protocols._pyframing"), xchunks, 1))
+    peer = peer_dlt698()
+    if peer:
+        row("dlt698 FrameStreamDecoder (its 698 frames)", args.frames - half,
+            timed(peer, xchunks))
 
     print("\nRatios (targets: compiled >= 20x each peer, >= 8x the twin)")
     if have_compiled:
@@ -269,6 +405,17 @@ def main():
         print("  Modbus:   compiled / twin   = %6.1fx" % (mrates["compiled"] / mrates["python"]))
         print("  Modbus:   compiled / pymodbus = %4.1fx"
               % (mrates["compiled"] / mrates["pymodbus"]))
+        print("  DL/T 698.45 (targets: >= 4x FrameStreamDecoder, >= 8x the twin, typed "
+              ">= the peer's frame + APDU)")
+        print("  DL/T 698: compiled / twin   = %6.1fx" % (prates["compiled"] /
+                                                         prates["python"]))
+        if "dlt698" in prates:
+            print("  DL/T 698: compiled / dlt698 = %6.1fx" % (prates["compiled"] /
+                                                             prates["dlt698"]))
+            print("  DL/T 698: typed, compiled / dlt698 frame + APDU = %4.2fx"
+                  % (prates["typed-compiled"] / prates["typed-dlt698"]))
+        print("  mixed:    compiled / twins  = %6.1fx" % (xrates["compiled"] /
+                                                         xrates["python"]))
 
 
 if __name__ == "__main__":

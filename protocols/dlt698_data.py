@@ -273,6 +273,23 @@ class Reader:
         b = self.take(7)
         return _date_time_s(b)
 
+    def _same_ints(self, n):
+        """n elements that are all the same integer type (energy by tariff, voltages by
+        phase: the usual arrays) in one struct call, or None to read them one by one."""
+        data, pos = self.data, self.pos
+        if not n or pos >= len(data):
+            return None
+        fmt = _INT_FORMATS.get(data[pos])
+        if fmt is None:
+            return None
+        step = _STRUCT_SIZES[fmt] + 1
+        end = pos + n * step
+        if end > len(data) or data[pos:end:step] != bytes((data[pos],)) * n:
+            return None
+        items = list(_struct_for(fmt, n).unpack_from(data, pos))
+        self.pos = end
+        return items
+
     def data_value(self, depth=0):
         """One Data (tag + content) as a Python value."""
         if depth > MAX_DEPTH:
@@ -285,7 +302,9 @@ class Reader:
             if n > MAX_ITEMS or n > self.left:
                 raise DataError("%s of %d elements with %d bytes left"
                                 % ("array" if tag == ARRAY else "structure", n, self.left))
-            items = [self.data_value(depth + 1) for _ in range(n)]
+            items = self._same_ints(n)
+            if items is None:
+                items = [self.data_value(depth + 1) for _ in range(n)]
             return items if tag == ARRAY else tuple(items)
         fixed = _FIXED.get(tag)
         if fixed is not None:
@@ -392,6 +411,25 @@ _FIXED = {
     OAD_T: (4, lambda b: Reader(b).oad()),
     OMD_T: (4, lambda b: Reader(b).omd()),
 }
+
+
+# integer types read several at a time by Reader._same_ints (struct codes, big-endian)
+_INT_FORMATS = {DOUBLE_LONG: "i", DOUBLE_LONG_UNSIGNED: "I", INTEGER: "b", LONG: "h",
+                UNSIGNED: "B", LONG_UNSIGNED: "H", LONG64: "q", LONG64_UNSIGNED: "Q",
+                ENUM: "B"}
+_STRUCT_SIZES = {"i": 4, "I": 4, "b": 1, "h": 2, "B": 1, "H": 2, "q": 8, "Q": 8}
+_STRUCTS = {}
+
+
+def _struct_for(fmt, n):
+    """struct for n tagged elements: skip the tag byte, then the value, n times."""
+    key = (fmt, n)
+    st = _STRUCTS.get(key)
+    if st is None:
+        st = struct.Struct(">" + ("x" + fmt) * n)
+        if len(_STRUCTS) < 256:              # the usual shapes only: bounded memory
+            _STRUCTS[key] = st
+    return st
 
 
 def decode_data(data):

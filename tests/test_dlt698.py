@@ -318,7 +318,11 @@ def test_relay_action_form_and_answer():
     a = msg.apdu
     assert isinstance(a, D.ActionRequest) and a.omd == OMD(0x8000, 129)
     assert a.value == [(OAD(0xF205, 2, 1), 0, 0, False)]
-    assert D.parse_frame(f).user_data.endswith(H("01 07 EA 05 01 0C 00 00 01 00 05"))
+    # TimeTag: send time, then the allowed delay as TI (unit 0 = seconds, 300)
+    assert D.parse_frame(f).user_data.endswith(H("01 07 EA 05 01 0C 00 00 00 01 2C"))
+    assert a.time_tag == (when, (0, 300))
+    g = D.relay_action("000000000001", D.RelayMethod.TRIP, when, piid=2, valid_s=90)
+    assert D.decode(D.parse_frame(g)).apdu.time_tag == (when, (0, 90))
     close = D.decode(D.parse_frame(D.relay_action("1", D.RelayMethod.CLOSE, when,
                                                   direct=True))).apdu
     assert close.value == [(OAD(0xF205, 2, 1), 1)]
@@ -390,3 +394,32 @@ def test_objects_not_in_the_table_come_back_raw():
     assert D.quantities(OAD(0x2000, 2, 9), 5)[0].quantity == "oad.20000209"
     with pytest.raises(D.DataError):
         D.quantities(OAD(0x0010, 2, 0), b"not an array")
+
+
+_INT_RANGES = {0x05: (-2 ** 31, 2 ** 31 - 1), 0x06: (0, 2 ** 32 - 1), 0x0F: (-128, 127),
+               0x10: (-2 ** 15, 2 ** 15 - 1), 0x11: (0, 255), 0x12: (0, 2 ** 16 - 1),
+               0x14: (-2 ** 63, 2 ** 63 - 1), 0x15: (0, 2 ** 64 - 1), 0x16: (0, 255)}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(_INT_RANGES)).flatmap(lambda tag: st.tuples(
+    st.just(tag), st.lists(st.integers(*_INT_RANGES[tag]), max_size=12))),
+    st.booleans(), st.integers(0, 13))
+def test_arrays_of_one_integer_type_read_as_the_element_reader_reads_them(case, structure,
+                                                                           cut):
+    """Arrays of one integer type are read in one go; the values, the position after them
+    and the errors on truncated input are those of reading element by element."""
+    tag, values = case
+    kind = 0x02 if structure else ARRAY
+    data = encode_data(kind, [(tag, v) for v in values]) + b"\x00"
+    r = Reader(data)
+    got = r.data_value()
+    assert got == (tuple(values) if structure else values) and r.pos == len(data) - 1
+    # a different element in the middle: read one by one, the same values
+    if values:
+        mixed = encode_data(ARRAY, [(tag, v) for v in values] + [(0x00, None)])
+        assert Reader(mixed).data_value() == values + [None]
+    short = data[:max(1, len(data) - 1 - cut)]
+    if len(short) < len(data) - 1:
+        with pytest.raises(ValueError):
+            Reader(short).data_value()

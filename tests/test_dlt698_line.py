@@ -159,3 +159,23 @@ def test_config_takes_dlt698_meters_beside_dlt645_meters_on_one_port():
     from gateway.config import ConfigError
     with pytest.raises(ConfigError, match="DL/T 698.45 address"):
         validate(bad, "gw.toml")
+
+
+def test_a_freeze_due_today_is_read_at_start_by_a_trusted_clock():
+    """A gateway started after today's freeze time reads (and backfills) at once, instead
+    of waiting for the next midnight; not before the freeze time, not by an untrusted
+    clock, not when the poller does not poll at start."""
+    import time as _time
+    spec = MeterSpec("m1", "p", protocol="dlt698", address="000000000001",
+                     clock_interval_s=3600)
+    midnight = _time.mktime(dt.date(2026, 11, 27).timetuple())
+
+    def freeze_due(now, **kw):
+        poller = LinePoller([spec], lambda r: None, lambda *a, **k: None,
+                            wall=lambda: now, **kw)
+        return min(due for due, _, _, task in poller._heap if task == "freeze")
+    ten = midnight + 10 * 3600
+    assert freeze_due(ten) == ten                                     # now
+    assert freeze_due(ten, clock_trusted=lambda: False) == midnight + 86400 + 300
+    assert freeze_due(ten, first_poll=False) == midnight + 86400 + 300
+    assert freeze_due(midnight + 120) == midnight + 300               # not before 00:05

@@ -111,3 +111,57 @@ def test_their_frames_decode_the_same_in_ours():
     assert isinstance(msg, D.GetRequest) and msg.listed and msg.piid == 9
     assert msg.oads == (OAD(0x0010, 2, 0), D.CLOCK)
     assert raw == D.get_list_request("123456789012", msg.oads, piid=9)[4:]
+
+
+def test_get_next_request_and_response_agree():
+    sa = D.server_address("000000000001")
+    _, _, apdu = _ours_and_theirs(D.get_next_request(sa, 7, 3))
+    assert type(apdu).__name__ == "GetNextRequest" and (apdu.piid, apdu.block) == (7, 3)
+    oad = OAD(0x200F, 2, 0)
+    ours, _, apdu = _ours_and_theirs(D.get_next_response(sa, 7, False, 1,
+                                                         [(oad, bytes.fromhex("121388"),
+                                                           None)]))
+    assert type(apdu).__name__ == "GetNextResponse"
+    assert (apdu.block, apdu.last) == (1, False)
+    mine = D.decode(ours).apdu
+    assert [OAD(r.attribute.oi, r.attribute.attribute, r.attribute.index)
+            for r in apdu.result] == [r.oad for r in mine.results] == [oad]
+
+
+def test_link_fragments_agree():
+    sa = D.server_address("000000000001")
+    for kind, word in (("first", "first"), ("middle", "middle"), ("last", "last"),
+                       ("confirm", "acknowledgement")):
+        ours = D.parse_frame(D.fragment_frame(0x83 if kind != "confirm" else 0x43, sa, 261,
+                                              kind, b"\x85\x01" if kind != "confirm"
+                                              else b""))
+        theirs = native.decode_fragment(oracle.decode_frame(ours.raw).payload)
+        assert (theirs.sequence, str(theirs.type).split(".")[-1]) == (261, word)
+        assert theirs.data == D.decode(ours).apdu.payload
+
+
+def test_protection_and_forwarded_security_request_agree():
+    sa = D.server_address("000000000001")
+    _, _, apdu = _ours_and_theirs(D.protect_action(sa, D.ProtectMethod.ON, WHEN, piid=3))
+    m = apdu.methods[0]
+    assert (m.method.oi, m.method.method) == (0x8001, 127) and apdu.time_tag is not None
+    inner = D.parse_frame(D.relay_action(sa, D.RelayMethod.TRIP, WHEN, piid=4)).user_data
+    payload = D.security_request_apdu(inner, sid=(7, b"\x01"), mac=b"\x11\x22\x33\x44")
+    theirs = oracle.decode_security(payload)
+    assert type(theirs).__name__ == "SecurityRequest" and not theirs.encrypted
+    assert theirs.application == inner == D.decode_apdu(payload).apdu
+    ours = D.parse_frame(D.security_frame(sa, payload))
+    assert ours.user_data == payload                     # forwarded unchanged
+    refused = oracle.decode_security(D.parse_frame(D.security_response(sa, dar=22)).user_data)
+    assert refused.application == 22
+
+
+def test_link_response_agrees():
+    sa = D.server_address("111111111111")
+    t = dt.datetime(2026, 11, 27, 9, 58, 1, 250000)      # a Friday
+    ours, theirs, apdu = _ours_and_theirs(D.link_response(sa, 3, t, t, t, 0x80))
+    assert ours.control == 0x01 and type(apdu).__name__ == "LinkResponse"
+    assert (apdu.piid, apdu.result) == (3, 0x80)
+    assert list(apdu.requested_at.value) == [0x07, 0xEA, 11, 27, 5, 9, 58, 1, 0x00, 0xFA]
+    mine = D.decode(ours).apdu
+    assert isinstance(mine, D.LinkResponse) and mine.requested == mine.responded == t

@@ -174,6 +174,10 @@ METERS = ListOfTables("meters", "MeterConfig", [
           doc="for relay control (0x1C): 8 hex digits"),
     Field("secured", bool, False,
           doc="ESAM-secured meter: relay commands must carry the master station's payload"),
+    Field("relay_plaintext", bool, False,
+          doc="DL/T 698.45 test meters and the simulator: relay commands as plaintext ACTION "
+              "on 8000/8001; otherwise they must carry the master station's "
+              "SECURITY-Request"),
     Field("relay_valid_s", int, 300, minimum=30, maximum=3600,
           doc="validity deadline written into relay frames (the meter refuses a late frame)"),
 ], check=_check_meter)

@@ -468,14 +468,9 @@ class Executor(threading.Thread):
             if not reads.has_relay(meter):
                 raise Rejected(RejectCode.NO_RELAY, "meter %s (%s) has no relay this gateway "
                                "can operate" % (meter.id, meter.profile))
-            if meter.secured and action in ("cut_off", "restore"):
-                payload = params.get("payload")
-                if not isinstance(payload, str) or len(payload) % 2 or \
-                        not 32 <= len(payload) <= 400 or \
-                        any(c not in "0123456789abcdefABCDEF" for c in payload):
-                    raise Rejected(RejectCode.BAD_PARAMS, "meter %s is at the secured level: "
-                                   "the command must carry the master station's relay "
-                                   "payload (hex)" % meter.id)
+            why = relay.params_problem(meter, action, params)
+            if why:
+                raise Rejected(RejectCode.BAD_PARAMS, why)
             if action == "restore" and params.get("mode") not in (None, "close_allowed",
                                                                   "direct"):
                 raise Rejected(RejectCode.BAD_PARAMS, "restore mode is close_allowed or "
@@ -778,10 +773,12 @@ class Executor(threading.Thread):
         if near_the_hour(now):
             return "failed", "not near the hour (meters freeze on the hour)", \
                 {"code": "near_the_hour"}
-        frame = dlt645.broadcast_time_sync(now.replace(microsecond=0) + _dt.timedelta(seconds=1))
+        # the meter's own protocol's broadcast, at its line settings
+        make = getattr(reads.driver_of(meter), "time_sync_frame", dlt645.broadcast_time_sync)
+        frame = make(now.replace(microsecond=0) + _dt.timedelta(seconds=1))
         done = threading.Event()
-        self.line.worker_of(meter.port).submit_job(lambda w: (w.broadcast(frame), done.set()),
-                                                   RELAY)
+        self.line.worker_of(meter.port).submit_job(
+            lambda w: (w.broadcast(frame, meter.baudrate, meter.parity), done.set()), RELAY)
         done.wait(TIME_SYNC_WAIT_S)
         return "done", None, {"sent": now.astimezone().isoformat(timespec="seconds")}
 
@@ -876,7 +873,7 @@ class Executor(threading.Thread):
         rc = dlt645.RelayCommand[doc.get("relay_command", "TRIP")]
         after, err, frames = relay.read_relay(self.line, self.spec_of(meter), meter)
         self._audit("relay.after", id=cid, state=after, error=err,
-                    frames=relay.masked_hex(frames))
+                    frames=relay.masked_hex(frames, self.spec_of(meter)))
         if after is None:
             return "failed", "interrupted by a restart; relay state unknown (%s); not " \
                 "repeated" % err, {"code": "interrupted"}

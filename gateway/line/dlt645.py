@@ -354,8 +354,13 @@ def _clock(poller, worker, meter):
     if not isinstance(msg, dlt645.ReadResponse) or not msg.values:
         return
     poller.clock_checked(worker, meter, msg.values[0].value, t0, poller.wall(),
-                         lambda when: worker.broadcast(dlt645.broadcast_time_sync(when),
+                         lambda when: worker.broadcast(time_sync_frame(when),
                                                        meter.baudrate, meter.parity))
+
+
+def time_sync_frame(when):
+    """The broadcast time sync (0x08 to 99..99) setting the meters' clocks to `when`."""
+    return dlt645.broadcast_time_sync(when)
 
 
 def _freeze(poller, worker, meter):
@@ -398,3 +403,73 @@ def _freeze(poller, worker, meter):
         h.last_freeze_day = day
         day += _dt.timedelta(days=1)
 
+
+
+# ---------------------------------------------------------------- relay (control/relay.py)
+
+# relay frame data (0x1C): PA, P0..P2 (password), C0..C3 (operator code), then the command.
+# The audit keeps the frame but never the secrets: those 8 bytes are masked.
+_SECRET_OFFSET = 10             # 68 A0..A5 68 C L, then data
+_SECRET_BYTES = 8
+
+
+def relay_params_problem(meter, action, params):
+    """Why a relay command cannot go to this meter as given (one line), or None: an
+    ESAM-secured meter's cut-off and restore carry the master station's data field."""
+    if meter.secured and action in ("cut_off", "restore"):
+        payload = params.get("payload")
+        if not isinstance(payload, str) or len(payload) % 2 or \
+                not 32 <= len(payload) <= 400 or \
+                any(c not in "0123456789abcdefABCDEF" for c in payload):
+            return "meter %s is at the secured level: the command must carry the master " \
+                "station's relay payload (hex)" % meter.id
+    return None
+
+
+def relay_exchange(meter, rc, params, now=None):
+    """The 0x1C relay frame for a gateway RelayCommand (its N1 code is DL/T 645's): the
+    master station's data field for a secured meter, else password, operator code and a
+    validity deadline of relay_valid_s."""
+    if meter.secured and rc in (dlt645.RelayCommand.TRIP, dlt645.RelayCommand.DIRECT_CLOSE,
+                                dlt645.RelayCommand.CLOSE_ALLOWED):
+        frame = dlt645.relay_control_secured(meter.address, bytes.fromhex(params["payload"]))
+    else:
+        valid_until = ((now or _dt.datetime.now()) + _dt.timedelta(
+            seconds=meter.relay_valid_s)).replace(microsecond=0)
+        frame = dlt645.relay_control(meter.address, rc, password_level=meter.password_level,
+                                     password=meter.password,
+                                     operator_code=meter.operator_code,
+                                     valid_until=valid_until)
+    return on_meters_line(dlt645.relay_exchange(frame, rc.name), meter)
+
+
+def relay_state(answer):
+    """({relay, relay_command, guarantee}, None) from the answer to status_exchange, or
+    (None, why)."""
+    if isinstance(answer, dlt645.ErrorResponse):
+        return None, "meter says %s" % (", ".join(answer.flags) or answer.code)
+    if not isinstance(answer, dlt645.ReadResponse) or not answer.values:
+        return None, "unexpected answer to the status read"
+    vals = {v.quantity: v.value for v in answer.values}
+    return {"relay": vals.get("relay.state"), "relay_command": vals.get("relay.command"),
+            "guarantee": vals.get("guarantee.state")}, None
+
+
+def relay_refusal(answer):
+    """The meter's refusal of a relay frame (its error flags), or None."""
+    if isinstance(answer, dlt645.ErrorResponse):
+        return ", ".join(answer.flags) or str(answer.code)
+    return None
+
+
+def mask_secrets(raw):
+    """A frame as hex, a relay frame's password and operator code masked."""
+    i = 0
+    while i < len(raw) and raw[i] == 0xFE:
+        i += 1
+    text = raw.hex()
+    if len(raw) >= i + _SECRET_OFFSET + _SECRET_BYTES and raw[i] == 0x68 and \
+            raw[i + 8] & 0x1F == dlt645.RELAY_CONTROL and not raw[i + 8] & 0x80:
+        a = 2 * (i + _SECRET_OFFSET)
+        text = text[:a] + "*" * (2 * _SECRET_BYTES) + text[a + 2 * _SECRET_BYTES:]
+    return text

@@ -165,7 +165,11 @@ class LinePoller:
                 self._push(now if first_poll else aligned(now, m.clock_interval_s), m.id,
                            "clock")
             if "freeze" in extra:
-                self._push(self._next_freeze_time(now), m.id, "freeze")
+                # at start, once today's freeze is due (by a trusted clock): a restart after
+                # an outage backfills the missed days now, not after the next midnight
+                due_today = self._next_freeze_time(now) > now + self.freeze_after_s
+                self._push(now if first_poll and due_today and clock_trusted() else
+                           self._next_freeze_time(now), m.id, "freeze")
 
     # ---------------------------------------------------------------- scheduling
 

@@ -28,6 +28,7 @@ ROLES = {"m1": "prepaid, flat tariff", "m2": "noisy: drops 1 answer in 10, garbl
          "m3": "prepaid, time-of-use tariff",
          HOUSEHOLD: "prepaid household running low: warned, then cut off",
          "m5": "plain meter", "m6": "dead: never answers (offline, probed with back-off)",
+         "m7": "DL/T 698.45 on the DL/T 645 line",
          "mb1": "Modbus, Eastron SDM120", "mb2": "Modbus, Chint DDSU666"}
 
 
@@ -55,6 +56,8 @@ def build(data_dir, broker=("127.0.0.1", 1883)):
     meters[1].faults.corrupt_rate = 0.05
     meters[5].faults.silent = True             # a dead meter: offline, probed with back-off
     dlt = SimLine(meters, baudrate=9600, name="demo-dlt645")
+    from gateway.sim.dlt698 import SimMeter698    # a DL/T 698.45 meter on the same line
+    m698 = dlt.add(SimMeter698("000000001007", load_kw=1.8, faults=Faults(latency_s=0.04)))
     mb = ModbusSimLine([ModbusSimMeter(1, "eastron-sdm120"),
                         ModbusSimMeter(2, "chint-ddsu666")], baudrate=9600,
                        name="demo-modbus")
@@ -65,7 +68,10 @@ def build(data_dir, broker=("127.0.0.1", 1883)):
         "meters": [{"id": "m%d" % (i + 1), "port": "rs485-1", "address": m.address,
                     "interval_s": 10, "instant_interval_s": 20, "clock_interval_s": 600,
                     "prepaid": True} for i, m in enumerate(meters)] +
-                  [{"id": "mb1", "port": "rs485-2", "protocol": "modbus", "unit": 1,
+                  [{"id": "m7", "port": "rs485-1", "protocol": "dlt698", "address": m698.address,
+                    "interval_s": 10, "instant_interval_s": 20, "clock_interval_s": 600,
+                    "prepaid": True, "relay_plaintext": True},
+                   {"id": "mb1", "port": "rs485-2", "protocol": "modbus", "unit": 1,
                     "profile": "eastron-sdm120", "interval_s": 15, "instant_interval_s": 15},
                    {"id": "mb2", "port": "rs485-2", "protocol": "modbus", "unit": 2,
                     "profile": "chint-ddsu666", "interval_s": 15, "instant_interval_s": 15}],

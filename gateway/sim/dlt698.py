@@ -6,8 +6,12 @@ relay and protection, prepaid money, 62 daily freezes, fault injection) answerin
 DL/T 698.45: GET-Request-Normal and -NormalList on the objects the gateway polls, GET-Request-
 Record on the day freeze 5004 (selector 1 on the freeze time, or 9), broadcast time
 (ACTION 4000 method 127), SET 4000 0200, and, when `plaintext_relay` is set (a test meter),
-plaintext ACTION 8000 trip/close and 8001 protection. Every answer is logged in `truth`
-with the values the gateway should report.
+plaintext ACTION 8000 trip/close and 8001 protection. Relay control inside a
+SECURITY-Request: every one is kept byte for byte in `security_requests` (what the gateway
+forwarded); a plaintext one (choice 0) is carried out and answered in a plaintext
+SECURITY-Response with a MAC, a ciphertext one is refused with DAR 22 (ESAM verification
+failed): the simulator has no ESAM, so it neither checks a MAC nor deciphers. Every answer
+is logged in `truth` with the values the gateway should report.
 """
 
 import datetime as _dt
@@ -22,6 +26,8 @@ from protocols.dlt698_data import (ARRAY, BIT_STRING, DATE_TIME_S, DOUBLE_LONG,
 OBJECT_UNDEFINED = 4
 OBJECT_MISSING = 6
 READ_WRITE_REFUSED = 3
+SECURITY_MISMATCH = 20          # a plain ACTION on 8000 to a meter that wants security
+ESAM_FAILED = 22
 
 
 def _int(d, decimals):
@@ -40,6 +46,15 @@ class SimMeter698(SimMeter):
         self.plaintext_relay = plaintext_relay
         self.sa = D.server_address(address, logical=logical)
         self.list_ok = True          # False: answers lists with ERROR-Response (old meters)
+        self.security_requests = []  # SECURITY-Request APDUs received, byte for byte
+        # long answers, as meters with small buffers send them: APDUs longer than
+        # max_fragment bytes in link-layer fragments (each sent on the client's
+        # confirmation), lists of more than max_results results in GET-Response-Next blocks
+        self.max_fragment = None
+        self.max_results = None
+        self.fragment_seq = 261      # where the fragment numbering starts (CAP #18)
+        self._fragments = []         # (seq, kind, payload) still to send
+        self._blocks = {}            # PIID -> the GET-Response-Next frames still to send
 
     # ---------------------------------------------------------------- data
 
@@ -108,6 +123,8 @@ class SimMeter698(SimMeter):
         if isinstance(msg, D.Unknown):
             return None
         apdu = msg.apdu
+        if isinstance(apdu, D.Fragment):
+            return self._next_fragment(apdu)
         broadcast = frame.sa.kind == D.BROADCAST
         if isinstance(apdu, D.ActionRequest) and apdu.omd == OMD(0x4000, 127):
             if isinstance(apdu.value, _dt.datetime):
@@ -129,10 +146,18 @@ class SimMeter698(SimMeter):
                         self.truth.append((now, str(oad), D.quantities(oad, v)))
                     except D.DataError:
                         pass
+            if apdu.listed and self.max_results and len(results) > self.max_results:
+                return self._out(self._in_blocks(apdu.piid, results))
             if apdu.listed:
                 return self._out(D.get_list_response(self.sa, apdu.piid, results))
             oad, data, dar = results[0]
             return self._out(D.get_response(self.sa, apdu.piid, oad, data, dar))
+        if isinstance(apdu, D.GetNextRequest):
+            blocks = self._blocks.get(apdu.piid & 0x3F) or []
+            if not blocks or D.decode(D.parse_frame(blocks[0])).apdu.seq != apdu.seq + 1:
+                return self._out(D.get_next_response(self.sa, apdu.piid, True, apdu.seq + 1,
+                                                     dar=14))     # invalid block number
+            return self._out(blocks.pop(0))
         if isinstance(apdu, D.GetRecordRequest):
             return self._out(self._record(apdu, now))
         if isinstance(apdu, D.SetRequest):
@@ -144,10 +169,54 @@ class SimMeter698(SimMeter):
         if isinstance(apdu, D.ActionRequest):
             return self._out(D.action_response(self.sa, apdu.piid, apdu.omd,
                                                self._action(apdu, now)))
+        if isinstance(apdu, D.SecurityRequest):
+            self.security_requests.append(bytes(frame.user_data))
+            if apdu.ciphertext or not isinstance(apdu.inner, D.ActionRequest):
+                return self._out(D.security_response(self.sa, dar=ESAM_FAILED))
+            inner = apdu.inner
+            answer = D.action_response(self.sa, inner.piid, inner.omd,
+                                       self._action(inner, now, secured=True))
+            return self._out(D.security_response(self.sa, D.parse_frame(answer).user_data,
+                                                 mac=bytes(4)))
         return None
 
     def _out(self, frame):
-        return frame[4:]
+        """The answer as sent: whole, or its first link-layer fragment."""
+        frame = frame[4:]
+        if not self.max_fragment:
+            return frame
+        f = D.parse_frame(frame)
+        if len(f.user_data) <= self.max_fragment:
+            return frame
+        n = self.max_fragment
+        parts = [f.user_data[i:i + n] for i in range(0, len(f.user_data), n)]
+        seq = self.fragment_seq
+        kinds = ["first"] + ["middle"] * (len(parts) - 2) + ["last"]
+        self._fragments = [(f.control, (seq + k) & 0x0FFF, kind, part)
+                           for k, (kind, part) in enumerate(zip(kinds, parts))]
+        self.fragment_seq = (seq + len(parts)) & 0x0FFF
+        return self._fragment(self._fragments.pop(0))
+
+    def _fragment(self, item):
+        control, seq, kind, payload = item
+        return D.fragment_frame(control, self.sa, seq, kind, payload)[4:]
+
+    def _next_fragment(self, confirm):
+        """The fragment after the one the client confirms; nothing after the last."""
+        if confirm.kind != "confirm" or not self._fragments or \
+                self._fragments[0][1] != (confirm.seq + 1) & 0x0FFF:
+            return None
+        return self._fragment(self._fragments.pop(0))
+
+    def _in_blocks(self, piid, results):
+        """The first GET-Response-Next block of a long list; the others kept for
+        GET-Request-Next."""
+        n = self.max_results
+        chunks = [results[i:i + n] for i in range(0, len(results), n)]
+        frames = [D.get_next_response(self.sa, piid, k == len(chunks) - 1, k + 1, chunk)
+                  for k, chunk in enumerate(chunks)]
+        self._blocks[piid & 0x3F] = frames[1:]
+        return frames[0]
 
     def _record(self, req, now):
         cols = req.columns
@@ -177,12 +246,12 @@ class SimMeter698(SimMeter):
             rows.append(row)
         return D.get_record_response(self.sa, req.piid, req.oad, cols, rows=rows)
 
-    def _action(self, req, now):
-        """DAR of a plaintext ACTION on 8000 / 8001."""
+    def _action(self, req, now, secured=False):
+        """DAR of an ACTION on 8000 / 8001 (plaintext, or carried in a SECURITY-Request)."""
         if req.omd.oi not in (D.REMOTE_CONTROL, D.PROTECT):
             return OBJECT_UNDEFINED
-        if not self.plaintext_relay:
-            return 20                               # security authentication mismatch
+        if not (secured or self.plaintext_relay):
+            return SECURITY_MISMATCH
         m = req.omd.method
         with self.lock:
             self.advance(now)
