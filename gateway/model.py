@@ -8,9 +8,9 @@ import enum
 # sign`; gateway-wide actions take meter "*"
 ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
            "sync_time", "release_breaker", "weather_hold", "account_update", "audit_verify",
-           "logs", "scan", "trace", "software_update")
+           "logs", "scan", "trace", "config_update", "software_update")
 GATEWAY_ACTIONS = ("release_breaker", "weather_hold", "audit_verify", "logs", "scan", "trace",
-                   "software_update")
+                   "config_update", "software_update")
 # diagnostics: rate-limited, answered off the executor's thread (a relay command queued
 # behind one runs first); scan and trace use a line only between relay transactions
 DIAGNOSTIC_ACTIONS = ("audit_verify", "logs", "scan", "trace")
@@ -58,6 +58,11 @@ class RejectCode(str, enum.Enum):
     RATE_LIMIT = "rate_limit"
     EXPIRED_LOCAL = "expired_local"
     NOT_ALLOWED_LOCALLY = "not_allowed_locally"
+    # config_update (gateway/service/reload.py)
+    STALE_VERSION = "stale_version"          # made for another configuration version
+    INVALID_CONFIG = "invalid_config"        # `mgw config check` would refuse the result
+    SECRET_IN_CONFIG = "secret_in_config"    # a private key or broker password in clear
+    RESTART_REQUIRED = "restart_required"    # a section read once at start ([uplink], ...)
 
 
 MAX_TOPIC_BYTES = 256             # a response topic we will publish to, at most

@@ -13,7 +13,6 @@ import sys
 
 from gateway import __version__
 from gateway import registry
-from gateway.cli import admin, field, run
 from gateway.sim import PROTOCOLS as SIM_PROTOCOLS
 from gateway.cli.common import EXIT_FAILED, EXIT_OK, CliError
 from gateway.model import ACTIONS
@@ -62,6 +61,15 @@ class _CommandParser(argparse.ArgumentParser):
         return super().add_argument(*names, **kwargs)
 
 
+def _lazy(module, name):
+    """A subcommand's function, imported when it runs: `mgw run` then never loads the
+    technician's commands (about 1 MB resident on a concentrator)."""
+    def call(args):
+        import importlib
+        return getattr(importlib.import_module("gateway.cli." + module), name)(args)
+    return call
+
+
 def build_parser():
     common = _CommandParser(add_help=False)
     common.add_argument("--config", metavar="PATH",
@@ -90,9 +98,9 @@ def build_parser():
         return p
 
     add("run", _("the service: poll, store, bill, control, sync (stops on SIGTERM/SIGINT)"),
-        run.run)
+        _lazy("run", "run"))
     p = add("demo", _("the whole gateway on simulated meters, no hardware needed"),
-            run.demo)
+            _lazy("run", "demo"))
     p.add_argument("--seconds", type=float, help=_("stop after this long (default: Ctrl-C)"))
     p.add_argument("--data-dir", help=_("where to keep the demo's data (default: a temp folder)"))
     p.add_argument("--broker", type=_host_port, help=_("MQTT broker host:port (default "
@@ -100,7 +108,7 @@ def build_parser():
     p.add_argument("--no-view", action="store_true", help=_("no live view, log lines only"))
 
     p = add("simulate", _("simulated meters behind a pseudo-terminal; prints the device path"),
-            field.cmd_simulate)
+            _lazy("field", "cmd_simulate"))
     p.add_argument("--port", metavar="PATH", help=_("create this path as a link to the "
                    "simulated line (default: print the pseudo-terminal's own path)"))
     p.add_argument("--meters", type=_positive, default=4, help=_("how many meters (default 4)"))
@@ -124,12 +132,13 @@ def build_parser():
     p.add_argument("--corrupt", type=float, default=0.0, help=_("share of answers corrupted"))
     p.add_argument("--seconds", type=float, help=_("stop after this long (default: Ctrl-C)"))
 
-    p = add("config", _("configuration: `mgw config check` validates it"), admin.cmd_config)
+    p = add("config", _("configuration: `mgw config check` validates it"),
+            _lazy("admin", "cmd_config"))
     p.usage = "mgw config check [--config PATH] [--json]"
     p.add_argument("action", choices=("check",), help=_("check: list every problem by key"))
 
     p = add("scan", _("discover meters on an RS-485 port (DL/T 645 address search, Modbus "
-            "unit-id sweep)"), field.cmd_scan)
+            "unit-id sweep)"), _lazy("field", "cmd_scan"))
     p.add_argument("--port", required=True, help=_("port name (or device) from the config, "
                    "or the path of a device not configured yet (scanned with the port "
                    "defaults)"))
@@ -157,7 +166,7 @@ def build_parser():
     p.add_argument("--progress", action="store_true", help=_("progress bar even when not a tty "
                    "(otherwise a progress line every few seconds)"))
 
-    p = add("read", _("read values from one meter now"), field.cmd_read)
+    p = add("read", _("read values from one meter now"), _lazy("field", "cmd_read"))
     p.add_argument("--meter", required=True, help=_("meter id from the config"))
     p.add_argument("quantity", nargs="*", help=_("quantities (energy.import.total, voltage.a, "
                    "...), groups (energy, instant, status, clock, balance) or a DI in hex"))
@@ -174,10 +183,12 @@ def build_parser():
                         "user name)"))
 
     add("status", _("ports, meters online/offline, last reading, buffer, uplink, balances"),
-        admin.cmd_status)
-    add("buffer", _("pending readings and events, oldest unsent, disk used"), admin.cmd_buffer)
+        _lazy("admin", "cmd_status"))
+    add("buffer", _("pending readings and events, oldest unsent, disk used"),
+        _lazy("admin", "cmd_buffer"))
 
-    p = add("audit", _("`mgw audit verify`: walk the audit trail's hash chain"), admin.cmd_audit)
+    p = add("audit", _("`mgw audit verify`: walk the audit trail's hash chain"),
+            _lazy("admin", "cmd_audit"))
     p.add_argument("action", choices=("verify",))
 
     p = add("keys", _("commissioning: `mgw keys gen --out DIR` makes an Ed25519 key pair"),
@@ -207,7 +218,7 @@ def build_parser():
     p = sub.add_parser("completion", help=_("print a bash completion script"),
                        description="mgw completion bash > /etc/bash_completion.d/mgw")
     p.add_argument("shell", choices=("bash",))
-    p.set_defaults(func=admin.cmd_completion, json=False)
+    p.set_defaults(func=_lazy("admin", "cmd_completion"), json=False)
     parser.command_parsers["completion"] = p
     parser.command_help["completion"] = _("print a bash completion script")
     return parser

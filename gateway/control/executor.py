@@ -81,7 +81,8 @@ class Executor(threading.Thread):
     def __init__(self, *, control_cfg, data_dir, intake, meter_of, spec_of, line, ledger,
                  accounts, journal, audit, events, clock, prepaid, notify=lambda: None,
                  reserve=None, local_group="meter-gateway", ports=lambda: (),
-                 meters=lambda: (), republish=None, updates=None):
+                 meters=lambda: (), republish=None, config=None, found=None,
+                 updates=None):
         super().__init__(name="commands", daemon=True)
         self.cfg = control_cfg
         self.intake = intake                  # queue of uplink.Command
@@ -100,6 +101,8 @@ class Executor(threading.Thread):
         self.ports = ports                    # () -> the configured port names
         self.meters = meters                  # () -> the configured meters
         self.republish = republish            # (seq, ts, jid, body): a result sent again
+        self.config = config                  # config_update: service.reload.Reloader
+        self.found = found                    # (port, protocol, found): a scan's meters
         self.updates = updates                # gateway.ota Updater or None
         self.keys = []
         for path in self.cfg.public_keys:
@@ -404,9 +407,10 @@ class Executor(threading.Thread):
                 pass                      # answered all the same: a rejection moves nothing
         self._audit("command.rejected", id=cmd["id"], code=rej.code.value,
                     reason=rej.reason, command=_public(cmd))
+        more = {"problems": rej.problems[:50]} if len(getattr(rej, "problems", ())) > 1 else {}
         return self._result(cmd["id"], "rejected", rej.reason, meta, code=rej.code,
                             remember=record, meter=cmd.get("meter"),
-                            action=cmd.get("action"))
+                            action=cmd.get("action"), **more)
 
     def _answer(self, cid, res, meta):
         extra = {k: v for k, v in res.items() if k not in ("id", "status", "reason", "code")}
@@ -427,6 +431,9 @@ class Executor(threading.Thread):
                                "false")
             if action in DIAGNOSTIC_ACTIONS:
                 self._check_diagnostic(action, params)
+                return WholeGateway()
+            if action == "config_update":
+                self._check_config_update(params)
                 return WholeGateway()
             if action == "software_update":
                 why = self.updates.check(cmd["id"], params) if self.updates else \
@@ -710,6 +717,15 @@ class Executor(threading.Thread):
             raise Rejected(RejectCode.RATE_LIMIT, "%s: at most %d diagnostic commands a "
                            "minute" % (action, DIAGNOSTICS_PER_MIN))
 
+    def _check_config_update(self, params):
+        why = self.config.check(params) if self.config is not None else (
+            RejectCode.BAD_PARAMS, "this gateway was not started from a configuration file",
+            [])
+        if why is not None:
+            rej = Rejected(why[0], why[1])
+            rej.problems = why[2]
+            raise rej
+
     def _run_diagnostic(self, cmd, meter, meta, source):
         """Handed to the diagnostics thread: the executor goes on with the next command
         (a cut-off behind a scan is not kept waiting); the result follows."""
@@ -741,8 +757,11 @@ class Executor(threading.Thread):
             port, protocol, opts = diagnostics.check_scan(params, tuple(self.ports()))
             configured = {reads.driver(m.protocol).key_of(m): m.id for m in self.meters()
                           if m.port == port and m.protocol == protocol}
-            return diagnostics.run_scan(self.line.worker_of, port, protocol, opts,
-                                        configured, self._diag.halt, tick)
+            result = diagnostics.run_scan(self.line.worker_of, port, protocol, opts,
+                                          configured, self._diag.halt, tick)
+            if result[0] == "done" and self.found is not None:
+                self.found(port, protocol, result[2].get("found", ()))
+            return result
         if cmd["action"] == "trace":
             port, seconds = diagnostics.check_trace(params, tuple(self.ports()))
             return diagnostics.run_trace(self.line.worker_of, port, seconds, self._diag.halt,
@@ -756,6 +775,8 @@ class Executor(threading.Thread):
         return "done", None, {"lines": lines}     # the service never logs meter secrets
 
     def _gateway_action(self, cmd):
+        if cmd["action"] == "config_update":
+            return self.config.update(cmd["params"], cmd["id"], tick=self.tick)
         if cmd["action"] == "software_update":
             return self.updates.start_update(cmd["id"], cmd["params"], signed=cmd)
         cc = self.prepaid()

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 
+from gateway.registry import NAMES
 from gateway.line import reads
 from gateway.line.port import RELAY
 from protocols.dlt645 import RelayCommand
@@ -130,8 +131,22 @@ def masked_hex(frames, spec=None):
     """Frames as hex for the audit trail, what the meter's driver says is secret masked
     (a DL/T 645 relay frame's password and operator code would otherwise sit in clear in
     audit.log and in the uploaded events)."""
-    mask = getattr(reads.driver_of(spec), "mask_secrets", None) if spec is not None else None
-    return [mask(bytes(f)) if mask else bytes(f).hex() for f in frames or ()]
+    if spec is not None:
+        masks = [getattr(reads.driver_of(spec), "mask_secrets", None)]
+    else:
+        # a frame of unknown origin (a trace of the line): every protocol's rule applies
+        masks = [getattr(reads.driver(name), "mask_secrets", None) for name in NAMES]
+    masks = [m for m in masks if m]
+    out = []
+    for f in frames or ():
+        raw = bytes(f)
+        text = plain = raw.hex()
+        for mask in masks:
+            text = mask(raw)
+            if text != plain:
+                break
+        out.append(text)
+    return out
 
 
 def params_problem(meter, action, params):

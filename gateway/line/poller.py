@@ -30,6 +30,7 @@ import datetime as _dt
 import heapq
 import itertools
 import logging
+import threading
 import time
 from typing import Callable, List
 
@@ -120,6 +121,23 @@ class MeterHealth:
         self.catch_ups = 0          # catch-up runs
 
 
+class _Health(dict):
+    """Meter id -> MeterHealth; a meter removed by a reload while its task was running
+    gets a throwaway record instead of a KeyError on the line's thread."""
+
+    def __missing__(self, meter_id):
+        return MeterHealth()
+
+
+def _spec_key(m):
+    return tuple(getattr(m, k) for k in MeterSpec.__slots__)
+
+
+def _identity(m):
+    """What makes a meter the same device on the line (its health carries over)."""
+    return (m.port, m.protocol, m.address, m.unit, m.logical)
+
+
 def aligned(now, interval, offset=0.0):
     """The next multiple of `interval` seconds after `now` (wall clock), plus offset."""
     return (int(now // interval) + 1) * interval + offset
@@ -144,7 +162,7 @@ class LinePoller:
         self.wall = wall
         self.sync_guard = sync_guard      # local time -> True where no time sync may go
         self.freeze_after_s = freeze_after_s
-        self.health = {m.id: MeterHealth() for m in meters}
+        self.health = _Health((m.id, MeterHealth()) for m in meters)
         self.catch_up_s = catch_up_s      # 0: no catch-up (a failed slot is missed at once)
         self._heap = []
         self._catch_up = []               # (due, seq, meter_id, task, slot_end, pause)
@@ -152,24 +170,59 @@ class LinePoller:
         # meter may run between the task's transactions: it does not fail this slot)
         self._failed = {}
         self._seq = itertools.count()
+        self._lock = threading.Lock()     # the line's thread against a reload
         now = wall()
         for i, m in enumerate(meters):
-            stagger = 0.0 if first_poll else i * 0.5
-            self._push(now + stagger if first_poll else aligned(now, m.interval_s), m.id,
-                       "energy")
-            if m.instant_interval_s:
-                self._push(now if first_poll else aligned(now, m.instant_interval_s),
-                           m.id, "instant")
-            extra = driver(m.protocol).tasks(m)
-            if "clock" in extra:
-                self._push(now if first_poll else aligned(now, m.clock_interval_s), m.id,
-                           "clock")
-            if "freeze" in extra:
-                # at start, once today's freeze is due (by a trusted clock): a restart after
-                # an outage backfills the missed days now, not after the next midnight
-                due_today = self._next_freeze_time(now) > now + self.freeze_after_s
-                self._push(now if first_poll and due_today and clock_trusted() else
-                           self._next_freeze_time(now), m.id, "freeze")
+            self._schedule(m, now, first_poll, i)
+
+    def _schedule(self, m, now, first_poll=True, i=0):
+        stagger = 0.0 if first_poll else i * 0.5
+        self._push(now + stagger if first_poll else aligned(now, m.interval_s), m.id,
+                   "energy")
+        if m.instant_interval_s:
+            self._push(now if first_poll else aligned(now, m.instant_interval_s),
+                       m.id, "instant")
+        extra = driver(m.protocol).tasks(m)
+        if "clock" in extra:
+            self._push(now if first_poll else aligned(now, m.clock_interval_s), m.id,
+                       "clock")
+        if "freeze" in extra:
+            # at start, once today's freeze is due (by a trusted clock): a restart after
+            # an outage backfills the missed days now, not after the next midnight
+            due_today = self._next_freeze_time(now) > now + self.freeze_after_s
+            self._push(now if first_poll and due_today and self.clock_trusted() else
+                       self._next_freeze_time(now), m.id, "freeze")
+
+    def reconfigure(self, meters: List[MeterSpec]):
+        """The line's meters replaced in place (a configuration reload): a meter kept as it
+        was keeps its schedule and health; a new or changed one is polled now (a changed
+        address or protocol starts with fresh health); a removed one is never polled again.
+        Returns the ids (added, changed, removed)."""
+        with self._lock:
+            new = {m.id: m for m in meters}
+            added = [mid for mid in new if mid not in self.meters]
+            removed = [mid for mid in self.meters if mid not in new]
+            changed = [mid for mid in new if mid in self.meters
+                       and _spec_key(self.meters[mid]) != _spec_key(new[mid])]
+            fresh = set(added) | set(changed)
+            health = _Health()
+            for mid, m in new.items():
+                old = self.meters.get(mid)
+                keep = old is not None and _identity(old) == _identity(m)
+                health[mid] = self.health[mid] if keep else MeterHealth()
+            # schedules and catch-ups of removed and changed meters go
+            self._heap = [e for e in self._heap if e[2] in new and e[2] not in fresh]
+            self._catch_up = [e for e in self._catch_up if e[2] in new and e[2] not in fresh]
+            heapq.heapify(self._heap)
+            heapq.heapify(self._catch_up)
+            # rebound, not mutated: other threads iterate these dicts
+            self.meters = new
+            self.health = health
+            now = self.wall()
+            for mid in new:
+                if mid in fresh:
+                    self._schedule(new[mid], now)
+            return added, changed, removed
 
     # ---------------------------------------------------------------- scheduling
 
@@ -199,6 +252,10 @@ class LinePoller:
     def next_job(self, worker):
         """A job to run now on the worker's thread, or the seconds until one is due.
         Scheduled tasks first; a catch-up only when none is due."""
+        with self._lock:
+            return self._next_job()
+
+    def _next_job(self):
         now = self.wall()
         wait = 5.0
         if self._heap:

@@ -6,7 +6,8 @@ the uplink and the command executor. The main thread supervises: it restarts a d
 or uplink thread (counted), pings systemd's watchdog only while every thread shows signs of
 life, writes status.json for `mgw status`, and publishes a health event at the configured
 interval. SIGTERM/SIGINT stop it cleanly within a few seconds; a SIGKILL loses nothing that
-was appended to the journal.
+was appended to the journal. SIGHUP and a signed config_update reload the configuration in
+place (service/reload.py): lines, meters, schedules, accounts and tariffs, on this thread.
 """
 
 import collections
@@ -27,6 +28,8 @@ from gateway.store import paths
 from gateway.store.journal import JournalError, open_journal, save_marks
 from gateway.line.poller import LinePoller, MeterSpec
 from gateway.line.port import PortWorker
+from gateway.registry import keyed_by
+from gateway.service.reload import Reloader
 from gateway.service.sdnotify import Notifier
 from gateway.service.sink import ReadingSink, log_event
 from gateway.store.state import StateError, StateStore
@@ -37,7 +40,7 @@ HUNG_AFTER_S = 120.0          # a thread without a heartbeat this long is hung
 
 
 class Gateway:
-    def __init__(self, cfg, clock_policy=None, notifier=None, simulators=()):
+    def __init__(self, cfg, clock_policy=None, notifier=None, simulators=(), config_file=None):
         self.cfg = cfg
         self.started_at = time.time()
         self.clock = clock_policy or ClockPolicy(cfg.control.require_synced_clock)
@@ -80,6 +83,10 @@ class Gateway:
         self.updater = None
         self._started = False
         self.metrics = None
+        # config_update and SIGHUP need the file the configuration came from
+        self.reloader = Reloader(self, config_file) if config_file is not None else None
+        self.unconfigured = []          # meters a scan found that are not configured
+        self._meters_sent = None        # what the last retained meters list showed
         self._build_lines()
 
     # ---------------------------------------------------------------- wiring
@@ -93,26 +100,91 @@ class Gateway:
 
     def _build_lines(self):
         saved = self.state.get("meters", "all") or {}
-        offline = set(saved.get("offline", ()))
-        freeze_days = saved.get("last_freeze_day", {})
         for port in self.cfg.ports:
-            poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
-                                clock_trusted=self.clock.trusted,
-                                offline_after=port.offline_after,
-                                catch_up_s=port.catch_up_s)
+            self.pollers[port.name] = self._new_poller(port, saved)
+            self.workers[port.name] = self._new_worker(port)
+
+    def _new_poller(self, port, saved=None):
+        poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
+                            clock_trusted=self.clock.trusted,
+                            offline_after=port.offline_after, catch_up_s=port.catch_up_s)
+        if saved:
+            offline = set(saved.get("offline", ()))
+            freeze_days = saved.get("last_freeze_day", {})
             for mid, h in poller.health.items():
                 h.online = mid not in offline
                 if freeze_days.get(mid):
-                    import datetime as _dt
                     h.last_freeze_day = _dt.date.fromisoformat(freeze_days[mid])
-            self.pollers[port.name] = poller
-            self.workers[port.name] = self._new_worker(port)
+        return poller
 
-    def _new_worker(self, port):
+    def reconfigure(self, cfg, billing=True):
+        """Swap in a validated configuration whose sections read once at start ([gateway],
+        [storage], [uplink], [control], [metrics]) are this one's (service/reload.py
+        checks). Lines whose settings are kept
+        keep their worker and, for kept meters, their schedules and health; a removed
+        line's worker is stopped (what it read is in the journal already); cost control is
+        replaced when accounts, tariffs or its policy changed. The journal is not touched:
+        no seq restarts, and a removed meter's readings still go out. Supervisor's thread
+        only."""
+        old_ports = {p.name: p for p in self.cfg.ports}
+        self.cfg = cfg
+        workers, pollers = dict(self.workers), dict(self.pollers)
+        retired, fresh = [], []
+        for name in set(old_ports) - {p.name for p in cfg.ports}:
+            retired.append(workers.pop(name))
+            pollers.pop(name)
+        for port in cfg.ports:
+            poller = pollers.get(port.name)
+            if poller is None:
+                poller = pollers[port.name] = self._new_poller(port)
+            else:
+                poller.offline_after = port.offline_after
+                poller.catch_up_s = port.catch_up_s
+                poller.reconfigure(self._specs(port.name))
+            if port.name in workers and old_ports[port.name] == port:
+                continue
+            if port.name in workers:
+                retired.append(workers[port.name])
+            workers[port.name] = self._new_worker(port, poller)
+            fresh.append(workers[port.name])
+        # rebound, not mutated (other threads iterate them), before the old workers stop:
+        # a job queued from now on goes to a worker that will run it
+        self.pollers, self.workers = pollers, workers
+        for w in retired:
+            w.stop(2.0)                         # frees the device for its successor
+        for w in fresh:
+            w.start()
+        if billing:
+            if self.costcontrol is not None:
+                self.costcontrol.stop()
+            self.costcontrol = self._new_costcontrol()
+            if self.costcontrol is not None:
+                self.costcontrol.start()
+        self.save_meter_state()
+
+    def health_marks(self):
+        """What is healthy now: the lines open, whether the uplink is connected."""
+        return {"open": {n for n, w in self.workers.items() if w.line_stats()["open"]},
+                "uplink": bool(self.uplink and self.uplink.state["connected"])}
+
+    def health_problems(self, before, touched=()):
+        """Why the gateway is not healthy after a reload (one line each): a line that was
+        open before, or is new or changed, is not open; the uplink was connected before and
+        is not now."""
+        out = []
+        for name, w in self.workers.items():
+            if (name in before["open"] or name in touched) and not w.line_stats()["open"]:
+                out.append(w.last_error or "port %s: %s not open" % (name, w.device))
+        if before["uplink"] and not (self.uplink and self.uplink.state["connected"]):
+            out.append("uplink: not connected (%s)" % (
+                (self.uplink.state["last_error"] if self.uplink else None) or "no CONNACK"))
+        return out
+
+    def _new_worker(self, port, poller=None):
         return PortWorker(port.name, port.device, baudrate=port.baudrate, parity=port.parity,
                           bytesize=port.bytesize, stopbits=port.stopbits,
                           retries=port.retries, settle_s=port.settle_ms / 1000.0,
-                          poll_source=self.pollers[port.name])
+                          poll_source=poller or self.pollers[port.name])
 
     def _appended(self):
         if self.uplink is not None:
@@ -132,7 +204,8 @@ class Gateway:
         if self.uplink is not None:
             self.uplink.start()
         self.executor.start()
-        self.costcontrol.start()
+        if self.costcontrol is not None:
+            self.costcontrol.start()
         self.updater.start()
         self._started = True
         if self.cfg.metrics.listen:
@@ -158,6 +231,7 @@ class Gateway:
                         ports=lambda: [p.name for p in self.cfg.ports],
                         meters=lambda: self.cfg.meters,
                         republish=self._republish if self.cfg.uplink.host else None,
+                        config=self.reloader, found=self.scan_found,
                         updates=self.updater)
 
     def _new_uplink(self):
@@ -188,6 +262,10 @@ class Gateway:
         return True, None
 
     def _new_costcontrol(self):
+        """Cost control, or None on a gateway without prepaid accounts: billing's modules
+        then stay unloaded (about 1 MB resident)."""
+        if not self.cfg.accounts:
+            return None
         from gateway.billing import costcontrol
         return costcontrol.CostControl(
             accounts=self.cfg.accounts, tariffs=self.cfg.tariffs,
@@ -284,6 +362,8 @@ class Gateway:
         wd = self.notifier.watchdog_s
         next_status = 0.0
         while not stop_event.is_set():
+            if self.reloader is not None:
+                self.reloader.run_pending()
             healthy = self.supervise_once()
             if healthy and wd:
                 self.notifier.watchdog()
@@ -297,10 +377,13 @@ class Gateway:
                 if self._health_due:
                     self.sink.event("gateway.health", **self.health())
                 self._health_due = now + self.cfg.uplink.health_interval_s
+            self.publish_meters()
             stop_event.wait(min(1.0, wd / 3 if wd else 1.0))
 
     def stop(self, timeout=4.0):
         self.notifier.stopping()
+        if self.reloader is not None:
+            self.reloader.close()
         if self.metrics is not None:
             self.metrics.stop()
         deadline = time.monotonic() + timeout
@@ -327,6 +410,79 @@ class Gateway:
         self.instance_lock.release()
 
     # ---------------------------------------------------------------- status
+
+    def meters_list(self):
+        """The retained `{root}/meters` message: the configured meters (id, protocol,
+        address or unit, port, account mode) and their health, the meters a scan found
+        that are not configured, and the configuration's version."""
+        return json.loads(self._meters_payload(self._meters_health()))
+
+    def scan_found(self, port, protocol, found):
+        """A scan's meters that are not configured, listed as `unconfigured` in the meters
+        message (a later scan of the same port and protocol replaces them; any thread)."""
+        keep = [u for u in self.unconfigured if (u["port"], u["protocol"]) != (port, protocol)]
+        for f in found:
+            if f.get("configured_as") is None:
+                e = {"port": port, "protocol": protocol}
+                e.update((k, f[k]) for k in ("address", "unit", "profile", "version",
+                                             "baudrate", "parity") if f.get(k) is not None)
+                keep.append(e)
+        self.unconfigured = keep            # rebound: the supervisor reads it
+
+    def _unconfigured(self):
+        # one configured since (a config_update after the scan) is no longer listed
+        have = {(m.port, m.protocol, m.address if m.unit is None else m.unit)
+                for m in self.cfg.meters}
+        return [u for u in self.unconfigured
+                if (u["port"], u["protocol"], u.get("address", u.get("unit"))) not in have]
+
+    def _meters_health(self):
+        """One letter per configured meter: u(nknown, not answered yet), o(nline),
+        x (offline); a small signature compared every round instead of the list."""
+        out = []
+        for m in self.cfg.meters:
+            poller = self.pollers.get(m.port)
+            h = poller.health.get(m.id) if poller is not None else None
+            out.append("u" if h is None or (h.online and h.last_ok is None)
+                       else "o" if h.online else "x")
+        return "".join(out)
+
+    def _meters_payload(self, health, ts=None):
+        # written entry by entry: a thousand meters as dicts at once would stay in the
+        # resident set (freed small objects fragment the heap)
+        modes = {a.meter: a.mode for a in self.cfg.accounts}
+        words = {"u": "unknown", "o": "online", "x": "offline"}
+
+        def entry(m, letter):
+            e = {"id": m.id, "protocol": m.protocol, "port": m.port}
+            if keyed_by(m.protocol) == "unit":
+                e.update(unit=m.unit, profile=m.profile)
+            else:
+                e["address"] = m.address
+            e["account"] = modes.get(m.id)
+            e["health"] = words[letter]
+            return json.dumps(e, separators=(",", ":"), ensure_ascii=False)
+        head = {"v": 1, "config_version": self.reloader.version if self.reloader else None}
+        if ts:
+            head["ts"] = ts
+        return "%s,\"meters\":[%s],\"unconfigured\":%s}" % (
+            json.dumps(head, separators=(",", ":"))[:-1],
+            ",".join(entry(m, c) for m, c in zip(self.cfg.meters, health)),
+            json.dumps(self._unconfigured(), separators=(",", ":"), ensure_ascii=False))
+
+    def publish_meters(self, force=False):
+        """Republish the retained meters list when it changed (or the uplink was
+        replaced: a new one has not sent it)."""
+        if self.uplink is None:
+            return False
+        health = self._meters_health()
+        sig = (self.uplink, self.cfg, health, self.unconfigured)
+        if not force and self._meters_sent == sig:
+            return False
+        self._meters_sent = sig
+        self.uplink.retain("meters", self._meters_payload(
+            health, ts=_dt.datetime.now().astimezone().isoformat(timespec="seconds")))
+        return True
 
     MARKS_EVERY_S = 60.0
 
@@ -407,6 +563,7 @@ class Gateway:
             buffer["bytes"] = jstats["file_bytes"]
             buffer["dropped"] = {s: st["dropped"] for s, st in jstats["streams"].items()}
         return {"v": 1, "gateway": self.cfg.gateway.id, "version": __version__,
+                "config_version": self.reloader.version if self.reloader else None,
                 "pid": os.getpid(), "started_at": rfc3339(self.started_at),
                 "written_at": rfc3339(time.time()),
                 "clock_trusted": self.clock.trusted(),
@@ -461,10 +618,14 @@ def serve(gw, stop_event=None, on_started=None):
     def handler(signum, frame):
         log.info("signal %d: stopping", signum)
         stop_event.set()
+    def reload(signum, frame):
+        gw.reloader.request_file_reload()       # done by the main loop, not in here
     old = {}
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             old[s] = signal.signal(s, handler)
+        if gw.reloader is not None:
+            old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     try:
         gw.start()
         if on_started:

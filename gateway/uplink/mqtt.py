@@ -117,6 +117,8 @@ class Uplink(threading.Thread):
         self._to_ack = collections.deque()    # (gen, mid, qos) from Command.done()
         self._stuck = 0                   # unacked commands of this connection not queued
         self._logged = set()              # conditions logged once (until they clear)
+        self._retained = {}               # sub-topic -> payload, sent again on each connect
+        self._retain_due = set()
         self.ota_chunks = None            # (topic tail, payload) -> None: gateway/ota
         self._again = collections.deque(maxlen=REPUBLISH_MAX)   # results to send again
         self.heartbeat = time.monotonic()
@@ -148,6 +150,19 @@ class Uplink(threading.Thread):
     def notify(self):
         """New rows in the journal: wake the sender."""
         self._wake.set()
+
+    def retain(self, subtopic, payload):
+        """Publish `{root}/{subtopic}` retained (QoS 1) now if connected, and again on every
+        connect; a newer payload replaces an unsent one (any thread)."""
+        self._retained[subtopic] = payload
+        self._retain_due.add(subtopic)
+        self._wake.set()
+
+    def _send_retained(self, client):
+        while self._retain_due:
+            sub = self._retain_due.pop()
+            client.publish("%s/%s" % (self.root, sub), self._retained[sub], qos=1,
+                           retain=True)
 
     def republish(self, seq, ts, jid, body):
         """A command result published before (seq, ts in ms, jid, body as journalled), sent
@@ -240,6 +255,7 @@ class Uplink(threading.Thread):
             client.subscribe(self.root + "/ota/chunks/+/+", qos=0)
         client.publish(self.root + "/status", self._status_payload("online", time.time()),
                        qos=1, retain=True)
+        self._retain_due.update(self._retained)
         log.info("uplink connected to %s (%s)", self.state["broker"],
                  "MQTT 5" if self.v5 else "MQTT 3.1.1")
 
@@ -407,6 +423,7 @@ class Uplink(threading.Thread):
                 self.heartbeat = time.monotonic()
                 self._send_acks(client)
                 self._collect_acks()
+                self._send_retained(client)
                 self._send()
                 rc = client.loop(timeout=0.02 if self._has_work() else 0.05)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
