@@ -145,6 +145,7 @@ class Model:
         self.regs = None              # {"total": text, rate: text}
         self.ts = None
         self.charges = 0
+        self.bands = {}               # {rate or "single": [steps, micro-yuan]}
         self.period = None            # datetime of the tier period's start
         self.counter = 0
         self.held = False
@@ -200,6 +201,7 @@ class Model:
         if parts is None:
             parts = self.time_parts(growth, a, b)
         cost, counter, period = 0, self.counter, self.period
+        bands = {}                    # kept only when the whole reading is priced
         for when, rate, n in parts:
             if self.t.tou:
                 price = self.t.prices[rate]          # KeyError: a rate with no price
@@ -209,10 +211,18 @@ class Model:
                 p = self.t.period_start(when)
                 if p != period:
                     period, counter = p, 0
+            band = bands.setdefault(rate if self.t.tou else "single", [0, 0])
             for _ in range(n):
-                cost += price + (self.t.surcharge(counter) if self.t.tiered else 0)
+                step = price + (self.t.surcharge(counter) if self.t.tiered else 0)
+                cost += step
+                band[0] += 1
+                band[1] += step
                 counter += 1
         self.charges += cost
+        for name, (n, c) in bands.items():
+            total = self.bands.setdefault(name, [0, 0])
+            total[0] += n
+            total[1] += c
         if self.t.tiered:
             self.counter, self.period = counter, period
         return self._store(values, ts, events)
@@ -251,6 +261,12 @@ class Model:
                 runs.append([x, y, label])
         parts = share(steps, [(y - x) // MS for x, y, _ in runs])
         return [(x, label[0], n) for (x, _, label), n in zip(runs, parts) if n]
+
+
+def priced(bands):
+    """Bands that were charged money (a free rate's steps are nobody's concern, and the
+    model reads a register that is not a meter's number differently at price 0)."""
+    return {b: v for b, v in bands.items() if v[1]}
 
 
 # ---------------------------------------------------------------- random tariffs
@@ -403,6 +419,7 @@ def test_billing_agrees_with_the_reference_model(scenario):
                 ("total" if t == "meter.register_jump" else "")) for t, f in events]
         assert got == expected, (i, values, ts)
         assert doc["charges_uy"] == model.charges, (i, values, ts)
+        assert priced(billing.bands) == priced(model.bands), (i, values)
         assert doc["balance_uy"] == doc["opening_uy"] - model.charges
         assert bool(doc.get("billing_hold")) == model.held, (i, values, ts)
         if model.t.tiered and model.period is not None:
@@ -454,6 +471,9 @@ def test_a_batch_bills_as_the_rules_reading_by_reading(scenario, cut):
     for values, ts in readings:
         model.reading(values, ts)
     assert doc_b["charges_uy"] == model.charges
+    # the charges per band (the statements' bands) as the model prices them step by step
+    assert priced(batch.take_bands()) == priced(model.bands)
+    assert priced(rules.take_bands()) == priced(model.bands) and batch.bands == {}
 
 
 @st.composite
@@ -533,6 +553,9 @@ def test_long_runs_bill_in_batches_as_the_rules_do(run, cut):
     doc_t["state_since"] = doc_r["state_since"]
     assert doc_t == doc_r
     assert events_t == events_r
+    # runs billed at once charge each band what the rules charge it reading by reading
+    assert rows.take_bands() == batch.take_bands() == rules.take_bands()
+    assert sum(c for _, c in rules.bands.values()) == 0
     expected, (low, high) = [], (0, 0)
     for tag, bal in enumerate(balances_r):
         if not low < bal <= high:

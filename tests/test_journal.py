@@ -206,7 +206,8 @@ def test_a_consumer_that_is_gone_no_longer_holds_rows(tmp_path):
 def test_a_fresh_journal_numbers_each_stream_from_its_floor(tmp_path):
     j = Journal(str(tmp_path / "j.db"), consumers=CONSUMERS,
                 seq_floor={"readings": 1000, "events": 7, "results": 0})
-    assert j.created and j.next_seqs() == {"readings": 1000, "events": 7, "results": 1}
+    assert j.created and j.next_seqs() == {"readings": 1000, "events": 7, "results": 1,
+                                          "statements": 1}
     assert j.append_readings([r(), r()]) == (1000, 1001)
     assert j.append_event("meter.online", meter="m1") == 7
     assert j.append_result({"id": "c1"}) == 1

@@ -100,7 +100,7 @@ def test_a_first_start_and_an_old_journal_without_marks_are_no_damage(tmp_path):
     state = StateStore(str(tmp_path / "state.json"))
     path = str(tmp_path / "journal.db")
     j = open_journal(path, state, consumers=CONSUMERS)
-    assert j.next_seqs() == {"readings": 1, "events": 1, "results": 1}
+    assert j.next_seqs() == {"readings": 1, "events": 1, "results": 1, "statements": 1}
     assert j.read("uplink", "events") == []
     j.append_readings(readings(3))
     j.close()

@@ -37,6 +37,7 @@ from gateway.billing.tariff import (DAY_MS, RATES, _offsets, largest_remainder, 
 log = logging.getLogger(__name__)
 
 ENERGY_TOTAL = "energy.import.total"
+SINGLE = "single"          # the band of a tariff without time of use
 TARIFF_QUANTITIES = {"energy.import.t1": "sharp", "energy.import.t2": "peak",
                      "energy.import.t3": "flat", "energy.import.t4": "valley"}
 QUANTITY_OF_RATE = {rate: q for q, rate in TARIFF_QUANTITIES.items()}
@@ -102,7 +103,7 @@ class _Columns:
     For batches where T1..T4 are there (a time-of-use tariff: priced by them) or where no
     reading has any (priced by the total)."""
 
-    __slots__ = ("texts", "total", "regs", "ts", "local", "grown", "priced", "bad")
+    __slots__ = ("texts", "total", "regs", "ts", "local", "grown", "priced", "bad", "deltas")
 
     @classmethod
     def of(cls, items, tariff, columns=None):
@@ -162,9 +163,11 @@ class _Columns:
         if by_total:
             self.grown = grown_total
             self.priced = None
+            self.deltas = None
             checks += [(grown_total, operator.lt, 0), (grown_total, operator.gt, 100)]
             return self._flag(checks, odd, tss, local, len(items))
         d = [[0] + list(map(sub, r[1:], r[:-1])) for r in regs]
+        self.deltas = d
         self.grown = grown = list(map(add, map(add, d[0], d[1]), map(add, d[2], d[3])))
         priced = None
         for k in range(4):
@@ -261,6 +264,22 @@ class Billing:
         self._run = (1, 0, None, None)       # (start, end, rate, price): local ms
         self._seg = self._segment(0)         # the ladder stretch of the last tier counter
         self._memo = {}                      # register text -> its steps (bounded)
+        # what has been charged per band (rate; "single" on a tariff without time of use):
+        # {band: [steps, micro-yuan]}, taken by cost control for the day's statement
+        self.bands = {}
+
+    def take_bands(self):
+        """The charges per band since the last call ({band: [steps, micro-yuan]})."""
+        out, self.bands = self.bands, {}
+        return out
+
+    def _band(self, rate, steps, cost):
+        b = self.bands.get(rate or SINGLE)
+        if b is None:
+            self.bands[rate or SINGLE] = [steps, cost]
+        else:
+            b[0] += steps
+            b[1] += cost
 
     # ------------------------------------------------------------ the entry points
 
@@ -323,9 +342,11 @@ class Billing:
                                            None if watch is None else low)
                         if run is not None:
                             # readings i .. m-1 at once (each as the loop below bills it)
-                            m, cost, grown, seg, name = run
+                            m, cost, grown, seg, name, bands = run
                             bal -= cost
                             chg += cost
+                            for rate, steps_b, cost_b in bands:
+                                self._band(rate, steps_b, cost_b)
                             if grown and tiered:
                                 tier = (tier if name == period else 0) + grown
                                 period = name
@@ -422,14 +443,15 @@ class Billing:
                                 grew = 4 - ds.count(0)
                                 if grew == 1:    # the usual reading: one rate's register
                                     d = max(ds)
-                                    parts = ((rate_prices[ds.index(d)], d),)
+                                    k = ds.index(d)
+                                    parts = ((RATES[k], rate_prices[k], d),)
                                 else:
-                                    parts = [(rate_prices[k], d) for k, d in enumerate(ds)
-                                             if d > 0]
+                                    parts = [(RATES[k], rate_prices[k], d)
+                                             for k, d in enumerate(ds) if d > 0]
                             elif steps <= 0:
                                 parts = ()
                             elif tou is None:
-                                parts = ((price_of(None), steps),)
+                                parts = ((None, price_of(None), steps),)
                             else:
                                 run = self._run
                                 if not (run[0] <= pl and b <= run[1]):
@@ -440,11 +462,12 @@ class Billing:
                                     run = self._run = (pl, stop, rate, price_of(rate))
                                     if b > stop:
                                         raise _Slow      # across a change of rate
-                                parts = ((run[3], steps),)
+                                parts = ((run[2], run[3], steps),)
                             cost = 0
                             new_tier = tier
                             new_period = period
-                            for price, k in parts:
+                            charged = []
+                            for rate, price, k in parts:
                                 if price is None:
                                     raise _Slow  # no price: the account is held
                                 if tiered:
@@ -453,14 +476,17 @@ class Billing:
                                         new_tier = 0
                                     lo, hi, extra = self._seg
                                     if lo <= new_tier and (hi is None or new_tier + k <= hi):
-                                        cost += k * (price + extra)
+                                        c = k * (price + extra)
                                         new_tier += k
                                     else:
                                         c, new_tier = ladder_price(k, price, new_tier)
-                                        cost += c
                                         self._seg = self._segment(new_tier)
                                 else:
-                                    cost += k * price
+                                    c = k * price
+                                cost += c
+                                charged.append((rate, k, c))
+                            for rate, k, c in charged:
+                                self._band(rate, k, c)
                             # the reading is billed: commit it
                             bal -= cost
                             chg += cost
@@ -568,6 +594,7 @@ class Billing:
             if not lo <= tier0:
                 return None
         price = None
+        rate = None
         if vec.priced is None:                       # by the total
             if tariff.tou is None:
                 price = tariff.price_of(None)
@@ -598,7 +625,15 @@ class Billing:
             k = bisect.bisect_left(costs, bal - low)
             if k < len(costs):
                 m = i + k + 1
-        return m, costs[m - i - 1], grown[m - i - 1], (seg if tiered else None), name
+        if price is not None:
+            bands = ((rate, grown[m - i - 1], costs[m - i - 1]),)
+        else:
+            bands = []
+            for k, col in enumerate(vec.deltas):
+                n = sum(col[i:m])
+                if n:
+                    bands.append((RATES[k], n, n * (tariff.price_of(RATES[k]) + extra)))
+        return m, costs[m - i - 1], grown[m - i - 1], (seg if tiered else None), name, bands
 
     def _store(self, doc, bal, chg, tier, period, total, texts, ts):
         """The fast path's state into the document, as _commit writes it."""
@@ -714,6 +749,7 @@ class Billing:
         tier = doc.get("tier_centi", 0)
         period = doc.get("tier_period")
         tiered = tariff.tiered
+        charged = []
         for name, rate, n in parts:
             price = tariff.price_of(rate)
             if price is None:
@@ -727,8 +763,11 @@ class Billing:
             else:
                 c = n * price
             cost += c
+            charged.append((rate, n, c))
         self._commit(doc, cost, tier if tiered else None, period, value, rates, ts, events,
                      pending)
+        for rate, n, c in charged:
+            self._band(rate, n, c)
 
     def _commit(self, doc, cost, tier, period, value, rates, ts, events, pending):
         if cost:

@@ -5,9 +5,11 @@ accounts' rules see the configured meters and tariffs."""
 
 import datetime as _dt
 
+from gateway.billing import recovery
 from gateway.billing.tariff import from_config, parse_hhmm
 from gateway.config import (NAME, NUMBER, DecimalNumber, Field, ListOf, ListOfTables, Money,
                             NamedTables, Table)
+from gateway.config.schema import Invalid, Kind
 
 TARIFFS = NamedTables("tariffs", from_config,
                       doc="[tariffs.NAME]: flat, tiered, tou or tiered_tou (cost-control.md)")
@@ -74,6 +76,37 @@ def _check_policy(pol, bad, context):
         pol["holiday_dates"] = frozenset()
 
 
+class Grades(Kind):
+    """[cost_control.grades]: the arrears grades' thresholds (recovery.GRADE_KEYS: yuan
+    strings and whole days), the keys given over the defaults; kept as a dict of integers
+    (micro-yuan, days)."""
+
+    word = "table"
+
+    def parse(self, value):
+        try:
+            return recovery.parse_grades(value, recovery.DEFAULT_GRADES)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+
+    def text(self, value):
+        return "light 0.01/0 d, moderate 100.00/30 d, heavy 500.00/90 d"
+
+
+class Days(Kind):
+    word = "list of whole days"
+
+    def parse(self, value):
+        if not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 365
+                for v in value):
+            raise Invalid("must be a list of whole days 1-365, not %r" % (value,))
+        return tuple(sorted(set(value), reverse=True))
+
+    def text(self, value):
+        return "[%s]" % ", ".join(str(v) for v in value)
+
+
 _NUMBER_MESSAGE = "must be a number >= 0, not {value!r}"
 _STRINGS = ListOf(str, "must be a list of strings, not %r", "list of strings")
 
@@ -92,6 +125,21 @@ COST_CONTROL = Table("cost_control", "CostPolicy", [
           doc="the breaker's window"),
     Field("check_interval_s", NUMBER, 30, minimum=0, message=_NUMBER_MESSAGE,
           doc="how often accounts are checked for cut-off and restore"),
+    Field("grades", Grades(), dict(recovery.GRADE_DEFAULTS),
+          doc="`[cost_control.grades]`: arrears grade thresholds, `light_amount`, "
+              "`light_days`, `moderate_amount`, ... (yuan strings, whole days); an account's "
+              "own by `account_update`"),
+    Field("forecast_window_days", int, 7, minimum=1, maximum=90,
+          doc="days of the account's own billing the credit forecast averages"),
+    Field("forecast_min_days", int, 3, minimum=1, maximum=90,
+          doc="days with the meter read through them needed before a forecast is made"),
+    Field("forecast_thresholds", Days(), [7, 3, 1],
+          doc="days of credit left at which `balance.forecast` is raised"),
+    Field("statement_hour", int, 1, minimum=0, maximum=23,
+          doc="local hour each day's statements are made (for the day before)"),
+    Field("statement_wait_h", int, 6, minimum=0, maximum=240,
+          doc="hours a statement waits for the meter's readings and freeze before it goes "
+              "without them"),
 ], shape="must be a table", check=_check_policy, derived=("protected_ranges", "holiday_dates"))
 
 SECTIONS = (TARIFFS, ACCOUNTS, COST_CONTROL)

@@ -457,8 +457,11 @@ class Executor(threading.Thread):
             if not verify.valid_txn(params.get("txn")):
                 raise Rejected(RejectCode.BAD_PARAMS, "topup needs params.txn, the payment's "
                                "transaction id (letters, digits, _.:/-, at most 64)")
+            why = cc.check_topup(params)          # params.channel
+            if why:
+                raise Rejected(RejectCode.BAD_PARAMS, why)
         elif action == "account_update":
-            why = cc.check_update(params)
+            why = cc.check_update(params, meter.id)
             if why:
                 raise Rejected(RejectCode.BAD_PARAMS, why)
         elif action == "read":
@@ -660,9 +663,12 @@ class Executor(threading.Thread):
 
     def _topup(self, cmd, meter):
         params = cmd["params"]
-        balance, applied = self.prepaid().apply_topup(meter.id, Decimal(params["amount"]),
-                                                      params["txn"], cmd["id"])
-        extra = {"balance": str(balance), "txn": params["txn"]}
+        res = self.prepaid().apply_topup(meter.id, Decimal(params["amount"]), params["txn"],
+                                         cmd["id"], channel=params.get("channel"))
+        balance, applied = res.balance, res.applied
+        # how the payment was split (a duplicate txn: how it was split the first time)
+        extra = {"balance": str(balance), "txn": params["txn"], "channel": res.channel,
+                 "to_credit": res.credit, "to_debt": res.recovered, "debt": res.debt}
         if not applied:
             extra["duplicate_txn"] = True
         return "done", None if applied else "txn already applied", extra

@@ -1,7 +1,9 @@
 """The account store: the one writer of prepaid accounts and everything that moves them.
 
 It owns these tables of the state file: `accounts` (balance, charged-to position, account
-state, "cut by cost control"), `txns` (payments applied, by transaction id),
+state, "cut by cost control", debt, the day's movements for the statements), `txns` (the
+ledger: payments applied, by transaction id, with their channel and the share that went to
+the debt; and each daily debt recovery, by `recovery:METER:DAY`),
 `account_overrides` (head-end changes to an account's settings), `flags` (cost control's
 breaker and weather hold) and `guarantee` (保电, per meter). Every change is a function
 applied to the current document under the state file's lock and written in the same atomic
@@ -65,22 +67,32 @@ class AccountStore:
 
     # ---------------------------------------------------------------- payments
 
-    def topup(self, meter, txn, amount_uy, command=None, on_change=None):
+    def topup(self, meter, txn, amount_uy, command=None, on_change=None, channel=None,
+              split=None, at=None):
         """Apply a payment once, whatever carries it: (account doc, applied?). The balance
-        and the txn record are one write. `on_change(doc)` runs inside it (state moves)."""
+        and the txn record are one write. `split(doc)` says how much of the amount goes to
+        the account's debt (0 without); `on_change(doc, share)` runs inside the write
+        (state moves, the day's movements). The txn record keeps the channel and the split."""
         with self.state.batch():
             doc = self.state.get("accounts", meter)
             if doc is None:
                 return None, False
             if self.state.get("txns", txn) is not None:
                 return doc, False
-            doc["balance_uy"] += amount_uy
+            share = split(doc) if split else 0
+            doc["balance_uy"] += amount_uy - share
             doc["topups_uy"] += amount_uy
+            if share:
+                doc["debt_uy"] -= share
+                doc["recovered_uy"] = doc.get("recovered_uy", 0) + share
             if on_change:
-                on_change(doc)
+                on_change(doc, share)
             self.state.put("accounts", meter, doc)
             self.state.put("txns", txn, {"meter": meter, "amount_uy": amount_uy,
-                                         "command": command, "at": time.time()})
+                                         "credit_uy": amount_uy - share,
+                                         "recovered_uy": share, "channel": channel,
+                                         "command": command,
+                                         "at": time.time() if at is None else at})
             return doc, True
 
     def txn(self, txn):
@@ -140,3 +152,11 @@ class _Tx:
 
     def put(self, meter, doc):
         self.state.put("accounts", meter, copy.copy(doc))
+
+    def ledger(self, key, entry):
+        """A ledger entry (a daily debt recovery) written with the accounts, once: False if
+        the key is there already (the recovery was applied before a restart)."""
+        if self.state.get("txns", key) is not None:
+            return False
+        self.state.put("txns", key, entry)
+        return True

@@ -1,10 +1,11 @@
-"""The journal: readings, events and command results, append-only, until every consumer
-has them.
+"""The journal: readings, events, command results and daily statements, append-only, until
+every consumer has them.
 
 SQLite (standard library) in WAL mode with synchronous=FULL: an append that returned is on
-disk, through a kill or a power cut. Each stream (readings, events, results) has its own
-gap-free sequence that continues across restarts (kept in the `streams` table in the same
-transaction as the rows, never derived from what is left). Consumers (the uplink, cost
+disk, through a kill or a power cut. Each stream (readings, events, results, statements) has
+its own gap-free sequence that continues across restarts (kept in the `streams` table in the
+same transaction as the rows, never derived from what is left); a statement is appended at
+most once per account and day (statement_keys). Consumers (the uplink, cost
 control) each have a durable cursor per stream; rows every consumer is past are deleted.
 
 Billing reads the `energy` table, not the readings: one row per energy reading (one meter at
@@ -39,7 +40,7 @@ from gateway.model import GatewayError
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("readings", "events", "results")
+STREAMS = ("readings", "events", "results", "statements")
 
 # Reading quality flags (journal column `quality`)
 GOOD = "good"
@@ -62,10 +63,20 @@ CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL,
                                    body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL,
                                     body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS statements (seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL,
+                                       body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS statement_keys (meter TEXT NOT NULL, day TEXT NOT NULL,
+                                           seq INTEGER NOT NULL, PRIMARY KEY (meter, day));
+CREATE TABLE IF NOT EXISTS freezes (meter TEXT NOT NULL, ts INTEGER NOT NULL, total TEXT,
+                                    t1 TEXT, t2 TEXT, t3 TEXT, t4 TEXT,
+                                    PRIMARY KEY (meter, ts));
 CREATE TABLE IF NOT EXISTS energy (seq INTEGER PRIMARY KEY, meter TEXT NOT NULL,
                                    ts INTEGER NOT NULL, total TEXT, t1 TEXT, t2 TEXT,
                                    t3 TEXT, t4 TEXT);
 """
+# statements (a stream: cost control's daily statements), statement_keys (which account's
+# day is journalled: a statement is appended once, whatever restarts) and freezes (the
+# meters' daily-freeze registers the statements are checked against) are additive too.
 # the energy table is additive: a journal from before it gains it when opened (billing's
 # cursor on the readings moves to it when billing registers, see register), and a gateway
 # from before it opens a journal that has it (and bills from the readings again)
@@ -400,6 +411,10 @@ class Journal:
                 if energy:
                     self._db.executemany(
                         "INSERT INTO energy VALUES (?, ?, ?, ?, ?, ?, ?, ?)", energy)
+                freezes = _freeze_rows(rows)
+                if freezes:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO freezes VALUES (?, ?, ?, ?, ?, ?, ?)", freezes)
             return first, first + len(rows) - 1
         return self._append(write)
 
@@ -410,6 +425,62 @@ class Journal:
 
     def append_result(self, body, ts=None):
         return self._append_record("results", body, ts)
+
+    def append_statements(self, statements, ts=None):
+        """Daily statements [(meter, day, body)] in one transaction, each at most once: a
+        (meter, day) already journalled is skipped (a restart between this and the account
+        store's write makes the same statement again). Returns the seqs (None: skipped)."""
+        ts = now_ms() if ts is None else int(ts)
+        texts = [(meter, day, json.dumps(dict(body, type="statement"), ensure_ascii=False,
+                                         separators=(",", ":"), default=str))
+                 for meter, day, body in statements]
+
+        def write():
+            out = []
+            for meter, day, text in texts:
+                if self._db.execute("SELECT 1 FROM statement_keys WHERE meter=? AND day=?",
+                                    (meter, day)).fetchone():
+                    out.append(None)
+                    continue
+                seq = self._next_seqs("statements", 1)
+                self._db.execute("INSERT INTO statements VALUES (?, ?, ?)", (seq, ts, text))
+                self._db.execute("INSERT INTO statement_keys VALUES (?, ?, ?)",
+                                 (meter, day, seq))
+                out.append(seq)
+            return out
+        if not texts:
+            return []
+        return self._append(write)
+
+    def forget_statements(self, before_day):
+        """Drop the keys of statements of days before `before_day` (ISO) and freezes older
+        than it: no account goes back that far."""
+        with self._lock:
+            try:
+                with self._tx():
+                    self._db.execute("DELETE FROM statement_keys WHERE day < ?", (before_day,))
+            except sqlite3.DatabaseError as exc:
+                raise self._fail(exc, "prune statement keys") from None
+
+    def freeze(self, meter, ts):
+        """The meter's daily freeze stamped at ts (Unix ms): {"total": text, "t1"..}, or None."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT total, t1, t2, t3, t4 FROM freezes WHERE "
+                                       "meter=? AND ts=?", (meter, int(ts))).fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise self._fail(exc, "read freezes") from None
+        if row is None or row[0] is None:
+            return None
+        return {k: v for k, v in zip(("total", "t1", "t2", "t3", "t4"), row) if v is not None}
+
+    def forget_freezes(self, before_ts):
+        with self._lock:
+            try:
+                with self._tx():
+                    self._db.execute("DELETE FROM freezes WHERE ts < ?", (int(before_ts),))
+            except sqlite3.DatabaseError as exc:
+                raise self._fail(exc, "prune freezes") from None
 
     def _append_record(self, stream, body, ts):
         text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=str)
@@ -485,7 +556,7 @@ class Journal:
         (the registers count on: the next reading billed charges the energy between), only
         the time it was used in; they are counted (meta `energy_dropped`, stats) and
         logged, not reported as journal.dropped (no published stream lost a seq)."""
-        for stream in ("readings", ENERGY, "events", "results"):
+        for stream in ("readings", ENERGY, "events", "statements", "results"):
             lo = self._db.execute("SELECT MIN(seq) FROM %s" % stream).fetchone()[0]
             if lo is None:
                 continue
@@ -730,6 +801,25 @@ def _energy_rows(first, rows):
 
 
 _NO_VALUES = [None] * 5
+_FREEZE_PREFIX = "freeze.daily.energy.import."
+_FREEZE_INDEX = {"total": 2, "t1": 3, "t2": 4, "t3": 5, "t4": 6}
+
+
+def _freeze_rows(rows):
+    """The freezes table's rows for readings rows: one per (meter, freeze time) with the
+    daily freeze's import registers (the texts, exact)."""
+    out = {}
+    for meter, q, value, _, ts, _, _ in rows:
+        if not q.startswith(_FREEZE_PREFIX):
+            continue
+        k = _FREEZE_INDEX.get(q[len(_FREEZE_PREFIX):])
+        if k is None:
+            continue
+        row = out.get((meter, ts))
+        if row is None:
+            row = out[(meter, ts)] = [meter, ts, None, None, None, None, None]
+        row[k] = value
+    return list(out.values())
 
 
 def _group(seqs, meters, tss, qs, vals):

@@ -43,7 +43,9 @@ from gateway.model import valid_topic
 log = logging.getLogger(__name__)
 
 CONSUMER = "uplink"
-STREAMS = ("results", "events", "readings")      # results first: commands are urgent
+STREAMS = ("results", "events", "statements", "readings")   # results first: commands are urgent
+RECORD_TOPICS = {"events": "/events", "results": "/command-results",
+                 "statements": "/statements"}
 
 RECEIVE_MAXIMUM = 64              # unacknowledged commands the broker may hand us
 MAX_COMMAND_BYTES = 64 * 1024     # larger ones are acked and dropped (the executor's limit
@@ -531,8 +533,7 @@ class Uplink(threading.Thread):
                     rows = self.journal.read(CONSUMER, stream, limit=1, after=after)
                     if not rows:
                         break
-                    topic = self.root + ("/events" if stream == "events"
-                                         else "/command-results")
+                    topic = self.root + RECORD_TOPICS[stream]
                     last = rows[0].seq
                 try:
                     if stream == "readings":
