@@ -415,3 +415,21 @@ def test_a_scan_lists_meters_found_but_not_configured_until_they_are(tmp_path, b
     finally:
         h.close()
         head.close()
+
+
+def test_meter_passwords_in_a_config_update_are_masked_in_the_audit():
+    """The audit keeps (and uploads) every command's params: a meter's relay password sent
+    in a patch or in a whole file must not sit there in clear."""
+    from gateway.control.executor import _public
+    cmd = {"v": 1, "id": "c1", "meter": "*", "action": "config_update", "sig": "AAAA",
+           "params": {"version": "v",
+                      "patch": {"meters": {"add": [{"id": "m9", "password": "123456",
+                                                    "password_level": 2}]}},
+                      "config": {"meters": [{"id": "m1", "password": "222222"}]},
+                      "toml": '[[meters]]\nid = "m1"\npassword = "654321"  # site code\n'
+                              "  password=111111\npassword_level = 2\n"}}
+    text = json.dumps(_public(cmd))
+    for secret in ("123456", "222222", "654321", "111111", "AAAA"):
+        assert secret not in text
+    assert '"password_level": 2' in text and "password_level = 2" in text
+    assert cmd["params"]["patch"]["meters"]["add"][0]["password"] == "123456"   # a copy

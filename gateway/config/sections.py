@@ -252,8 +252,8 @@ def _check_control(control, bad, context):
         elif _unreadable(k):
             bad(key, _unreadable(k))
         else:
-            # the header only: the executor parses the key (cryptography costs memory to
-            # load, and is loaded once, there)
+            # the header only: the executor parses the key (control/signing.py, a layer
+            # above this one) and says what is wrong with it
             with open(k, "rb") as f:
                 head = f.read(64)
             if not head.lstrip().startswith(b"-----BEGIN PUBLIC KEY-----"):

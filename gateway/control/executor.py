@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import re
 import threading
 import time
 from decimal import Decimal
@@ -936,9 +937,26 @@ def _is_storage_error(exc):
     return isinstance(exc, (StateError, JournalError))
 
 
+# a meter password in a config_update (a patch's field, or a line of a whole TOML file)
+_SECRET_KEYS = frozenset(("password",))
+_SECRET_LINE = re.compile(r'(?m)^(\s*password\s*=\s*)("[^"\n]*"|\'[^\'\n]*\'|[^\s#]+)')
+
+
+def _masked(value):
+    if isinstance(value, dict):
+        return {k: "******" if k in _SECRET_KEYS and v is not None else _masked(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    if isinstance(value, str) and "password" in value:
+        return _SECRET_LINE.sub(r'\1"******"', value)
+    return value
+
+
 def _public(cmd):
-    """The command as the audit keeps it: without the signature bytes."""
-    return {k: v for k, v in cmd.items() if k != "sig"}
+    """The command as the audit keeps it (and uploads in `audit` events): without the
+    signature bytes, meter passwords masked."""
+    return {k: _masked(v) if k == "params" else v for k, v in cmd.items() if k != "sig"}
 
 
 def _epoch(value):
