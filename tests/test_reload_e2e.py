@@ -44,6 +44,10 @@ def command(key, params, action="config_update", meter="*"):
 def send(head, cmd, timeout=40):
     """Publish a signed command; its final result."""
     head.publish("commands", json.dumps(cmd))
+    return final_result(head, cmd, timeout)
+
+
+def final_result(head, cmd, timeout=40):
     final = ("done", "failed", "rejected")
     head.wait(lambda: any(r.get("id") == cmd["id"] and r["status"] in final
                           for r in head.topic("command-results")), timeout=timeout)
@@ -182,8 +186,19 @@ def test_config_update_adds_and_removes_meters_while_polling(tmp_path, broker):
         dead = {"ports": {"add": [{"name": "rs485-2", "device": str(tmp_path / "no-such-tty"),
                                    "baudrate": 19200}]},
                 "meters": {"add": [dict(meter(9), port="rs485-2")]}}
-        res = send(head, command(key, {"version": v1, "patch": dead,
-                                       "health_timeout_s": 3}))
+        update = command(key, {"version": v1, "patch": dead, "health_timeout_s": 8})
+        head.publish("commands", json.dumps(update))
+        # ... and a cut-off sent while it waits for health is not kept waiting behind it
+        time.sleep(0.5)
+        t_cut = time.monotonic()
+        cut = send(head, command(key, {}, action="cut_off", meter="m1"))
+        assert cut["status"] == "done", cut
+        assert time.monotonic() - t_cut < 5   # the update waits 8 s for health
+        res = final_result(head, update)
+        assert [r["id"] for r in head.topic("command-results") if r["status"] in (
+            "done", "failed")].index(cut["id"]) < [
+            r["id"] for r in head.topic("command-results")
+            if r["status"] in ("done", "failed")].index(update["id"])
         assert res["status"] == "failed" and res["code"] == "rolled_back", res
         assert "no-such-tty" in res["reason"] and res["version"] == v1, res
         rolled = events(head, "config.rolled_back")

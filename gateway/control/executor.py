@@ -564,6 +564,8 @@ class Executor(threading.Thread):
                 raise StorageFull("no room left on the data folder's disk")
             if action in DIAGNOSTIC_ACTIONS:
                 return self._run_diagnostic(cmd, meter, meta, source)
+            if action == "config_update":
+                return self._run_beside(cmd, meter, meta, source, self._gateway_action)
             if action in RELAY_ACTIONS:
                 # the whole operation is one job on the line: its transactions follow each
                 # other without a poll in between
@@ -755,6 +757,21 @@ class Executor(threading.Thread):
                                 % diagnostics.QUEUE_MAX, {"code": "busy"})
         return {"id": cmd["id"], "status": "accepted"}
 
+    def _run_beside(self, cmd, meter, meta, source, work):
+        """A config_update waits for the reloaded gateway's health (up to its timeout) on a
+        thread of its own: a cut-off arriving meanwhile is not kept waiting. The reloader
+        applies one configuration at a time, in the order they came."""
+        def run():
+            try:
+                status, reason, extra = work(cmd)
+            except Exception as exc:
+                log.exception("command %s", cmd["id"])
+                status, reason, extra = "failed", "internal error: %s" % exc, \
+                    {"code": "internal_error"}
+            self._finish(cmd["id"], cmd, meter, meta, source, status, reason, extra)
+        threading.Thread(target=run, name="config-update", daemon=True).start()
+        return {"id": cmd["id"], "status": "accepted"}
+
     def _diagnostic(self, cmd):
         """Runs on the diagnostics thread."""
         from gateway.control import diagnostics
@@ -783,7 +800,7 @@ class Executor(threading.Thread):
 
     def _gateway_action(self, cmd):
         if cmd["action"] == "config_update":
-            return self.config.update(cmd["params"], cmd["id"], tick=self.tick)
+            return self.config.update(cmd["params"], cmd["id"], tick=self._caller_tick)
         if cmd["action"] == "software_update":
             return self.updates.start_update(cmd["id"], cmd["params"], signed=cmd)
         cc = self.prepaid()
