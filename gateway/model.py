@@ -8,9 +8,9 @@ import enum
 # sign`; gateway-wide actions take meter "*"
 ACTIONS = ("cut_off", "restore", "guarantee_on", "guarantee_off", "topup", "read",
            "sync_time", "release_breaker", "weather_hold", "account_update", "audit_verify",
-           "logs", "scan", "trace", "config_update")
+           "logs", "scan", "trace", "config_update", "software_update")
 GATEWAY_ACTIONS = ("release_breaker", "weather_hold", "audit_verify", "logs", "scan", "trace",
-                   "config_update")
+                   "config_update", "software_update")
 # diagnostics: rate-limited, answered off the executor's thread (a relay command queued
 # behind one runs first); scan and trace use a line only between relay transactions
 DIAGNOSTIC_ACTIONS = ("audit_verify", "logs", "scan", "trace")

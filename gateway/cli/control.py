@@ -52,11 +52,7 @@ def command_sign(args):
         elif k == "on":
             v = v.lower() in ("1", "true", "yes", "on")
         params[k] = v
-    now = _dt.datetime.now().astimezone().replace(microsecond=0)
-    cmd = {"v": 1, "id": args.id or str(uuid.uuid4()), "meter": args.meter,
-           "action": args.cmd_action, "issued_at": now.isoformat(),
-           "expires_at": (now + _dt.timedelta(seconds=args.valid)).isoformat(),
-           "params": params}
+    cmd = new_command(args.meter, args.cmd_action, params, args.valid, args.id)
     if args.publish and not args.topic:
         raise CliError(_("--publish needs --topic (such as mgw/v1/gw-0001/commands)"),
                        EXIT_USAGE)
@@ -67,6 +63,16 @@ def command_sign(args):
         sys.stderr.write(_("published to %s on %s:%d") % ((args.topic,) + args.publish) +
                          "\n")
     return EXIT_OK
+
+
+def new_command(meter, action, params, valid_s, cmd_id=None):
+    """An unsigned command valid from now for valid_s seconds (`mgw command sign`,
+    `mgw ota serve`)."""
+    now = _dt.datetime.now().astimezone().replace(microsecond=0)
+    return {"v": 1, "id": cmd_id or str(uuid.uuid4()), "meter": meter, "action": action,
+            "issued_at": now.isoformat(),
+            "expires_at": (now + _dt.timedelta(seconds=valid_s)).isoformat(),
+            "params": params}
 
 
 def publish(broker, topic, payload, timeout_s=10.0):

@@ -213,6 +213,8 @@ def build_parser():
                           "mosquitto_pub needed"))
     p.add_argument("--topic", help=_("the gateway's command topic, "
                                      "{topic_root}/{gateway id}/commands"))
+    from gateway.cli import ota as ota_cli
+    ota_cli.register(add, _host_port)
     p = sub.add_parser("completion", help=_("print a bash completion script"),
                        description="mgw completion bash > /etc/bash_completion.d/mgw")
     p.add_argument("shell", choices=("bash",))

@@ -62,6 +62,9 @@ DUPLICATE_MEMORY = 4096
 
 failpoint = relay.failpoint
 _ADMISSION = threading.Lock()
+# held for the whole of a relay operation; an update's installer takes it, so it never
+# runs in the middle of one (gateway/ota)
+RELAY_GATE = threading.Lock()
 
 
 class StorageFull(GatewayError):
@@ -79,7 +82,8 @@ class Executor(threading.Thread):
     def __init__(self, *, control_cfg, data_dir, intake, meter_of, spec_of, line, ledger,
                  accounts, journal, audit, events, clock, prepaid, notify=lambda: None,
                  reserve=None, local_group="meter-gateway", ports=lambda: (),
-                 meters=lambda: (), republish=None, config=None, found=None):
+                 meters=lambda: (), republish=None, config=None, found=None,
+                 updates=None):
         super().__init__(name="commands", daemon=True)
         self.cfg = control_cfg
         self.intake = intake                  # queue of uplink.Command
@@ -100,6 +104,7 @@ class Executor(threading.Thread):
         self.republish = republish            # (seq, ts, jid, body): a result sent again
         self.config = config                  # config_update: service.reload.Reloader
         self.found = found                    # (port, protocol, found): a scan's meters
+        self.updates = updates                # gateway.ota Updater or None
         self.keys = []
         for path in self.cfg.public_keys:
             try:
@@ -431,6 +436,12 @@ class Executor(threading.Thread):
             if action == "config_update":
                 self._check_config_update(params)
                 return WholeGateway()
+            if action == "software_update":
+                why = self.updates.check(cmd["id"], params) if self.updates else \
+                    "no updater on this gateway"
+                if why:
+                    raise Rejected(RejectCode.BAD_PARAMS, why)
+                return WholeGateway()
             if self.prepaid() is None:
                 raise Rejected(RejectCode.NO_ACCOUNT, "no cost control on this gateway")
             return WholeGateway()
@@ -558,8 +569,9 @@ class Executor(threading.Thread):
             if action in RELAY_ACTIONS:
                 # the whole operation is one job on the line: its transactions follow each
                 # other without a poll in between
-                status, reason, extra = self.line.run_job(
-                    meter, lambda: self._relay(cmd, meter), tick=self._caller_tick)
+                with RELAY_GATE:
+                    status, reason, extra = self.line.run_job(
+                        meter, lambda: self._relay(cmd, meter), tick=self._caller_tick)
             elif action == "topup":
                 status, reason, extra = self._topup(cmd, meter)
             elif action == "read":
@@ -789,6 +801,8 @@ class Executor(threading.Thread):
     def _gateway_action(self, cmd):
         if cmd["action"] == "config_update":
             return self.config.update(cmd["params"], cmd["id"], tick=self._caller_tick)
+        if cmd["action"] == "software_update":
+            return self.updates.start_update(cmd["id"], cmd["params"], signed=cmd)
         cc = self.prepaid()
         if cmd["action"] == "release_breaker":
             cc.release_breaker()

@@ -19,10 +19,11 @@ import sys
 
 from gateway.billing import settings as billing_settings
 from gateway.config import ConfigError, FileSchema, read, sections
+from gateway.ota import settings as ota_settings
 
 __all__ = ["Config", "ConfigError", "SCHEMA", "load", "validate"]
 
-SCHEMA = FileSchema(sections.SECTIONS + billing_settings.SECTIONS)
+SCHEMA = FileSchema(sections.SECTIONS + billing_settings.SECTIONS + ota_settings.SECTIONS)
 Config = SCHEMA.record
 Config.__module__ = __name__
 
@@ -30,6 +31,7 @@ Config.__module__ = __name__
 DOC_TABLES = {
     "configuration.md": sections.SECTIONS,
     "cost-control.md": (billing_settings.ACCOUNTS, billing_settings.COST_CONTROL),
+    "deploy.md": ota_settings.SECTIONS,
 }
 
 

@@ -80,6 +80,8 @@ class Gateway:
         self.costcontrol = None
         self.audit = None
         self.accounts = None
+        self.updater = None
+        self._started = False
         self.metrics = None
         # config_update and SIGHUP need the file the configuration came from
         self.reloader = Reloader(self, config_file) if config_file is not None else None
@@ -189,10 +191,9 @@ class Gateway:
             self.uplink.notify()
 
     def start(self):
+        self.updater = self._new_updater()
         if self.cfg.uplink.host:
-            from gateway.uplink.mqtt import Uplink
-            self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
-                                 self.commands, self.started_at)
+            self.uplink = self._new_uplink()
         self.audit = AuditTrail(paths.path(self.cfg.gateway.data_dir, paths.AUDIT),
                                 on_entry=self._audit_event)
         self.accounts = AccountStore(self.state)
@@ -205,6 +206,8 @@ class Gateway:
         self.executor.start()
         if self.costcontrol is not None:
             self.costcontrol.start()
+        self.updater.start()
+        self._started = True
         if self.cfg.metrics.listen:
             from gateway.service import metrics       # prometheus-client only when on
             self.metrics = metrics.serve(self.cfg.metrics.listen, self)
@@ -228,7 +231,35 @@ class Gateway:
                         ports=lambda: [p.name for p in self.cfg.ports],
                         meters=lambda: self.cfg.meters,
                         republish=self._republish if self.cfg.uplink.host else None,
-                        config=self.reloader, found=self.scan_found)
+                        config=self.reloader, found=self.scan_found,
+                        updates=self.updater)
+
+    def _new_uplink(self):
+        from gateway.uplink.mqtt import Uplink
+        up = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal, self.commands,
+                    self.started_at)
+        up.ota_chunks = lambda tail, payload: self.updater.on_chunk(tail, payload)
+        return up
+
+    def _new_updater(self):
+        from gateway.control.executor import RELAY_GATE
+        from gateway.ota.updater import Updater
+        return Updater(self.cfg.ota, self.cfg.gateway.data_dir, version=__version__,
+                       events=self.sink.event, relay_gate=RELAY_GATE,
+                       publish=lambda sub, payload: self.uplink is not None and
+                       self.uplink.publish_now(sub, payload),
+                       healthy=self._healthy)
+
+    def _healthy(self):
+        """(healthy?, why not) for an update's check: started, lines open, uplink up."""
+        if not self._started:
+            return False, "not started"
+        closed = [n for n, w in self.workers.items() if not w.line_stats()["open"]]
+        if closed:
+            return False, "line %s is not open" % closed[0]
+        if self.uplink is None or not self.uplink.state["connected"]:
+            return False, "the uplink is not connected"
+        return True, None
 
     def _new_costcontrol(self):
         """Cost control, or None on a gateway without prepaid accounts: billing's modules
@@ -296,14 +327,13 @@ class Gateway:
         if self.uplink is not None and not self.uplink.is_alive():
             self.restarts["uplink"] += 1
             log.error("uplink thread died; restarting (%d restarts)", self.restarts["uplink"])
-            from gateway.uplink.mqtt import Uplink
-            self.uplink = Uplink(self.cfg.uplink, self.cfg.gateway.id, self.journal,
-                                 self.commands, self.started_at)
+            self.uplink = self._new_uplink()
             self.uplink.start()
         elif self.uplink is not None and now - self.uplink.heartbeat > HUNG_AFTER_S:
             healthy = False
         for attr, factory in (("executor", self._new_executor),
-                              ("costcontrol", self._new_costcontrol)):
+                              ("costcontrol", self._new_costcontrol),
+                              ("updater", self._new_updater)):
             thread = getattr(self, attr)
             if thread is None:
                 continue
@@ -362,6 +392,8 @@ class Gateway:
         for t in (self.executor, self.costcontrol):
             if t is not None:
                 t.stop()
+        if self.updater is not None:
+            self.updater.stop(0.5)    # an installer it waits for goes on in its own session
         for w in self.workers.values():
             w.stop(max(0.1, deadline - time.monotonic()))
         self.sink.event("gateway.stopped")
@@ -539,6 +571,7 @@ class Gateway:
                 "ports": [w.line_stats() for w in self.workers.values()],
                 "meters": meters, "buffer": buffer,
                 "accounts": self.costcontrol.accounts_status() if self.costcontrol else {},
+                "update": self.updater.status() if self.updater else None,
                 "restarts": dict(self.restarts)}
 
     def _last_readings(self):

@@ -121,6 +121,7 @@ class Uplink(threading.Thread):
         self._logged = set()              # conditions logged once (until they clear)
         self._retained = {}               # sub-topic -> payload, sent again on each connect
         self._retain_due = set()
+        self.ota_chunks = None            # (topic tail, payload) -> None: gateway/ota
         self._again = collections.deque(maxlen=REPUBLISH_MAX)   # results to send again
         self.heartbeat = time.monotonic()
         self.state = {"connected": False, "broker": "%s:%d" % (cfg.host, cfg.port),
@@ -191,6 +192,15 @@ class Uplink(threading.Thread):
         out["oldest_unsent_age_s"] = round(time.time() - oldest / 1000.0, 1) if oldest else 0
         return out
 
+    def publish_now(self, subtopic, payload):
+        """A message outside the journal (an update's chunk requests), at QoS 0: sent now
+        if connected, else False and the caller asks again later."""
+        client = self._client
+        if not self._connected or client is None:
+            return False
+        return client.publish("%s/%s" % (self.root, subtopic), payload,
+                              qos=0).rc == mqtt.MQTT_ERR_SUCCESS
+
     # ---------------------------------------------------------------- client
 
     def _status_payload(self, state, since, **extra):
@@ -242,6 +252,9 @@ class Uplink(threading.Thread):
         self.state["last_error"] = None
         # subscribe on every connect: a reconnect may have lost the subscription
         client.subscribe(self.root + "/commands", qos=1)
+        if self.ota_chunks is not None:
+            # QoS 0: the updater asks again for what does not come
+            client.subscribe(self.root + "/ota/chunks/+/+", qos=0)
         client.publish(self.root + "/status", self._status_payload("online", time.time()),
                        qos=1, retain=True)
         self._retain_due.update(self._retained)
@@ -287,6 +300,10 @@ class Uplink(threading.Thread):
                 self.state["commands_acked"] += 1
 
     def _on_message(self, client, userdata, message):
+        prefix = self.root + "/ota/chunks/"
+        if self.ota_chunks is not None and message.topic.startswith(prefix):
+            self.ota_chunks(message.topic[len(prefix):], message.payload)
+            return
         try:
             self._intake(message)
         except Exception:
