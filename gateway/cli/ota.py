@@ -370,7 +370,7 @@ def _await_health(cfg, d, uid, version):
         if phase == "checking" and isinstance(deadline, (int, float)):
             # the new version started late: its own check runs first (bounded, as the
             # service user may write anything here)
-            end = max(end, min(deadline + grace, installed_at + 2 * health + grace))
+            end = max(end, min(deadline + grace, installed_at + health + 2 * grace))
         if time.time() >= end:
             break
         time.sleep(1.0)
