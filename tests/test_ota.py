@@ -41,11 +41,14 @@ INSTALLER = textwrap.dedent('''\
     os.replace(tmp, os.path.join(box, "current"))
     with open(os.path.join(box, "installs.log"), "a") as f:
         f.write(version + "\\n")
-    os.kill(int(open(os.path.join(box, "gateway.pid")).read()), signal.SIGTERM)
+    try:
+        os.kill(int(open(os.path.join(box, "gateway.pid")).read()), signal.SIGTERM)
+    except ProcessLookupError:       # a version that crashed at start
+        pass
 ''')
 
 
-def make_tree(box, version, broken_uplink=False):
+def make_tree(box, version, broken_uplink=False, crash=False):
     """A copy of the project's code with its own version, and its "package"."""
     tree = box / "src" / version
     for pkg in ("gateway", "protocols"):
@@ -57,6 +60,8 @@ def make_tree(box, version, broken_uplink=False):
     if broken_uplink:            # a version that never connects: never healthy
         up = tree / "gateway" / "uplink" / "mqtt.py"
         up.write_text(up.read_text().replace("cfg.port, keepalive", "1, keepalive"))
+    if crash:                    # a version that exits at once: never even checks its health
+        (tree / "gateway" / "__main__.py").write_text("raise SystemExit('crash at start')\n")
     (tree / "VERSION").write_text(version)
     pkg = box / ("meter-gateway_%s.tar" % version)
     with tarfile.open(pkg, "w") as t:
@@ -68,7 +73,8 @@ def make_tree(box, version, broken_uplink=False):
 class Box:
     """A concentrator: the running version under `current`, restarted when it exits."""
 
-    def __init__(self, tmp_path, broker, health_s=60, pace_ms=0, chunk_timeout_s=2):
+    def __init__(self, tmp_path, broker, health_s=60, pace_ms=0, chunk_timeout_s=2,
+                 root_helper=False):
         self.dir = tmp_path / "box"
         self.dir.mkdir()
         self.priv, self.pub = keys(tmp_path)
@@ -79,17 +85,38 @@ class Box:
         os.symlink(self.dir / "versions" / __version__, self.dir / "current")
         (self.dir / "install.py").write_text(INSTALLER)
         self.cfg = write_config(tmp_path, self.sim.link, broker, self.pub)
+        install = "[%s, %s, \"{package}\", %s]" % (
+            json.dumps(sys.executable), json.dumps(str(self.dir / "install.py")),
+            json.dumps(str(self.dir)))
+        if root_helper:
+            # as under systemd: the service only asks (`mgw ota request`), and a stand-in
+            # for meter-gateway-update.path runs `mgw ota install-requested`, which
+            # installs with the stand-in installer
+            ask = "[%s, \"-m\", \"gateway\", \"ota\", \"request\", \"--package\", " \
+                  "\"{package}\"]" % json.dumps(sys.executable)
+            ota = "installer = %s\nprivileged_installer = %s\n" % (ask, install)
+        else:
+            ota = "installer = %s\n" % install
         with open(self.cfg, "a") as f:
-            f.write("\n[ota]\ninstaller = [%s, %s, \"{package}\", %s]\n"
-                    "health_timeout_s = %s\npace_ms = %d\nchunk_timeout_s = %s\n"
-                    % (json.dumps(sys.executable), json.dumps(str(self.dir / "install.py")),
-                       json.dumps(str(self.dir)), health_s, pace_ms, chunk_timeout_s))
+            f.write("\n[ota]\n%shealth_timeout_s = %s\npace_ms = %d\nchunk_timeout_s = %s\n"
+                    % (ota, health_s, pace_ms, chunk_timeout_s))
         self.data = tmp_path / "data"
+        self.helper_out = []         # what each `mgw ota install-requested` printed
         self.starts = []             # the version each start ran
         self.proc = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, daemon=True)
         self._thread.start()
+        if root_helper:
+            self._path_unit = threading.Thread(target=self._watch_requests, daemon=True)
+            self._path_unit.start()
+
+    def _watch_requests(self):
+        while not self._stop.wait(0.2):
+            if os.path.lexists(self.data / "ota" / "install-request"):
+                p = mgw("ota", "install-requested", "--config", self.cfg)
+                out, err = p.communicate(timeout=300)
+                self.helper_out.append((p.returncode, out + err))
 
     def _supervise(self):
         while not self._stop.is_set():
@@ -316,6 +343,31 @@ def test_an_unhealthy_version_is_rolled_back(box, broker):
     box.head.wait(lambda: online(box.head, __version__), 30)
 
 
+def test_a_version_that_cannot_start_is_rolled_back_by_the_root_helper(box, broker):
+    """Under systemd: the new version exits at once, so it never runs its own health
+    check; the root helper that installed it waits for its health, reinstalls the kept
+    package itself, and the restored version reports update.rolled_back with the reason."""
+    if os.geteuid() != 0:
+        pytest.skip("the root helper trusts a package kept by `mgw ota keep` only as root")
+    k = mgw("ota", "keep", "--package", box.old_pkg, "--config", box.cfg)
+    assert k.wait(30) == 0, k.stderr.read()
+    crash = make_tree(box.dir, NEW, crash=True)
+    rc, out = finish(serve(box, broker, crash, "--timeout", "150"), 180)
+    assert rc == 1 and "update.rolled_back" in out, out + box.log()
+    rolled = [e for e in update_events(box.head) if e["type"] == "update.rolled_back"]
+    assert "version %s did not report healthy within 4 s" % NEW in rolled[0]["reason"]
+    assert rolled[0]["version"] == __version__
+    assert box.installs() == [NEW, __version__]
+    assert NEW in box.starts and box.starts[-1] == __version__
+    assert "crash at start" in box.log()
+    box.head.wait(lambda: online(box.head, __version__), 30)
+    assert [rc for rc, _ in box.helper_out] == [1], box.helper_out
+    state = json.loads((box.data / "ota" / "state.json").read_text())
+    assert state["phase"] == "rolled_back"
+
+
+test_a_version_that_cannot_start_is_rolled_back_by_the_root_helper.box_options = {
+    "health_s": 4, "root_helper": True}
 test_an_unhealthy_version_is_rolled_back.box_options = {"health_s": 6}
 test_a_full_update_while_readings_flow.box_options = {"pace_ms": 50}
 test_transfer_resumes_after_broker_outage_and_sigkill.box_options = {"pace_ms": 20}
@@ -403,9 +455,22 @@ def test_a_relay_operation_holds_the_gate_an_installer_waits_for(tmp_path):
 
 # ---------------------------------------------------------------- the root helper
 
-def test_the_root_helper_installs_only_what_the_head_end_signed(tmp_path):
-    """`mgw ota request` (the unprivileged service) then `mgw ota install-requested` (root,
-    from meter-gateway-update.service): the package's digest must be a signed one."""
+# the stand-in for dpkg: installs (copies) the package, and the version it "restarts"
+# reports healthy (state.json "done") unless the package says "sick"
+_PRIVILEGED = """import json, os, shutil, sys
+shutil.copy(sys.argv[1], sys.argv[2])
+state = os.path.join(sys.argv[3], "ota", "state.json")
+doc = json.load(open(state))
+if doc.get("phase") == "installing" and b"sick" not in open(sys.argv[1], "rb").read():
+    doc["phase"] = "done"
+    json.dump(doc, open(state, "w"))
+"""
+
+
+def _root_helper(tmp_path, version=NEW, body=b"a package" * 1000, **manifest):
+    """A data folder, a configuration for `mgw ota install-requested` and a signed update
+    of the package `body`; attempt(command, content) asks root to install it."""
+    import hashlib
     from gateway.cli.control import new_command
     from gateway.control.signing import load_private_key, sign
     from gateway.ota.updater import _write_json
@@ -415,15 +480,15 @@ def test_the_root_helper_installs_only_what_the_head_end_signed(tmp_path):
     marker = tmp_path / "installed"
     cfg = tmp_path / "gw.toml"
     cfg.write_text('[gateway]\nid = "gw-test"\ndata_dir = "%s"\n[control]\npublic_keys = '
-                   '["%s"]\n[ota]\nprivileged_installer = [%s, "-c", "import sys, shutil; '
-                   'shutil.copy(sys.argv[1], sys.argv[2])", "{package}", "%s"]\n'
-                   % (data, pub, json.dumps(sys.executable), marker))
-    body = b"a package" * 1000
-    import hashlib
-    digest = hashlib.sha256(body).hexdigest()
+                   '["%s"]\n[ota]\nhealth_timeout_s = 2\nprivileged_installer = [%s, "-c", '
+                   '%s, "{package}", "%s", "%s"]\n'
+                   % (data, pub, json.dumps(sys.executable), json.dumps(_PRIVILEGED),
+                      marker, data))
     cmd = sign(new_command("*", "software_update",
-                           {"name": "meter-gateway", "version": NEW, "arch": "armhf",
-                            "size": len(body), "sha256": digest}, 600),
+                           dict({"name": "meter-gateway", "version": version, "arch": "armhf",
+                                 "size": len(body),
+                                 "sha256": hashlib.sha256(body).hexdigest()}, **manifest),
+                           600),
                load_private_key(priv))
     pkg = data / "ota" / ("%s.pkg" % cmd["id"])
 
@@ -438,6 +503,33 @@ def test_the_root_helper_installs_only_what_the_head_end_signed(tmp_path):
         out, err = p.communicate(timeout=60)
         assert not (data / "ota" / "install-request").exists()     # taken, whatever came
         return p.returncode, out + err
+
+    return data, marker, cfg, cmd, attempt
+
+
+def test_the_root_helper_refuses_an_older_version_unless_allowed(tmp_path):
+    """A package the head-end once signed may be asked for again by the service user: root
+    installs nothing older than its own (the installed) version without allow_downgrade."""
+    body = b"a package" * 1000
+    data, marker, cfg, cmd, attempt = _root_helper(tmp_path, version="0.0.1")
+    rc, out = attempt(cmd, body)
+    assert rc == 1 and "version 0.0.1 is older than the running %s (downgrade not " \
+        "allowed); not installed" % __version__ in out, out
+    assert not marker.exists()
+    assert "older than" in json.loads((data / "ota" / "install-result").read_text())["reason"]
+    data, marker, cfg, cmd, attempt = _root_helper(tmp_path / "allowed", version="0.0.1",
+                                                   allow_downgrade=True)
+    rc, out = attempt(cmd, body)
+    assert rc == 0 and marker.read_bytes() == body, out
+
+
+def test_the_root_helper_installs_only_what_the_head_end_signed(tmp_path):
+    """`mgw ota request` (the unprivileged service) then `mgw ota install-requested` (root,
+    from meter-gateway-update.service): the package's digest must be a signed one."""
+    import hashlib
+    data, marker, cfg, cmd, attempt = _root_helper(tmp_path)
+    body = b"a package" * 1000
+    pkg = data / "ota" / ("%s.pkg" % cmd["id"])
 
     rc, out = attempt(cmd, body + b"x")
     assert rc == 1 and "is not the signed" in out and not marker.exists()
@@ -493,3 +585,42 @@ def test_a_refusal_of_the_root_helper_fails_the_update_at_once(tmp_path):
     assert u.state["phase"] == "failed" and time.time() - t0 < 20
     failed = [f for t, f in events if t == "update.failed"]
     assert "root helper did not install it: no head-end signature" in failed[0]["reason"]
+
+
+def test_the_root_helper_rolls_back_a_version_that_never_reports_healthy(tmp_path):
+    """Installed through root, the new version never says "done" within health_timeout_s:
+    root reinstalls the kept package and leaves the reason for the restored version."""
+    if os.geteuid() != 0:
+        pytest.skip("the root helper trusts a package kept by `mgw ota keep` only as root")
+    data, marker, cfg, cmd, attempt = _root_helper(tmp_path, body=b"sick " * 100)
+    kept = tmp_path / "kept.deb"
+    kept.write_bytes(b"the previous version")
+    k = mgw("ota", "keep", "--package", str(kept), "--config", str(cfg))
+    assert k.wait(30) == 0, k.stderr.read()
+    t0 = time.time()
+    rc, out = attempt(cmd, b"sick " * 100)     # the stand-in never marks it healthy
+    assert rc == 1 and "did not report healthy within 2 s" in out, out
+    assert 2 <= time.time() - t0 < 30
+    assert marker.read_bytes() == b"the previous version"        # reinstalled
+    state = json.loads((data / "ota" / "state.json").read_text())
+    assert state["phase"] == "rolling_back" and state["rollback_by"] == "install-requested"
+    assert "version %s did not report healthy" % NEW in state["reason"]
+
+
+def test_a_version_being_rolled_back_by_root_leaves_the_state_alone(tmp_path):
+    """The failed version restarted while root reinstalls the previous one: it must not
+    call the rollback failed (the previous version, started next, reports it)."""
+    from gateway.ota.updater import Updater, _write_json
+    (tmp_path / "ota").mkdir()
+    doc = {"id": "u1", "phase": "rolling_back", "previous": "0.1.0", "reason": "r",
+           "rollback_by": "install-requested",
+           "manifest": {"name": "meter-gateway", "version": "0.2.0"}}
+    _write_json(str(tmp_path / "ota" / "state.json"), doc)
+    for running, phase, kinds in (("0.2.0", "rolling_back", []),
+                                  ("0.1.0", "rolled_back", ["update.rolled_back"])):
+        events = []
+        u = Updater(_ota_settings(), str(tmp_path), version=running,
+                    events=lambda t, **f: events.append(t), publish=lambda *a: False,
+                    healthy=lambda: (True, None), arch="armhf")
+        u._after_restart()
+        assert u.state["phase"] == phase and events == kinds, (running, u.state)

@@ -22,11 +22,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 
 from gateway.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError, load_config
 
 FINAL_EVENTS = {"update.done": EXIT_OK, "update.failed": EXIT_FAILED,
                 "update.rolled_back": EXIT_FAILED}
+HELPER = "install-requested"   # state.json's rollback_by when the root helper rolled back
+HEALTH_GRACE_S = 30            # after health_timeout_s: the new version's restart
 MAX_COUNT = 16                 # chunks answered per request (the gateway asks for fewer)
 
 
@@ -231,28 +234,60 @@ def _signed_sha256(command, keys):
 
 def install_requested(cfg):
     """As root: install the package the service asked for, only if its SHA-256 is one the
-    head-end signed (the update's command, or the kept package's), from a private copy.
-    A refusal or a failed installer is left in ota/install-result for the service (which
-    then rolls back); a success restarts the service (the package's postinst)."""
+    head-end signed (the update's command, or the kept package's) and, for an update, it is
+    not older than the installed version unless the manifest allows a downgrade; from a
+    private copy. A refusal or a failed installer is left in ota/install-result for the
+    service (which then rolls back); a success restarts the service (the package's
+    postinst), and then the new version must report healthy within [ota] health_timeout_s,
+    or this reinstalls the kept package itself: a version that cannot even start never
+    runs its own health check."""
     from gateway.ota.updater import REQUEST, RESULT, _write_json
     d = os.path.join(cfg.gateway.data_dir, "ota")
     if not os.path.lexists(os.path.join(d, REQUEST)):
         print("no install request in %s" % d)
         return EXIT_OK
     try:
-        rc = _install_requested(cfg, d)
+        rc, update = _install_requested(cfg, d)
     except CliError as exc:
         _write_json(os.path.join(d, RESULT), {"reason": str(exc)})
         raise
     if rc != 0:
         _write_json(os.path.join(d, RESULT), {"reason": "the installer exited %d" % rc})
         return EXIT_FAILED
-    return EXIT_OK
+    if update is None:                  # a rollback: nothing to fall back to
+        return EXIT_OK
+    return _await_health(cfg, d, *update)
+
+
+def _keys(cfg):
+    from gateway.control.signing import KeyError_, load_public_key
+    keys = []
+    for path in cfg.control.public_keys:
+        try:
+            keys.append(load_public_key(path))
+        except KeyError_:
+            pass
+    return keys
+
+
+def _kept_sha256(d, keys):
+    """The digest the kept package (current.pkg) must have: signed earlier, or recorded by
+    `mgw ota keep` run as root; None when nothing vouches for it."""
+    from gateway.ota.updater import CURRENT_INFO
+    info = _read_json(os.path.join(d, CURRENT_INFO)) or {}
+    expected = _signed_sha256(info.get("command"), keys)
+    if expected is None:
+        owned = _read_json(os.path.join(d, CURRENT_INFO), root_only=True) or {}
+        expected = owned.get("sha256") if owned.get("command") is None else None
+    return expected if isinstance(expected, str) else None
 
 
 def _install_requested(cfg, d):
-    from gateway.control.signing import KeyError_, load_public_key
-    from gateway.ota.updater import CURRENT, CURRENT_INFO, REQUEST, STATE
+    """(installer's exit code, (the update's id, version) or None for a rollback), or
+    CliError."""
+    from gateway import __version__
+    from gateway.ota import manifest as mf
+    from gateway.ota.updater import CURRENT, REQUEST, STATE
     request = _read_json(os.path.join(d, REQUEST))
     if request is None:
         os.unlink(os.path.join(d, REQUEST))
@@ -262,26 +297,34 @@ def _install_requested(cfg, d):
     if not isinstance(name, str) or os.path.basename(name) != name or \
             not name.endswith(".pkg"):
         raise CliError("install request: %r is not a package in %s" % (name, d))
-    keys = []
-    for path in cfg.control.public_keys:
-        try:
-            keys.append(load_public_key(path))
-        except KeyError_:
-            pass
+    keys = _keys(cfg)
+    update = None
     if name == CURRENT:       # a rollback: the kept package, signed earlier or kept by root
-        info = _read_json(os.path.join(d, CURRENT_INFO)) or {}
-        expected = _signed_sha256(info.get("command"), keys)
-        if expected is None:
-            owned = _read_json(os.path.join(d, CURRENT_INFO), root_only=True) or {}
-            expected = owned.get("sha256") if owned.get("command") is None else None
+        expected = _kept_sha256(d, keys)
     else:
         state = _read_json(os.path.join(d, STATE)) or {}
         command = state.get("command") or {}
         expected = _signed_sha256(command, keys) \
             if name == "%s.pkg" % command.get("id") else None
+        if isinstance(expected, str):
+            # a package the head-end once signed may be asked for again: this helper is
+            # the installed version's, so its own version is the one not to go below
+            try:
+                m = mf.parse(command["params"])
+                why = mf.downgrade_refusal(m, __version__)
+            except mf.BadManifest as exc:
+                why = str(exc)
+            if why:
+                raise CliError("install request for %s: %s; not installed" % (name, why))
+            update = (command["id"], m.version)
     if not isinstance(expected, str):
         raise CliError("install request for %s: no head-end signature vouches for it; "
                        "not installed" % name)
+    return _install_checked(cfg, d, name, expected), update
+
+
+def _install_checked(cfg, d, name, expected):
+    """Run privileged_installer on a private copy of d/name whose SHA-256 is `expected`."""
     tmp = tempfile.mkdtemp(prefix="mgw-ota-")          # root's own, mode 0700
     try:
         copy = os.path.join(tmp, name)
@@ -302,3 +345,64 @@ def _install_requested(cfg, d):
         return subprocess.run(argv).returncode
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _await_health(cfg, d, uid, version):
+    """After update `uid` is installed: wait for the new version to say it is healthy
+    (state.json's phase "done"). A version that runs decides itself (done, or its own
+    rollback); one that crashes at start never does, so after health_timeout_s (and a
+    grace for the restart) this reinstalls the kept package and leaves the reason in
+    state.json, where the restored version finds it and reports update.rolled_back."""
+    from gateway.ota.updater import CURRENT, STATE
+    health = cfg.ota.health_timeout_s
+    grace = min(HEALTH_GRACE_S, health)
+    installed_at = time.time()
+    print("waiting up to %.0f s for the new version to report healthy" % (health + grace),
+          flush=True)
+    while True:
+        state = _read_json(os.path.join(d, STATE)) or {}
+        phase = state.get("phase")
+        if state.get("id") != uid or phase not in ("installing", "checking"):
+            print("update %s: %s" % (uid, phase), flush=True)
+            return EXIT_OK if phase == "done" else EXIT_FAILED
+        end = installed_at + health + grace
+        deadline = state.get("deadline")
+        if phase == "checking" and isinstance(deadline, (int, float)):
+            # the new version started late: its own check runs first (bounded, as the
+            # service user may write anything here)
+            end = max(end, min(deadline + grace, installed_at + health + 2 * grace))
+        if time.time() >= end:
+            break
+        time.sleep(1.0)
+    reason = ("version %s did not report healthy within %.0f s of its installation "
+              "(it may not even start); the previous package was reinstalled"
+              % (version, health))
+    print("update %s: %s" % (uid, reason), flush=True)
+    expected = _kept_sha256(d, _keys(cfg))
+    if expected is None:
+        _save_state(d, state, phase="failed", reason=reason.split(";")[0] +
+                    "; no kept package to reinstall")
+        raise CliError("update %s: no kept package a signature vouches for; the new "
+                       "version stays" % uid)
+    # written before the installer restarts the service: the version that starts reads it
+    _save_state(d, state, phase="rolling_back", reason=reason, rollback_by=HELPER)
+    try:
+        rc = _install_checked(cfg, d, CURRENT, expected)
+    except CliError as exc:
+        rc, why = None, str(exc)
+    else:
+        why = "the installer exited %d" % rc
+    if rc != 0:
+        _save_state(d, state, phase="failed", reason="rollback failed: %s" % why)
+        raise CliError("update %s: rollback failed: %s" % (uid, why))
+    return EXIT_FAILED
+
+
+def _save_state(d, state, **changes):
+    """state.json as root writes it, left to the service user who owns the folder."""
+    from gateway.ota.updater import STATE, _write_json
+    path = os.path.join(d, STATE)
+    _write_json(path, dict(state, **changes))
+    st = os.stat(d)
+    if os.geteuid() == 0 and st.st_uid != 0:
+        os.chown(path, st.st_uid, st.st_gid)

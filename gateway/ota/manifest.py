@@ -81,18 +81,28 @@ def refusal(m, *, running, arch, max_bytes):
         return "package is for %s, this gateway is %s" % (m.arch, arch)
     if m.size > max_bytes:
         return "package of %d bytes is larger than [ota] max_package_mb" % m.size
-    # the running gateway knows its upstream version (gateway.__version__), not the
-    # package's Debian revision: then the revision does not count
-    version = m.version if "-" in running else _split(m.version)[1]
-    if ":" in m.version and "-" not in running:
-        version = m.version.split(":", 1)[0] + ":" + version
-    order = compare(version, running)
+    order = order_to_running(m.version, running)
     if order == 0:
         return "version %s is already running" % m.version
-    if order < 0 and not m.allow_downgrade:
+    return downgrade_refusal(m, running)
+
+
+def downgrade_refusal(m, running):
+    """Why a package older than `running` may not go in (text), or None."""
+    if order_to_running(m.version, running) < 0 and not m.allow_downgrade:
         return "version %s is older than the running %s (downgrade not allowed)" % (
             m.version, running)
     return None
+
+
+def order_to_running(version, running):
+    """<0, 0, >0 as a package's version sorts before, with, after the running one."""
+    # the running gateway knows its upstream version (gateway.__version__), not the
+    # package's Debian revision: then the revision does not count
+    v = version if "-" in running else _split(version)[1]
+    if ":" in version and "-" not in running:
+        v = version.split(":", 1)[0] + ":" + v
+    return compare(v, running)
 
 
 # ---------------------------------------------------------------- Debian version order

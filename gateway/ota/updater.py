@@ -14,6 +14,10 @@ before it is acted on, so a power cut or a SIGKILL resumes where it was:
                healthy within health_timeout_s
   done | failed (reason) | rolled_back (the kept previous package reinstalled)
 
+Under systemd the root helper (`mgw ota install-requested`) also waits for "done" after
+installing, and rolls back itself when it does not come (a version that cannot start
+never checks its own health): it leaves rolling_back with rollback_by and the reason.
+
 Memory stays bounded: at most `window` chunks wait in a queue, one is written at a time,
 and the hash is computed by streaming the file.
 """
@@ -231,7 +235,12 @@ class Updater(threading.Thread):
                 self._fail("the installer did not install %s (running %s)"
                            % (m.get("version"), self.version))
         elif phase == "rolling_back":
-            if self._same_version(self.state.get("previous")):
+            if self.state.get("rollback_by") and self._same_version(m.get("version")):
+                # the root helper is reinstalling the previous package (this version did
+                # not report healthy in time): it restarts us, the previous one reports
+                log.warning("ota: %s is being rolled back by the root helper: %s",
+                            self.version, self.state.get("reason"))
+            elif self._same_version(self.state.get("previous")):
                 self._save(phase="rolled_back")
                 self.events("update.rolled_back", id=self.state.get("id"),
                             version=self.version, reason=self.state.get("reason"))
