@@ -492,14 +492,14 @@ def _root_helper(tmp_path, version=NEW, body=b"a package" * 1000, **manifest):
                load_private_key(priv))
     pkg = data / "ota" / ("%s.pkg" % cmd["id"])
 
-    def attempt(command, content):
+    def attempt(command, content, *extra):
         _write_json(str(data / "ota" / "state.json"), {"id": cmd["id"], "phase": "installing",
                                                        "command": command})
         pkg.write_bytes(content)
         r = mgw("ota", "request", "--package", str(pkg))
         assert r.wait(30) == 0, r.stderr.read()
         assert (data / "ota" / "install-request").exists()
-        p = mgw("ota", "install-requested", "--config", str(cfg))
+        p = mgw("ota", "install-requested", "--config", str(cfg), *extra)
         out, err = p.communicate(timeout=60)
         assert not (data / "ota" / "install-request").exists()     # taken, whatever came
         return p.returncode, out + err
@@ -605,6 +605,24 @@ def test_the_root_helper_rolls_back_a_version_that_never_reports_healthy(tmp_pat
     state = json.loads((data / "ota" / "state.json").read_text())
     assert state["phase"] == "rolling_back" and state["rollback_by"] == "install-requested"
     assert "version %s did not report healthy" % NEW in state["reason"]
+
+
+def test_without_a_service_the_root_helper_can_install_without_the_health_wait(tmp_path):
+    """A root filesystem where no service runs (scripts/package-test's chroot): nothing can
+    report the new version healthy, so --no-health-wait installs and stops; without it the
+    same install would be rolled back."""
+    if os.geteuid() != 0:
+        pytest.skip("the root helper trusts a package kept by `mgw ota keep` only as root")
+    data, marker, cfg, cmd, attempt = _root_helper(tmp_path, body=b"sick " * 100)
+    kept = tmp_path / "kept.deb"
+    kept.write_bytes(b"the previous version")
+    k = mgw("ota", "keep", "--package", str(kept), "--config", str(cfg))
+    assert k.wait(30) == 0, k.stderr.read()
+    t0 = time.time()
+    rc, out = attempt(cmd, b"sick " * 100, "--no-health-wait")
+    assert rc == 0 and "not waiting for its health" in out, out
+    assert time.time() - t0 < 2 + 30
+    assert marker.read_bytes() == b"sick " * 100                 # installed, left alone
 
 
 def test_a_version_being_rolled_back_by_root_leaves_the_state_alone(tmp_path):

@@ -56,12 +56,16 @@ def register(add, host_port):
                    "many seconds (default 900)")
     p.add_argument("--id", help="serve: the command id (default: a random UUID); the same "
                    "id resumes an update")
+    p.add_argument("--no-health-wait", action="store_true",
+                   help="install-requested: install and stop, without waiting for the new "
+                        "version's health (a root filesystem where no service runs, e.g. "
+                        "scripts/package-test)")
     return p
 
 
 def run(args):
     if args.what == "install-requested":
-        return install_requested(load_config(args))
+        return install_requested(load_config(args), wait=not args.no_health_wait)
     if not args.package:
         raise CliError("ota %s needs --package FILE" % args.what, EXIT_USAGE)
     if args.what == "request":
@@ -232,7 +236,7 @@ def _signed_sha256(command, keys):
     return command["params"].get("sha256")
 
 
-def install_requested(cfg):
+def install_requested(cfg, wait=True):
     """As root: install the package the service asked for, only if its SHA-256 is one the
     head-end signed (the update's command, or the kept package's) and, for an update, it is
     not older than the installed version unless the manifest allows a downgrade; from a
@@ -255,6 +259,10 @@ def install_requested(cfg):
         _write_json(os.path.join(d, RESULT), {"reason": "the installer exited %d" % rc})
         return EXIT_FAILED
     if update is None:                  # a rollback: nothing to fall back to
+        return EXIT_OK
+    if not wait:
+        print("update %s: installed; not waiting for its health (--no-health-wait)"
+              % update[0], flush=True)
         return EXIT_OK
     return _await_health(cfg, d, *update)
 
