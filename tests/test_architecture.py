@@ -70,3 +70,25 @@ def test_every_registered_protocol_has_a_whole_driver():
         if driver.HAS_RELAY:               # what control/relay.py asks of it
             missing = [n for n in RELAY_INTERFACE if not hasattr(driver, n)]
             assert missing == [], (name, missing)
+
+
+def test_time_sync_is_the_meters_own_protocols_or_a_one_line_refusal():
+    import pytest
+    """sync_time once fell back to a DL/T 645 broadcast for any protocol without its own
+    (a Modbus meter got a DL/T 645 frame): the driver decides, or it is refused."""
+    import datetime as dt
+    from types import SimpleNamespace
+    from gateway.line import reads
+    from gateway.model import GatewayError
+    from protocols import dlt645
+    from protocols.framing import Scanner
+    when = dt.datetime(2026, 11, 27, 10, 15, 1)
+    m645 = SimpleNamespace(id="m1", protocol="dlt645")
+    m698 = SimpleNamespace(id="m2", protocol="dlt698")
+    assert reads.time_sync_frame(m645, when) == dlt645.broadcast_time_sync(when)
+    f698 = reads.time_sync_frame(m698, when)
+    assert f698 != dlt645.broadcast_time_sync(when)
+    assert len(Scanner("dlt698").feed(f698)) == 1 and not Scanner("dlt645").feed(f698)
+    with pytest.raises(GatewayError, match=r"^meter mb1 \(Modbus\) has no clock the "
+                                           r"gateway can set$"):
+        reads.time_sync_frame(SimpleNamespace(id="mb1", protocol="modbus"), when)

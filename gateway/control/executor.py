@@ -819,8 +819,11 @@ class Executor(threading.Thread):
             return "failed", "not near the hour (meters freeze on the hour)", \
                 {"code": "near_the_hour"}
         # the meter's own protocol's broadcast, at its line settings
-        make = getattr(reads.driver_of(meter), "time_sync_frame", dlt645.broadcast_time_sync)
-        frame = make(now.replace(microsecond=0) + _dt.timedelta(seconds=1))
+        try:
+            frame = reads.time_sync_frame(meter, now.replace(microsecond=0) +
+                                          _dt.timedelta(seconds=1))
+        except GatewayError as exc:
+            return "failed", str(exc), {"code": "no_clock"}
         done = threading.Event()
         self.line.worker_of(meter.port).submit_job(
             lambda w: (w.broadcast(frame, meter.baudrate, meter.parity), done.set()), RELAY)

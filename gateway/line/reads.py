@@ -39,6 +39,16 @@ def driver_of(meter):
     return driver(meter.protocol)
 
 
+def time_sync_frame(meter, when):
+    """The meter's own protocol's broadcast time-sync frame; GatewayError (one line) for a
+    protocol whose driver sets no clock (Modbus meters here)."""
+    make = getattr(driver_of(meter), "time_sync_frame", None)
+    if make is None:
+        raise GatewayError("meter %s (%s) has no clock the gateway can set"
+                           % (meter.id, PROTOCOLS[meter.protocol].label))
+    return make(when)
+
+
 def read_now(worker, meter, quantities=()):
     """Reads a meter through a worker (on the calling thread): (values, errors)."""
     return driver_of(meter).read_now(worker, meter, quantities)
