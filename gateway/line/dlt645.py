@@ -303,11 +303,7 @@ def read_di(poller, worker, meter, di):
 
 
 def _readings(poller, meter, values, ts=None, quality=None):
-    for v in values:
-        if v.quantity == "relay.state":
-            poller.health[meter.id].relay = v.value
-    return poller.readings(meter, [v for v in values if v.quantity not in SKIP_QUANTITIES],
-                           ts, quality)
+    return poller.readings(meter, values, ts, quality, SKIP_QUANTITIES)
 
 
 def _read_dis(poller, worker, meter, dis):

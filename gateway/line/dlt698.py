@@ -390,11 +390,7 @@ def poll(poller, worker, meter, task):
 
 
 def _readings(poller, meter, values, ts=None, quality=None):
-    for v in values:
-        if v.quantity == "relay.state":
-            poller.health[meter.id].relay = v.value
-    return poller.readings(meter, [v for v in values if v.quantity not in SKIP_QUANTITIES],
-                           ts, quality)
+    return poller.readings(meter, values, ts, quality, SKIP_QUANTITIES)
 
 
 def _read(poller, worker, meter, oads):

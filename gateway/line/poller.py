@@ -357,13 +357,21 @@ class LinePoller:
         """One poll task of a meter now, on the worker's thread (its driver does it)."""
         driver(meter.protocol).poll(self, worker, meter, task)
 
-    def readings(self, meter, values, ts=None, quality=None):
-        """Readings of decoded values, stamped now (or at `ts`, the meter's own time)."""
+    def readings(self, meter, values, ts=None, quality=None, skip=()):
+        """Readings of decoded values, stamped now (or at `ts`, the meter's own time); a
+        relay state read is kept in the meter's health, the driver's `skip` quantities
+        (status words, clocks) are not published."""
         now_ms = int(self.wall() * 1000)
         if quality is None:
             quality = GOOD if self.clock_trusted() else CLOCK_UNTRUSTED
-        return [Reading(meter.id, v.quantity, v.value, v.unit, ts or now_ms, now_ms, quality)
-                for v in values]
+        out = []
+        for v in values:
+            if v.quantity == "relay.state":
+                self.health[meter.id].relay = v.value
+            if v.quantity not in skip:
+                out.append(Reading(meter.id, v.quantity, v.value, v.unit, ts or now_ms,
+                                   now_ms, quality))
+        return out
 
     local_ms = staticmethod(local_ms)
 
