@@ -31,6 +31,7 @@ from gateway.billing import costcontrol, tariff as T  # noqa: E402
 from gateway.store.journal import Journal, Reading  # noqa: E402
 from gateway.service.sink import ReadingSink  # noqa: E402
 from gateway.store.accounts import AccountStore  # noqa: E402
+from gateway.store.docs import open_docs  # noqa: E402
 from gateway.store.state import StateStore  # noqa: E402
 
 TARIFF = {
@@ -83,6 +84,7 @@ def run(folder, households, days, registers):
     tag = "regs" if registers else "total"
     journal = Journal(os.path.join(folder, "journal-%s.db" % tag), quota_bytes=10 ** 12)
     state = StateStore(os.path.join(folder, "state-%s.json" % tag))
+    docs = open_docs(os.path.join(folder, "accounts-%s.db" % tag), state)
     tariffs = {"residential": T.from_config("residential", TARIFF)}
     accounts = [{"meter": "m%04d" % (h + 1), "mode": "local", "tariff": "residential",
                  "opening_balance": Decimal("100000.00"), "alarm1": Decimal("20.00"),
@@ -94,7 +96,7 @@ def run(folder, households, days, registers):
                                holiday_dates=set())}
     sink = ReadingSink(journal)
     cc = costcontrol.CostControl(accounts=cfg["account_list"], tariffs=tariffs,
-                                 policy=cfg["cost_policy"], store=AccountStore(state),
+                                 policy=cfg["cost_policy"], store=AccountStore(docs),
                                  journal=journal, events=sink.event,
                                  request_relay=lambda *a, **k: None)
     pending = []
@@ -115,9 +117,10 @@ def run(folder, households, days, registers):
     while cc.bill_once():
         cycles += 1
     elapsed = time.perf_counter() - t0
-    charged = sum(d["charges_uy"] for d in state.all("accounts").values())
+    charged = sum(d["charges_uy"] for d in docs.all("accounts").values())
     sink.flush()
     journal.close()
+    docs.close()
     state.close()
     return households * days / elapsed, elapsed, cycles, charged, append_s * 1e6 / appended
 

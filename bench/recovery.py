@@ -3,7 +3,7 @@ cost-control code (billing, warnings, cut-off and restore decisions, top-ups wit
 recovery, grades, forecasts, daily statements), with an injected clock.
 
 The real parts: gateway.billing (CostControl, Billing, the recovery rules), the account
-store on a real state file (TinyDB, atomic writes), the real journal (SQLite, WAL: readings,
+store on its real SQLite file (accounts.db), the real journal (SQLite, WAL: readings,
 the energy table, freezes, statements). Simulated: the meters (hourly readings of the total
 register, and T1..T4 on the time-of-use tariff; a daily freeze at midnight), the relay
 (a cut-off stops a household's consumption until it is restored), the payers and the
@@ -44,8 +44,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench.billing import RATE_OF_HOUR, TARIFF as TOU  # noqa: E402  (the same households' tariff)
 from gateway.billing import costcontrol, tariff as T  # noqa: E402
-from gateway.store import state as state_mod  # noqa: E402
 from gateway.store.accounts import AccountStore  # noqa: E402
+from gateway.store.docs import open_docs  # noqa: E402
 from gateway.store.journal import Journal, Reading  # noqa: E402
 from gateway.store.state import StateStore  # noqa: E402
 
@@ -62,13 +62,13 @@ PROTECTED = ["18:00-08:00"]
 
 
 class Timed:
-    """Counts and times the state file's atomic rewrites (the real function, wrapped)."""
+    """Counts and times the account store's commits (the real method, wrapped)."""
 
-    def __init__(self):
+    def __init__(self, store):
         self.n = 0
         self.s = 0.0
-        self.real = state_mod.write_state_file
-        state_mod.write_state_file = self
+        self.real = store._write
+        store._write = self
 
     def __call__(self, *a, **k):
         t = time.perf_counter()
@@ -113,7 +113,8 @@ class Bench:
         self.by_meter = {h.meter: h for h in self.homes}
         self.journal = Journal(os.path.join(folder, "journal.db"), quota_bytes=10 ** 12)
         self.state = StateStore(os.path.join(folder, "state.json"))
-        self.store = AccountStore(self.state)
+        self.docs = open_docs(os.path.join(folder, "accounts.db"), self.state)
+        self.store = AccountStore(self.docs)
         tariffs = {"flat": T.from_config("flat", FLAT), "tou": T.from_config("tou", TOU)}
         accounts = [{"meter": h.meter, "mode": "local", "tariff": "tou" if h.tou else "flat",
                      "opening_balance": Decimal(rng.choice(["30.00", "60.00", "120.00"])),
@@ -260,7 +261,7 @@ class Bench:
             self.cc.act(only=m)
 
     def run(self):
-        self.writes = Timed()
+        self.writes = Timed(self.docs)
         feed_s = cc_s = 0.0
         self.cpu = time.process_time()
         t0 = START.timestamp()
@@ -315,9 +316,9 @@ def report(b, feed_s, cc_s, n, days):
           "load %.1f)" % (b.cpu / days, os.getloadavg()[0]))
     print("  target: a simulated day for 1,000 accounts in < 1 s")
     w = b.writes
-    print("  of which state-file rewrites  %7.3f s   (%.0f a day, %.1f ms each; the file: "
+    print("  of which account-store commits %6.3f s   (%.0f a day, %.2f ms each; the file: "
           "%.0f kB at the end)" % (w.s / days, w.n / days, w.s / max(1, w.n) * 1000,
-                                    os.path.getsize(b.state.path) / 1024))
+                                    _size(b.docs.path) / 1024))
     print("  cost control without them     %7.3f s" % ((cc_s - w.s) / days))
     delays = [d for _, _, d in b.restores if d is not None]
     print("\n  cut-offs                      %7d" % len(b.cutoffs))
@@ -369,6 +370,10 @@ def report(b, feed_s, cc_s, n, days):
     print("  forecasts not run out (topped up before): %d" % censored)
 
 
+def _size(path):
+    return sum(os.path.getsize(path + sfx) for sfx in ("", "-wal") if os.path.exists(path + sfx))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--households", type=int, default=1000)
@@ -386,6 +391,7 @@ def main():
         feed_s, cc_s = b.run()
         report(b, feed_s, cc_s, args.households, args.days)
         b.journal.close()
+        b.docs.close()
         b.state.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)

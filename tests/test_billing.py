@@ -16,6 +16,7 @@ from gateway.service.config import validate
 from gateway.billing.costcontrol import new_account_doc
 from gateway.store.journal import Journal, Reading
 from gateway.store.accounts import AccountStore
+from gateway.store.docs import open_docs
 from gateway.store.state import StateStore
 
 ACC = {"meter": "m1", "opening_balance": Decimal("100.00"), "alarm1": Decimal("20.00"),
@@ -67,6 +68,7 @@ class _Gateway:
     def __init__(self, tmp_path, tariffs, accounts):
         self.journal = Journal(str(tmp_path / "journal.db"))
         self.state = StateStore(str(tmp_path / "state.json"))
+        self.docs = open_docs(str(tmp_path / "accounts.db"), self.state)
         self.events = []
         self.sink = types.SimpleNamespace(event=lambda t, **f: self.events.append((t, f)))
         self.cfg = {"account_list": [dict(ACC, meter=m, tariff=t) for m, t in accounts],
@@ -75,7 +77,7 @@ class _Gateway:
                                         holiday_dates=set())}
         self.cc = costcontrol.CostControl(
             accounts=[dict(ACC, meter=m, tariff=t) for m, t in accounts], tariffs=tariffs,
-            policy=self.cfg["cost_policy"], store=AccountStore(self.state),
+            policy=self.cfg["cost_policy"], store=AccountStore(self.docs),
             journal=self.journal, events=self.sink.event,
             request_relay=lambda *a, **k: None)
 
@@ -88,6 +90,7 @@ class _Gateway:
 
     def close(self):
         self.journal.close()
+        self.docs.close()
         self.state.close()
 
 
@@ -104,7 +107,7 @@ def test_a_reading_that_cannot_be_priced_holds_that_meter_only(tmp_path):
                                                                          t3="5.05"))
         gw.feed("m2", NOON + dt.timedelta(minutes=15), "101.00")
         assert gw.cc.bill_once() > 0                  # no KeyError out of billing
-        m1, m2 = gw.state.get("accounts", "m1"), gw.state.get("accounts", "m2")
+        m1, m2 = gw.docs.get("accounts", "m1"), gw.docs.get("accounts", "m2")
         assert m2["charges_uy"] == 100 * 5000          # the neighbour is billed
         assert m1["charges_uy"] == 0
         held = m1["billing_hold"]
@@ -117,8 +120,8 @@ def test_a_reading_that_cannot_be_priced_holds_that_meter_only(tmp_path):
                                                                          t3="5.10"))
         gw.feed("m2", NOON + dt.timedelta(minutes=30), "102.00")
         gw.cc.bill_once()
-        assert gw.state.get("accounts", "m1")["billing_hold"] == held
-        assert gw.state.get("accounts", "m2")["charges_uy"] == 200 * 5000
+        assert gw.docs.get("accounts", "m1")["billing_hold"] == held
+        assert gw.docs.get("accounts", "m2")["charges_uy"] == 200 * 5000
         assert len([e for e in gw.events if e[0] == "billing.held"]) == 1
         # the tariff is corrected: the held energy is billed from where billing stopped
         fixed = from_config("pv3", {
@@ -129,7 +132,7 @@ def test_a_reading_that_cannot_be_priced_holds_that_meter_only(tmp_path):
         gw.feed("m1", NOON + dt.timedelta(minutes=45), "35.30", **dict(regs, t2="10.15",
                                                                          t3="5.15"))
         gw.cc.bill_once()
-        m1 = gw.state.get("accounts", "m1")
+        m1 = gw.docs.get("accounts", "m1")
         assert m1["billing_hold"] is None
         assert m1["charges_uy"] == 15 * 6000 + 15 * 4000
         assert [e[0] for e in gw.events if e[0].startswith("billing.")] == [
@@ -464,7 +467,7 @@ def _feed_days(gw, first, days):
 def _bill_all(gw):
     while gw.cc.bill_once(limit=150):
         pass
-    return {m: {k: v for k, v in gw.state.get("accounts", m).items()
+    return {m: {k: v for k, v in gw.docs.get("accounts", m).items()
                 if k not in ("state_since", "warned")} for m in ("m1", "m2")}
 
 

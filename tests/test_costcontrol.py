@@ -29,7 +29,7 @@ def events(h, type_=None):
 
 
 def reconcile(h, meter):
-    doc = h.gw.state.get("accounts", meter)
+    doc = h.gw.docs.get("accounts", meter)
     assert doc["opening_uy"] + doc["topups_uy"] - doc["charges_uy"] == doc["balance_uy"]
     return doc
 
@@ -127,11 +127,11 @@ def test_ledger_reconciles_across_restarts_and_duplicated_readings(tmp_path):
         feed("100.00", 0)
         feed("101.50", 1)
         feed("101.50", 1)                          # the same reading again
-        wait(lambda: h.gw.state.get("accounts", "m1")["charges_uy"] == 150 * 5000)
+        wait(lambda: h.gw.docs.get("accounts", "m1")["charges_uy"] == 150 * 5000)
         h.stop()
         h.start()                                  # a restart: nothing charged twice
         feed("102.00", 2)
-        wait(lambda: h.gw.state.get("accounts", "m1")["charges_uy"] == 200 * 5000)
+        wait(lambda: h.gw.docs.get("accounts", "m1")["charges_uy"] == 200 * 5000)
         topup = h.command("m1", "topup", {"amount": "5.55", "txn": "T-9"})
         h.send(topup)
         assert h.wait_result(topup["id"])["balance"] == "54.55"     # 50 - 2 kWh x 0.50 + 5.55
@@ -160,7 +160,7 @@ def test_accounts_are_updatable_from_the_head_end_and_the_update_survives_a_rest
         h.send(upd)
         r = h.wait_result(upd["id"])
         assert r["status"] == "done" and r["account"]["tariff"] == "cheap"
-        assert h.gw.state.get("accounts", "m1")["state"] == "alarm2"   # 15.00 <= 20.00
+        assert h.gw.docs.get("accounts", "m1")["state"] == "alarm2"   # 15.00 <= 20.00
         assert [e["level"] for e in events(h, "balance.low")] == [1, 2]   # opened low, then 2
         h.stop()
         h.start()

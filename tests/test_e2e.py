@@ -195,6 +195,30 @@ def test_a_damaged_state_file_refuses_to_start(tmp_path, broker):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_lost_account_store_refuses_to_start_instead_of_empty_balances(tmp_path, broker):
+    """The real `mgw run`: once accounts.db exists, a start without it (deleted, a restore
+    that forgot it) exits 2 in one line and creates nothing in its place."""
+    priv, pub = keys(tmp_path)
+    cfg = write_config(tmp_path, "/dev/null-port", broker, pub, meters=1)
+    data = tmp_path / "data"
+    data.mkdir()
+    p = mgw("run", "--config", cfg)
+    deadline = time.time() + 30
+    while not (data / "accounts.db").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    p.terminate()
+    p.communicate(timeout=30)
+    assert (data / "accounts.db").exists()
+    for sfx in ("", "-wal", "-shm"):
+        if (data / ("accounts.db" + sfx)).exists():
+            (data / ("accounts.db" + sfx)).unlink()
+    p = mgw("run", "--config", cfg)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "missing although the state file says" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (data / "accounts.db").exists()
+
+
 def test_systemd_unit_verifies(tmp_path):
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze not installed")

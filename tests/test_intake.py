@@ -13,7 +13,7 @@ import pytest
 
 from gateway.store.audit import verify as verify_audit
 from gateway.control.signing import generate, load_private_key, sign
-from gateway.store.state import read_state_file
+from gateway.store.docs import read_tables
 from mqtt_helpers import HeadEnd, unique_seqs
 from test_e2e import Simulator, mgw, write_config
 
@@ -50,11 +50,12 @@ def finals(head):
 
 
 def stopped_state(tmp_path):
-    return read_state_file(str(tmp_path / "data" / "state.json"))
+    """The account store's tables of a stopped gateway (accounts.db)."""
+    return read_tables(str(tmp_path / "data" / "accounts.db"))
 
 
 def docs(tables, table):
-    return {d["_key"]: d for d in (tables.get(table) or {}).values()}
+    return tables.get(table) or {}
 
 
 @pytest.fixture

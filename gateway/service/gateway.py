@@ -11,6 +11,7 @@ place (service/reload.py): lines, meters, schedules, accounts and tariffs, on th
 """
 
 import collections
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -23,6 +24,7 @@ import time
 from gateway import __version__
 from gateway.store.accounts import AccountStore
 from gateway.store.audit import AuditTrail
+from gateway.store.docs import open_docs
 from gateway.clock import ClockPolicy, rfc3339
 from gateway.store import paths
 from gateway.store.journal import JournalError, open_journal, save_marks
@@ -64,7 +66,13 @@ class Gateway:
             self.journal = open_journal(paths.path(data_dir, paths.JOURNAL), self.state,
                                         quota_bytes=cfg.storage.journal_quota_mb * 1024 * 1024,
                                         reserve_bytes=cfg.storage.reserve_mb * 1024 * 1024)
+            self.docs = open_docs(paths.path(data_dir, paths.DOCS), self.state,
+                                  reserve=self.reserve)
         except BaseException:
+            for opened in ("journal", "state"):
+                if hasattr(self, opened):
+                    with contextlib.suppress(Exception):
+                        getattr(self, opened).close()
             self.instance_lock.release()
             raise
         self._marks_saved_at = time.monotonic()
@@ -196,7 +204,7 @@ class Gateway:
             self.uplink = self._new_uplink()
         self.audit = AuditTrail(paths.path(self.cfg.gateway.data_dir, paths.AUDIT),
                                 on_entry=self._audit_event)
-        self.accounts = AccountStore(self.state)
+        self.accounts = AccountStore(self.docs)
         self.executor = self._new_executor()
         self.costcontrol = self._new_costcontrol()
         for w in self.workers.values():
@@ -406,6 +414,7 @@ class Gateway:
         if self.audit is not None:
             self.audit.close()          # its last aggregate goes to the journal too
         self.journal.close()
+        self.docs.close()
         self.state.close()
         self.instance_lock.release()
 

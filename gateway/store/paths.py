@@ -1,6 +1,7 @@
 """The data folder: what lives where, one gateway per folder, and room kept for a full disk.
 
-    <data_dir>/state.json (+ .prev)     accounts, ledger, meters, journal marks (state.py)
+    <data_dir>/state.json (+ .prev)     meters, command ledger, journal and store marks (state.py)
+    <data_dir>/accounts.db (+ -wal/-shm) accounts, txn ledger, overrides, flags (docs.py)
     <data_dir>/journal.db (+ -wal/-shm) readings, events, results (journal.py)
     <data_dir>/audit.log (+ .1 .. .8)   hash-chained audit trail (audit.py)
     <data_dir>/.lock                    held by the running gateway; holds its pid
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 JOURNAL = "journal.db"
+DOCS = "accounts.db"
 AUDIT = "audit.log"
 LOCK = ".lock"
 RESERVE = ".reserve"

@@ -374,6 +374,17 @@ class StateStore:
                 del raw[doc_id]
             self._write(tables)
 
+    def drop(self, table):
+        """Forget a whole table (written only if it was there)."""
+        with self._lock:
+            tables = self._tables()
+            if table not in tables:
+                return
+            del tables[table]
+            self._index.pop(table, None)
+            self._db._tables.pop(table, None)
+            self._write(tables)
+
     def _write(self, tables):
         try:
             self._storage.write(tables)

@@ -1,0 +1,172 @@
+"""The account store's SQLite file (gateway/store/docs.py): one owner, nothing lost, every
+bad file refused in one line and left where it is."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from gateway.store.accounts import AccountStore
+from gateway.store.docs import DocStore, open_docs, read_tables
+from gateway.store.state import StateError, StateStore, write_state_file
+
+
+def _open(tmp_path):
+    state = StateStore(str(tmp_path / "state.json"))
+    return state, open_docs(str(tmp_path / "accounts.db"), state)
+
+
+def test_a_change_writes_only_the_documents_it_changed_and_survives_a_reopen(tmp_path):
+    state, docs = _open(tmp_path)
+    store = AccountStore(docs)
+    for k in range(50):
+        store.create("m%d" % k, {"balance_uy": k, "topups_uy": 0})
+    doc, applied = store.topup("m7", "T1", 5, channel="bank")
+    assert applied and doc["balance_uy"] == 12
+    assert store.topup("m7", "T1", 5)[1] is False          # once, whatever carries it
+    docs.close()
+    state.close()
+    state, docs = _open(tmp_path)
+    assert docs.get("accounts", "m7")["balance_uy"] == 12 and len(docs.all("txns")) == 1
+    assert docs.get("txns", "T1")["channel"] == "bank"
+    assert len(docs.all("accounts")) == 50
+    docs.close()
+    state.close()
+
+
+def test_a_batch_that_raises_writes_nothing_and_memory_follows_the_file(tmp_path):
+    state, docs = _open(tmp_path)
+    store = AccountStore(docs)
+    store.create("m1", {"balance_uy": 100, "days": {"d": {"n": 1}}})
+    with pytest.raises(RuntimeError):
+        with store.transaction() as tx:
+            doc = tx.get("m1")
+            doc["balance_uy"] = 0
+            doc["days"]["d"]["n"] = 99          # a nested change, in place
+            tx.put("m1", doc)
+            raise RuntimeError("boom")
+    assert store.get("m1") == {"balance_uy": 100, "days": {"d": {"n": 1}}}
+    docs.close()
+    state.close()
+
+
+def test_accounts_kept_in_an_old_state_file_move_in_once(tmp_path):
+    old = {"accounts": {"1": {"_key": "m1", "balance_uy": 4200}},
+           "txns": {"1": {"_key": "PAY-1", "meter": "m1", "amount_uy": 4200}},
+           "meters": {"1": {"_key": "all", "offline": []}}}
+    write_state_file(str(tmp_path / "state.json"), old)
+    state, docs = _open(tmp_path)
+    assert docs.get("accounts", "m1") == {"balance_uy": 4200}
+    assert docs.get("txns", "PAY-1")["amount_uy"] == 4200
+    assert state.all("accounts") == {} and state.all("txns") == {}
+    assert state.get("meters", "all") == {"offline": []}     # the rest stays
+    AccountStore(docs).update("m1", lambda d: d.update(balance_uy=1))
+    docs.close()
+    state.close()
+    # a state file put back from before the move (or a crash before it forgot them): the
+    # store, not the stale copy, holds the money
+    write_state_file(str(tmp_path / "state.json"), dict(old, docs={
+        "1": {"_key": "marks", "id": read_id(tmp_path)}}))
+    state, docs = _open(tmp_path)
+    assert docs.get("accounts", "m1") == {"balance_uy": 1}
+    assert state.all("accounts") == {}
+    docs.close()
+    state.close()
+
+
+def read_id(tmp_path):
+    db = sqlite3.connect(str(tmp_path / "accounts.db"))
+    try:
+        return db.execute("SELECT value FROM meta WHERE key='id'").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_a_missing_or_swapped_store_stops_the_start_instead_of_empty_accounts(tmp_path):
+    state, docs = _open(tmp_path)
+    AccountStore(docs).create("m1", {"balance_uy": 5})
+    docs.close()
+    os.rename(tmp_path / "accounts.db", tmp_path / "saved.db")
+    with pytest.raises(StateError, match="missing although the state file says"):
+        open_docs(str(tmp_path / "accounts.db"), state)
+    assert not os.path.exists(tmp_path / "accounts.db")        # nothing created in its place
+    other = DocStore(str(tmp_path / "accounts.db"))            # another box's store
+    other.close()
+    with pytest.raises(StateError, match="another account store"):
+        open_docs(str(tmp_path / "accounts.db"), state)
+    os.replace(tmp_path / "saved.db", tmp_path / "accounts.db")
+    docs = open_docs(str(tmp_path / "accounts.db"), state)
+    assert docs.get("accounts", "m1") == {"balance_uy": 5}
+    docs.close()
+    state.close()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "foreign", "symlink", "fifo", "dir", "damaged"])
+def test_a_bad_file_is_refused_in_one_line_and_left_as_it_is(tmp_path, kind):
+    path = str(tmp_path / "accounts.db")
+    if kind == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"\x00not a database" * 300)
+    elif kind == "foreign":
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE orders (id INTEGER)")
+        db.commit()
+        db.close()
+    elif kind == "symlink":
+        target = tmp_path / "elsewhere.db"
+        DocStore(str(target)).close()
+        os.symlink(target, path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dir":
+        os.mkdir(path)
+    else:
+        docs = DocStore(path)
+        AccountStore(docs).create("m1", {"balance_uy": 5, "pad": "x" * 20000})
+        docs.close()
+        with open(path, "r+b") as f:          # bit rot in the b-tree pages
+            for page in (1, 2, 3):
+                f.seek(4096 * page)
+                f.write(b"\x0b\xff\xff" * 30)
+    before = os.lstat(path)
+    with pytest.raises(StateError) as err:
+        DocStore(path)
+    message = str(err.value)
+    assert "\n" not in message and path in message
+    after = os.lstat(path)
+    assert (before.st_mode, before.st_size, before.st_ino) == \
+        (after.st_mode, after.st_size, after.st_ino)
+
+
+def test_a_kill_mid_write_leaves_the_previous_or_the_new_balance(tmp_path):
+    """SIGKILL a writer at random points: every reopen finds a consistent store whose
+    balance equals the sum of the ledger (one write carries both)."""
+    path = str(tmp_path / "accounts.db")
+    child = r"""
+import sys
+sys.path.insert(0, %r)
+from gateway.store.accounts import AccountStore
+from gateway.store.docs import DocStore
+store = AccountStore(DocStore(sys.argv[1]))
+store.create("m1", {"balance_uy": 0, "topups_uy": 0, "pad": "x" * 3000})
+k = 0
+while True:
+    store.topup("m1", "T%%d" %% k, 7)
+    k += 1
+    if k == 50:
+        print("GO", flush=True)
+""" % os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import random
+    import time
+    rnd = random.Random(5)
+    for _ in range(5):
+        p = subprocess.Popen([sys.executable, "-c", child, path], stdout=subprocess.PIPE)
+        assert p.stdout.readline() == b"GO\n"
+        time.sleep(rnd.uniform(0.0, 0.2))
+        p.kill()
+        p.wait()
+        tables = read_tables(path)
+        txns = tables.get("txns", {})
+        assert tables["accounts"]["m1"]["balance_uy"] == 7 * len(txns) > 0
