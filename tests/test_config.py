@@ -111,6 +111,24 @@ def test_cost_control_sections_are_typed_fields_of_the_configuration():
     assert pol.notice_s == 86400 and pol.protected_weekends is True
 
 
+def test_a_tariffs_own_grades_are_checked_in_one_line_each_over_the_gateways():
+    base = {"gateway": {"id": "g"}, "ports": [{"name": "p", "device": "/dev/null"}],
+            "meters": [{"id": "m1", "port": "p", "address": "1"}]}
+    cfg = validate(dict(base, tariffs={"biz": {"kind": "flat", "price": "0.8", "grades": {
+        "moderate_amount": "1000.00", "heavy_amount": "5000.00"}}}))
+    assert cfg.tariffs["biz"].grades == {"moderate_amount": "1000.00",
+                                         "heavy_amount": "5000.00"}
+    assert problems(dict(base, tariffs={"biz": {"kind": "flat", "price": "0.8", "grades": {
+        "moderate_amont": "1000.00"}}})) == [
+        "f.toml: tariffs.biz.grades: moderate_amont: not a grade threshold (light_amount, "
+        "light_days, moderate_amount, moderate_days, heavy_amount, heavy_days)"]
+    # fine over the defaults, falling over the gateway's own: said once, naming both
+    found = problems(dict(base, tariffs={"biz": {"kind": "flat", "price": "0.8", "grades": {
+        "moderate_amount": "300.00"}}}, cost_control={"grades": {"heavy_amount": "200.00"}}))
+    assert found == ["f.toml: cost_control.grades: with [tariffs.biz.grades]: thresholds "
+                     "must not fall from light to moderate to heavy"], found
+
+
 def test_no_validation_writes_into_the_document():
     document = {"gateway": {"id": "g"}, "ports": [{"name": "p", "device": "/dev/null"}],
                 "meters": [{"id": "m1", "port": "p", "address": "1"}],

@@ -256,6 +256,39 @@ def test_grades_follow_the_amount_owed_and_the_days_in_arrears(tmp_path):
 
 # ---------------------------------------------------------------- forecast
 
+def test_a_tariffs_own_grades_rank_its_accounts_under_the_accounts_own(tmp_path):
+    """Precedence: the account's own (account_update), else its tariff's, else
+    [cost_control.grades]. The same debt is moderate on a household tariff and light on a
+    business tariff that tolerates more."""
+    from gateway.billing import settings
+    biz = settings._tariff("biz", dict(FLAT, grades={"moderate_amount": "1000.00",
+                                                     "heavy_amount": "5000.00"}))
+    house = dict(ACC, meter="m1", tariff="flat")
+    shop = dict(ACC, meter="m2", tariff="biz")
+    box = Box(tmp_path, accounts=[house, shop], tariffs={"flat": FLAT, "biz": FLAT})
+    box.close()
+    box.tariffs["biz"] = biz
+    box.open()
+    try:
+        for m in ("m1", "m2"):
+            box.cc.update_account(m, {"debt": "300.00"})
+        assert {g["meter"]: g["grade"] for g in box.of("balance.grade")} == \
+            {"m1": "moderate", "m2": "light"}
+        assert box.cc.accounts_status()["m2"]["grade"] == "light"
+        # the account's own over its tariff's (the keys given, over the tariff's)
+        box.cc.update_account("m2", {"grades": {"moderate_amount": "200.00"}})
+        assert box.of("balance.grade")[-1] == dict(box.of("balance.grade")[-1],
+                                                   meter="m2", grade="moderate")
+        assert box.cc.update_account("m2", {"debt": "300.00"})["grades"]["heavy_amount"] == \
+            "5000.00"
+        # a change of tariff takes the new tariff's grades (no own grades on m1)
+        box.cc.update_account("m1", {"tariff": "biz", "debt": "300.01"})
+        assert box.of("balance.grade")[-1] == dict(box.of("balance.grade")[-1],
+                                                   meter="m1", grade="light")
+    finally:
+        box.close()
+
+
 def test_forecast_says_insufficient_history_then_warns_before_the_credit_runs_out(tmp_path):
     acc = dict(ACC, opening_balance=Decimal("30.00"))
     box = Box(tmp_path, accounts=[acc])

@@ -355,7 +355,7 @@ def test_the_retained_meters_list_follows_the_meters_health(tmp_path, broker, mo
         first = head.topic("meters")[-1]
         assert first["meters"][1] == {"id": "m2", "protocol": "dlt645", "port": "p1",
                                       "address": "000000000002", "account": "remote",
-                                      "health": "online"}
+                                      "grade": "none", "health": "online"}
         assert first["unconfigured"] == [] and first["v"] == 1
         h.sim_meters[1].faults.silent = True
         wait(lambda: health() == {"m1": "online", "m2": "offline"}, timeout=40)
@@ -371,6 +371,38 @@ def test_the_retained_meters_list_follows_the_meters_health(tmp_path, broker, mo
         n = len(head.topic("meters"))
         time.sleep(3)
         assert len(head.topic("meters")) == n
+    finally:
+        h.close()
+        head.close()
+
+
+def test_the_retained_meters_list_carries_each_accounts_arrears_grade(tmp_path, broker):
+    """A signed account_update that records a debt moves the grade; the retained list is
+    republished with it (the head-end's dunning sees it without asking)."""
+    from mqtt_helpers import HeadEnd
+    head = HeadEnd(broker)
+    h = Harness(tmp_path, broker=broker, meters=2, interval_s=1, accounts=[
+        {"meter": "m2", "tariff": "flat", "opening_balance": "50.00", "mode": "local"}])
+    h.start()
+
+    def grades():
+        msgs = head.topic("meters")
+        return {m["id"]: m.get("grade") for m in msgs[-1]["meters"]} if msgs else {}
+    try:
+        wait(lambda: grades() == {"m1": None, "m2": "none"})
+        assert "grade" not in head.topic("meters")[-1]["meters"][0]   # no account: no grade
+        def done(cmd):
+            # with a broker, delivered results leave the journal: the head-end has them
+            wait(lambda: [r for r in head.topic("command-results")
+                          if r.get("id") == cmd["id"] and r["status"] == "done"])
+        cmd = h.command("m2", "account_update", {"debt": "250.00"})
+        h.send(cmd)
+        done(cmd)
+        wait(lambda: grades() == {"m1": None, "m2": "moderate"})
+        cmd = h.command("m2", "account_update", {"debt": "0.00"})
+        h.send(cmd)
+        done(cmd)
+        wait(lambda: grades() == {"m1": None, "m2": "none"})
     finally:
         h.close()
         head.close()

@@ -119,6 +119,12 @@ class CostControl(threading.Thread):
         if any(isinstance(v, str) for v in self.policy["grades"].values()):
             self.policy["grades"] = recovery.parse_grades(self.policy["grades"],
                                                           recovery.DEFAULT_GRADES)
+        # each tariff's own grades (the keys it gives, over [cost_control.grades])
+        self.tariff_grades = {}
+        for name, tariff in tariffs.items():
+            if getattr(tariff, "grades", None):
+                self.tariff_grades[name] = recovery.parse_grades(tariff.grades,
+                                                                 self.policy["grades"])
         self.clock = clock                      # wall time, seconds (tests and bench inject)
         self.store = store
         self.journal = journal
@@ -170,7 +176,7 @@ class CostControl(threading.Thread):
                 except ValueError as exc:
                     return str(exc)
             elif key == "grades":
-                base = self.accounts[meter].get("grades") if meter in self.accounts else None
+                base = self._grades(meter) if meter in self.accounts else None
                 try:
                     recovery.parse_grades(value, base or self.policy["grades"])
                 except ValueError as exc:
@@ -198,8 +204,7 @@ class CostControl(threading.Thread):
             if key == "debt":
                 continue                        # the document's, see update_account
             if key == "grades":
-                acc[key] = recovery.parse_grades(value, acc.get("grades") or
-                                                 self.policy["grades"])
+                acc[key] = recovery.parse_grades(value, self._grades(meter))
             elif key == "recovery_rate":
                 acc[key] = recovery.parse_rate(value)
             else:
@@ -238,7 +243,10 @@ class CostControl(threading.Thread):
         return out
 
     def _grades(self, meter):
-        return self.accounts[meter].get("grades") or self.policy["grades"]
+        """The account's own (account_update), else its tariff's, else [cost_control]'s."""
+        acc = self.accounts[meter]
+        return acc.get("grades") or self.tariff_grades.get(acc["tariff"]) or \
+            self.policy["grades"]
 
     def _grades_view(self, meter):
         return {k: yuan(v) if k.endswith("_amount") else v

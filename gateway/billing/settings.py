@@ -6,13 +6,30 @@ accounts' rules see the configured meters and tariffs."""
 import datetime as _dt
 
 from gateway.billing import recovery
-from gateway.billing.tariff import from_config, parse_hhmm
+from gateway.billing.tariff import TariffError, from_config, parse_hhmm
 from gateway.config import (NAME, NUMBER, DecimalNumber, Field, ListOf, ListOfTables, Money,
                             NamedTables, Table)
 from gateway.config.schema import Invalid, Kind
 
-TARIFFS = NamedTables("tariffs", from_config,
-                      doc="[tariffs.NAME]: flat, tiered, tou or tiered_tou (cost-control.md)")
+def _tariff(name, table):
+    """A Tariff from [tariffs.NAME]; its own arrears grades, `[tariffs.NAME.grades]` (the
+    keys given, over [cost_control.grades]), kept as `grades` (None without)."""
+    table = dict(table)
+    grades = table.pop("grades", None)
+    tariff = from_config(name, table)
+    tariff.grades = None
+    if grades is not None:
+        try:
+            recovery.parse_grades(grades)         # keys and values (their order: below)
+        except ValueError as exc:
+            raise TariffError("grades", str(exc)) from None
+        tariff.grades = dict(grades)
+    return tariff
+
+
+TARIFFS = NamedTables("tariffs", _tariff,
+                      doc="[tariffs.NAME]: flat, tiered, tou or tiered_tou (cost-control.md); "
+                          "`[tariffs.NAME.grades]`: the tariff's own arrears grades")
 
 
 # ---------------------------------------------------------------- [[accounts]]
@@ -74,6 +91,12 @@ def _check_policy(pol, bad, context):
     except (ValueError, TypeError):
         bad("holidays", "a list of \"YYYY-MM-DD\"")
         pol["holiday_dates"] = frozenset()
+    if "grades" not in context.failed:
+        for name, tariff in (context.sections.get("tariffs") or {}).items():
+            try:
+                recovery.parse_grades(getattr(tariff, "grades", None) or {}, pol["grades"])
+            except ValueError as exc:
+                bad("grades", "with [tariffs.%s.grades]: %s" % (name, exc))
 
 
 class Grades(Kind):

@@ -456,10 +456,17 @@ class Gateway:
                        else "o" if h.online else "x")
         return "".join(out)
 
-    def _meters_payload(self, health, ts=None):
+    def _grades(self):
+        """{meter: arrears grade} of the meters with an account (none before billing)."""
+        if self.costcontrol is None or self.accounts is None:
+            return {}
+        return self.accounts.field("grade")
+
+    def _meters_payload(self, health, grades=None, ts=None):
         # written entry by entry: a thousand meters as dicts at once would stay in the
         # resident set (freed small objects fragment the heap)
         modes = {a.meter: a.mode for a in self.cfg.accounts}
+        grades = self._grades() if grades is None else grades
         words = {"u": "unknown", "o": "online", "x": "offline"}
 
         def entry(m, letter):
@@ -469,6 +476,8 @@ class Gateway:
             else:
                 e["address"] = m.address
             e["account"] = modes.get(m.id)
+            if e["account"] is not None:
+                e["grade"] = grades.get(m.id) or "none"
             e["health"] = words[letter]
             return json.dumps(e, separators=(",", ":"), ensure_ascii=False)
         head = {"v": 1, "config_version": self.reloader.version if self.reloader else None}
@@ -485,12 +494,13 @@ class Gateway:
         if self.uplink is None:
             return False
         health = self._meters_health()
-        sig = (self.uplink, self.cfg, health, self.unconfigured)
+        grades = self._grades()
+        sig = (self.uplink, self.cfg, health, self.unconfigured, grades)
         if not force and self._meters_sent == sig:
             return False
         self._meters_sent = sig
         self.uplink.retain("meters", self._meters_payload(
-            health, ts=_dt.datetime.now().astimezone().isoformat(timespec="seconds")))
+            health, grades, ts=_dt.datetime.now().astimezone().isoformat(timespec="seconds")))
         return True
 
     MARKS_EVERY_S = 60.0

@@ -31,6 +31,13 @@ class AccountStore:
     def all(self):
         return self.state.all("accounts")
 
+    def field(self, name):
+        """{meter: the account document's `name`}, as written."""
+        field = getattr(self.state, "field", None)
+        if field is not None:
+            return field("accounts", name)
+        return {m: d.get(name) for m, d in self.all().items()}
+
     def update(self, meter, fn):
         """fn(doc) changes the account's document in place (and may return a value, which
         update returns); the change is written atomically. None if there is no account."""
