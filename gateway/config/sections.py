@@ -43,7 +43,7 @@ GATEWAY = Table("gateway", "GatewaySettings", [
           check=_pattern(_ID, "use letters, digits, '.', '_' or '-' (it appears in topics)"),
           doc="letters, digits, `.`, `_`, `-`; the `{gateway}` part of every topic"),
     Field("data_dir", str, "/var/lib/meter-gateway",
-          doc="journal, state file, audit trail, status, spool"),
+          doc="journal, account store, state file, audit trail, status, spool"),
     Field("log_level", str, "info", choices=("debug", "info", "warning", "error"),
           doc="logs go to stderr; journald keeps them"),
     Field("status_interval_s", float, 5.0, minimum=1,
