@@ -156,7 +156,8 @@ def session(tmp_path, broker, monkeypatch):
                       alarm2="1.00")]
     h = Harness(tmp_path, broker=broker, meters=5, accounts=accounts, cost_control=FAST,
                 sim_kw={"load_kw": 0.001, "start_kwh": 1000}, data_dir=data,
-                meter_kw={"clock_interval_s": 1}, storage={"journal_quota_mb": 1})
+                meter_kw={"clock_interval_s": 1, "instant_interval_s": 1},
+                storage={"journal_quota_mb": 1})
     h.sim_meters[1].clock_offset_s = 900.0          # m2: beyond a broadcast sync
     h.sim_meters[4].clock_offset_s = 60.0           # m5: synced by broadcast
     h.cfg = h.cfg.replace(uplink=h.cfg.uplink.replace(health_interval_s=10))
@@ -206,6 +207,8 @@ def session(tmp_path, broker, monkeypatch):
         cut = send("m5", "cut_off")
         assert result(cut)["relay"] == "open"
         assert result(send("m5", "restore"))["status"] == "done"
+        h.sim_meters[4].relay_open = True                # m5 trips by itself
+        seen("meter.relay_changed", meter="m5", relay="open")
         assert result(send("m9", "cut_off"))["code"] == "unknown_meter"
         head.publish("commands", '{"v":1,"id":"forged-1","meter":"m1","action":"cut_off"}')
         wait(lambda: [r for r in head.topic("command-results") if r["id"] is None])

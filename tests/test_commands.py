@@ -257,6 +257,65 @@ def test_relay_movements_are_events_too(h):
                     "source": "remote"}]
 
 
+def test_a_relay_the_meter_moves_itself_is_an_event_and_ours_are_not(tmp_path):
+    """Polling reads the status word every second here. A cut-off and a restore of ours are
+    relay.opened/closed events only; the meter tripping by itself (its own prepaid logic, a
+    technician) and the customer's button after a close-allowed restore are
+    meter.relay_changed, once each; a relay found closed after a restart that left it open
+    is one too."""
+    h = Harness(tmp_path, meters=2, meter_kw={"instant_interval_s": 1},
+                sim_kw={"button_required": True}).start()
+    try:
+        h.gw.journal.register("t-ev", "events")
+
+        def relay_events():
+            return [r.body for r in h.gw.journal.read("t-ev", "events", limit=1000, after=0)
+                    if r.body["type"].startswith(("relay.", "meter.relay"))]
+        wait = lambda f, t=20: _wait(f, t)
+        wait(lambda: h.gw.pollers["p1"].health["m1"].relay == "closed")
+        cut = h.command("m1", "cut_off")
+        h.send(cut)
+        assert h.wait_result(cut["id"])["status"] == "done"
+        polls = h.gw.pollers["p1"].health["m1"].reads
+        wait(lambda: h.gw.pollers["p1"].health["m1"].reads >= polls + 3)
+        back = h.command("m1", "restore", {"mode": "close_allowed"})
+        h.send(back)
+        assert h.wait_result(back["id"])["status"] == "done"
+        polls = h.gw.pollers["p1"].health["m1"].reads
+        wait(lambda: h.gw.pollers["p1"].health["m1"].reads >= polls + 3)
+        # close allowed: still open, the customer's button next
+        assert [(e["type"], e.get("awaiting_customer")) for e in relay_events()] == \
+            [("relay.opened", None), ("relay.opened", True)]
+        assert h.sim_meters[0].awaiting_customer
+        h.sim_meters[0].press_button()           # the customer
+        h.sim_meters[1].relay_open = True        # m2 trips by itself
+        wait(lambda: len(relay_events()) == 4)
+        assert sorted((e["meter"], e["relay"], e["previous"]) for e in relay_events()[2:]) == \
+            [("m1", "closed", "open"), ("m2", "open", "closed")]
+        assert all(e["type"] == "meter.relay_changed" for e in relay_events()[2:])
+        time.sleep(2.5)
+        assert len(relay_events()) == 4          # once, not at every poll
+        h.stop()                                  # stopping saves the meters' state
+        h.sim_meters[1].relay_open = False        # closed while the gateway was down
+        h.start()
+        h.gw.journal.register("t-ev2", "events")
+        wait(lambda: [r.body for r in h.gw.journal.read("t-ev2", "events", limit=1000,
+                                                         after=0)
+                      if r.body["type"] == "meter.relay_changed" and r.body["meter"] == "m2"
+                      and r.body["relay"] == "closed" and r.body["previous"] == "open"])
+    finally:
+        h.close()
+
+
+def _wait(f, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if f():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_crashed_line_worker_is_restarted_and_a_failing_job_is_counted(h):
     worker = h.gw.workers["p1"]

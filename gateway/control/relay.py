@@ -39,8 +39,11 @@ class Line:
     """What the control core needs of the lines: a transaction, or a job, on the meter's
     line, with a bounded wait. `worker_of(port_name)` finds the current worker."""
 
-    def __init__(self, worker_of):
+    def __init__(self, worker_of, on_relay=None):
         self.worker_of = worker_of
+        # on_relay(meter, state): a job's read-back, told on the line's thread before its
+        # next poll (the poller then knows the move was ours, not the meter's own)
+        self.on_relay = on_relay
 
     def ask(self, meter, request, priority=RELAY, timeout=30, tick=None):
         worker = self.worker_of(meter.port)
@@ -65,7 +68,11 @@ class Line:
 
         def job(w):
             try:
-                box["value"] = fn()
+                box["value"] = value = fn()
+                state = value[2].get("relay") if isinstance(value, tuple) and \
+                    len(value) == 3 and isinstance(value[2], dict) else None
+                if state and self.on_relay is not None:
+                    self.on_relay(meter, state)
             except Exception as exc:             # reported as a failed command
                 box["error"] = exc
         fut = worker.submit_job(job, priority)

@@ -367,11 +367,23 @@ class LinePoller:
         out = []
         for v in values:
             if v.quantity == "relay.state":
-                self.health[meter.id].relay = v.value
+                h = self.health[meter.id]
+                if h.relay is not None and v.value != h.relay:
+                    # no command of ours moved it (those tell relay_moved first): the
+                    # meter's own prepaid logic, its button, a technician, tampering
+                    self.event("meter.relay_changed", meter=meter.id, relay=v.value,
+                               previous=h.relay)
+                h.relay = v.value
             if v.quantity not in skip:
                 out.append(Reading(meter.id, v.quantity, v.value, v.unit, ts or now_ms,
                                    now_ms, quality))
         return out
+
+    def relay_moved(self, meter_id, state):
+        """A relay command's read-back: the state the next poll should find."""
+        h = self.health.get(meter_id)
+        if h is not None:
+            h.relay = state
 
     local_ms = staticmethod(local_ms)
 

@@ -112,6 +112,11 @@ class Gateway:
             self.pollers[port.name] = self._new_poller(port, saved)
             self.workers[port.name] = self._new_worker(port)
 
+    def _relay_moved(self, meter, state):
+        poller = self.pollers.get(meter.port)
+        if poller is not None:
+            poller.relay_moved(meter.id, state)
+
     def _new_poller(self, port, saved=None):
         poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
                             clock_trusted=self.clock.trusted,
@@ -119,8 +124,11 @@ class Gateway:
         if saved:
             offline = set(saved.get("offline", ()))
             freeze_days = saved.get("last_freeze_day", {})
+            relay_open = set(saved.get("relay_open", ()))
             for mid, h in poller.health.items():
                 h.online = mid not in offline
+                if mid in relay_open:
+                    h.relay = "open"        # a meter found closed after a restart: said
                 if freeze_days.get(mid):
                     h.last_freeze_day = _dt.date.fromisoformat(freeze_days[mid])
         return poller
@@ -231,7 +239,8 @@ class Gateway:
         from gateway.control.relay import Line
         return Executor(control_cfg=self.cfg.control, data_dir=self.cfg.gateway.data_dir,
                         intake=self.commands, meter_of=self.meter, spec_of=self.spec,
-                        line=Line(self.port_worker), ledger=self.state,
+                        line=Line(self.port_worker, on_relay=self._relay_moved),
+                        ledger=self.state,
                         accounts=self.accounts, journal=self.journal, audit=self.audit,
                         events=self.sink.event, clock=self.clock,
                         prepaid=lambda: self.costcontrol, notify=self._appended,
@@ -521,17 +530,23 @@ class Gateway:
             return False
 
     def save_meter_state(self):
-        """Meters' online state and freeze progress: one small document (a thousand
-        meters make one entry each only when offline or freezing), written only on change."""
+        """Meters' online state, freeze progress and open relays: one small document (a
+        thousand meters make one entry each only when offline, freezing or cut off),
+        written only on change."""
         offline = []
         freeze = {}
+        relay_open = []
         for poller in self.pollers.values():
             for mid, h in poller.health.items():
                 if not h.online:
                     offline.append(mid)
                 if h.last_freeze_day:
                     freeze[mid] = h.last_freeze_day.isoformat()
-        doc = {"offline": sorted(offline), "last_freeze_day": freeze}
+                if h.relay == "open":
+                    relay_open.append(mid)
+        # open relays only (few): the state file stays small, closed is the usual state
+        doc = {"offline": sorted(offline), "last_freeze_day": freeze,
+               "relay_open": sorted(relay_open)}
         if self.state.get("meters", "all") != doc:
             self.state.put("meters", "all", doc)
 

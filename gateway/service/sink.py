@@ -17,7 +17,8 @@ event_log = logging.getLogger("gateway.events")
 EVENT_LEVELS = {"meter.offline": logging.WARNING, "relay.opened": logging.WARNING,
                 "relay.closed": logging.WARNING, "balance.zero": logging.WARNING,
                 "balance.exhausted": logging.WARNING, "freeze.missing": logging.WARNING,
-                "meter.clock_drift": logging.WARNING, "journal.replaced": logging.ERROR,
+                "meter.clock_drift": logging.WARNING, "meter.relay_changed": logging.WARNING,
+                "journal.replaced": logging.ERROR,
                 "costcontrol.breaker_tripped": logging.ERROR, "audit": logging.DEBUG}
 
 
