@@ -17,7 +17,8 @@ from referencing.jsonschema import DRAFT7
 
 from gateway.control import executor as executor_mod
 from gateway.line import poller as poller_mod
-from gateway.store.journal import Reading
+from gateway.store.journal import JournalError, Reading
+from gateway.store.state import StateStore
 from gwharness import Harness
 from mqtt_helpers import HeadEnd
 from test_control_core import wait
@@ -209,6 +210,20 @@ def session(tmp_path, broker, monkeypatch):
         assert result(send("m5", "restore"))["status"] == "done"
         h.sim_meters[4].relay_open = True                # m5 trips by itself
         seen("meter.relay_changed", meter="m5", relay="open")
+        m2 = h.sim_meters[1]
+        with m2.lock:
+            m2._mwh = [x // 2 for x in m2._mwh]           # a reset meter
+        seen("meter.register_decrease", meter="m2")
+        with m2.lock:
+            m2._mwh[0] += 10 ** 11                       # 100,000 kWh in seconds
+        seen("meter.register_jump", meter="m2")
+        # the disk fails for a while: readings wait in memory, then storage_recovered
+        def failing(rows):
+            raise JournalError("%s: disk I/O error (the test's)" % h.gw.journal.path)
+        h.gw.journal.append_readings = failing
+        time.sleep(2)
+        del h.gw.journal.append_readings
+        seen("gateway.storage_recovered")
         assert result(send("m9", "cut_off"))["code"] == "unknown_meter"
         head.publish("commands", '{"v":1,"id":"forged-1","meter":"m1","action":"cut_off"}')
         wait(lambda: [r for r in head.topic("command-results") if r["id"] is None])
@@ -237,12 +252,20 @@ def session(tmp_path, broker, monkeypatch):
         assert rfc3339(status["uplink"]["last_ack"])
         stopped_at = time.time()
         h.stop()
+        # m3's freezes last read 64 days ago: the two the meter no longer keeps are missing
+        state = StateStore(os.path.join(str(data), "state.json"))
+        saved = state.get("meters", "all") or {}
+        saved["last_freeze_day"] = dict(saved.get("last_freeze_day") or {}, m3=(
+            dt.date.today() - dt.timedelta(days=64)).isoformat())
+        state.put("meters", "all", saved)
+        state.close()
         off = wait(lambda: [s for s in head.topic("status") if s["state"] == "offline"])
         # offline since the stop, not since the start
         since = dt.datetime.fromisoformat(off[-1]["since"]).timestamp()
         assert stopped_at - 0.1 <= since <= time.time()
         h.start()                    # what the stop left in the journal goes out now
         seen("gateway.stopped")
+        seen("freeze.missing", meter="m3", reason="older than the meter keeps")
         wait(lambda: len([s for s in head.topic("status") if s["state"] == "online"]) >= 2)
         yield head, sent
     finally:
