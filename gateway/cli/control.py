@@ -45,9 +45,17 @@ def command_sign(args):
     params = {}
     for item in args.param:
         if "=" not in item:
-            raise CliError("--param %r: use KEY=VALUE" % item, EXIT_USAGE)
+            raise CliError("--param %r: use KEY=VALUE or KEY:=JSON" % item, EXIT_USAGE)
         k, v = item.split("=", 1)
-        if k == "quantities":
+        if k.endswith(":"):
+            # KEY:=JSON (as httpie): a table, list, number or true/false, e.g. an
+            # account_update's grades or a config_update's patch
+            k = k[:-1]
+            try:
+                v = json.loads(v)
+            except ValueError as exc:
+                raise CliError("--param %s: not JSON (%s)" % (k, exc), EXIT_USAGE) from None
+        elif k == "quantities":
             v = [q for q in v.split(",") if q]
         elif k == "on":
             v = v.lower() in ("1", "true", "yes", "on")
