@@ -170,3 +170,41 @@ while True:
         tables = read_tables(path)
         txns = tables.get("txns", {})
         assert tables["accounts"]["m1"]["balance_uy"] == 7 * len(txns) > 0
+
+
+def test_a_full_disk_fails_the_payment_in_one_line_and_loses_nothing(tmp_path):
+    """A top-up on a full disk: refused with "disk full", the balance in memory equals the
+    file's, nothing half-written; the reserve is given back once; space back, it goes."""
+    from test_state import _fill, _mount_tmpfs
+    from gateway.store.paths import DiskReserve
+    from gateway.store.state import StateDiskFull
+    mnt = str(tmp_path / "small")
+    _mount_tmpfs(mnt, "2m")
+    try:
+        path = os.path.join(mnt, "accounts.db")
+        docs = DocStore(path)
+        store = AccountStore(docs)
+        store.create("m1", {"balance_uy": 100, "topups_uy": 0})
+        filler = _fill(path)
+        pad = "p" * 300000                      # a payment too large for what is left
+        with pytest.raises(StateError) as err:
+            store.topup("m1", "T-big", 5, command=pad)
+        assert isinstance(err.value, StateDiskFull) and "disk full" in str(err.value)
+        assert "\n" not in str(err.value)
+        assert store.get("m1")["balance_uy"] == 100 and store.txn("T-big") is None
+        docs.close()
+        assert read_tables(path)["accounts"]["m1"]["balance_uy"] == 100
+        # the reserve, given back once, lets the payment through
+        os.unlink(filler)
+        reserve = DiskReserve(os.path.join(mnt, ".reserve"), 700 * 1024)
+        assert reserve.restore()
+        docs = DocStore(path, reserve=reserve)
+        store = AccountStore(docs)
+        filler = _fill(path)
+        doc, applied = store.topup("m1", "T-big", 5, command=pad)
+        assert applied and doc["balance_uy"] == 105 and not reserve.present
+        docs.close()
+        assert read_tables(path)["txns"]["T-big"]["amount_uy"] == 5
+        os.unlink(filler)
+    finally:
+        subprocess.run(["umount", "-l", mnt])
