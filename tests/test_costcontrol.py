@@ -168,3 +168,29 @@ def test_accounts_are_updatable_from_the_head_end_and_the_update_survives_a_rest
         assert h.gw.costcontrol.accounts["m1"]["alarm1"] == Decimal("30.00")
     finally:
         h.close()
+
+
+def test_a_cut_off_intent_is_never_kept_for_a_command_no_ledger_knows(tmp_path, monkeypatch):
+    """The command ledger (state file) and the accounts (accounts.db) are two files: the
+    intent "cut by cost control" is written only after the ledger entry, so a ledger write
+    that fails (a full disk, or a kill in between) leaves the account uncut; cost control
+    tries again, and a restart resumes what the ledger has."""
+    import errno
+    import pytest
+    from gateway.control.executor import StorageFull
+    from gateway.store import state as state_mod
+    h = Harness(tmp_path, meters=1,
+                accounts=[{"meter": "m1", "tariff": "flat", "opening_balance": "5.00"}]
+                ).start()
+    try:
+        def full(path, tables):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(state_mod, "write_state_file", full)
+        cmd = {"id": "costcontrol-test-1", "meter": "m1", "action": "cut_off", "params": {}}
+        with pytest.raises(StorageFull):
+            h.gw.executor._record(cmd, "accepted", source="costcontrol", intent=True)
+        assert not h.gw.accounts.get("m1").get("cut_by_costcontrol")
+        assert h.gw.state.get("commands", "costcontrol-test-1") is None
+    finally:
+        monkeypatch.undo()
+        h.close()

@@ -503,7 +503,10 @@ class Executor(threading.Thread):
     # ---------------------------------------------------------------- the ledger
 
     def _record(self, cmd, state, meta=None, source="remote", intent=False, **fields):
-        """The ledger entry (and cost control's intent to cut, in the same write)."""
+        """The ledger entry, then cost control's intent to cut (the account store's). The
+        ledger goes first: a kill between the two leaves an entry that a restart resumes and
+        concludes (_conclude_intent sets the flag from the outcome), never a flag that says
+        "cut" for a cut-off no ledger knows of (the meter would then never be cut)."""
         cid = cmd["id"]
         try:
             with self.ledger.batch():
@@ -516,9 +519,9 @@ class Executor(threading.Thread):
                 doc["state"] = state
                 doc.update(fields)
                 self.ledger.put("commands", cid, doc)
-                if intent and cmd.get("action") == "cut_off":
-                    # why the relay will be open, known before the frame can leave
-                    self.accounts.set_cut(cmd["meter"], True, command=cid)
+            if intent and cmd.get("action") == "cut_off":
+                # why the relay will be open, known before the frame can leave
+                self.accounts.set_cut(cmd["meter"], True, command=cid)
             return doc
         except Exception as exc:
             if _is_storage_error(exc):
