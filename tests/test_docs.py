@@ -103,7 +103,8 @@ def test_a_missing_or_swapped_store_stops_the_start_instead_of_empty_accounts(tm
     state.close()
 
 
-@pytest.mark.parametrize("kind", ["garbage", "foreign", "symlink", "fifo", "dir", "damaged"])
+@pytest.mark.parametrize("kind", ["garbage", "foreign", "symlink", "fifo", "dir", "damaged",
+                                  "not_json"])
 def test_a_bad_file_is_refused_in_one_line_and_left_as_it_is(tmp_path, kind):
     path = str(tmp_path / "accounts.db")
     if kind == "garbage":
@@ -122,6 +123,14 @@ def test_a_bad_file_is_refused_in_one_line_and_left_as_it_is(tmp_path, kind):
         os.mkfifo(path)
     elif kind == "dir":
         os.mkdir(path)
+    elif kind == "not_json":
+        docs = DocStore(path)
+        AccountStore(docs).create("m1", {"balance_uy": 5})
+        docs.close()
+        db = sqlite3.connect(path)
+        db.execute("UPDATE docs SET body='{\"balance_uy\": 5' WHERE key='m1'")
+        db.commit()
+        db.close()
     else:
         docs = DocStore(path)
         AccountStore(docs).create("m1", {"balance_uy": 5, "pad": "x" * 20000})
