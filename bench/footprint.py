@@ -8,7 +8,9 @@ meters, 4 of DL/T 698.45) on
 pseudo-terminals; the gateway is a separate `mgw run` process measured from /proc, with an
 uplink (to an absent broker: buffering) and a head-end key configured, as in the field, and
 the environment of systemd/meter-gateway.service (MALLOC_ARENA_MAX=2).
-Run: python bench/footprint.py. Prints figures only.
+With `--accounts N` the first N meters also have prepaid accounts (a flat tariff, cost
+control running, the account store loaded): a fee-recovery box.
+Run: python bench/footprint.py [--accounts N]. Prints figures only.
 """
 
 import os
@@ -62,6 +64,11 @@ def cpu_s(pid):
 
 
 def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--accounts", type=int, default=0,
+                    help="prepaid accounts on the first N meters (default none)")
+    args = ap.parse_args()
     folder = tempfile.mkdtemp(prefix="mgw-bench-footprint-")
     sims = []
     for n in range(LINES):
@@ -85,7 +92,14 @@ def main():
                       'protocol = "%s"' % protocol_of(n),
                       'address = "%012d"' % (100000 * (n + 1) + i), 'interval_s = 300',
                       'instant_interval_s = 0', 'clock_interval_s = 0', '']
+    if args.accounts:
+        lines += ['[tariffs.flat]', 'kind = "flat"', 'price = "0.5283"', '']
+        for k in range(min(args.accounts, LINES * PER_LINE)):
+            n, i = divmod(k, PER_LINE)
+            lines += ['[[accounts]]', 'meter = "m%d_%d"' % (n, i), 'tariff = "flat"',
+                      'opening_balance = "100.00"', '']
     # a head-end key, as in the field (the signature check is part of the footprint)
+
     keys = os.path.join(folder, "keys")
     subprocess.run([sys.executable, "-m", "gateway", "keys", "gen", "--out", keys],
                    env=dict(os.environ, PYTHONPATH=ROOT), check=True, capture_output=True)
@@ -151,8 +165,8 @@ def main():
             for n, kb in sorted(by.items(), key=lambda kv: -kv[1])[:8]:
                 print("    %6d kB %s" % (kb, n))
         print("meter-gateway footprint: `mgw run` with %d meters (half DL/T 645, half "
-              "DL/T 698.45) on %d lines at %d baud, Python %s"
-              % (LINES * PER_LINE, LINES, BAUD, sys.version.split()[0]))
+              "DL/T 698.45) on %d lines at %d baud, %d prepaid accounts, Python %s"
+              % (LINES * PER_LINE, LINES, BAUD, args.accounts, sys.version.split()[0]))
         print("\n  start to READY:                  %6.2f s" % ready)
         print("  first cycle (every meter read):  %6.1f s, CPU %.1f s (%.0f%% of one core)"
               % (cycle_s, cycle_cpu, 100 * cycle_cpu / cycle_s))
