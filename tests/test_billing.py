@@ -498,3 +498,28 @@ def test_an_upgraded_gateway_bills_what_its_old_journal_held_once(tmp_path, cras
     assert _bill_all(gw) == expected
     assert not [e for e in gw.events if e[0].startswith("billing.")]
     gw.close()
+
+
+def test_an_accounts_billing_state_does_not_grow_with_its_readings():
+    """Six days of quarter-hour readings on 25 time-of-use accounts: what the Billing objects
+    keep between readings stays small (their register memo was bounded at 4,096 texts per
+    account: about 450 kB each, 450 MB for 1,000 accounts after a few weeks)."""
+    import tracemalloc
+    t0 = dt.datetime(2026, 6, 10, 0, 0)
+    accounts = [(Billing(ACC, BOTH), new_account_doc(ACC)) for _ in range(25)]
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for k in range(1, 600):
+            when = t0 + dt.timedelta(minutes=15 * k)
+            wh = 4 * k
+            regs = {"t1": "%d.%02d" % divmod(k, 100), "t2": "%d.%02d" % divmod(k, 100),
+                    "t3": "%d.%02d" % divmod(k, 100), "t4": "%d.%02d" % divmod(wh - 3 * k, 100)}
+            total = "%d.%02d" % divmod(wh, 100)
+            for billing, doc in accounts:
+                billing.apply(doc, group(when, total, **regs), [])
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert all(doc["charges_uy"] > 0 for _, doc in accounts), grown
+    assert grown < 400_000, "%d bytes kept for 25 accounts" % grown
