@@ -6,7 +6,8 @@ Whatever the meter's protocol: its driver (gateway.registry) builds the exchange
 status read and what its answer says (`status_exchange`, `relay_state`), the command
 (`relay_exchange`: a DL/T 645 0x1C frame, or a DL/T 698.45 ACTION on 8000/8001, or the
 master station's SECURITY-Request forwarded unchanged), whether the meter refused it
-(`relay_refusal`) and what the audit must not keep (`mask_secrets`). The commands are the
+(`relay_refusal`), what the audit must not keep (`mask_secrets`) and, where the meter
+may answer at length, how to follow the answer to its end (`transact`). The commands are the
 gateway's RelayCommand words (TRIP, CLOSE_ALLOWED, DIRECT_CLOSE, GUARANTEE, ...).
 
 The line is reached through `Line`, a small interface over the port workers (one job on the
@@ -42,17 +43,25 @@ class Line:
     def __init__(self, worker_of):
         self.worker_of = worker_of
 
-    def ask(self, meter, request, priority=RELAY, timeout=30, tick=None):
+    def ask(self, meter, request, priority=RELAY, timeout=30, tick=None, via=None):
+        """The line's Result for one exchange. `via(worker, request)`, where given, runs it
+        instead of worker.transact, as one job on the line: a driver's transaction that
+        follows a long answer (link-layer fragments, GET-Response-Next blocks) to its end."""
         worker = self.worker_of(meter.port)
         if threading.current_thread() is worker:
-            return worker.transact(request)
-        fut = worker.submit(request, priority)
+            return via(worker, request) if via else worker.transact(request)
+        box = {}
+        if via is None:
+            fut = worker.submit(request, priority)
+        else:
+            fut = worker.submit_job(lambda w: box.update(result=via(w, request)), priority)
         end = time.monotonic() + timeout
         while True:
             if tick:
                 tick()
             try:
-                return fut.result(min(1.0, max(0.01, end - time.monotonic())))
+                done = fut.result(min(1.0, max(0.01, end - time.monotonic())))
+                return box.get("result", done)
             except TimeoutError:
                 if time.monotonic() >= end:
                     raise
@@ -87,11 +96,18 @@ class Line:
 def read_relay(line, spec, meter, priority=RELAY, tick=None):
     """(status dict or None, error, frames): the relay state the meter reports."""
     drv = reads.driver_of(spec)
-    res = line.ask(meter, drv.status_exchange(spec), priority, tick=tick)
+    res = line.ask(meter, drv.status_exchange(spec), priority, tick=tick, via=_follow(drv))
     if not res.ok:
         return None, res.error, res.frames
     state, why = drv.relay_state(res.answer)
     return state, why, res.frames
+
+
+def _follow(drv):
+    """The driver's own transaction where it has one (`transact(worker, exchange)`: a
+    DL/T 698.45 meter may answer the status read in link-layer fragments or GET-Response-Next
+    blocks, which it asks for and joins), else None: the worker's."""
+    return getattr(drv, "transact", None)
 
 
 def command_for(action, params, default_restore_mode):
@@ -165,7 +181,7 @@ def operate(line, spec, meter, rc, params, audit, cmd_id, before_send, restore_h
                  frames=masked_hex(frames, spec))
     exchange = drv.relay_exchange(meter, rc, params)
     before_send()
-    res = line.ask(meter, exchange)
+    res = line.ask(meter, exchange, via=_follow(drv))
     failpoint("after_send")
     audit.append("relay.frame", id=cmd_id, command=rc.name, ok=res.ok, error=res.error,
                  frames=masked_hex(res.frames, spec))
