@@ -13,7 +13,7 @@ from gateway.service.config import validate
 from gateway.sim.dlt645 import SimLine
 from gateway.sim.dlt698 import SimMeter698
 from protocols import dlt698 as D
-from protocols.dlt645 import RelayCommand
+from protocols.exchange import RelayIntent
 
 LONG_ANSWERS = {"fragments": {"max_fragment": 12},
                 "blocks": {"always_blocks": True},
@@ -68,7 +68,7 @@ def test_the_status_read_follows_a_long_answer_from_another_thread(line):
 
 def test_cut_off_and_restore_read_back_a_long_answer_as_done(line):
     worker_line, meter, spec, sim_meter = line
-    for rc, relay_open in ((RelayCommand.TRIP, True), (RelayCommand.DIRECT_CLOSE, False)):
+    for rc, relay_open in ((RelayIntent.TRIP, True), (RelayIntent.DIRECT_CLOSE, False)):
         audit = Audit()
         # as the executor runs it: one job on the meter's line
         status, reason, extra = worker_line.run_job(meter, lambda: relay.operate(

@@ -8,7 +8,8 @@ status read and what its answer says (`status_exchange`, `relay_state`), the com
 master station's SECURITY-Request forwarded unchanged), whether the meter refused it
 (`relay_refusal`), what the audit must not keep (`mask_secrets`) and, where the meter
 may answer at length, how to follow the answer to its end (`transact`). The commands are the
-gateway's RelayCommand words (TRIP, CLOSE_ALLOWED, DIRECT_CLOSE, GUARANTEE, ...).
+gateway's RelayIntent words (TRIP, CLOSE_ALLOWED, DIRECT_CLOSE, GUARANTEE, ...), the
+same for every protocol (protocols.exchange).
 
 The line is reached through `Line`, a small interface over the port workers (one job on the
 meter's line runs the whole operation, without a poll in between).
@@ -22,7 +23,7 @@ import time
 from gateway.registry import NAMES
 from gateway.line import reads
 from gateway.line.port import RELAY
-from protocols.dlt645 import RelayCommand
+from protocols.exchange import RelayIntent
 
 READBACK_TRIES = 4
 READBACK_PAUSE_S = 0.3          # grows per try: a meter's relay takes a moment to move
@@ -112,26 +113,26 @@ def _follow(drv):
 
 def command_for(action, params, default_restore_mode):
     if action == "cut_off":
-        return RelayCommand.TRIP
+        return RelayIntent.TRIP
     if action == "restore":
         mode = params.get("mode")
         direct = mode == "direct" or (mode is None and default_restore_mode == "direct_close")
-        return RelayCommand.DIRECT_CLOSE if direct else RelayCommand.CLOSE_ALLOWED
+        return RelayIntent.DIRECT_CLOSE if direct else RelayIntent.CLOSE_ALLOWED
     if action == "guarantee_on":
-        return RelayCommand.GUARANTEE
-    return RelayCommand.GUARANTEE_RELEASE
+        return RelayIntent.GUARANTEE
+    return RelayIntent.GUARANTEE_RELEASE
 
 
 def reached(rc, state):
-    if rc == RelayCommand.TRIP:
+    if rc == RelayIntent.TRIP:
         return state.get("relay") == "open"
-    if rc == RelayCommand.DIRECT_CLOSE:
+    if rc == RelayIntent.DIRECT_CLOSE:
         return state.get("relay") == "closed"
-    if rc == RelayCommand.CLOSE_ALLOWED:
+    if rc == RelayIntent.CLOSE_ALLOWED:
         return state.get("relay_command") == "close"
-    if rc == RelayCommand.GUARANTEE:
+    if rc == RelayIntent.GUARANTEE:
         return state.get("guarantee") is True
-    if rc == RelayCommand.GUARANTEE_RELEASE:
+    if rc == RelayIntent.GUARANTEE_RELEASE:
         return state.get("guarantee") is False
     return False
 
@@ -209,8 +210,8 @@ def readback(line, spec, meter, rc, audit, cmd_id):
     if after is None:
         return "failed", "relay state could not be read back (%s)" % err, \
             {"code": "readback_failed"}
-    if rc in (RelayCommand.GUARANTEE, RelayCommand.GUARANTEE_RELEASE):
-        on = rc == RelayCommand.GUARANTEE
+    if rc in (RelayIntent.GUARANTEE, RelayIntent.GUARANTEE_RELEASE):
+        on = rc == RelayIntent.GUARANTEE
         if after.get("guarantee") is not on:
             return "failed", "meter reports guarantee %s" % after.get("guarantee"), \
                 dict(public_state(after), code="state_unchanged")
@@ -219,6 +220,6 @@ def readback(line, spec, meter, rc, audit, cmd_id):
         return "failed", "state did not change (relay %s)" % after.get("relay"), \
             dict(public_state(after), code="state_unchanged")
     extra = public_state(after)
-    if rc == RelayCommand.CLOSE_ALLOWED and after.get("relay") == "open":
+    if rc == RelayIntent.CLOSE_ALLOWED and after.get("relay") == "open":
         extra["awaiting_customer"] = True    # the customer closes it at the meter
     return "done", None, extra
