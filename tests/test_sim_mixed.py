@@ -7,13 +7,8 @@ import signal
 
 import pytest
 
+from test_cli import run
 from test_e2e import mgw
-
-
-def run(*args, timeout=120):
-    p = mgw(*args)
-    out, err = p.communicate(timeout=timeout)
-    return p.returncode, out, err
 
 
 def test_simulate_a_mixed_line_scan_and_read_both_kinds(tmp_path):
