@@ -1,6 +1,7 @@
 """`mgw simulate` with DL/T 645 and DL/T 698.45 meters on one pseudo-terminal (`--meter
 PROTOCOL:ADDRESS`), as concentrator lines carry them in the field: a real simulator process,
-`mgw scan` finding each kind, `mgw read` reading each."""
+`mgw scan` finding each kind (and saying the other kind answers too), `mgw read` reading
+each."""
 
 import json
 import signal
@@ -24,18 +25,25 @@ def test_simulate_a_mixed_line_scan_and_read_both_kinds(tmp_path):
                        'name = "rs485-1"\ndevice = "%s"\nbaudrate = 9600\nretries = 0\n'
                        % (tmp_path / "data", link))
         path = str(cfg)
+        # a scan of one protocol says the other answers too (here: two at once, colliding)
+        code, out, err = run("scan", "--port", "rs485-1", "--config", path)
+        assert code == 0, err
+        assert out.splitlines()[-1] == "DL/T 698.45 address (several) answered too (a mixed " \
+            "line): scan again with --protocol dlt698", out
         # one scan per protocol on the same line, each adding what it found
         code, out, err = run("scan", "--port", "rs485-1", "--config", path, "--protocol",
-                             "dlt645", "--expect", "2", "--json", "--append", path)
+                             "dlt645", "--json", "--append", path)
         assert code == 0, err
         assert [f["address"] for f in json.loads(out)["found"]] == ["000000000001",
                                                                     "000000000002"]
+        assert json.loads(out)["also_answering"] == {"dlt698": ["(several)"]}
         # the two 698 meters answer the wildcard together: the scan narrows it
         code, out, err = run("scan", "--port", "rs485-1", "--config", path, "--protocol",
                              "dlt698", "--expect", "2", "--json", "--append", path)
         assert code == 0, err
         assert [f["address"] for f in json.loads(out)["found"]] == ["000000001001",
                                                                     "000000001002"]
+        assert json.loads(out)["also_answering"] == {}      # --expect: stopped, not probed
         text = cfg.read_text()
         assert text.count('protocol = "dlt698"') == 2 and \
             text.count('protocol = "dlt645"') == 2, text
@@ -99,6 +107,16 @@ def test_the_guides_show_what_simulate_prints_for_a_mixed_line(tmp_path, lang):
         shown = "".join("  " + line.replace(link, "/tmp/ttyRS485").replace(pty, "/dev/pts/3")
                         for line in lines)
         assert shown in guide, shown
+        # and what a scan of its DL/T 645 meters says of the 698 ones
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text('[gateway]\nid = "gw-mixed"\ndata_dir = "%s"\n\n[[ports]]\n'
+                       'name = "rs485-1"\ndevice = "%s"\nretries = 0\n'
+                       % (tmp_path / "data", link))
+        scan = mgw("scan", "--port", "rs485-1", "--config", str(cfg), env=LANG[lang])
+        out, err = scan.communicate(timeout=120)
+        assert scan.returncode == 0, err
+        assert " " + out.splitlines()[-1] + "\n" in guide or \
+            "\n" + out.splitlines()[-1] + "\n" in guide, out
     finally:
         sim.send_signal(signal.SIGINT)
         sim.wait(10)

@@ -321,6 +321,7 @@ def cmd_scan(args):
     else:
         settings = ((args.baudrate or port.baudrate, args.parity or port.parity),)
     found, answered = [], []
+    also = {}                                   # other protocols' meters answering the line
     stopped = None
     for baudrate, parity in settings:
         if stopped:
@@ -340,6 +341,9 @@ def cmd_scan(args):
             hint = None
             if not got and not args.auto and not worker.stopped:
                 hint = _other_protocols_answer(worker, reads, protocol)
+            elif got and not worker.stopped and not also:
+                # a mixed line (DL/T 645 and 698.45 meters): say what else answers on it
+                also = dict(_answering(worker, reads, protocol))
         finally:
             worker.close()
             end()
@@ -355,7 +359,9 @@ def cmd_scan(args):
     for f in found:
         f["configured_as"] = configured.get(str(f[key]))
     out = {"port": port.name, "protocol": protocol, "found": found,
-           "answered_at": answered, "stopped": stopped}
+           "answered_at": answered, "stopped": stopped,
+           "also_answering": {p: [str(k) for k in keys] for p, keys in also.items()}}
+    also_lines = [_also_line(other, keys) for other, keys in also.items()]
     if stopped == "interrupted":
         # what was found is shown (and may be appended), but the line was not all asked
         sys.stderr.write(_("mgw scan: interrupted: the rest of the line was not asked") + "\n")
@@ -369,8 +375,10 @@ def cmd_scan(args):
             if args.auto and stopped != "interrupted":
                 # a TOML comment: the output stays ready to paste
                 print("# " + _("answered at: %s") % (", ".join(answered) or _("none")))
-                if blocks:
-                    print()
+            for text in also_lines:
+                print("# " + text)
+            if blocks and (also_lines or args.auto and stopped != "interrupted"):
+                print()
             print(blocks, end="")
             return EXIT_OK if found and stopped != "interrupted" else EXIT_FAILED
 
@@ -389,6 +397,8 @@ def cmd_scan(args):
                _("configured as")])
         if args.auto:
             print(_("answered at: %s") % ", ".join(o["answered_at"]))
+        for text in also_lines:
+            print(text)
     if not found and hint:
         out["hint"] = hint
     emit(args, out, human)
@@ -401,10 +411,10 @@ def _key_header(key):
             "unit": pgettext("scan", "unit")}.get(key, key)
 
 
-def _other_protocols_answer(worker, reads, protocol):
-    """A line where none of `protocol`'s meters answers may carry another protocol's: a
-    quick probe of each (Modbus units 1-3, a DL/T 645 wildcard read) says so."""
-    from gateway.registry import NAMES, PROTOCOLS
+def _answering(worker, reads, protocol):
+    """(other protocol, keys) for each other protocol whose meters answer a quick probe on
+    this line (Modbus units 1-3, a DL/T 645 or DL/T 698.45 wildcard read), one by one."""
+    from gateway.registry import NAMES
     for other in NAMES:
         if other == protocol:
             continue
@@ -413,10 +423,26 @@ def _other_protocols_answer(worker, reads, protocol):
         except Exception:      # a driver's library missing or the like: no hint, no error
             continue
         if keys:
-            return _("no %s meter answered, but %s %s %s did: scan with --protocol %s") % (
-                PROTOCOLS[protocol].label, PROTOCOLS[other].label,
-                PROTOCOLS[other].keyed_by, ", ".join(str(k) for k in keys), other)
+            yield other, keys
+
+
+def _other_protocols_answer(worker, reads, protocol):
+    """A line where none of `protocol`'s meters answers may carry another protocol's: the
+    first other protocol whose meters answer a quick probe says so."""
+    from gateway.registry import PROTOCOLS
+    for other, keys in _answering(worker, reads, protocol):
+        return _("no %s meter answered, but %s %s %s did: scan with --protocol %s") % (
+            PROTOCOLS[protocol].label, PROTOCOLS[other].label,
+            PROTOCOLS[other].keyed_by, ", ".join(str(k) for k in keys), other)
     return None
+
+
+def _also_line(other, keys):
+    """One line for another protocol's meters answering on a line a scan found meters on."""
+    from gateway.registry import PROTOCOLS
+    return _("%s %s %s answered too (a mixed line): scan again with --protocol %s") % (
+        PROTOCOLS[other].label, PROTOCOLS[other].keyed_by, ", ".join(str(k) for k in keys),
+        other)
 
 
 def toml_blocks(port, protocol, driver, found):
