@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 
 from protocols.dlt645_values import (Value, decode_values, decode_ymdhms, encode_values,
                                      encode_ymdhms)
+from protocols.exchange import RelayIntent
 from protocols.framing import add_33, dlt645_checksum, sub_33
 
 PREAMBLE = b"\xFE\xFE\xFE\xFE"
@@ -61,6 +62,10 @@ class RelayCommand(IntEnum):
     ALARM_RELEASE = 0x2B
     GUARANTEE = 0x3A
     GUARANTEE_RELEASE = 0x3B
+
+
+# the gateway's protocol-neutral RelayIntent -> this frame's N1 code (same names)
+RELAY_CODES = {intent: RelayCommand[intent.name] for intent in RelayIntent}
 
 
 class FrameError(ValueError):

@@ -1058,8 +1058,9 @@ def _plain(value):
 # status word 3 of 2014 0200 (DL/T 698.45 运行状态字3): DL/T 645's status word 3 layout
 # (bit 4 relay open, bit 6 commanded trip, bit 12 protection), bits in ASN.1 bit-string
 # order (bit 0 = the top bit of the first byte). WSD's 698 meter firmware keeps one word for
-# 20140203 and 04000503 and mirrors bit-strings before sending (docs/frame-layer.md has the
-# evidence and the doubt left): kept in this one place.
+# 20140203 and 04000503 and mirrors bit-strings before sending; Chint's holds it low byte
+# first and sends each byte bit-reversed, in order (Comm_698.c SF_DataExchangeTo698_BasicData):
+# bit k at position k either way (docs/frame-layer.md). Kept in this one place.
 RELAY_OPEN_BIT = 4
 RELAY_TRIP_COMMAND_BIT = 6
 PROTECT_BIT = 12

@@ -6,7 +6,23 @@ framing finds the answer on the line, the address key (some meters need a pause 
 address changes), the line settings its meter talks at when they differ from the port's
 (a 1997 meter at 1200 baud on a 2400 baud line), and whether a received frame answers it,
 and why not. The port worker only moves bytes and asks the exchange: it knows no protocol.
+
+Also the words a relay exchange is built for, the same for every protocol (RelayIntent).
 """
+
+from enum import Enum
+
+
+class RelayIntent(Enum):
+    """What a relay command asks of a meter, whatever its protocol; each codec or driver
+    maps it to its own (DL/T 645: the 0x1C frame's N1 code, `dlt645.RELAY_CODES`; DL/T
+    698.45: an ACTION method of 8000/8001). The names are stored (the command ledger's
+    `relay_command`, read back by a restart): never rename one."""
+    TRIP = "TRIP"
+    CLOSE_ALLOWED = "CLOSE_ALLOWED"
+    DIRECT_CLOSE = "DIRECT_CLOSE"
+    GUARANTEE = "GUARANTEE"
+    GUARANTEE_RELEASE = "GUARANTEE_RELEASE"
 
 
 class Exchange:

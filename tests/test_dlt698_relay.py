@@ -16,7 +16,7 @@ from gateway.service.config import validate
 from gateway.sim.dlt645 import SimLine, SimMeter
 from gateway.sim.dlt698 import SimMeter698
 from protocols import dlt698 as D
-from protocols.dlt645 import RelayCommand
+from protocols.exchange import RelayIntent
 
 
 class Audit:
@@ -79,7 +79,7 @@ def _secured_payload(sim_meter, method, direct=False):
 
 def test_plaintext_cut_off_restore_and_guarantee_read_back_as_done(line):
     ln, meters, specs, sims = line
-    (status, reason, extra), audit = _operate(ln, meters, specs, "b", RelayCommand.TRIP)
+    (status, reason, extra), audit = _operate(ln, meters, specs, "b", RelayIntent.TRIP)
     assert (status, reason, extra["relay"]) == ("done", None, "open"), (reason, extra)
     assert sims["b"].relay_open and not sims["a"].relay_open and not sims["c"].relay_open
     # the frame that went is a time-tagged ACTION 8000-129 to this meter
@@ -91,28 +91,28 @@ def test_plaintext_cut_off_restore_and_guarantee_read_back_as_done(line):
     when, ti = req.apdu.time_tag                # sent with a TimeTag: the meters want one
     assert abs((dt.datetime.now() - when).total_seconds()) < 60
     assert ti == (0, 300)                       # relay_valid_s, in seconds
-    (status, _, extra), _ = _operate(ln, meters, specs, "b", RelayCommand.DIRECT_CLOSE)
+    (status, _, extra), _ = _operate(ln, meters, specs, "b", RelayIntent.DIRECT_CLOSE)
     assert (status, extra["relay"]) == ("done", "closed") and not sims["b"].relay_open
-    (status, _, extra), _ = _operate(ln, meters, specs, "b", RelayCommand.GUARANTEE)
+    (status, _, extra), _ = _operate(ln, meters, specs, "b", RelayIntent.GUARANTEE)
     assert (status, extra["guarantee"]) == ("done", True) and sims["b"].guarantee
     # the meter refuses a trip under protection: its DAR is the reason, nothing moved
-    (status, reason, extra), _ = _operate(ln, meters, specs, "b", RelayCommand.TRIP)
+    (status, reason, extra), _ = _operate(ln, meters, specs, "b", RelayIntent.TRIP)
     assert status == "failed" and extra["code"] == "meter_refused"
     assert "DAR 3" in reason and not sims["b"].relay_open
-    (status, _, extra), _ = _operate(ln, meters, specs, "b", RelayCommand.GUARANTEE_RELEASE)
+    (status, _, extra), _ = _operate(ln, meters, specs, "b", RelayIntent.GUARANTEE_RELEASE)
     assert (status, extra["guarantee"]) == ("done", False)
 
 
 def test_the_master_stations_security_request_is_forwarded_unchanged(line):
     ln, meters, specs, sims = line
     payload = _secured_payload(sims["c"], D.RelayMethod.TRIP)
-    (status, reason, extra), audit = _operate(ln, meters, specs, "c", RelayCommand.TRIP,
+    (status, reason, extra), audit = _operate(ln, meters, specs, "c", RelayIntent.TRIP,
                                               {"payload": payload.hex()})
     assert (status, extra["relay"]) == ("done", "open"), reason
     assert sims["c"].security_requests == [payload]          # byte for byte
     assert sims["c"].relay_open and not sims["b"].relay_open
     payload = _secured_payload(sims["c"], D.RelayMethod.CLOSE, direct=True)
-    (status, _, extra), _ = _operate(ln, meters, specs, "c", RelayCommand.DIRECT_CLOSE,
+    (status, _, extra), _ = _operate(ln, meters, specs, "c", RelayIntent.DIRECT_CLOSE,
                                      {"payload": payload.hex()})
     assert (status, extra["relay"]) == ("done", "closed")
     assert sims["c"].security_requests[-1] == payload
@@ -122,7 +122,7 @@ def test_a_refused_ciphertext_is_a_failure_with_the_meters_dar(line):
     ln, meters, specs, sims = line
     payload = D.security_request_apdu(bytes(range(40)), ciphertext=True, sid=(7, b""),
                                       mac=bytes(4))
-    (status, reason, extra), _ = _operate(ln, meters, specs, "c", RelayCommand.TRIP,
+    (status, reason, extra), _ = _operate(ln, meters, specs, "c", RelayIntent.TRIP,
                                           {"payload": payload.hex()})
     assert status == "failed" and extra["code"] == "meter_refused"
     assert "DAR 22" in reason and extra["relay"] == "closed"
@@ -144,8 +144,8 @@ def test_a_plain_action_to_a_secured_meter_is_never_built():
     assert "whole" in relay.params_problem(c, "cut_off", {"payload": "1000FF07"})
     assert "hex" in relay.params_problem(c, "cut_off", {"payload": "xyz"})
     with pytest.raises(ValueError, match="SECURITY-Request"):
-        drv.relay_exchange(c, RelayCommand.TRIP, {})
-    assert drv.relay_exchange(b, RelayCommand.TRIP, {}).label == "TRIP"
+        drv.relay_exchange(c, RelayIntent.TRIP, {})
+    assert drv.relay_exchange(b, RelayIntent.TRIP, {}).label == "TRIP"
 
 
 def test_relay_state_comes_from_status_word_3():

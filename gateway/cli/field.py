@@ -37,12 +37,15 @@ def cmd_simulate(args):
         print("relay %s %s %s" % (meter.address, state, command), flush=True)
     faults = Faults(latency_s=args.latency_ms / 1000.0, drop_rate=args.drop,
                     corrupt_rate=args.corrupt)
+    extra = args.extra_meters
+    count = args.meters if args.meters is not None else (0 if extra else 4)
+    _check_extra_meters(args, count, extra)
     try:
-        line, names = simulated_line(args.protocol, args.meters, args.first, faults,
+        line, names = simulated_line(args.protocol, count, args.first, faults,
                                      args.baudrate, profile=args.profile, on_relay=on_relay,
                                      count_1997=args.meters_1997,
                                      baudrate_1997=args.baudrate_1997,
-                                     button_required=args.button)
+                                     button_required=args.button, meters=extra)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     path = args.port
@@ -60,25 +63,38 @@ def cmd_simulate(args):
     line.start()
     meters = [m for m in getattr(line, "meters", {}).values()
               if hasattr(m, "awaiting_customer")]
+    end_1997 = count + args.meters_1997
+    # the line's meters by protocol, --protocol's first: {protocol: [address, ...]}
+    groups = {args.protocol: names[:count]} if count else {}
+    for proto, address in extra:
+        groups.setdefault(proto, []).append(address)
     info = {"device": path or line.device, "pty": line.device, "protocol": args.protocol,
-            "baudrate": args.baudrate, "meters": names[:args.meters],
-            "meters_1997": names[args.meters:], "baudrate_1997": args.baudrate_1997}
+            "baudrate": args.baudrate, "meters": names[:count],
+            "meters_1997": names[count:end_1997], "baudrate_1997": args.baudrate_1997,
+            "line": groups}
     if args.json:
         print(_exact_json(info), flush=True)
     else:
-        old = ""
+        (lead, shown), others = list(groups.items())[0], list(groups.items())[1:]
+        also = "".join(ngettext(" and %d %s meter", " and %d %s meters", len(a)) % (len(a), p)
+                       for p, a in others)
         if args.meters_1997:
-            old = ngettext(" and %d DL/T 645-1997 meter at %d baud",
-                           " and %d DL/T 645-1997 meters at %d baud", args.meters_1997) % (
+            also += ngettext(" and %d DL/T 645-1997 meter at %d baud",
+                             " and %d DL/T 645-1997 meters at %d baud", args.meters_1997) % (
                 args.meters_1997, args.baudrate_1997)
         print(_("simulating %d %s meters at %d baud%s on %s%s") % (
-            args.meters, args.protocol, args.baudrate, old, info["device"],
+            len(shown), lead, args.baudrate, also, info["device"],
             " (-> %s)" % line.device if path else ""), flush=True)
-        shown = names[:args.meters]
-        print(_("addresses: %s") % (", ".join(shown[:8]) + (" ..." if len(shown) > 8 else "")),
-              flush=True)
+
+        def listed(addresses):
+            return ", ".join(addresses[:8]) + (" ..." if len(addresses) > 8 else "")
+        if not others:
+            print(_("addresses: %s") % listed(shown), flush=True)
+        else:
+            for proto, addresses in groups.items():
+                print(_("%s addresses: %s") % (proto, listed(addresses)), flush=True)
         if args.meters_1997:
-            print(_("1997 addresses: %s") % ", ".join(names[args.meters:][:8]), flush=True)
+            print(_("1997 addresses: %s") % ", ".join(names[count:end_1997][:8]), flush=True)
         if args.button:
             print(_("restore with close allowed waits for the customer: type `press ADDRESS` "
                     "(or `press`) and Enter to press the meter's button"), flush=True)
@@ -91,6 +107,20 @@ def cmd_simulate(args):
     if path and os.path.islink(path):
         os.unlink(path)
     return EXIT_OK if stop else EXIT_OK
+
+
+def _check_extra_meters(args, count, extra):
+    """`--meter PROTOCOL:ADDRESS` entries that cannot go on the line: one line each."""
+    from gateway.sim import SHARED_LINE
+    if extra and args.protocol not in SHARED_LINE:
+        raise CliError(_("--meter adds DL/T 645 or DL/T 698.45 meters to a line: not to a "
+                         "--protocol %s line") % args.protocol, EXIT_USAGE)
+    taken = {"%012d" % (args.first + i) for i in range(count + args.meters_1997)}
+    for _proto, address in extra:
+        if address in taken:
+            raise CliError(_("two meters with address %s on the line: give --meter another "
+                             "address, or --first another start") % address, EXIT_USAGE)
+        taken.add(address)
 
 
 def _buttons(meters):
@@ -291,6 +321,7 @@ def cmd_scan(args):
     else:
         settings = ((args.baudrate or port.baudrate, args.parity or port.parity),)
     found, answered = [], []
+    also = {}                                   # other protocols' meters answering the line
     stopped = None
     for baudrate, parity in settings:
         if stopped:
@@ -310,6 +341,9 @@ def cmd_scan(args):
             hint = None
             if not got and not args.auto and not worker.stopped:
                 hint = _other_protocols_answer(worker, reads, protocol)
+            elif got and not worker.stopped and not also:
+                # a mixed line (DL/T 645 and 698.45 meters): say what else answers on it
+                also = dict(_answering(worker, reads, protocol))
         finally:
             worker.close()
             end()
@@ -325,7 +359,9 @@ def cmd_scan(args):
     for f in found:
         f["configured_as"] = configured.get(str(f[key]))
     out = {"port": port.name, "protocol": protocol, "found": found,
-           "answered_at": answered, "stopped": stopped}
+           "answered_at": answered, "stopped": stopped,
+           "also_answering": {p: [str(k) for k in keys] for p, keys in also.items()}}
+    also_lines = [_also_line(other, keys) for other, keys in also.items()]
     if stopped == "interrupted":
         # what was found is shown (and may be appended), but the line was not all asked
         sys.stderr.write(_("mgw scan: interrupted: the rest of the line was not asked") + "\n")
@@ -339,8 +375,10 @@ def cmd_scan(args):
             if args.auto and stopped != "interrupted":
                 # a TOML comment: the output stays ready to paste
                 print("# " + _("answered at: %s") % (", ".join(answered) or _("none")))
-                if blocks:
-                    print()
+            for text in also_lines:
+                print("# " + text)
+            if blocks and (also_lines or args.auto and stopped != "interrupted"):
+                print()
             print(blocks, end="")
             return EXIT_OK if found and stopped != "interrupted" else EXIT_FAILED
 
@@ -359,6 +397,8 @@ def cmd_scan(args):
                _("configured as")])
         if args.auto:
             print(_("answered at: %s") % ", ".join(o["answered_at"]))
+        for text in also_lines:
+            print(text)
     if not found and hint:
         out["hint"] = hint
     emit(args, out, human)
@@ -371,10 +411,10 @@ def _key_header(key):
             "unit": pgettext("scan", "unit")}.get(key, key)
 
 
-def _other_protocols_answer(worker, reads, protocol):
-    """A line where none of `protocol`'s meters answers may carry another protocol's: a
-    quick probe of each (Modbus units 1-3, a DL/T 645 wildcard read) says so."""
-    from gateway.registry import NAMES, PROTOCOLS
+def _answering(worker, reads, protocol):
+    """(other protocol, keys) for each other protocol whose meters answer a quick probe on
+    this line (Modbus units 1-3, a DL/T 645 or DL/T 698.45 wildcard read), one by one."""
+    from gateway.registry import NAMES
     for other in NAMES:
         if other == protocol:
             continue
@@ -383,10 +423,26 @@ def _other_protocols_answer(worker, reads, protocol):
         except Exception:      # a driver's library missing or the like: no hint, no error
             continue
         if keys:
-            return _("no %s meter answered, but %s %s %s did: scan with --protocol %s") % (
-                PROTOCOLS[protocol].label, PROTOCOLS[other].label,
-                PROTOCOLS[other].keyed_by, ", ".join(str(k) for k in keys), other)
+            yield other, keys
+
+
+def _other_protocols_answer(worker, reads, protocol):
+    """A line where none of `protocol`'s meters answers may carry another protocol's: the
+    first other protocol whose meters answer a quick probe says so."""
+    from gateway.registry import PROTOCOLS
+    for other, keys in _answering(worker, reads, protocol):
+        return _("no %s meter answered, but %s %s %s did: scan with --protocol %s") % (
+            PROTOCOLS[protocol].label, PROTOCOLS[other].label,
+            PROTOCOLS[other].keyed_by, ", ".join(str(k) for k in keys), other)
     return None
+
+
+def _also_line(other, keys):
+    """One line for another protocol's meters answering on a line a scan found meters on."""
+    from gateway.registry import PROTOCOLS
+    return _("%s %s %s answered too (a mixed line): scan again with --protocol %s") % (
+        PROTOCOLS[other].label, PROTOCOLS[other].keyed_by, ", ".join(str(k) for k in keys),
+        other)
 
 
 def toml_blocks(port, protocol, driver, found):

@@ -13,7 +13,7 @@ import sys
 
 from gateway import __version__
 from gateway import registry
-from gateway.sim import PROTOCOLS as SIM_PROTOCOLS
+from gateway.sim import PROTOCOLS as SIM_PROTOCOLS, SHARED_LINE, meter_spec
 from gateway.cli.common import EXIT_FAILED, EXIT_OK, CliError
 from gateway.model import ACTIONS
 from gateway.config.sections import BAUDRATES
@@ -33,6 +33,15 @@ def _positive(text):
     if value <= 0:
         raise argparse.ArgumentTypeError(_("must be above 0"))
     return value
+
+
+def _meter_spec(text):
+    try:
+        return meter_spec(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            _("%r: PROTOCOL:ADDRESS, such as dlt698:1001 (PROTOCOL one of %s, ADDRESS 1 to "
+              "12 digits)") % (text, ", ".join(SHARED_LINE))) from None
 
 
 def _host_port(text):
@@ -111,8 +120,13 @@ def build_parser():
             _lazy("field", "cmd_simulate"))
     p.add_argument("--port", metavar="PATH", help=_("create this path as a link to the "
                    "simulated line (default: print the pseudo-terminal's own path)"))
-    p.add_argument("--meters", type=_positive, default=4, help=_("how many meters (default 4)"))
+    p.add_argument("--meters", type=_positive, help=_("how many meters of --protocol "
+                   "(default 4, or none beside --meter)"))
     p.add_argument("--protocol", choices=SIM_PROTOCOLS, default=SIM_PROTOCOLS[0])
+    p.add_argument("--meter", action="append", type=_meter_spec, default=[],
+                   metavar="PROTOCOL:ADDRESS", dest="extra_meters",
+                   help=_("also this meter on the same line, such as dlt698:1001 (DL/T 645 "
+                          "and DL/T 698.45 meters share a line); repeat for more"))
     p.add_argument("--profile", default="eastron-sdm120", choices=_profiles(),
                    help=_("Modbus register map"))
     p.add_argument("--baudrate", type=_positive, default=2400,

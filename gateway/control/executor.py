@@ -33,7 +33,7 @@ from gateway.model import DIAGNOSTIC_ACTIONS, GatewayError
 from gateway.store import paths
 from gateway.store.journal import JournalError
 from gateway.store.state import StateError
-from protocols import dlt645
+from protocols.exchange import RelayIntent
 
 log = logging.getLogger(__name__)
 
@@ -650,7 +650,7 @@ class Executor(threading.Thread):
 
     def _relay(self, cmd, meter):
         rc = relay.command_for(cmd["action"], cmd.get("params") or {}, self.cfg.restore_mode)
-        if rc == dlt645.RelayCommand.GUARANTEE:
+        if rc == RelayIntent.GUARANTEE:
             # the gateway refuses cut-offs from here on, whatever the meter answers
             self.accounts.set_guarantee(meter.id, True, "command")
 
@@ -659,7 +659,7 @@ class Executor(threading.Thread):
         status, reason, extra = relay.operate(self.line, self.spec_of(meter), meter, rc,
                                               cmd.get("params") or {}, self, cmd["id"],
                                               before_send)
-        if rc == dlt645.RelayCommand.GUARANTEE_RELEASE and status == "done":
+        if rc == RelayIntent.GUARANTEE_RELEASE and status == "done":
             self.accounts.set_guarantee(meter.id, False, "command")
         return status, reason, extra
 
@@ -921,7 +921,7 @@ class Executor(threading.Thread):
             self._finish(cid, cmd, meter, meta, source, status, reason, extra)
 
     def _conclude_sent(self, cid, doc, meter):
-        rc = dlt645.RelayCommand[doc.get("relay_command", "TRIP")]
+        rc = RelayIntent[doc.get("relay_command", "TRIP")]
         after, err, frames = relay.read_relay(self.line, self.spec_of(meter), meter)
         self._audit("relay.after", id=cid, state=after, error=err,
                     frames=relay.masked_hex(frames, self.spec_of(meter)))

@@ -6,8 +6,10 @@ Whatever the meter's protocol: its driver (gateway.registry) builds the exchange
 status read and what its answer says (`status_exchange`, `relay_state`), the command
 (`relay_exchange`: a DL/T 645 0x1C frame, or a DL/T 698.45 ACTION on 8000/8001, or the
 master station's SECURITY-Request forwarded unchanged), whether the meter refused it
-(`relay_refusal`) and what the audit must not keep (`mask_secrets`). The commands are the
-gateway's RelayCommand words (TRIP, CLOSE_ALLOWED, DIRECT_CLOSE, GUARANTEE, ...).
+(`relay_refusal`), what the audit must not keep (`mask_secrets`) and, where the meter
+may answer at length, how to follow the answer to its end (`transact`). The commands are the
+gateway's RelayIntent words (TRIP, CLOSE_ALLOWED, DIRECT_CLOSE, GUARANTEE, ...), the
+same for every protocol (protocols.exchange).
 
 The line is reached through `Line`, a small interface over the port workers (one job on the
 meter's line runs the whole operation, without a poll in between).
@@ -21,7 +23,7 @@ import time
 from gateway.registry import NAMES
 from gateway.line import reads
 from gateway.line.port import RELAY
-from protocols.dlt645 import RelayCommand
+from protocols.exchange import RelayIntent
 
 READBACK_TRIES = 4
 READBACK_PAUSE_S = 0.3          # grows per try: a meter's relay takes a moment to move
@@ -45,17 +47,25 @@ class Line:
         # next poll (the poller then knows the move was ours, not the meter's own)
         self.on_relay = on_relay
 
-    def ask(self, meter, request, priority=RELAY, timeout=30, tick=None):
+    def ask(self, meter, request, priority=RELAY, timeout=30, tick=None, via=None):
+        """The line's Result for one exchange. `via(worker, request)`, where given, runs it
+        instead of worker.transact, as one job on the line: a driver's transaction that
+        follows a long answer (link-layer fragments, GET-Response-Next blocks) to its end."""
         worker = self.worker_of(meter.port)
         if threading.current_thread() is worker:
-            return worker.transact(request)
-        fut = worker.submit(request, priority)
+            return via(worker, request) if via else worker.transact(request)
+        box = {}
+        if via is None:
+            fut = worker.submit(request, priority)
+        else:
+            fut = worker.submit_job(lambda w: box.update(result=via(w, request)), priority)
         end = time.monotonic() + timeout
         while True:
             if tick:
                 tick()
             try:
-                return fut.result(min(1.0, max(0.01, end - time.monotonic())))
+                done = fut.result(min(1.0, max(0.01, end - time.monotonic())))
+                return box.get("result", done)
             except TimeoutError:
                 if time.monotonic() >= end:
                     raise
@@ -94,35 +104,42 @@ class Line:
 def read_relay(line, spec, meter, priority=RELAY, tick=None):
     """(status dict or None, error, frames): the relay state the meter reports."""
     drv = reads.driver_of(spec)
-    res = line.ask(meter, drv.status_exchange(spec), priority, tick=tick)
+    res = line.ask(meter, drv.status_exchange(spec), priority, tick=tick, via=_follow(drv))
     if not res.ok:
         return None, res.error, res.frames
     state, why = drv.relay_state(res.answer)
     return state, why, res.frames
 
 
+def _follow(drv):
+    """The driver's own transaction where it has one (`transact(worker, exchange)`: a
+    DL/T 698.45 meter may answer the status read in link-layer fragments or GET-Response-Next
+    blocks, which it asks for and joins), else None: the worker's."""
+    return getattr(drv, "transact", None)
+
+
 def command_for(action, params, default_restore_mode):
     if action == "cut_off":
-        return RelayCommand.TRIP
+        return RelayIntent.TRIP
     if action == "restore":
         mode = params.get("mode")
         direct = mode == "direct" or (mode is None and default_restore_mode == "direct_close")
-        return RelayCommand.DIRECT_CLOSE if direct else RelayCommand.CLOSE_ALLOWED
+        return RelayIntent.DIRECT_CLOSE if direct else RelayIntent.CLOSE_ALLOWED
     if action == "guarantee_on":
-        return RelayCommand.GUARANTEE
-    return RelayCommand.GUARANTEE_RELEASE
+        return RelayIntent.GUARANTEE
+    return RelayIntent.GUARANTEE_RELEASE
 
 
 def reached(rc, state):
-    if rc == RelayCommand.TRIP:
+    if rc == RelayIntent.TRIP:
         return state.get("relay") == "open"
-    if rc == RelayCommand.DIRECT_CLOSE:
+    if rc == RelayIntent.DIRECT_CLOSE:
         return state.get("relay") == "closed"
-    if rc == RelayCommand.CLOSE_ALLOWED:
+    if rc == RelayIntent.CLOSE_ALLOWED:
         return state.get("relay_command") == "close"
-    if rc == RelayCommand.GUARANTEE:
+    if rc == RelayIntent.GUARANTEE:
         return state.get("guarantee") is True
-    if rc == RelayCommand.GUARANTEE_RELEASE:
+    if rc == RelayIntent.GUARANTEE_RELEASE:
         return state.get("guarantee") is False
     return False
 
@@ -172,7 +189,7 @@ def operate(line, spec, meter, rc, params, audit, cmd_id, before_send, restore_h
                  frames=masked_hex(frames, spec))
     exchange = drv.relay_exchange(meter, rc, params)
     before_send()
-    res = line.ask(meter, exchange)
+    res = line.ask(meter, exchange, via=_follow(drv))
     failpoint("after_send")
     audit.append("relay.frame", id=cmd_id, command=rc.name, ok=res.ok, error=res.error,
                  frames=masked_hex(res.frames, spec))
@@ -200,8 +217,8 @@ def readback(line, spec, meter, rc, audit, cmd_id):
     if after is None:
         return "failed", "relay state could not be read back (%s)" % err, \
             {"code": "readback_failed"}
-    if rc in (RelayCommand.GUARANTEE, RelayCommand.GUARANTEE_RELEASE):
-        on = rc == RelayCommand.GUARANTEE
+    if rc in (RelayIntent.GUARANTEE, RelayIntent.GUARANTEE_RELEASE):
+        on = rc == RelayIntent.GUARANTEE
         if after.get("guarantee") is not on:
             return "failed", "meter reports guarantee %s" % after.get("guarantee"), \
                 dict(public_state(after), code="state_unchanged")
@@ -210,6 +227,6 @@ def readback(line, spec, meter, rc, audit, cmd_id):
         return "failed", "state did not change (relay %s)" % after.get("relay"), \
             dict(public_state(after), code="state_unchanged")
     extra = public_state(after)
-    if rc == RelayCommand.CLOSE_ALLOWED and after.get("relay") == "open":
+    if rc == RelayIntent.CLOSE_ALLOWED and after.get("relay") == "open":
         extra["awaiting_customer"] = True    # the customer closes it at the meter
     return "done", None, extra

@@ -423,16 +423,18 @@ def relay_params_problem(meter, action, params):
 
 
 def relay_exchange(meter, rc, params, now=None):
-    """The 0x1C relay frame for a gateway RelayCommand (its N1 code is DL/T 645's): the
+    """The 0x1C relay frame for a gateway RelayIntent (its N1 code, dlt645.RELAY_CODES): the
     master station's data field for a secured meter, else password, operator code and a
     validity deadline of relay_valid_s."""
-    if meter.secured and rc in (dlt645.RelayCommand.TRIP, dlt645.RelayCommand.DIRECT_CLOSE,
-                                dlt645.RelayCommand.CLOSE_ALLOWED):
+    code = dlt645.RELAY_CODES[rc]
+    if meter.secured and code in (dlt645.RelayCommand.TRIP, dlt645.RelayCommand.DIRECT_CLOSE,
+                                  dlt645.RelayCommand.CLOSE_ALLOWED):
         frame = dlt645.relay_control_secured(meter.address, bytes.fromhex(params["payload"]))
     else:
         valid_until = ((now or _dt.datetime.now()) + _dt.timedelta(
             seconds=meter.relay_valid_s)).replace(microsecond=0)
-        frame = dlt645.relay_control(meter.address, rc, password_level=meter.password_level,
+        frame = dlt645.relay_control(meter.address, code,
+                                     password_level=meter.password_level,
                                      password=meter.password,
                                      operator_code=meter.operator_code,
                                      valid_until=valid_until)

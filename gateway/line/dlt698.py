@@ -151,7 +151,7 @@ def payload_problem(payload):
 
 
 def relay_exchange(meter, rc, params, now=None):
-    """The exchange for a gateway RelayCommand: the master station's SECURITY-Request
+    """The exchange for a gateway RelayIntent: the master station's SECURITY-Request
     (params.payload) forwarded byte for byte, or, for a relay_plaintext meter, ACTION
     8000-129 trip / 8000-130 close (enum 1 direct, 0 allow close) / 8001-127 and -128
     protection on and off (reference section 6, ICP lib698/class8.c), time-tagged with the

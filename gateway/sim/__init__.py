@@ -18,7 +18,8 @@ def _dlt698_line(count, first, faults, baudrate, profile=None, on_relay=None, co
                  baudrate_1997=1200, button_required=False):
     from gateway.sim.dlt645 import SimLine
     from gateway.sim.dlt698 import make_meters698
-    meters = make_meters698(count, first_address=first, faults=faults, prepaid=True)
+    meters = make_meters698(count, first_address=first, faults=faults, prepaid=True,
+                            button_required=button_required)
     for m in meters:
         m.on_relay = on_relay
     return SimLine(meters, baudrate=baudrate), [m.address for m in meters]
@@ -43,7 +44,44 @@ def _dlt645_line(count, first, faults, baudrate, profile=None, on_relay=None, co
 SIMULATORS = {"dlt645": _dlt645_line, "modbus": _modbus_line, "dlt698": _dlt698_line}
 PROTOCOLS = tuple(SIMULATORS)
 
+# the protocols whose simulated meters share one line (`--meter PROTO:ADDRESS`): DL/T 645
+# and DL/T 698.45 frames both start with 0x68 and live together on RS-485 lines in the field
+SHARED_LINE = ("dlt645", "dlt698")
 
-def simulated_line(protocol, count, first, faults, baudrate, **options):
-    """(a simulated line, not yet started, and its meters' names) for `mgw simulate`."""
-    return SIMULATORS[protocol](count, first, faults, baudrate, **options)
+
+def meter_spec(text):
+    """("dlt698", "000000001007") from `dlt698:1007` (up to 12 address digits, zeros put in
+    front as on the nameplate's short form); ValueError naming what is wrong."""
+    proto, sep, address = text.partition(":")
+    if not sep or proto not in SHARED_LINE:
+        raise ValueError("PROTOCOL:ADDRESS with PROTOCOL one of %s" % ", ".join(SHARED_LINE))
+    if not address.isdigit() or not address.isascii() or len(address) > 12:
+        raise ValueError("the address must be 1 to 12 digits")
+    return proto, address.rjust(12, "0")
+
+
+def _one_meter(proto, address, faults, on_relay, button_required):
+    import copy
+    from gateway.sim.dlt645 import SimMeter
+    from gateway.sim.dlt698 import SimMeter698
+    kind = SimMeter698 if proto == "dlt698" else SimMeter
+    m = kind(address, seed=int(address), faults=copy.copy(faults), prepaid=True,
+             button_required=button_required)
+    m.on_relay = on_relay
+    return m
+
+
+def simulated_line(protocol, count, first, faults, baudrate, meters=(), **options):
+    """(a simulated line, not yet started, and its meters' names) for `mgw simulate`:
+    `count` meters of `protocol`, then `meters` [(protocol, address)] on the same line."""
+    if meters and protocol not in SHARED_LINE:
+        raise ValueError("--meter puts DL/T 645 or DL/T 698.45 meters on the line: not "
+                         "with --protocol %s" % protocol)
+    line, names = SIMULATORS[protocol](count, first, faults, baudrate, **options)
+    for proto, address in meters:
+        if address in line.meters:
+            raise ValueError("two meters with address %s on one line" % address)
+        line.add(_one_meter(proto, address, faults, options.get("on_relay"),
+                            options.get("button_required", False)))
+        names.append(address)
+    return line, names

@@ -50,8 +50,12 @@ class SimMeter698(SimMeter):
         # long answers, as meters with small buffers send them: APDUs longer than
         # max_fragment bytes in link-layer fragments (each sent on the client's
         # confirmation), lists of more than max_results results in GET-Response-Next blocks
+        # (a relay's status read included: control/relay.py follows both)
         self.max_fragment = None
         self.max_results = None
+        # True: every GET answered by block transfer, a single OAD's too (in one last block),
+        # as firmware does that switches to GET-Response-Next for any answer once it is on
+        self.always_blocks = False
         self.fragment_seq = 261      # where the fragment numbering starts (CAP #18)
         self._fragments = []         # (seq, kind, payload) still to send
         self._blocks = {}            # PIID -> the GET-Response-Next frames still to send
@@ -146,7 +150,8 @@ class SimMeter698(SimMeter):
                         self.truth.append((now, str(oad), D.quantities(oad, v)))
                     except D.DataError:
                         pass
-            if apdu.listed and self.max_results and len(results) > self.max_results:
+            if self.always_blocks or (apdu.listed and self.max_results and
+                                      len(results) > self.max_results):
                 return self._out(self._in_blocks(apdu.piid, results))
             if apdu.listed:
                 return self._out(D.get_list_response(self.sa, apdu.piid, results))
@@ -211,7 +216,7 @@ class SimMeter698(SimMeter):
     def _in_blocks(self, piid, results):
         """The first GET-Response-Next block of a long list; the others kept for
         GET-Request-Next."""
-        n = self.max_results
+        n = self.max_results or len(results)
         chunks = [results[i:i + n] for i in range(0, len(results), n)]
         frames = [D.get_next_response(self.sa, piid, k == len(chunks) - 1, k + 1, chunk)
                   for k, chunk in enumerate(chunks)]
