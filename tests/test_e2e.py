@@ -203,8 +203,9 @@ def test_a_lost_account_store_refuses_to_start_instead_of_empty_balances(tmp_pat
     data = tmp_path / "data"
     data.mkdir()
     p = mgw("run", "--config", cfg)
+    # started: the state file holds the store's id (status.json is written after that)
     deadline = time.time() + 30
-    while not (data / "accounts.db").exists() and time.time() < deadline:
+    while not (data / "status.json").exists() and time.time() < deadline:
         time.sleep(0.1)
     p.terminate()
     p.communicate(timeout=30)
