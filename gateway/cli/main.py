@@ -218,7 +218,8 @@ def build_parser():
     p.add_argument("--action", dest="cmd_action", required=True,
                    choices=ACTIONS)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help=_("command parameter (repeat), e.g. amount=50.00 txn=T1"))
+                   help=_("command parameter (repeat), e.g. amount=50.00 txn=T1; KEY:=JSON "
+                          "for a table, list, number or true/false"))
     p.add_argument("--valid", type=_positive, default=900,
                    help=_("seconds the command is valid (above 0; default 900)"))
     p.add_argument("--id", help=_("command id (default: a random UUID)"))
