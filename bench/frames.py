@@ -186,14 +186,34 @@ def modbus_registers(raw):
     return len(modbus.decode_answer(raw).registers)
 
 
-def dlt698_quantities(raw):
-    """Frame, APDU, A-XDR data, Scaler_Unit applied into Decimal quantities."""
-    apdu = dlt698.decode(dlt698.frame_from_scanner(raw)).apdu
-    if isinstance(apdu, dlt698.GetResponse):
-        return sum(len(dlt698.quantities(r.oad, r.value)) for r in apdu.results)
-    if isinstance(apdu, dlt698.GetRecordResponse):
-        return sum(len(row) for row in apdu.rows)
-    return 0
+def dlt698_typed(compiled):
+    """bytes -> typed readings, as the gateway's 698 driver gets them (exchange: frame and
+    decode; values_of / freeze_values: quantities per result): the frame, its APDU, the
+    A-XDR data, then Scaler_Unit applied into Decimal quantities with the contract's names
+    (a day-freeze record: its freeze time and the quantities of its energy column). With
+    `compiled`, protocols.dlt698's compiled read path (ext/_apdu698.pyx); else its pure twin
+    (dlt698.PURE). Returns the number of typed values."""
+    fns = dlt698.PURE if not compiled else {
+        "frame_from_scanner": dlt698.frame_from_scanner, "decode": dlt698.decode,
+        "quantities": dlt698.quantities}
+    frame_from_scanner, decode, quantities = (fns["frame_from_scanner"], fns["decode"],
+                                              fns["quantities"])
+    GetResponse, GetRecordResponse = dlt698.GetResponse, dlt698.GetRecordResponse
+
+    def typed(raw):
+        apdu = decode(frame_from_scanner(raw)).apdu
+        n = 0
+        if type(apdu) is GetResponse:
+            for oad, value, dar in apdu.results:
+                if dar is None:
+                    n += len(quantities(oad, value))
+        elif type(apdu) is GetRecordResponse:
+            columns = [c.oad for c in apdu.columns]
+            for row in apdu.rows:
+                for oad, cell in zip(columns, row):
+                    n += 1 if oad == dlt698.FREEZE_TIME else len(quantities(oad, cell))
+        return n
+    return typed
 
 
 def ours_mixed(module):
@@ -210,12 +230,22 @@ def ours_mixed(module):
     return run
 
 
-def peer_dlt698(decode_apdus=False):
+def peer_dlt698(decode_apdus=False, values=False):
+    """The `dlt698` package: FrameStreamDecoder; with decode_apdus, decode_apdu of each
+    frame's payload (native objects: its Data values are read lazily); with values, every
+    result's Data walked into Python values too (ints, byte lists for date_time_s: no
+    Scaler_Unit, no names, no Decimal)."""
     try:
         from dlt698 import codec
     except ImportError:
         return None
     Frame = codec.Frame
+
+    def walk(d):
+        v = d.value
+        if d.type in (1, 2):                         # array, structure
+            return sum(walk(x) for x in v)
+        return 1
 
     def run(chunks):
         dec = codec.FrameStreamDecoder()
@@ -223,7 +253,15 @@ def peer_dlt698(decode_apdus=False):
         for c in chunks:
             for f in dec.feed(c):
                 if type(f) is Frame:
-                    if decode_apdus:
+                    if values:
+                        apdu = codec.decode_apdu(f.payload)
+                        for r in getattr(apdu, "attributes", ()):
+                            n += walk(r.result)
+                        for rec in getattr(apdu, "records", ()):
+                            for row in rec.result:
+                                for cell in row:
+                                    n += walk(cell)
+                    elif decode_apdus:
                         apdu = codec.decode_apdu(f.payload)
                         n += len(getattr(apdu, "attributes", ())) or 1
                     else:
@@ -366,18 +404,24 @@ def main():
     else:
         print("  dlt698 peer not installed (pip install '.[bench]', Python >= 3.11)")
     for name, module in (("compiled", "protocols._speedups"), ("twin", "protocols._pyframing")):
-        if name == "compiled" and not have_compiled:
+        if name == "compiled" and not (have_compiled and dlt698.IMPLEMENTATION == "compiled"):
+            print("  (compiled APDU decoder not built: protocols._apdu698)")
             continue
-        c, s = timed(ours_typed(module, "dlt698", dlt698_quantities), pchunks, 1)
+        c, s = timed(ours_typed(module, "dlt698", dlt698_typed(name == "compiled")), pchunks,
+                     1 if name == "twin" else 3)
         prates["typed-" + name] = args.frames / s
-        print("  %-46s %12s frames/s   (%d typed values)" % (
+        print("  %-46s %12s frames/s   (%d typed values: Decimal quantities)" % (
             "ours, %s: bytes -> typed readings" % name, "{:,.0f}".format(args.frames / s), c))
     peer = peer_dlt698(decode_apdus=True)
     if peer:
-        c, s = timed(peer, pchunks, 1)
+        c, s = timed(peer, pchunks, 3)
         prates["typed-dlt698"] = args.frames / s
-        print("  %-46s %12s frames/s   (%d results)" % (
+        print("  %-46s %12s frames/s   (%d results, values left native)" % (
             "dlt698: FrameStreamDecoder + decode_apdu", "{:,.0f}".format(args.frames / s), c))
+        c, s = timed(peer_dlt698(values=True), pchunks, 3)
+        prates["values-dlt698"] = args.frames / s
+        print("  %-46s %12s frames/s   (%d values: plain ints, no scaler)" % (
+            "dlt698: ... + every Data read into Python", "{:,.0f}".format(args.frames / s), c))
 
     half = args.frames // 2
     xframes = dlt645_stream(half, rng) + dlt698_stream(args.frames - half, rng)
@@ -412,8 +456,13 @@ def main():
         if "dlt698" in prates:
             print("  DL/T 698: compiled / dlt698 = %6.1fx" % (prates["compiled"] /
                                                              prates["dlt698"]))
-            print("  DL/T 698: typed, compiled / dlt698 frame + APDU = %4.2fx"
-                  % (prates["typed-compiled"] / prates["typed-dlt698"]))
+            if "typed-compiled" in prates:
+                print("  DL/T 698: typed, compiled / dlt698 frame + APDU = %4.2fx"
+                      % (prates["typed-compiled"] / prates["typed-dlt698"]))
+                print("  DL/T 698: typed, compiled / dlt698 + values   = %4.2fx"
+                      % (prates["typed-compiled"] / prates["values-dlt698"]))
+                print("  DL/T 698: typed, compiled / twin              = %4.1fx"
+                      % (prates["typed-compiled"] / prates["typed-twin"]))
         print("  mixed:    compiled / twins  = %6.1fx" % (xrates["compiled"] /
                                                          xrates["python"]))
 

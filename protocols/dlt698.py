@@ -24,6 +24,8 @@ a plaintext ACTION on 8000 is built only by `relay_action`, for meters configure
 
 import datetime as _dt
 import itertools
+import os
+import sys
 from decimal import Decimal
 from enum import IntEnum
 from typing import Any, NamedTuple, Optional, Tuple
@@ -989,7 +991,7 @@ _HIGH_PRECISION = {0x0000: "energy.combined.", 0x0010: "energy.import.",
 def _scaled(n, scaler):
     if isinstance(n, bool) or not isinstance(n, int):
         raise DataError("expected an integer, got %r" % (n,))
-    return Decimal(n).scaleb(scaler)
+    return Decimal("%dE%d" % (n, scaler))      # exact whatever the context's precision
 
 
 def quantities(oad, value):
@@ -1329,3 +1331,26 @@ def security_exchange(frame, label=""):
 def read_address_exchange(piid=None):
     """GET 4001 0200 to the wildcard address AA x 6 (flag 45), reference section 7."""
     return get_exchange(WILDCARD_ADDRESS, COMM_ADDRESS, piid=piid)
+
+
+# ---------------------------------------------------------------- the compiled read path
+
+# ext/_apdu698.pyx decodes what a poll's answer goes through (frame_from_scanner, decode
+# of GET-Responses with their data, quantities of the polled objects) in C and hands all
+# else to the functions above, its pure twin, which keep these names in PURE (the twin
+# tests compare both). MGW_PURE_PYTHON=1 keeps to the twin, as for protocols.framing.
+PURE = {"frame_from_scanner": frame_from_scanner, "decode": decode, "decode_apdu": decode_apdu,
+        "quantities": quantities}
+IMPLEMENTATION = "python"
+if os.environ.get("MGW_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from protocols import _apdu698
+    except ImportError:
+        _apdu698 = None
+    if _apdu698 is not None:
+        _apdu698.bind(sys.modules[__name__])
+        frame_from_scanner = _apdu698.frame_from_scanner
+        decode = _apdu698.decode
+        decode_apdu = _apdu698.decode_apdu
+        quantities = _apdu698.quantities
+        IMPLEMENTATION = "compiled"
