@@ -592,38 +592,6 @@ def frame_from_scanner(raw):
 
 # ---------------------------------------------------------------- quantities
 
-# Small readings recur (voltage 220.1, frequency 50.01, a power factor, a current of a few
-# amperes): Decimals of at most four digits are kept in a direct-mapped table of DEC_SLOTS
-# (bounded memory, each slot replaced on a miss); longer ones (energy registers) are built.
-# Decimals are immutable, so readings may share one.
-cdef enum:
-    DEC_SLOTS = 4096
-    DEC_SMALL = 9999
-cdef long long dec_n[DEC_SLOTS]
-cdef int dec_s[DEC_SLOTS]
-cdef PyObject* dec_obj[DEC_SLOTS]
-
-
-cdef object _dec(object n, int scaler):
-    cdef long long v
-    cdef int overflow = 0
-    cdef Py_ssize_t slot
-    cdef object d
-    v = PyLong_AsLongLongAndOverflow(n, &overflow)
-    if overflow or not -DEC_SMALL <= v <= DEC_SMALL:
-        return _dec_new(n, scaler)
-    slot = <Py_ssize_t>((v * 4 + scaler) & (DEC_SLOTS - 1))
-    if dec_obj[slot] != NULL and dec_n[slot] == v and dec_s[slot] == scaler:
-        return <object>dec_obj[slot]
-    d = _dec_new(n, scaler)
-    Py_XDECREF(dec_obj[slot])
-    Py_INCREF(d)
-    dec_obj[slot] = <PyObject*>d
-    dec_n[slot] = v
-    dec_s[slot] = scaler
-    return d
-
-
 # A Decimal built from its text costs as much as everything else a reading needs (argument
 # parsing, a copy, a string parser); built from the int it is cheap, and the exponent is
 # then set in place: where CPython's C decimal keeps it is found and proven at bind()
@@ -671,38 +639,60 @@ cdef object _dec_new(object n, int scaler):
     return Decimal_("%dE%d" % (n, scaler))
 
 
-# The same small reading of the same quantity recurs too (voltage.a 220.1 V): its Value
-# (an immutable NamedTuple) is kept in a direct-mapped table of VAL_SLOTS; a slot's Value
-# holds its name and unit, so comparing them by identity is safe.
+# Small readings recur (voltage 220.1 V, frequency 50.01 Hz, a power factor, a current of a
+# few amperes): for integers of at most four digits the Decimal, and the Value of each
+# quantity, are kept in direct-mapped tables (bounded: a slot is replaced on a miss; both
+# are immutable, so readings may share them). Longer ones (energy registers) are built.
 cdef enum:
+    SMALL = 9999
+    DEC_SLOTS = 4096
     VAL_SLOTS = 2048
-cdef long long val_n[VAL_SLOTS]
-cdef int val_s[VAL_SLOTS]
-cdef PyObject* val_obj[VAL_SLOTS]
+
+
+cdef struct Kept:
+    long long n
+    int scaler
+    PyObject* obj               # an owned reference, or NULL
+
+
+cdef Kept dec_kept[DEC_SLOTS]
+cdef Kept val_kept[VAL_SLOTS]
+
+
+cdef inline object _kept(Kept* k, long long n, int scaler):
+    if k.obj != NULL and k.n == n and k.scaler == scaler:
+        return <object>k.obj
+    return None
+
+
+cdef inline void _keep(Kept* k, long long n, int scaler, object o):
+    Py_XDECREF(k.obj)
+    Py_INCREF(o)
+    k.obj = <PyObject*>o
+    k.n = n
+    k.scaler = scaler
 
 
 cdef object _value(object name, object n, int scaler, object unit):
-    """Value(name, Decimal n x 10^scaler, unit)."""
-    cdef long long v
+    """Value(name, Decimal n x 10^scaler exactly, unit); n an int. A slot's Value holds
+    its name and unit, so comparing them by identity is safe."""
     cdef int overflow = 0
-    cdef Py_ssize_t slot
-    cdef object o
-    v = PyLong_AsLongLongAndOverflow(n, &overflow)
-    if overflow or not -DEC_SMALL <= v <= DEC_SMALL:
+    cdef long long v = PyLong_AsLongLongAndOverflow(n, &overflow)
+    cdef Kept* k
+    cdef object o, d
+    if overflow or not -SMALL <= v <= SMALL:
         return _nt3(Value_, name, _dec_new(n, scaler), unit)
-    slot = <Py_ssize_t>(((v * 4 + scaler) * 31 + ((<size_t><PyObject*>name) >> 4))
-                        & (VAL_SLOTS - 1))
-    o = <object>val_obj[slot] if val_obj[slot] != NULL else None
-    if o is not None and val_n[slot] == v and val_s[slot] == scaler and \
-            <PyObject*>PyTuple_GET_ITEM(o, 0) == <PyObject*>name and \
+    k = &val_kept[((v * 4 + scaler) * 31 + ((<size_t><PyObject*>name) >> 4)) & (VAL_SLOTS - 1)]
+    o = _kept(k, v, scaler)
+    if o is not None and <PyObject*>PyTuple_GET_ITEM(o, 0) == <PyObject*>name and \
             <PyObject*>PyTuple_GET_ITEM(o, 2) == <PyObject*>unit:
         return o
-    o = _nt3(Value_, name, _dec(n, scaler), unit)
-    Py_XDECREF(val_obj[slot])
-    Py_INCREF(o)
-    val_obj[slot] = <PyObject*>o
-    val_n[slot] = v
-    val_s[slot] = scaler
+    d = _kept(&dec_kept[(v * 4 + scaler) & (DEC_SLOTS - 1)], v, scaler)
+    if d is None:
+        d = _dec_new(n, scaler)
+        _keep(&dec_kept[(v * 4 + scaler) & (DEC_SLOTS - 1)], v, scaler, d)
+    o = _nt3(Value_, name, d, unit)
+    _keep(k, v, scaler, o)
     return o
 
 
