@@ -152,6 +152,15 @@ def bind(module):
         else _exponent_offset()
 
 
+cdef int _ready() except -1:
+    """Bound to protocols.dlt698 (importing it binds this module unless MGW_PURE_PYTHON)."""
+    if Frame_ is None:
+        import protocols.dlt698 as m
+        if Frame_ is None:
+            bind(m)
+    return 0
+
+
 # ---------------------------------------------------------------- building blocks
 
 cdef inline void _put(object t, Py_ssize_t i, object v):
@@ -369,6 +378,7 @@ cdef object _data(Cur* c, int depth):
 def decode_data(data):
     """(value, bytes used) of one Data at the start of `data`: dlt698_data.decode_data."""
     cdef Cur c
+    _ready()
     if type(data) is bytes:
         c.p = <const unsigned char*>PyBytes_AS_STRING(data)
         c.pos = 0
@@ -496,6 +506,7 @@ cdef object _get_response(object data):
 def decode_apdu(data, depth=0):
     """dlt698.decode_apdu: GET-Responses here, everything else by the twin."""
     cdef object msg
+    _ready()
     if type(data) is bytes and depth == 0:
         try:
             msg = _get_response(data)
@@ -509,6 +520,7 @@ def decode_apdu(data, depth=0):
 def decode(frame):
     """dlt698.decode: Message(frame, apdu) or Unknown(frame, reason), never raises."""
     cdef object control, ud, msg
+    _ready()
     if type(frame) is Frame_ and PyTuple_GET_SIZE(frame) == 5:
         control = _at(frame, 0)
         ud = _at(frame, 3)
@@ -570,6 +582,7 @@ def frame_from_scanner(raw):
     cdef const unsigned char* p
     cdef Py_ssize_t n, alen, pos, start, stop
     cdef int flag
+    _ready()
     if type(raw) is not bytes:
         return py_frame_from_scanner(raw)
     p = <const unsigned char*>PyBytes_AS_STRING(raw)
@@ -609,6 +622,7 @@ def _exponent_offset():
     Decimal(int) and checking digits, exponent, text, equality and hash."""
     import decimal
     cdef Py_ssize_t size, off, step = sizeof(Py_ssize_t)
+    _ready()
     if Decimal_ is not decimal.Decimal or not hasattr(decimal, "__libmpdec_version__") or \
             Decimal_(7) is Decimal_(7):
         return -1
@@ -707,6 +721,7 @@ def quantities(oad, value):
     cdef int scaler, oi
     cdef object entry, names, unit, out, v, word, data, n
     cdef const unsigned char* p
+    _ready()
     if type(oad) is not OAD_ or PyTuple_GET_SIZE(oad) != 3:
         return py_quantities(oad, value)
     n = _at(oad, 0)
