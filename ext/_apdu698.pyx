@@ -75,7 +75,15 @@ cdef object OAD_ = None, OMD_, BitString_, DAR_, CSD_, Value_, Decimal_
 cdef object Frame_ = None, ServerAddress_, Message_, GetResult_, GetResponse_
 cdef object GetRecordResponse_
 cdef object py_frame_from_scanner, py_decode, py_decode_apdu, py_quantities
-cdef dict OBJECTS = {}, SINGLE = {}
+# dlt698._OBJECTS and _SINGLE: the OIs in a C array, each one's (names, scaler, unit) at the
+# same place in TABLE (a dozen entries: a scan is cheaper than a dict lookup of a new int)
+cdef enum:
+    MAX_TABLE = 64
+cdef int TABLE_OI[MAX_TABLE]
+cdef bint TABLE_ARRAY[MAX_TABLE]
+cdef Py_ssize_t TABLE_N = 0
+cdef tuple TABLE = ()
+cdef object DATETIME = _dt.datetime
 cdef int CLOCK_OI = -1, STATUS_OI = -1, RELAY_OPEN_BIT, TRIP_BIT, PROTECT_BIT
 cdef object S_METER_CLOCK, S_REMAINING, S_PURCHASES, S_CNY, S_RELAY_STATE
 cdef object S_RELAY_COMMAND, S_GUARANTEE, S_OPEN, S_CLOSED, S_TRIP, S_CLOSE
@@ -106,7 +114,7 @@ def bind(module):
     """Takes the classes, tables and pure functions from protocols.dlt698 (`module`)."""
     global OAD_, OMD_, BitString_, DAR_, CSD_, Value_, Decimal_, Frame_, ServerAddress_
     global Message_, GetResult_, GetResponse_, GetRecordResponse_, py_frame_from_scanner
-    global py_decode, py_decode_apdu, py_quantities, OBJECTS, SINGLE, CLOCK_OI, STATUS_OI
+    global py_decode, py_decode_apdu, py_quantities, TABLE, TABLE_N, CLOCK_OI, STATUS_OI
     global RELAY_OPEN_BIT, TRIP_BIT, PROTECT_BIT, S_METER_CLOCK, S_REMAINING, S_PURCHASES
     global S_CNY, S_RELAY_STATE, S_RELAY_COMMAND, S_GUARANTEE, S_OPEN, S_CLOSED, S_TRIP
     global S_CLOSE, dec_exp_offset
@@ -133,9 +141,17 @@ def bind(module):
     py_decode = pure["decode"]
     py_decode_apdu = pure["decode_apdu"]
     py_quantities = pure["quantities"]
-    OBJECTS = {oi: (tuple(names), int(scaler), unit)
-               for oi, (names, scaler, unit) in m._OBJECTS.items()}
-    SINGLE = {oi: (name, int(scaler), unit) for oi, (name, scaler, unit) in m._SINGLE.items()}
+    rows = [(oi, True, (tuple(names), int(scaler), unit))
+            for oi, (names, scaler, unit) in m._OBJECTS.items()]
+    rows += [(oi, False, (name, int(scaler), unit))
+             for oi, (name, scaler, unit) in m._SINGLE.items()]
+    if len(rows) > MAX_TABLE or len({r[0] for r in rows}) != len(rows):
+        raise TypeError("protocols._apdu698 takes at most %d distinct objects" % MAX_TABLE)
+    for i, (oi, array, _) in enumerate(rows):
+        TABLE_OI[i] = oi
+        TABLE_ARRAY[i] = array
+    TABLE = tuple(r[2] for r in rows)
+    TABLE_N = len(rows)
     CLOCK_OI = m.CLOCK.oi
     STATUS_OI = m.STATUS_WORDS.oi
     if m.CLOCK != OAD_(CLOCK_OI, 2, 0) or m.STATUS_WORDS != OAD_(STATUS_OI, 2, 0):
@@ -717,7 +733,7 @@ cdef inline int _bit(const unsigned char* d, int k):
 def quantities(oad, value):
     """dlt698.quantities: the polled objects here, anything else (and every error) by the
     twin."""
-    cdef Py_ssize_t i, k
+    cdef Py_ssize_t i, j, k
     cdef int scaler, oi
     cdef object entry, names, unit, out, v, word, data, n
     cdef const unsigned char* p
@@ -728,29 +744,34 @@ def quantities(oad, value):
     if type(n) is not int or not 0 <= n <= 0xFFFF or _at(oad, 1) != 2 or _at(oad, 2) != 0:
         return py_quantities(oad, value)
     oi = n
-    entry = OBJECTS.get(oi)
-    if entry is not None:
+    for i in range(TABLE_N):
+        if TABLE_OI[i] == oi:
+            break
+    else:
+        i = -1
+    if i >= 0 and TABLE_ARRAY[i]:
         if type(value) is not list:
             return py_quantities(oad, value)
+        entry = _at(TABLE, i)
         names = _at(entry, 0)
         scaler = _at(entry, 1)
         unit = _at(entry, 2)
         k = min(len(names), len(value))
-        for i in range(k):
-            if type(value[i]) is not int:
+        for j in range(k):
+            if type(value[j]) is not int:
                 return py_quantities(oad, value)
         out = PyList_New(k)
-        for i in range(k):
-            v = _value(_at(names, i), value[i], scaler, unit)
+        for j in range(k):
+            v = _value(_at(names, j), value[j], scaler, unit)
             Py_INCREF(v)
-            PyList_SET_ITEM(out, i, v)
+            PyList_SET_ITEM(out, j, v)
         return out
-    entry = SINGLE.get(oi)
-    if entry is not None:
+    if i >= 0:
         if type(value) is not int:
             return py_quantities(oad, value)
+        entry = _at(TABLE, i)
         return [_value(_at(entry, 0), value, _at(entry, 1), _at(entry, 2))]
-    if oi == CLOCK_OI and isinstance(value, _dt.datetime):
+    if oi == CLOCK_OI and isinstance(value, DATETIME):
         return [_nt3(Value_, S_METER_CLOCK, value, None)]
     if oi == 0x202C and type(value) is tuple and len(value) >= 2 and type(value[0]) is int:
         return [_value(S_REMAINING, value[0], -2, S_CNY),
