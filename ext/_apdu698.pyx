@@ -35,25 +35,31 @@ cdef extern from *:
         return ((PyTypeObject*)cls)->tp_alloc((PyTypeObject*)cls, n);
     }
 
-    /* type(arg) by its tp_new with one args tuple kept for the next call (decimal's
-       dec_new keeps no reference to it; a tuple someone else holds is replaced): no tuple
-       built per Decimal. */
+    /* type(arg) by its tp_new with one args tuple kept for the next call, which spares
+       building a tuple per Decimal (decimal's dec_new keeps no reference to it). It is
+       held while tp_new runs: a call made meanwhile (a finalizer run by an allocation in
+       there) finds it taken and makes its own. */
     static PyObject* mgw_args1 = NULL;
     static PyObject* mgw_new1(PyObject* type, PyObject* arg) {
-        PyObject* old;
-        if (mgw_args1 == NULL || Py_REFCNT(mgw_args1) != 1) {
-            Py_XDECREF(mgw_args1);
-            mgw_args1 = PyTuple_New(1);
-            if (mgw_args1 == NULL)
+        PyObject *args = mgw_args1, *prev, *old, *r;
+        if (args == NULL || Py_REFCNT(args) != 1) {
+            args = PyTuple_New(1);
+            if (args == NULL)
                 return NULL;
             Py_INCREF(Py_None);
-            PyTuple_SET_ITEM(mgw_args1, 0, Py_None);
+            PyTuple_SET_ITEM(args, 0, Py_None);
+            prev = mgw_args1;
+            mgw_args1 = args;
+            Py_XDECREF(prev);
         }
-        old = PyTuple_GET_ITEM(mgw_args1, 0);
+        Py_INCREF(args);
+        old = PyTuple_GET_ITEM(args, 0);
         Py_INCREF(arg);
-        PyTuple_SET_ITEM(mgw_args1, 0, arg);
+        PyTuple_SET_ITEM(args, 0, arg);
         Py_DECREF(old);
-        return ((PyTypeObject*)type)->tp_new((PyTypeObject*)type, mgw_args1, NULL);
+        r = ((PyTypeObject*)type)->tp_new((PyTypeObject*)type, args, NULL);
+        Py_DECREF(args);
+        return r;
     }
     """
     object mgw_alloc_tuple(object cls, Py_ssize_t n)
