@@ -136,7 +136,7 @@ def bind(module):
     DAR_ = dlt698_data.DAR
     Value_ = _checked(m.Value)
     Decimal_ = Decimal
-    Frame_ = _checked(m.Frame)
+    frame = _checked(m.Frame)              # set last: _ready() takes it for "bound"
     ServerAddress_ = _checked(m.ServerAddress)
     Message_ = _checked(m.Message)
     GetResult_ = _checked(m.GetResult)
@@ -170,6 +170,7 @@ def bind(module):
     S_RELAY_STATE, S_RELAY_COMMAND, S_GUARANTEE = \
         "relay.state", "relay.command", "guarantee.state"
     S_OPEN, S_CLOSED, S_TRIP, S_CLOSE = "open", "closed", "trip", "close"
+    Frame_ = frame
     dec_exp_offset = -1 if os.environ.get("MGW_DECIMAL_TEXT", "") not in ("", "0") \
         else _exponent_offset()
 
