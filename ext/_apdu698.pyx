@@ -15,7 +15,7 @@ Unknown reasons are the twin's own, word for word. protocols/dlt698.py binds it 
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.datetime cimport datetime_new, import_datetime
-from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.object cimport PyObject
@@ -733,6 +733,16 @@ cdef object _value(object name, object n, int scaler, object unit):
     return o
 
 
+cdef inline long _small_int(object x):
+    """x if it is an int within 0..0xFFFF, else -1 (no Python comparison on the way)."""
+    cdef int overflow = 0
+    cdef long long v
+    if type(x) is not int:
+        return -1
+    v = PyLong_AsLongLongAndOverflow(x, &overflow)
+    return v if not overflow and 0 <= v <= 0xFFFF else -1
+
+
 cdef inline int _bit(const unsigned char* d, int k):
     return (d[k >> 3] >> (7 - (k & 7))) & 1
 
@@ -747,10 +757,9 @@ def quantities(oad, value):
     _ready()
     if type(oad) is not OAD_ or PyTuple_GET_SIZE(oad) != 3:
         return py_quantities(oad, value)
-    n = _at(oad, 0)
-    if type(n) is not int or not 0 <= n <= 0xFFFF or _at(oad, 1) != 2 or _at(oad, 2) != 0:
+    oi = _small_int(_at(oad, 0))
+    if oi < 0 or oi > 0xFFFF or _small_int(_at(oad, 1)) != 2 or _small_int(_at(oad, 2)) != 0:
         return py_quantities(oad, value)
-    oi = n
     for i in range(TABLE_N):
         if TABLE_OI[i] == oi:
             break
@@ -763,13 +772,13 @@ def quantities(oad, value):
         names = _at(entry, 0)
         scaler = _at(entry, 1)
         unit = _at(entry, 2)
-        k = min(len(names), len(value))
+        k = min(PyTuple_GET_SIZE(names), PyList_GET_SIZE(value))
         for j in range(k):
-            if type(value[j]) is not int:
+            if type(<object>PyList_GET_ITEM(value, j)) is not int:
                 return py_quantities(oad, value)
         out = PyList_New(k)
         for j in range(k):
-            v = _value(_at(names, j), value[j], scaler, unit)
+            v = _value(_at(names, j), <object>PyList_GET_ITEM(value, j), scaler, unit)
             Py_INCREF(v)
             PyList_SET_ITEM(out, j, v)
         return out
