@@ -7,14 +7,20 @@ mixed in between frames, fed in 256-byte chunks.
   package's streaming DLT645Protocol.deserialize_with_remaining.
   Modbus stream: our two scanners and pymodbus' FramerRTU.handleFrame.
   DL/T 698.45 stream: our two scanners and the `dlt698` package's FrameStreamDecoder (the
-  Python bindings of a C++ library); bytes -> typed readings (scan, decode, Scalar_Unit
-  applied into Decimal quantities) beside the peer's frame + APDU decoding.
+  Python bindings of a C++ library). Then bytes -> typed readings, ours compiled
+  (ext/_apdu698.pyx) and pure (dlt698.PURE): scan, frame, APDU, A-XDR data, Scaler_Unit
+  applied into Decimal quantities named as the head-end sees them (dlt698_typed); beside
+  the peer's frame + decode_apdu (native objects, values not read: the issue's yardstick)
+  and the peer's frame + decode_apdu + every Data read into plain Python values (no
+  scaler, no names, no Decimal: the nearest it comes to what ours produces).
   Mixed DL/T 645 + 698.45 stream (half each, as on a mixed line): each of our scanners
   picks its own frames out of the other's, and the peer its 698 frames.
 
 Then the whole path from bytes to typed readings (scan + decode + BCD values) for ours.
 Run: python bench/frames.py [--frames N]  (install the peers with pip install '.[bench]').
 This prints figures; it asserts nothing. Targets are in the issue and the closing note.
+Where ours is set beside a peer, both run in turn, five rounds, best of each (a 2-core
+machine shared with other work: a load that comes and goes weighs on each side alike).
 """
 
 import argparse
@@ -139,6 +145,20 @@ def timed(fn, chunks, repeat=3):
     return count, best
 
 
+def timed_together(fns, chunks, rounds=5):
+    """{name: (count, best seconds)} of functions run in turn, round after round: on a
+    shared machine a load that comes and goes weighs on each side alike."""
+    best, counts = {}, {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            counts[name] = fn(chunks)
+            dt = time.perf_counter() - t0
+            best[name] = min(best.get(name, dt), dt)
+    return {name: (counts[name], best[name]) for name in fns}
+
+
 def ours(module, protocol):
     Scanner = importlib.import_module(module).Scanner
 
@@ -186,14 +206,34 @@ def modbus_registers(raw):
     return len(modbus.decode_answer(raw).registers)
 
 
-def dlt698_quantities(raw):
-    """Frame, APDU, A-XDR data, Scaler_Unit applied into Decimal quantities."""
-    apdu = dlt698.decode(dlt698.frame_from_scanner(raw)).apdu
-    if isinstance(apdu, dlt698.GetResponse):
-        return sum(len(dlt698.quantities(r.oad, r.value)) for r in apdu.results)
-    if isinstance(apdu, dlt698.GetRecordResponse):
-        return sum(len(row) for row in apdu.rows)
-    return 0
+def dlt698_typed(compiled):
+    """bytes -> typed readings, as the gateway's 698 driver gets them (exchange: frame and
+    decode; values_of / freeze_values: quantities per result): the frame, its APDU, the
+    A-XDR data, then Scaler_Unit applied into Decimal quantities with the contract's names
+    (a day-freeze record: its freeze time and the quantities of its energy column). With
+    `compiled`, protocols.dlt698's compiled read path (ext/_apdu698.pyx); else its pure twin
+    (dlt698.PURE). Returns the number of typed values."""
+    fns = dlt698.PURE if not compiled else {
+        "frame_from_scanner": dlt698.frame_from_scanner, "decode": dlt698.decode,
+        "quantities": dlt698.quantities}
+    frame_from_scanner, decode, quantities = (fns["frame_from_scanner"], fns["decode"],
+                                              fns["quantities"])
+    GetResponse, GetRecordResponse = dlt698.GetResponse, dlt698.GetRecordResponse
+
+    def typed(raw):
+        apdu = decode(frame_from_scanner(raw)).apdu
+        n = 0
+        if type(apdu) is GetResponse:
+            for oad, value, dar in apdu.results:
+                if dar is None:
+                    n += len(quantities(oad, value))
+        elif type(apdu) is GetRecordResponse:
+            columns = [c.oad for c in apdu.columns]
+            for row in apdu.rows:
+                for oad, cell in zip(columns, row):
+                    n += 1 if oad == dlt698.FREEZE_TIME else len(quantities(oad, cell))
+        return n
+    return typed
 
 
 def ours_mixed(module):
@@ -210,12 +250,22 @@ def ours_mixed(module):
     return run
 
 
-def peer_dlt698(decode_apdus=False):
+def peer_dlt698(decode_apdus=False, values=False):
+    """The `dlt698` package: FrameStreamDecoder; with decode_apdus, decode_apdu of each
+    frame's payload (native objects: its Data values are read lazily); with values, every
+    result's Data walked into Python values too (ints, byte lists for date_time_s: no
+    Scaler_Unit, no names, no Decimal)."""
     try:
         from dlt698 import codec
     except ImportError:
         return None
     Frame = codec.Frame
+
+    def walk(d):
+        v = d.value
+        if d.type in (1, 2):                         # array, structure
+            return sum(walk(x) for x in v)
+        return 1
 
     def run(chunks):
         dec = codec.FrameStreamDecoder()
@@ -223,7 +273,15 @@ def peer_dlt698(decode_apdus=False):
         for c in chunks:
             for f in dec.feed(c):
                 if type(f) is Frame:
-                    if decode_apdus:
+                    if values:
+                        apdu = codec.decode_apdu(f.payload)
+                        for r in getattr(apdu, "attributes", ()):
+                            n += walk(r.result)
+                        for rec in getattr(apdu, "records", ()):
+                            for row in rec.result:
+                                for cell in row:
+                                    n += walk(cell)
+                    elif decode_apdus:
                         apdu = codec.decode_apdu(f.payload)
                         n += len(getattr(apdu, "attributes", ())) or 1
                     else:
@@ -305,17 +363,23 @@ def row(name, sent, result):
     return rate
 
 
-def scanned(title, protocol, frames, rng, have_compiled):
-    """The stream of these frames with garbage, in chunks, and our two scanners' rates."""
+def scanned(title, protocol, frames, rng, have_compiled, peers=()):
+    """The stream of these frames with garbage, in chunks, and our two scanners' rates;
+    `peers` [(key, label, run)] are timed in turn with the compiled scanner."""
     stream, garbage = mix_garbage(frames, rng)
     chunks = chunks_of(stream)
     print("\n%s stream: %d bytes, %d garbage" % (title, len(stream), garbage))
     rates = {}
+    runs = {key: run for key, _, run in peers}
     if have_compiled:
-        rates["compiled"] = row("ours, compiled (scan)", len(frames),
-                                timed(ours("protocols._speedups", protocol), chunks))
+        runs["compiled"] = ours("protocols._speedups", protocol)
+    together = timed_together(runs, chunks) if runs else {}
+    if have_compiled:
+        rates["compiled"] = row("ours, compiled (scan)", len(frames), together["compiled"])
     rates["python"] = row("ours, pure-Python twin (scan)", len(frames),
                           timed(ours("protocols._pyframing", protocol), chunks, 1))
+    for key, label, _ in peers:
+        rates[key] = row(label, len(frames), together[key])
     return chunks, rates
 
 
@@ -359,25 +423,36 @@ def main():
             "ours, compiled: bytes -> registers", "{:,.0f}".format(args.frames / s), c))
 
     pframes = dlt698_stream(args.frames, rng)
-    pchunks, prates = scanned("DL/T 698.45", "dlt698", pframes, rng, have_compiled)
     peer = peer_dlt698()
-    if peer:
-        prates["dlt698"] = row("dlt698 FrameStreamDecoder", len(pframes), timed(peer, pchunks))
-    else:
+    pchunks, prates = scanned("DL/T 698.45", "dlt698", pframes, rng, have_compiled,
+                              [("dlt698", "dlt698 FrameStreamDecoder", peer)] if peer else [])
+    if not peer:
         print("  dlt698 peer not installed (pip install '.[bench]', Python >= 3.11)")
-    for name, module in (("compiled", "protocols._speedups"), ("twin", "protocols._pyframing")):
-        if name == "compiled" and not have_compiled:
-            continue
-        c, s = timed(ours_typed(module, "dlt698", dlt698_quantities), pchunks, 1)
-        prates["typed-" + name] = args.frames / s
-        print("  %-46s %12s frames/s   (%d typed values)" % (
-            "ours, %s: bytes -> typed readings" % name, "{:,.0f}".format(args.frames / s), c))
-    peer = peer_dlt698(decode_apdus=True)
+    typed = {}
+    if have_compiled and dlt698.IMPLEMENTATION == "compiled":
+        typed["typed-compiled"] = ours_typed("protocols._speedups", "dlt698", dlt698_typed(True))
+    else:
+        print("  (compiled APDU decoder not built: protocols._apdu698)")
     if peer:
-        c, s = timed(peer, pchunks, 1)
-        prates["typed-dlt698"] = args.frames / s
-        print("  %-46s %12s frames/s   (%d results)" % (
-            "dlt698: FrameStreamDecoder + decode_apdu", "{:,.0f}".format(args.frames / s), c))
+        typed["typed-dlt698"] = peer_dlt698(decode_apdus=True)
+        typed["values-dlt698"] = peer_dlt698(values=True)
+    together = timed_together(typed, pchunks)
+    together["typed-twin"] = timed(ours_typed("protocols._pyframing", "dlt698",
+                                              dlt698_typed(False)), pchunks, 1)
+    for key, label, what in (
+            ("typed-compiled", "ours, compiled: bytes -> typed readings",
+             "typed values: Decimal quantities"),
+            ("typed-twin", "ours, twin: bytes -> typed readings",
+             "typed values: Decimal quantities"),
+            ("typed-dlt698", "dlt698: FrameStreamDecoder + decode_apdu",
+             "results, values left native"),
+            ("values-dlt698", "dlt698: ... + every Data read into Python",
+             "values: plain ints, no scaler")):
+        if key in together:
+            c, s = together[key]
+            prates[key] = args.frames / s
+            print("  %-46s %12s frames/s   (%d %s)" % (label, "{:,.0f}".format(args.frames / s),
+                                                      c, what))
 
     half = args.frames // 2
     xframes = dlt645_stream(half, rng) + dlt698_stream(args.frames - half, rng)
@@ -387,15 +462,17 @@ def main():
     print("\nMixed DL/T 645 + 698.45 stream: %d bytes, %d garbage, %d + %d frames"
           % (len(xstream), xgarbage, half, args.frames - half))
     xrates = {}
+    runs = {"dlt698": peer} if peer else {}
+    if have_compiled:
+        runs["compiled"] = ours_mixed("protocols._speedups")
+    together = timed_together(runs, xchunks)
     if have_compiled:
         xrates["compiled"] = row("ours, compiled (645 and 698 scanners)", len(xframes),
-                                 timed(ours_mixed("protocols._speedups"), xchunks))
+                                 together["compiled"])
     xrates["python"] = row("ours, pure-Python twins (645 and 698)", len(xframes),
                            timed(ours_mixed("protocols._pyframing"), xchunks, 1))
-    peer = peer_dlt698()
     if peer:
-        row("dlt698 FrameStreamDecoder (its 698 frames)", args.frames - half,
-            timed(peer, xchunks))
+        row("dlt698 FrameStreamDecoder (its 698 frames)", args.frames - half, together["dlt698"])
 
     print("\nRatios (targets: compiled >= 20x each peer, >= 8x the twin)")
     if have_compiled:
@@ -412,8 +489,13 @@ def main():
         if "dlt698" in prates:
             print("  DL/T 698: compiled / dlt698 = %6.1fx" % (prates["compiled"] /
                                                              prates["dlt698"]))
-            print("  DL/T 698: typed, compiled / dlt698 frame + APDU = %4.2fx"
-                  % (prates["typed-compiled"] / prates["typed-dlt698"]))
+            if "typed-compiled" in prates:
+                print("  DL/T 698: typed, compiled / dlt698 frame + APDU = %4.2fx"
+                      % (prates["typed-compiled"] / prates["typed-dlt698"]))
+                print("  DL/T 698: typed, compiled / dlt698 + values   = %4.2fx"
+                      % (prates["typed-compiled"] / prates["values-dlt698"]))
+                print("  DL/T 698: typed, compiled / twin              = %4.1fx"
+                      % (prates["typed-compiled"] / prates["typed-twin"]))
         print("  mixed:    compiled / twins  = %6.1fx" % (xrates["compiled"] /
                                                          xrates["python"]))
 

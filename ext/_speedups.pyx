@@ -5,7 +5,8 @@ The hot path of the gateway: every byte from every RS-485 line goes through Scan
 """
 
 from libc.stdlib cimport malloc, realloc, free
-from libc.string cimport memcpy, memmove
+from libc.string cimport memchr, memcpy, memmove
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 from protocols._pyframing import bcd_to_int as _py_bcd_to_int
 
@@ -19,7 +20,10 @@ MAX_MODBUS_FRAME = 256
 MAX_DLT698_FRAME = 0x3FFF + 2
 
 cdef unsigned short CRC_TABLE[256]
-cdef unsigned short X25_TABLE[256]
+# X.25 slicing-by-8: X25_SLICE[k][b] is byte b's contribution with k more bytes after it
+# (X25_SLICE[0] is the byte-wise table); 8 bytes per step instead of one dependent lookup
+# per byte (the DL/T 698.45 scanner checks HCS and FCS of every frame)
+cdef unsigned short X25_SLICE[8][256]
 # DL/T 645 address bytes: packed BCD or AA (wildcard, short-address padding)
 cdef unsigned char ADDRESS_BYTE[256]
 
@@ -41,8 +45,12 @@ cdef void _init_crc_table():
                 crc = (crc >> 1) ^ 0x8408
             else:
                 crc = crc >> 1
-        X25_TABLE[i] = crc
+        X25_SLICE[0][i] = crc
         ADDRESS_BYTE[i] = 1 if (i == 0xAA or ((i >> 4) <= 9 and (i & 0x0F) <= 9)) else 0
+    for k in range(1, 8):
+        for i in range(256):
+            crc = X25_SLICE[k - 1][i]
+            X25_SLICE[k][i] = (crc >> 8) ^ X25_SLICE[0][crc & 0xFF]
 
 
 _init_crc_table()
@@ -56,12 +64,29 @@ cdef inline unsigned short _crc(const unsigned char* p, Py_ssize_t n) nogil:
     return crc
 
 
+cdef inline unsigned short _x25_run(unsigned short crc, const unsigned char* p,
+                                   Py_ssize_t n) nogil:
+    """The X.25 register after n more bytes (no final xor): HCS and FCS share a prefix."""
+    cdef unsigned long long v
+    cdef Py_ssize_t i = 0
+    while n - i >= 8:
+        v = (<unsigned long long>p[i] | <unsigned long long>p[i + 1] << 8 |
+             <unsigned long long>p[i + 2] << 16 | <unsigned long long>p[i + 3] << 24 |
+             <unsigned long long>p[i + 4] << 32 | <unsigned long long>p[i + 5] << 40 |
+             <unsigned long long>p[i + 6] << 48 | <unsigned long long>p[i + 7] << 56) ^ crc
+        crc = (X25_SLICE[7][v & 0xFF] ^ X25_SLICE[6][(v >> 8) & 0xFF] ^
+               X25_SLICE[5][(v >> 16) & 0xFF] ^ X25_SLICE[4][(v >> 24) & 0xFF] ^
+               X25_SLICE[3][(v >> 32) & 0xFF] ^ X25_SLICE[2][(v >> 40) & 0xFF] ^
+               X25_SLICE[1][(v >> 48) & 0xFF] ^ X25_SLICE[0][v >> 56])
+        i += 8
+    while i < n:
+        crc = (crc >> 8) ^ X25_SLICE[0][(crc ^ p[i]) & 0xFF]
+        i += 1
+    return crc
+
+
 cdef inline unsigned short _x25(const unsigned char* p, Py_ssize_t n) nogil:
-    cdef unsigned short crc = 0xFFFF
-    cdef Py_ssize_t i
-    for i in range(n):
-        crc = (crc >> 8) ^ X25_TABLE[(crc ^ p[i]) & 0xFF]
-    return crc ^ 0xFFFF
+    return _x25_run(0xFFFF, p, n) ^ 0xFFFF
 
 
 def dlt645_checksum(const unsigned char[:] data not None):
@@ -251,7 +276,7 @@ cdef class Scanner:
         cdef const unsigned char* p = self._buf + i
         cdef Py_ssize_t avail = end - i, alen, m
         cdef unsigned int length
-        cdef unsigned short crc
+        cdef unsigned short crc, head
         if avail < 5:
             return 0
         length = p[1] | (<unsigned int>p[2] << 8)
@@ -263,13 +288,15 @@ cdef class Scanner:
             return -1
         if avail < 8 + alen:
             return 0
-        crc = _x25(p + 1, 5 + alen)
+        head = _x25_run(0xFFFF, p + 1, 5 + alen)
+        crc = head ^ 0xFFFF
         n[0] = m
         if p[6 + alen] != (crc & 0xFF) or p[7 + alen] != (crc >> 8):
             return -2
         if avail < m:
             return 0
-        crc = _x25(p + 1, m - 4)
+        # the FCS covers the header too: carry on from the header's register
+        crc = _x25_run(head, p + 6 + alen, m - 9 - alen) ^ 0xFFFF
         if p[m - 3] != (crc & 0xFF) or p[m - 2] != (crc >> 8):
             return -2
         if p[m - 1] != 0x16:
@@ -336,9 +363,10 @@ cdef class Scanner:
         return self._check_modbus(i, end, n)
 
     cdef inline Py_ssize_t _next_start(self, Py_ssize_t i, Py_ssize_t end):
-        if self._proto != MODBUS:
-            while i < end and self._buf[i] != 0x68:
-                i += 1
+        cdef const unsigned char* hit
+        if self._proto != MODBUS and i < end:
+            hit = <const unsigned char*>memchr(self._buf + i, 0x68, end - i)
+            return end if hit == NULL else hit - self._buf
         return i
 
     cdef Py_ssize_t _lookahead(self, Py_ssize_t j, Py_ssize_t end):
@@ -352,8 +380,8 @@ cdef class Scanner:
             j += 1
         return -1
 
-    cdef void _append(self, const unsigned char[::1] data) except *:
-        cdef Py_ssize_t n = data.shape[0], live = self._end - self._start
+    cdef void _append(self, const unsigned char* data, Py_ssize_t n) except *:
+        cdef Py_ssize_t live = self._end - self._start
         cdef Py_ssize_t need
         cdef unsigned char* nb
         if n == 0:
@@ -370,14 +398,26 @@ cdef class Scanner:
             if nb == NULL:
                 raise MemoryError()
             self._buf = nb
-        memcpy(self._buf + self._end, &data[0], n)
+        memcpy(self._buf + self._end, data, n)
         self._end += n
 
-    def feed(self, const unsigned char[::1] data not None):
+    def feed(self, data):
         """Frames complete in the bytes fed so far. `data` is a contiguous bytes-like object
         (bytes, bytearray, a C-contiguous memoryview): a strided or reversed view is
         refused, never read past or in the wrong order; None is a TypeError, as in the twin."""
-        self._append(data)
+        if type(data) is bytes:       # what a serial port reads: no buffer view to set up
+            self._append(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        elif data is None:
+            raise TypeError("feed() takes a bytes-like object, not None")
+        else:
+            self._append_view(data)
+        return self._frames()
+
+    cdef void _append_view(self, const unsigned char[::1] data) except *:
+        if data.shape[0]:
+            self._append(&data[0], data.shape[0])
+
+    cdef list _frames(self):
         cdef list out = []
         cdef Py_ssize_t pos = self._start, end = self._end, i, j, n = 0
         cdef int status

@@ -24,6 +24,8 @@ a plaintext ACTION on 8000 is built only by `relay_action`, for meters configure
 
 import datetime as _dt
 import itertools
+import os
+import sys
 from decimal import Decimal
 from enum import IntEnum
 from typing import Any, NamedTuple, Optional, Tuple
@@ -721,7 +723,7 @@ def decode(frame):
                                            bytes(d[2:])))
         if frame.scrambled:
             return Unknown(frame, "scrambled user data (control bit 3) is not interpreted")
-        apdu = decode_apdu(frame.user_data)
+        apdu = _decode_apdu(frame.user_data)
         if isinstance(apdu, str):
             return Unknown(frame, apdu)
         return Message(frame, apdu)
@@ -744,7 +746,7 @@ def decode_apdu(data, depth=0):
             return "SECURITY-Request choice %d" % choice
         inner = r.take(r.length())
         verify = r.u8()
-        inner_msg = None if choice else decode_apdu(inner, depth + 1)
+        inner_msg = None if choice else _decode_apdu(inner, depth + 1)
         if isinstance(inner_msg, str):
             inner_msg = None                 # plaintext we do not interpret: carried as is
         return SecurityRequest(bool(choice), inner, verify, inner_msg)
@@ -760,7 +762,7 @@ def decode_apdu(data, depth=0):
             if r.u8() != 0:
                 return "SECURITY-Response verification other than MAC"
             mac = r.take(r.length())
-        inner_msg = None if choice else decode_apdu(inner, depth + 1)
+        inner_msg = None if choice else _decode_apdu(inner, depth + 1)
         if isinstance(inner_msg, str):
             inner_msg = None
         return SecurityResponse(bool(choice), inner, None, mac, inner_msg)
@@ -791,6 +793,10 @@ def decode_apdu(data, depth=0):
             msg = msg._replace(time_tag=tag_)
         return msg
     return "APDU %02X (%s) not interpreted" % (tag, _tag_name(tag))
+
+
+# the pure twin's own, also where decode_apdu is the compiled one (end of this module)
+_decode_apdu = decode_apdu
 
 
 def _tag_name(tag):
@@ -989,7 +995,7 @@ _HIGH_PRECISION = {0x0000: "energy.combined.", 0x0010: "energy.import.",
 def _scaled(n, scaler):
     if isinstance(n, bool) or not isinstance(n, int):
         raise DataError("expected an integer, got %r" % (n,))
-    return Decimal(n).scaleb(scaler)
+    return Decimal("%dE%d" % (n, scaler))      # exact whatever the context's precision
 
 
 def quantities(oad, value):
@@ -1330,3 +1336,26 @@ def security_exchange(frame, label=""):
 def read_address_exchange(piid=None):
     """GET 4001 0200 to the wildcard address AA x 6 (flag 45), reference section 7."""
     return get_exchange(WILDCARD_ADDRESS, COMM_ADDRESS, piid=piid)
+
+
+# ---------------------------------------------------------------- the compiled read path
+
+# ext/_apdu698.pyx decodes what a poll's answer goes through (frame_from_scanner, decode
+# of GET-Responses with their data, quantities of the polled objects) in C and hands all
+# else to the functions above, its pure twin, which keep these names in PURE (the twin
+# tests compare both). MGW_PURE_PYTHON=1 keeps to the twin, as for protocols.framing.
+PURE = {"frame_from_scanner": frame_from_scanner, "decode": decode, "decode_apdu": decode_apdu,
+        "quantities": quantities}
+IMPLEMENTATION = "python"
+if os.environ.get("MGW_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from protocols import _apdu698
+    except ImportError:
+        _apdu698 = None
+    if _apdu698 is not None:
+        _apdu698.bind(sys.modules[__name__])
+        frame_from_scanner = _apdu698.frame_from_scanner
+        decode = _apdu698.decode
+        decode_apdu = _apdu698.decode_apdu
+        quantities = _apdu698.quantities
+        IMPLEMENTATION = "compiled"
