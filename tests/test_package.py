@@ -27,6 +27,18 @@ def test_mgw_console_script_prints_version():
                                           % re.escape(gateway.__version__), r.stdout.strip())
 
 
+def test_a_half_built_parser_says_which_half_is_python():
+    from protocols import framing
+    if framing.IMPLEMENTATION != "compiled":
+        pytest.skip("the compiled scanner is not built here")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.modules['protocols._apdu698'] = None; "
+            "from gateway.cli.main import version_line; print(version_line())")
+    r = run([sys.executable, "-c", code], PYTHONPATH=root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("(frame parser: compiled, DL/T 698.45 reader python)")
+
+
 def test_module_entry_point_lists_subcommands():
     r = run([sys.executable, "-m", "gateway"])
     assert r.returncode == 0

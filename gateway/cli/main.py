@@ -245,8 +245,13 @@ def _control(which, args):
 
 
 def version_line():
+    """`compiled` only when the scanner and the DL/T 698.45 read path (protocols._apdu698)
+    both are: a half-built install names each."""
+    from protocols import dlt698
     from protocols.framing import IMPLEMENTATION
-    return _("mgw %s (frame parser: %s)") % (__version__, IMPLEMENTATION)
+    parser = IMPLEMENTATION if dlt698.IMPLEMENTATION == IMPLEMENTATION else \
+        "%s, DL/T 698.45 reader %s" % (IMPLEMENTATION, dlt698.IMPLEMENTATION)
+    return _("mgw %s (frame parser: %s)") % (__version__, parser)
 
 
 def main(argv=None):
