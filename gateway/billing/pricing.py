@@ -385,7 +385,10 @@ class Billing:
                                 cur = tot
                             elif type(text) is str and len(text) > 3 and text[-3] == "." \
                                     and text.isascii() and (text[:-3] + text[-2:]).isdigit():
-                                cur = int(text[:-3] + text[-2:])
+                                cur = memo[text] = int(text[:-3] + text[-2:])
+                                if len(memo) > MEMO_MAX:
+                                    memo.clear()         # (kept: this reading's texts)
+                                    memo[text] = cur
                             else:
                                 raise _Slow
                             steps = cur - tot
@@ -411,7 +414,11 @@ class Billing:
                                             else:
                                                 raise _Slow
                                     if len(memo) > MEMO_MAX:
-                                        memo.clear()
+                                        memo.clear()     # (kept: this reading's texts)
+                                        memo[text] = cur
+                                        for v, c in zip(regx, regc):
+                                            if v is not None:
+                                                memo[v] = c
                                 same = None not in regx and None not in prevx or \
                                     all(map(_same_presence, regx, prevx))
                                 if None in regc or None in prevc:
@@ -549,6 +556,7 @@ class Billing:
                 return None
             texts = [None] * 4
             steps = [None] * 4
+            memo = self._memo              # the last readings' texts: parsed already
             for r, text in regs.items():
                 if r == "total":
                     continue
@@ -556,12 +564,15 @@ class Billing:
                 if k is None or type(text) is not str:
                     return None
                 texts[k] = text
-                steps[k] = centi(text)
+                c = memo.get(text)
+                steps[k] = c if c is not None else centi(text)
             bal, chg = doc["balance_uy"], doc["charges_uy"]
             tier = doc.get("tier_centi", 0)
             if type(bal) is not int or type(chg) is not int or type(tier) is not int:
                 return None
-            return (bal, chg, tier, doc.get("tier_period"), centi(total), total,
+            c = memo.get(total)
+            return (bal, chg, tier, doc.get("tier_period"),
+                    c if c is not None else centi(total), total,
                     tuple(steps), tuple(texts), ts, local_ms(ts))
         except (Unpriceable, KeyError, AttributeError, TypeError):
             return None
