@@ -264,6 +264,7 @@ class Bench:
         self.writes = Timed(self.docs)
         feed_s = cc_s = 0.0
         self.cpu = time.process_time()
+        self.written = _written_bytes()
         t0 = START.timestamp()
         self.feed(t0)
         for day in range(self.days):
@@ -288,6 +289,8 @@ class Bench:
                 feed_s += b - a
                 cc_s += c - b
         self.cpu = time.process_time() - self.cpu
+        if self.written is not None:
+            self.written = _written_bytes() - self.written
         return feed_s, cc_s
 
     # ------------------------------------------------------------ the figures
@@ -315,6 +318,9 @@ def report(b, feed_s, cc_s, n, days):
     print("  CPU time per simulated day    %7.3f s   (this process; the machine is shared: "
           "load %.1f)" % (b.cpu / days, os.getloadavg()[0]))
     print("  target: a simulated day for 1,000 accounts in < 1 s")
+    if b.written is not None:
+        print("  written to storage per day    %7.1f MB  (this process, /proc/self/io: "
+              "journal and account store, what flash wears by)" % (b.written / days / 1e6))
     w = b.writes
     print("  of which account-store commits %6.3f s   (%.0f a day, %.2f ms each; the file: "
           "%.0f kB at the end)" % (w.s / days, w.n / days, w.s / max(1, w.n) * 1000,
@@ -368,6 +374,18 @@ def report(b, feed_s, cc_s, n, days):
               % (len(errs), statistics.mean(errs), statistics.mean(map(abs, errs)),
                  sorted(map(abs, errs))[int(len(errs) * 0.9) - 1] if len(errs) > 1 else 0))
     print("  forecasts not run out (topped up before): %d" % censored)
+
+
+def _written_bytes():
+    """Bytes this process caused to be written to storage (None where /proc has no io)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _size(path):
