@@ -369,3 +369,13 @@ def test_a_scan_stops_early(tmp_path):
         for s in (sim, simmb):
             s.send_signal(signal.SIGINT)
             s.wait(10)
+
+
+def test_the_demo_says_what_a_relay_moved_by_the_meter_means():
+    from gateway.sim.demo import readable
+    assert readable("meter.relay_changed", {"meter": "m3", "relay": "open",
+                                            "previous": "closed"}) == \
+        "m3: relay opened by the meter itself (its own prepaid logic, or on site)"
+    assert readable("meter.relay_changed", {"meter": "m4", "relay": "closed",
+                                            "previous": "open"}) == \
+        "m4: relay closed by the meter (the customer's button, or on site)"

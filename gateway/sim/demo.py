@@ -132,6 +132,10 @@ def readable(event_type, fields):
         "balance.topup": lambda: "topped up %s yuan: balance %s yuan" % (
             f.get("amount"), f.get("balance")),
         "balance.normal": lambda: "balance back to normal (%s yuan)" % f.get("balance"),
+        "meter.relay_changed": lambda: (
+            "relay closed by the meter (the customer's button, or on site)"
+            if f.get("relay") == "closed" else
+            "relay opened by the meter itself (its own prepaid logic, or on site)"),
         "relay.opened": lambda: "relay OPEN: supply cut off (by %s)" % f.get("source", "?"),
         "relay.closed": lambda: ("relay close allowed: the customer presses the button"
                                  if f.get("awaiting_customer") else
