@@ -217,3 +217,86 @@ def test_a_full_disk_fails_the_payment_in_one_line_and_loses_nothing(tmp_path):
         os.unlink(filler)
     finally:
         subprocess.run(["umount", "-l", mnt])
+
+
+def _damage(path):
+    with open(path, "r+b") as f:
+        for page in (1, 2, 3):
+            f.seek(4096 * page)
+            f.write(b"\x0b\xff\xff" * 30)
+
+
+def test_a_damaged_store_names_its_backup_and_recovers_from_it_when_asked(tmp_path):
+    state, docs = _open(tmp_path)
+    store = AccountStore(docs)
+    store.create("m1", {"balance_uy": 100, "topups_uy": 0, "pad": "x" * 9000})
+    backup = docs.backup()
+    assert backup == str(tmp_path / "accounts.db.bak")
+    store.topup("m1", "T-after", 50)                  # after the backup
+    docs.close()
+    path = str(tmp_path / "accounts.db")
+    _damage(path)
+    with pytest.raises(StateError) as err:
+        open_docs(path, state)
+    msg = str(err.value)
+    assert "\n" not in msg and "a backup of" in msg and "recover_state = true" in msg
+    docs = open_docs(path, state, recover=True)
+    assert docs.get("accounts", "m1")["balance_uy"] == 100     # as it was at the backup
+    assert docs.get("txns", "T-after") is None                  # to be sent again
+    assert docs.recovered["backup"] == backup and docs.recovered["aside"].startswith(
+        path + ".bad-") and os.path.exists(docs.recovered["aside"])
+    doc, applied = AccountStore(docs).topup("m1", "T-after", 50)   # sent again: applied
+    assert applied and doc["balance_uy"] == 150
+    docs.close()
+    state.close()
+
+
+def test_a_lost_store_is_recovered_only_from_this_gateways_backup(tmp_path):
+    state, docs = _open(tmp_path)
+    AccountStore(docs).create("m1", {"balance_uy": 7})
+    docs.backup()
+    docs.close()
+    path = str(tmp_path / "accounts.db")
+    other = DocStore(str(tmp_path / "other.db"))       # another box's store as the backup
+    AccountStore(other).create("m1", {"balance_uy": 999})
+    other.backup(path + ".bak.other")
+    other.close()
+    os.unlink(path)
+    os.replace(path + ".bak.other", path + ".bak")
+    with pytest.raises(StateError) as err:
+        open_docs(path, state, recover=True)
+    assert "missing although" in str(err.value) and "backup" not in str(err.value)
+    assert not os.path.exists(path)
+    state.close()
+
+
+def test_the_gateway_backs_its_accounts_up_and_recovers_them_when_told(tmp_path, broker):
+    """The real gateway: a backup at start; a damaged accounts.db with [storage]
+    recover_state = true starts from it and says so on MQTT (accounts.recovered, as
+    documented); the balance is the backup's."""
+    import time
+    from gwharness import Harness
+    from mqtt_helpers import HeadEnd
+    from test_asyncapi import Spec
+    head = HeadEnd(broker)
+    h = Harness(tmp_path, broker=broker, meters=1, storage={"recover_state": True},
+                accounts=[{"meter": "m1", "tariff": "flat", "opening_balance": "50.00"}])
+    try:
+        h.start()
+        data = tmp_path / "data"
+        assert (data / "accounts.db.bak").exists()      # taken at start
+        h.stop()
+        _damage(str(data / "accounts.db"))
+        h.start()
+        end = time.time() + 30
+        while time.time() < end and not [e for e in head.topic("events")
+                                         if e.get("type") == "accounts.recovered"]:
+            time.sleep(0.1)
+        ev = [e for e in head.topic("events") if e.get("type") == "accounts.recovered"][0]
+        spec = Spec()
+        spec.validate(spec.message_for("events", ev), ev)
+        assert ev["aside"].startswith(str(data / "accounts.db.bad-"))
+        assert h.gw.accounts.get("m1")["balance_uy"] == 50 * 10 ** 6
+    finally:
+        h.close()
+        head.close()

@@ -62,7 +62,9 @@ STORAGE = Table("storage", "StorageSettings", [
     Field("reserve_mb", float, 8.0, minimum=0,
           doc="free space left on the file system; below it the journal stops growing"),
     Field("recover_state", bool, False,
-          doc="start from `state.json.prev` when `state.json` is damaged (see storage.md)"),
+          doc="start from `state.json.prev` when `state.json` is damaged, and from the "
+              "daily `accounts.db.bak` when `accounts.db` is damaged, lost or another "
+              "box's (see storage.md)"),
 ])
 
 

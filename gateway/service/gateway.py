@@ -67,7 +67,7 @@ class Gateway:
                                         quota_bytes=cfg.storage.journal_quota_mb * 1024 * 1024,
                                         reserve_bytes=cfg.storage.reserve_mb * 1024 * 1024)
             self.docs = open_docs(paths.path(data_dir, paths.DOCS), self.state,
-                                  reserve=self.reserve)
+                                  reserve=self.reserve, recover=cfg.storage.recover_state)
         except BaseException:
             for opened in ("journal", "state"):
                 if hasattr(self, opened):
@@ -76,6 +76,7 @@ class Gateway:
             self.instance_lock.release()
             raise
         self._marks_saved_at = time.monotonic()
+        self._backup_at = None          # the account store's last backup (monotonic)
         self.uplink = None
         self.sink = ReadingSink(self.journal, on_appended=self._appended)
         self.commands = queue.Queue(maxsize=1000)
@@ -229,6 +230,9 @@ class Gateway:
             self.metrics = metrics.serve(self.cfg.metrics.listen, self)
         self.sink.event("gateway.started", version=__version__,
                         ports=len(self.cfg.ports), meters=len(self.cfg.meters))
+        if self.docs.recovered:
+            self.sink.event("accounts.recovered", **self.docs.recovered)
+        self.backup_accounts()
         self.notifier.ready(self.summary())
         log.info("gateway %s started: %d ports, %d meters, uplink %s",
                  self.cfg.gateway.id, len(self.cfg.ports), len(self.cfg.meters),
@@ -512,6 +516,23 @@ class Gateway:
             health, grades, ts=_dt.datetime.now().astimezone().isoformat(timespec="seconds")))
         return True
 
+    BACKUP_EVERY_S = 86400.0
+
+    def backup_accounts(self, force=False):
+        """The account store's daily backup (`accounts.db.bak`, and once at start): what a
+        damaged store is recovered from with [storage] recover_state."""
+        now = time.monotonic()
+        if not force and self._backup_at is not None and \
+                now - self._backup_at < self.BACKUP_EVERY_S:
+            return False
+        self._backup_at = now
+        try:
+            self.docs.backup()
+        except StateError as exc:
+            log.warning("%s", exc)
+            return False
+        return True
+
     MARKS_EVERY_S = 60.0
 
     def save_journal_marks(self, force=False):
@@ -640,6 +661,7 @@ class Gateway:
             log.warning("cannot write %s: %s", path, exc.strerror)
         self.save_meter_state()
         self.save_journal_marks()
+        self.backup_accounts()
         if not self.reserve.present:
             self.reserve.restore()          # the disk has room again: keep it back
 

@@ -21,6 +21,7 @@ stops and says so.
 """
 
 import contextlib
+import datetime as _dt
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import sqlite3
 import stat
 import threading
 
-from gateway.store.state import StateDiskFull, StateError
+from gateway.store.state import StateDiskFull, StateError, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ FORMAT_VERSION = 1
 TABLES = ("accounts", "txns", "account_overrides", "flags", "guarantee")
 CACHED = frozenset(("accounts", "account_overrides", "flags", "guarantee"))
 MARKS_TABLE, MARKS_KEY = "docs", "marks"
+BACKUP_SUFFIX = ".bak"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,6 +69,7 @@ class DocStore:
         self._pending = None        # {(table, key): doc or None} while a batch is open
         self._depth = 0
         self.created = False
+        self.recovered = None       # open_docs: {reason, backup, backup_time, aside}
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -196,6 +199,37 @@ class DocStore:
         with self._lock:
             return {k: d.get(name) for k, d in self._table(table).items()}
 
+    def backup(self, path=None):
+        """A consistent copy of the store at `path` (default `<store>.bak`), written to a
+        temporary file, fsynced and renamed: the copy a damaged store is recovered from.
+        Returns the copy's path; StateError (one line) if it cannot be written."""
+        path = path or self.path + BACKUP_SUFFIX
+        tmp = path + ".tmp"
+        with self._lock:
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                dest = sqlite3.connect(tmp)
+                try:
+                    self._db.backup(dest)
+                    dest.execute("PRAGMA journal_mode=DELETE")     # one self-contained file
+                finally:
+                    dest.close()
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                fsync_dir(path)
+            except (OSError, sqlite3.Error) as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise StateError("%s: cannot write the backup %s (%s)"
+                                 % (self.path, path, getattr(exc, "strerror", None) or exc)) \
+                    from None
+        return path
+
     def meta_get(self, key):
         return self.meta.get(key)
 
@@ -284,20 +318,34 @@ def _disk_full(exc):
     return code == 13 or "disk is full" in str(exc)      # SQLITE_FULL
 
 
-def open_docs(path, state, reserve=None):
+def open_docs(path, state, reserve=None, recover=False):
     """The account store at `path`, checked against the mark the state file keeps, with the
     documents an older gateway kept in the state file moved in (once, and then removed from
-    the state file)."""
+    the state file). A store that is missing, damaged or another box's is refused in one
+    line naming the backup (`<path>.bak`, written daily) if there is a good one; with
+    `recover` that backup takes its place (the damaged file moved aside) and `recovered`
+    says so on the store."""
     marks = state.get(MARKS_TABLE, MARKS_KEY) or {}
-    if marks.get("id") and not os.path.lexists(path):
-        raise StateError("%s: missing although the state file says it existed (id %s); "
-                         "the balances are in it: put it back (the gateway does not start "
-                         "with empty accounts)" % (path, marks["id"]))
-    docs = DocStore(path, reserve=reserve)
-    if marks.get("id") and marks["id"] != docs.id:
-        docs.close()
-        raise StateError("%s: another account store (id %s) than the one this gateway wrote "
-                         "(id %s); it is left as it is" % (path, docs.id, marks["id"]))
+    try:
+        docs = _open_marked(path, marks, reserve)
+    except StateError as exc:
+        backup = path + BACKUP_SUFFIX
+        taken = _backup_time(backup, marks.get("id"))
+        if taken is None:
+            raise
+        if not recover:
+            raise StateError("%s (a backup of %s exists: %s; start with [storage] "
+                             "recover_state = true to use it)" % (exc, taken, backup)) \
+                from None
+        aside = _move_aside(path)
+        _copy_file(backup, path)
+        log.warning("%s; %srecovered the backup of %s (%s): balances as they were then, the "
+                    "next reading bills the energy since; payments since then must be sent "
+                    "again (their txn ids apply each once)", exc,
+                    "kept aside as %s; " % aside if aside else "", taken, backup)
+        docs = _open_marked(path, marks, reserve)
+        docs.recovered = {"reason": str(exc), "backup": backup, "backup_time": taken,
+                          "aside": aside}
     if docs.meta_get("migrated") is None:
         moved = {t: state.all(t) for t in TABLES}
         with docs.batch():
@@ -315,6 +363,67 @@ def open_docs(path, state, reserve=None):
         if marks.get("id") != docs.id:
             state.put(MARKS_TABLE, MARKS_KEY, {"id": docs.id})
     return docs
+
+
+def _open_marked(path, marks, reserve):
+    if marks.get("id") and not os.path.lexists(path):
+        raise StateError("%s: missing although the state file says it existed (id %s); "
+                         "the balances are in it: put it back (the gateway does not start "
+                         "with empty accounts)" % (path, marks["id"]))
+    docs = DocStore(path, reserve=reserve)
+    if marks.get("id") and marks["id"] != docs.id:
+        docs.close()
+        raise StateError("%s: another account store (id %s) than the one this gateway wrote "
+                         "(id %s); it is left as it is" % (path, docs.id, marks["id"]))
+    return docs
+
+
+def _backup_time(path, want_id):
+    """When the backup at `path` was taken (RFC 3339), if it is a good copy of this
+    gateway's store (its id, quick_check ok); else None."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        db = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+        try:
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                return None
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            json.loads("[%s]" % ",".join(b for (b,) in db.execute("SELECT body FROM docs")))
+        finally:
+            db.close()
+    except (OSError, sqlite3.Error, ValueError):
+        return None
+    if want_id and meta.get("id") != want_id:
+        return None
+    return _dt.datetime.fromtimestamp(st.st_mtime).astimezone().isoformat(timespec="seconds")
+
+
+def _move_aside(path):
+    """path and its -wal/-shm to <path>.bad-<time>; the new name, or None if nothing was
+    there (a stale -wal would be replayed into the copy put in its place)."""
+    aside = "%s.bad-%s" % (path, _dt.datetime.now().strftime("%Y%m%dT%H%M%S"))
+    moved = None
+    for sfx in ("", "-wal", "-shm"):
+        if os.path.lexists(path + sfx):
+            os.replace(path + sfx, aside + sfx)
+            moved = aside
+    return moved
+
+
+def _copy_file(src, dst):
+    tmp = dst + ".tmp"
+    with open(src, "rb") as f, open(tmp, "wb") as g:
+        while True:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                break
+            g.write(chunk)
+        g.flush()
+        os.fsync(g.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(dst)
 
 
 def read_tables(path):
