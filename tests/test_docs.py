@@ -300,3 +300,26 @@ def test_the_gateway_backs_its_accounts_up_and_recovers_them_when_told(tmp_path,
     finally:
         h.close()
         head.close()
+
+
+def test_old_txn_ids_are_forgotten_so_the_ledger_does_not_grow_forever(tmp_path):
+    state, docs = _open(tmp_path)
+    store = AccountStore(docs)
+    store.create("m1", {"balance_uy": 0, "topups_uy": 0})
+    day = 86400
+    now = 1_800_000_000
+    for k in range(10):
+        store.topup("m1", "T%d" % k, 1, at=now - (500 - k * 50) * day)   # 500 .. 50 days ago
+    store.topup("m1", "T-today", 1, at=now)
+    assert store.forget_txns(now - 400 * day) == 2                      # 500 and 450 days
+    assert store.txn("T0") is None and store.txn("T1") is None
+    assert store.txn("T2") is not None and store.txn("T-today") is not None
+    assert store.get("m1")["balance_uy"] == 11                          # money untouched
+    # the same on the state-file store (older tests and tools use it)
+    plain = AccountStore(StateStore(str(tmp_path / "plain.json")))
+    plain.create("m1", {"balance_uy": 0, "topups_uy": 0})
+    plain.topup("m1", "OLD", 1, at=now - 500 * day)
+    plain.topup("m1", "NEW", 1, at=now)
+    assert plain.forget_txns(now - 400 * day) == 1 and plain.txn("NEW") is not None
+    docs.close()
+    state.close()

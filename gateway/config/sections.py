@@ -65,6 +65,9 @@ STORAGE = Table("storage", "StorageSettings", [
           doc="start from `state.json.prev` when `state.json` is damaged, and from the "
               "daily `accounts.db.bak` when `accounts.db` is damaged, lost or another "
               "box's (see storage.md)"),
+    Field("txn_keep_days", int, 400, minimum=2, maximum=3650,
+          doc="days the payment ledger keeps a txn id (a repeated one is applied once); "
+              "older ones are forgotten daily, so the account store does not grow forever"),
 ])
 
 

@@ -519,7 +519,8 @@ class Gateway:
     BACKUP_EVERY_S = 86400.0
 
     def backup_accounts(self, force=False):
-        """The account store's daily backup (`accounts.db.bak`, and once at start): what a
+        """The account store's daily round (and once at start): txn ids older than
+        [storage] txn_keep_days are forgotten, then the backup (`accounts.db.bak`) a
         damaged store is recovered from with [storage] recover_state."""
         now = time.monotonic()
         if not force and self._backup_at is not None and \
@@ -527,6 +528,11 @@ class Gateway:
             return False
         self._backup_at = now
         try:
+            forgotten = self.accounts.forget_txns(
+                time.time() - self.cfg.storage.txn_keep_days * 86400)
+            if forgotten:
+                log.info("payment ledger: forgot %d txn ids older than %d days", forgotten,
+                         self.cfg.storage.txn_keep_days)
             self.docs.backup()
         except StateError as exc:
             log.warning("%s", exc)

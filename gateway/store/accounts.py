@@ -105,6 +105,18 @@ class AccountStore:
     def txn(self, txn):
         return self.state.get("txns", txn)
 
+    def forget_txns(self, before):
+        """Forget ledger entries recorded before `before` (seconds): a txn that old can no
+        longer come back inside a valid command. The count."""
+        prune = getattr(self.state, "prune", None)
+        if prune is not None:
+            return prune("txns", "at", before)
+        old = [k for k, d in self.state.all("txns").items() if (d.get("at") or 0) < before]
+        with self.state.batch():
+            for k in old:
+                self.state.delete("txns", k)
+        return len(old)
+
     # ---------------------------------------------------------------- settings
 
     def overrides(self):

@@ -199,6 +199,29 @@ class DocStore:
         with self._lock:
             return {k: d.get(name) for k, d in self._table(table).items()}
 
+    def prune(self, table, field, before):
+        """Delete the documents of `table` whose `field` (a number) is below `before`, in
+        one transaction; the count."""
+        with self._lock:
+            if self._depth:
+                raise RuntimeError("prune inside a batch")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    n = self._db.execute(
+                        "DELETE FROM docs WHERE tbl=? AND json_extract(body, ?) < ?",
+                        (table, "$." + field, before)).rowcount
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                self._cache.clear()
+                raise StateError("%s: cannot write (%s)" % (self.path, exc)) from None
+            self._cache.pop(table, None)
+            return n
+
     def backup(self, path=None):
         """A consistent copy of the store at `path` (default `<store>.bak`), written to a
         temporary file, fsynced and renamed: the copy a damaged store is recovered from.
