@@ -284,7 +284,10 @@ def test_the_gateway_backs_its_accounts_up_and_recovers_them_when_told(tmp_path,
     try:
         h.start()
         data = tmp_path / "data"
-        assert (data / "accounts.db.bak").exists()      # taken at start
+        end = time.time() + 20                          # taken with the first status
+        while time.time() < end and not (data / "accounts.db.bak").exists():
+            time.sleep(0.1)
+        assert (data / "accounts.db.bak").exists()
         h.stop()
         _damage(str(data / "accounts.db"))
         h.start()

@@ -232,7 +232,7 @@ class Gateway:
                         ports=len(self.cfg.ports), meters=len(self.cfg.meters))
         if self.docs.recovered:
             self.sink.event("accounts.recovered", **self.docs.recovered)
-        self.backup_accounts()
+        # the first backup comes with the first status round, off the way to READY
         self.notifier.ready(self.summary())
         log.info("gateway %s started: %d ports, %d meters, uplink %s",
                  self.cfg.gateway.id, len(self.cfg.ports), len(self.cfg.meters),
