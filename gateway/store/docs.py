@@ -424,15 +424,12 @@ def _backup_time(path, want_id):
 
 
 def _move_aside(path):
-    """path and its -wal/-shm to <path>.bad-<time>; the new name, or None if nothing was
-    there (a stale -wal would be replayed into the copy put in its place)."""
-    aside = "%s.bad-%s" % (path, _dt.datetime.now().strftime("%Y%m%dT%H%M%S"))
-    moved = None
-    for sfx in ("", "-wal", "-shm"):
-        if os.path.lexists(path + sfx):
-            os.replace(path + sfx, aside + sfx)
-            moved = aside
-    return moved
+    """paths.move_aside, its failure one StateError line."""
+    from gateway.store.paths import move_aside
+    try:
+        return move_aside(path)
+    except OSError as exc:
+        raise StateError("%s: cannot move it aside (%s)" % (path, exc.strerror)) from None
 
 
 def _copy_file(src, dst):

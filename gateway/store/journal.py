@@ -21,7 +21,6 @@ with one line, and the caller keeps collecting into its bounded queue and retrie
 """
 
 import contextlib
-import datetime as _dt
 import itertools
 import json
 import logging
@@ -951,28 +950,13 @@ def save_marks(journal, state):
 
 
 def _move_aside(path):
-    """Rename path and its -wal/-shm to <path>.bad-<time>[-k]; the name, or None if there
-    was nothing to move. A stale -wal must go too: SQLite would replay it into a new file."""
-    parts = [sfx for sfx in ("", "-wal", "-shm") if os.path.lexists(path + sfx)]
-    if not parts:
-        return None
-    base = "%s.bad-%s" % (path, _dt.datetime.now().strftime("%Y%m%dT%H%M%S"))
-    aside, k = base, 1
-    while any(os.path.lexists(aside + sfx) for sfx in ("", "-wal", "-shm")):
-        k += 1
-        aside = "%s-%d" % (base, k)
+    """paths.move_aside, its failure one JournalError line."""
+    from gateway.store.paths import move_aside
     try:
-        for sfx in parts:
-            os.rename(path + sfx, aside + sfx)
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        return move_aside(path)
     except OSError as exc:
         raise JournalError("%s: damaged, and cannot move it aside (%s)"
                            % (path, exc.strerror)) from None
-    return aside if "" in parts else aside + parts[0]
 
 
 def readonly_stats(path):

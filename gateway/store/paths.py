@@ -10,6 +10,7 @@
 """
 
 import contextlib
+import datetime as _dt
 import errno
 import fcntl
 import logging
@@ -33,6 +34,24 @@ RESERVE_BYTES = 2 * 1024 * 1024
 
 def path(data_dir, name):
     return os.path.join(data_dir, name)
+
+
+def move_aside(path):
+    """Rename an SQLite file and its -wal/-shm to <path>.bad-<time>[-k] and fsync the
+    folder; the new name, or None if there was nothing to move. A stale -wal must go too:
+    SQLite would replay it into a new file. Raises OSError."""
+    parts = [sfx for sfx in ("", "-wal", "-shm") if os.path.lexists(path + sfx)]
+    if not parts:
+        return None
+    base = "%s.bad-%s" % (path, _dt.datetime.now().strftime("%Y%m%dT%H%M%S"))
+    aside, k = base, 1
+    while any(os.path.lexists(aside + sfx) for sfx in ("", "-wal", "-shm")):
+        k += 1
+        aside = "%s-%d" % (base, k)
+    for sfx in parts:
+        os.rename(path + sfx, aside + sfx)
+    fsync_dir(path)
+    return aside if "" in parts else aside + parts[0]
 
 
 class InstanceLocked(StateError):
