@@ -24,6 +24,19 @@ else:
             bcd_to_int, crc16_modbus, crc16_x25, dlt645_checksum, int_to_bcd, sub_33)
         IMPLEMENTATION = "python"
 
+
+
+def implementation():
+    """The whole frame layer's: "compiled" or "python" when every compiled part (the
+    scanner, the DL/T 698.45 read path) agrees, else each part named (a half-built
+    install)."""
+    from protocols import dlt698        # imports this module: only when asked
+    if dlt698.IMPLEMENTATION == IMPLEMENTATION:
+        return IMPLEMENTATION
+    return "%s, DL/T 698.45 reader %s" % (IMPLEMENTATION, dlt698.IMPLEMENTATION)
+
+
 __all__ = ["Scanner", "add_33", "sub_33", "bcd_to_int", "int_to_bcd", "crc16_modbus",
-           "crc16_x25", "dlt645_checksum", "IMPLEMENTATION", "MAX_DLT645_FRAME",
+           "crc16_x25", "dlt645_checksum", "IMPLEMENTATION", "implementation",
+           "MAX_DLT645_FRAME",
            "MAX_DLT698_FRAME", "MAX_MODBUS_FRAME"]

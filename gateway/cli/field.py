@@ -111,8 +111,8 @@ def cmd_simulate(args):
 
 def _check_extra_meters(args, count, extra):
     """`--meter PROTOCOL:ADDRESS` entries that cannot go on the line: one line each."""
-    from gateway.sim import SHARED_LINE
-    if extra and args.protocol not in SHARED_LINE:
+    from gateway.sim import shares_line
+    if any(not shares_line(args.protocol, proto) for proto, _address in extra):
         raise CliError(_("--meter adds DL/T 645 or DL/T 698.45 meters to a line: not to a "
                          "--protocol %s line") % args.protocol, EXIT_USAGE)
     taken = {"%012d" % (args.first + i) for i in range(count + args.meters_1997)}

@@ -13,7 +13,7 @@ import sys
 
 from gateway import __version__
 from gateway import registry
-from gateway.sim import PROTOCOLS as SIM_PROTOCOLS, SHARED_LINE, meter_spec
+from gateway.sim import PROTOCOLS as SIM_PROTOCOLS, meter_spec, shared_line_protocols
 from gateway.cli.common import EXIT_FAILED, EXIT_OK, CliError
 from gateway.model import ACTIONS
 from gateway.config.sections import BAUDRATES
@@ -41,7 +41,7 @@ def _meter_spec(text):
     except ValueError:
         raise argparse.ArgumentTypeError(
             _("%r: PROTOCOL:ADDRESS, such as dlt698:1001 (PROTOCOL one of %s, ADDRESS 1 to "
-              "12 digits)") % (text, ", ".join(SHARED_LINE))) from None
+              "12 digits)") % (text, ", ".join(shared_line_protocols()))) from None
 
 
 def _host_port(text):
@@ -245,13 +245,8 @@ def _control(which, args):
 
 
 def version_line():
-    """`compiled` only when the scanner and the DL/T 698.45 read path (protocols._apdu698)
-    both are: a half-built install names each."""
-    from protocols import dlt698
-    from protocols.framing import IMPLEMENTATION
-    parser = IMPLEMENTATION if dlt698.IMPLEMENTATION == IMPLEMENTATION else \
-        "%s, DL/T 698.45 reader %s" % (IMPLEMENTATION, dlt698.IMPLEMENTATION)
-    return _("mgw %s (frame parser: %s)") % (__version__, parser)
+    from protocols.framing import implementation
+    return _("mgw %s (frame parser: %s)") % (__version__, implementation())
 
 
 def main(argv=None):

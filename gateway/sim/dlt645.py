@@ -599,3 +599,28 @@ def make_meters(n, first_address=1, faults=None, **kwargs):
             for i in range(n)]
 
 
+
+
+LINE = SimLine               # DL/T 698.45 meters share it (gateway/sim/dlt698.py)
+
+
+def simulated_line(count, first, faults, baudrate, profile=None, on_relay=None, count_1997=0,
+                   baudrate_1997=1200, button_required=False):
+    """`count` meters from address `first`, then `count_1997` DL/T 645-1997 meters at their
+    own `baudrate_1997` (a mixed line: each answers only at its own rate)."""
+    meters = make_meters(count, first_address=first, faults=faults, prepaid=True,
+                         button_required=button_required)
+    meters += make_meters(count_1997, first_address=first + count, faults=faults,
+                          prepaid=False, version=1997,
+                          baudrate=baudrate_1997 if baudrate_1997 != baudrate else None)
+    for m in meters:
+        m.on_relay = on_relay
+    return SimLine(meters, baudrate=baudrate), [m.address for m in meters]
+
+
+def one_meter(address, faults, on_relay=None, button_required=False):
+    """One more meter for a line of LINE (`mgw simulate --meter dlt645:ADDRESS`)."""
+    m = SimMeter(address, seed=int(address), faults=copy.copy(faults), prepaid=True,
+                 button_required=button_required)
+    m.on_relay = on_relay
+    return m

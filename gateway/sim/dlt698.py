@@ -14,10 +14,11 @@ failed): the simulator has no ESAM, so it neither checks a MAC nor deciphers. Ev
 is logged in `truth` with the values the gateway should report.
 """
 
+import copy
 import datetime as _dt
 from decimal import Decimal
 
-from gateway.sim.dlt645 import SimMeter
+from gateway.sim.dlt645 import SimLine, SimMeter
 from protocols import dlt698 as D
 from protocols.dlt698_data import (ARRAY, BIT_STRING, DATE_TIME_S, DOUBLE_LONG,
                                    DOUBLE_LONG_UNSIGNED, LONG, LONG_UNSIGNED, OCTET_STRING,
@@ -296,3 +297,23 @@ def make_meters698(n, first_address=1, faults=None, **kwargs):
     return [SimMeter698("%012d" % (first_address + i), seed=first_address + i,
                         faults=copy.copy(faults) if faults else None, **kwargs)
             for i in range(n)]
+
+
+LINE = SimLine               # the DL/T 645 simulator's line: both kinds share it
+
+
+def simulated_line(count, first, faults, baudrate, profile=None, on_relay=None, count_1997=0,
+                   baudrate_1997=1200, button_required=False):
+    meters = make_meters698(count, first_address=first, faults=faults, prepaid=True,
+                            button_required=button_required)
+    for m in meters:
+        m.on_relay = on_relay
+    return SimLine(meters, baudrate=baudrate), [m.address for m in meters]
+
+
+def one_meter(address, faults, on_relay=None, button_required=False):
+    """One more meter for a line of LINE (`mgw simulate --meter dlt698:ADDRESS`)."""
+    m = SimMeter698(address, seed=int(address), faults=copy.copy(faults), prepaid=True,
+                    button_required=button_required)
+    m.on_relay = on_relay
+    return m

@@ -223,3 +223,16 @@ class ModbusSimLine(threading.Thread):
 
     def _send(self, data, t_start):
         pace_write(self._gm, data, t_start, self.baudrate, self._halt)
+
+
+LINE = ModbusSimLine
+
+
+def simulated_line(count, first, faults, baudrate, profile=None, on_relay=None, count_1997=0,
+                   baudrate_1997=1200, button_required=False):
+    if count_1997 or button_required:
+        raise ValueError("--meters-1997 and --button simulate DL/T 645 meters "
+                         "(--protocol dlt645)")
+    meters = [ModbusSimMeter(first + i, profile, faults=Faults(**vars(faults)))
+              for i in range(count)]
+    return ModbusSimLine(meters, baudrate=baudrate), ["unit %d" % m.unit for m in meters]
