@@ -326,3 +326,18 @@ def test_old_txn_ids_are_forgotten_so_the_ledger_does_not_grow_forever(tmp_path)
     assert plain.forget_txns(now - 400 * day) == 1 and plain.txn("NEW") is not None
     docs.close()
     state.close()
+
+
+def test_a_stopped_stores_tables_read_by_a_tool_say_what_is_wrong_in_one_line(tmp_path):
+    path = str(tmp_path / "accounts.db")
+    docs = DocStore(path)
+    AccountStore(docs).create("m1", {"balance_uy": 5})
+    docs.close()
+    assert read_tables(path)["accounts"]["m1"] == {"balance_uy": 5}
+    db = sqlite3.connect(path)
+    db.execute("UPDATE docs SET body='{' WHERE key='m1'")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError) as err:
+        read_tables(path)
+    assert "is not JSON" in str(err.value) and "\n" not in str(err.value)

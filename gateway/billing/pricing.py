@@ -50,8 +50,9 @@ _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?\Z")
 _centi_memo = {}
 # Each account's memo needs only the texts of its last reading or two (the T registers that
 # did not grow); every reading adds the ones that did, so a large bound is memory that
-# grows with time: 4,096 texts per account were about 450 kB, 450 MB for 1,000 accounts
-# after a few weeks of readings.
+# grows with time: at the old bound of 4,096 texts an account kept about 450 kB (estimated:
+# 4,096 entries of about 110 bytes), so 450 MB for 1,000 accounts after a few weeks of
+# readings; tests/test_billing.py measured 902 kB kept by 25 accounts after 600 readings.
 MEMO_MAX = 16
 CENTI_MEMO_MAX = 4096
 

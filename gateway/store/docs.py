@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import stat
 import threading
@@ -433,15 +434,14 @@ def _move_aside(path):
 
 
 def _copy_file(src, dst):
+    """src copied to dst through a temporary file, fsynced, renamed."""
     tmp = dst + ".tmp"
-    with open(src, "rb") as f, open(tmp, "wb") as g:
-        while True:
-            chunk = f.read(1 << 16)
-            if not chunk:
-                break
-            g.write(chunk)
-        g.flush()
-        os.fsync(g.fileno())
+    shutil.copyfile(src, tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, dst)
     fsync_dir(dst)
 
@@ -461,5 +461,9 @@ def read_tables(path):
         raise StateError("%s: cannot read (%s)" % (path, exc)) from None
     out = {}
     for table, key, body in rows:
-        out.setdefault(table, {})[key] = json.loads(body)
+        try:
+            out.setdefault(table, {})[key] = json.loads(body)
+        except (ValueError, RecursionError):
+            raise StateError("%s: %s %s is not JSON (written by something else)"
+                             % (path, table, str(key)[:40])) from None
     return out
