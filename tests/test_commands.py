@@ -307,6 +307,26 @@ def test_a_relay_the_meter_moves_itself_is_an_event_and_ours_are_not(tmp_path):
         h.close()
 
 
+def test_a_move_the_meter_made_before_our_command_is_still_reported(tmp_path):
+    """The status word is polled once an hour here: the meter trips itself between polls
+    and a cut-off comes before the next one. The command's own first read sees the move
+    that was not ours and reports it; its read-back after the frame reports nothing."""
+    h = Harness(tmp_path, meters=1, meter_kw={"instant_interval_s": 3600}).start()
+    try:
+        h.gw.journal.register("t-ev", "events")
+        _wait(lambda: h.gw.pollers["p1"].health["m1"].relay == "closed", 20)
+        h.sim_meters[0].relay_open = True         # by itself
+        cut = h.command("m1", "cut_off")
+        h.send(cut)
+        assert h.wait_result(cut["id"])["status"] == "done"
+        evs = [r.body for r in h.gw.journal.read("t-ev", "events", limit=1000, after=0)
+               if r.body["type"] in ("meter.relay_changed", "relay.opened")]
+        assert [(e["type"], e.get("relay"), e.get("previous")) for e in evs] == [
+            ("meter.relay_changed", "open", "closed"), ("relay.opened", None, None)]
+    finally:
+        h.close()
+
+
 def _wait(f, timeout):
     end = time.time() + timeout
     while time.time() < end:

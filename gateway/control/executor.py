@@ -922,7 +922,8 @@ class Executor(threading.Thread):
 
     def _conclude_sent(self, cid, doc, meter):
         rc = RelayIntent[doc.get("relay_command", "TRIP")]
-        after, err, frames = relay.read_relay(self.line, self.spec_of(meter), meter)
+        after, err, frames = relay.read_relay(self.line, self.spec_of(meter), meter,
+                                              ours=True)
         self._audit("relay.after", id=cid, state=after, error=err,
                     frames=relay.masked_hex(frames, self.spec_of(meter)))
         if after is None:

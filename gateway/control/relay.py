@@ -43,8 +43,9 @@ class Line:
 
     def __init__(self, worker_of, on_relay=None):
         self.worker_of = worker_of
-        # on_relay(meter, state): a job's read-back, told on the line's thread before its
-        # next poll (the poller then knows the move was ours, not the meter's own)
+        # on_relay(meter, relay, ours): every relay state read here (read_relay), on the
+        # line's thread before its next poll: the poller reports a move that was not ours
+        # (meter.relay_changed) and takes one that was without a word
         self.on_relay = on_relay
 
     def ask(self, meter, request, priority=RELAY, timeout=30, tick=None, via=None):
@@ -78,11 +79,7 @@ class Line:
 
         def job(w):
             try:
-                box["value"] = value = fn()
-                state = value[2].get("relay") if isinstance(value, tuple) and \
-                    len(value) == 3 and isinstance(value[2], dict) else None
-                if state and self.on_relay is not None:
-                    self.on_relay(meter, state)
+                box["value"] = fn()
             except Exception as exc:             # reported as a failed command
                 box["error"] = exc
         fut = worker.submit_job(job, priority)
@@ -101,13 +98,16 @@ class Line:
         return box["value"]
 
 
-def read_relay(line, spec, meter, priority=RELAY, tick=None):
-    """(status dict or None, error, frames): the relay state the meter reports."""
+def read_relay(line, spec, meter, priority=RELAY, tick=None, ours=False):
+    """(status dict or None, error, frames): the relay state the meter reports, told to
+    `line.on_relay`; `ours`: read after a frame of ours went (a move is the command's)."""
     drv = reads.driver_of(spec)
     res = line.ask(meter, drv.status_exchange(spec), priority, tick=tick, via=_follow(drv))
     if not res.ok:
         return None, res.error, res.frames
     state, why = drv.relay_state(res.answer)
+    if state and state.get("relay") and getattr(line, "on_relay", None) is not None:
+        line.on_relay(meter, state["relay"], ours)
     return state, why, res.frames
 
 
@@ -194,12 +194,12 @@ def operate(line, spec, meter, rc, params, audit, cmd_id, before_send, restore_h
     audit.append("relay.frame", id=cmd_id, command=rc.name, ok=res.ok, error=res.error,
                  frames=masked_hex(res.frames, spec))
     if not res.ok:
-        after, _, _ = read_relay(line, spec, meter)
+        after, _, _ = read_relay(line, spec, meter, ours=True)
         return "failed", "no answer from the meter (%s)" % res.error, \
             dict(public_state(after), code="no_answer")
     refusal = drv.relay_refusal(res.answer)
     if refusal:
-        after, _, _ = read_relay(line, spec, meter)
+        after, _, _ = read_relay(line, spec, meter, ours=True)
         return "failed", "meter refused: %s" % refusal, \
             dict(public_state(after), code="meter_refused")
     return readback(line, spec, meter, rc, audit, cmd_id)
@@ -208,7 +208,7 @@ def operate(line, spec, meter, rc, params, audit, cmd_id, before_send, restore_h
 def readback(line, spec, meter, rc, audit, cmd_id):
     after = err = None
     for attempt in range(READBACK_TRIES):
-        after, err, frames = read_relay(line, spec, meter)
+        after, err, frames = read_relay(line, spec, meter, ours=True)
         audit.append("relay.after", id=cmd_id, state=after, error=err,
                      frames=masked_hex(frames, spec))
         if after is not None and reached(rc, after):

@@ -367,23 +367,22 @@ class LinePoller:
         out = []
         for v in values:
             if v.quantity == "relay.state":
-                h = self.health[meter.id]
-                if h.relay is not None and v.value != h.relay:
-                    # no command of ours moved it (those tell relay_moved first): the
-                    # meter's own prepaid logic, its button, a technician, tampering
-                    self.event("meter.relay_changed", meter=meter.id, relay=v.value,
-                               previous=h.relay)
-                h.relay = v.value
+                self.relay_seen(meter.id, v.value)
             if v.quantity not in skip:
                 out.append(Reading(meter.id, v.quantity, v.value, v.unit, ts or now_ms,
                                    now_ms, quality))
         return out
 
-    def relay_moved(self, meter_id, state):
-        """A relay command's read-back: the state the next poll should find."""
+    def relay_seen(self, meter_id, state, ours=False):
+        """A relay state read (by a poll, or by the control core: `ours` when read after a
+        frame of ours went). A change nobody here commanded is reported once: the meter's
+        own prepaid logic, its button, a technician, tampering."""
         h = self.health.get(meter_id)
-        if h is not None:
-            h.relay = state
+        if h is None:
+            return
+        if not ours and h.relay is not None and state != h.relay:
+            self.event("meter.relay_changed", meter=meter_id, relay=state, previous=h.relay)
+        h.relay = state
 
     local_ms = staticmethod(local_ms)
 

@@ -113,10 +113,10 @@ class Gateway:
             self.pollers[port.name] = self._new_poller(port, saved)
             self.workers[port.name] = self._new_worker(port)
 
-    def _relay_moved(self, meter, state):
+    def _relay_seen(self, meter, state, ours):
         poller = self.pollers.get(meter.port)
         if poller is not None:
-            poller.relay_moved(meter.id, state)
+            poller.relay_seen(meter.id, state, ours)
 
     def _new_poller(self, port, saved=None):
         poller = LinePoller(self._specs(port.name), self.sink.readings, self.sink.event,
@@ -243,7 +243,7 @@ class Gateway:
         from gateway.control.relay import Line
         return Executor(control_cfg=self.cfg.control, data_dir=self.cfg.gateway.data_dir,
                         intake=self.commands, meter_of=self.meter, spec_of=self.spec,
-                        line=Line(self.port_worker, on_relay=self._relay_moved),
+                        line=Line(self.port_worker, on_relay=self._relay_seen),
                         ledger=self.state,
                         accounts=self.accounts, journal=self.journal, audit=self.audit,
                         events=self.sink.event, clock=self.clock,
