@@ -30,12 +30,9 @@ def shares_line(protocol, other):
     return getattr(add, "one_meter", None) is not None and add.LINE is simulator(protocol).LINE
 
 
-def shared_line_protocols(protocol=None):
-    """The protocols whose meters can be added with `--meter` (to a line of `protocol`'s,
-    or to any line)."""
-    return tuple(p for p in PROTOCOLS
-                 if (shares_line(protocol, p) if protocol else
-                     any(shares_line(q, p) for q in PROTOCOLS)))
+def shared_line_protocols():
+    """The protocols whose meters `--meter` can add to a line of some protocol's."""
+    return tuple(p for p in PROTOCOLS if any(shares_line(q, p) for q in PROTOCOLS))
 
 
 def meter_spec(text):

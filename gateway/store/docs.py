@@ -69,7 +69,6 @@ class DocStore:
         self._cache = {}            # table -> {key: doc} (tables in CACHED, once loaded)
         self._pending = None        # {(table, key): doc or None} while a batch is open
         self._depth = 0
-        self.created = False
         self.recovered = None       # open_docs: {reason, backup, backup_time, aside}
         try:
             st = os.lstat(path)
@@ -88,7 +87,7 @@ class DocStore:
         except sqlite3.Error as exc:
             raise StateError("%s: cannot open (%s)" % (path, exc)) from None
         try:
-            self._open(st is None or st.st_size == 0)
+            self._open()
             for table in CACHED:
                 self._table(table)      # read now: a document that is no JSON stops the start
         except sqlite3.Error as exc:
@@ -99,7 +98,7 @@ class DocStore:
             self._db.close()
             raise
 
-    def _open(self, new):
+    def _open(self):
         db = self._db
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if names and not {"meta", "docs"} <= names:
@@ -116,7 +115,6 @@ class DocStore:
         # about two of them and cut the WAL back, so the file does not sit at its peak
         db.execute("PRAGMA wal_autocheckpoint=512")
         db.execute("PRAGMA journal_size_limit=%d" % (4 * 1024 * 1024))
-        self.created = not names
         db.execute("BEGIN IMMEDIATE")
         try:
             for stmt in _SCHEMA.strip().split(";"):
@@ -254,9 +252,6 @@ class DocStore:
                     from None
         return path
 
-    def meta_get(self, key):
-        return self.meta.get(key)
-
     # ---------------------------------------------------------------- writes
 
     def put(self, table, key, doc):
@@ -370,7 +365,7 @@ def open_docs(path, state, reserve=None, recover=False):
         docs = _open_marked(path, marks, reserve)
         docs.recovered = {"reason": str(exc), "backup": backup, "backup_time": taken,
                           "aside": aside}
-    if docs.meta_get("migrated") is None:
+    if docs.meta.get("migrated") is None:
         moved = {t: state.all(t) for t in TABLES}
         with docs.batch():
             for table, items in moved.items():
