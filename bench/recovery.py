@@ -403,7 +403,7 @@ def main():
     folder = tempfile.mkdtemp(prefix=".mgw-bench-recovery-", dir=args.dir)
     try:
         print("meter-gateway fee-recovery benchmark: %d households x %d simulated days, "
-              "hourly readings, real cost control, journal and state file; %s"
+              "hourly readings, real cost control, journal and account store; %s"
               % (args.households, args.days, folder))
         b = Bench(folder, args.households, args.days)
         feed_s, cc_s = b.run()
